@@ -1,0 +1,128 @@
+"""Typed registries: one mechanism for every kind of component.
+
+Every registered class declares a pydantic config class (`config_class`); the YAML section for the
+component is validated against it. Names map to classes, never to import paths from a config.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from arctic_vl.errors import ConfigError
+
+
+class ComponentConfig(BaseModel):
+    """Base of every component's config: a `type` that names the registered class, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), arbitrary_types_allowed=False)
+
+    type: str
+
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> class for one kind of component (models, data, trainers, ...).
+
+    `register` is a class decorator. Registering the same class twice is harmless (plugins may be
+    imported more than once); a different class under a taken name is an error naming both.
+    """
+
+    def __init__(self, kind: str, section: str):
+        self.kind = kind
+        self.section = section
+        self._classes: dict[str, type[T]] = {}
+        self._origin: dict[str, str] = {}
+        #: set by the plugin loader while a plugin module imports, so `arctic_vl plugins` can say who registered what
+        self.current_origin: str = "arctic_vl"
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def decorator(cls: type[T]) -> type[T]:
+            config_class = getattr(cls, "config_class", None)
+            if not (isinstance(config_class, type) and issubclass(config_class, ComponentConfig)):
+                raise TypeError(f"{self.kind} '{name}' ({_qualname(cls)}) must set config_class to a ComponentConfig subclass")
+            existing = self._classes.get(name)
+            if existing is not None and not _same_class(existing, cls):
+                raise ValueError(
+                    f"{self.kind} name '{name}' is taken by {_qualname(existing)}; cannot register {_qualname(cls)} under it"
+                )
+            self._classes[name] = cls
+            self._origin.setdefault(name, self.current_origin)
+            cls.registered_name = name  # type: ignore[attr-defined]
+            return cls
+
+        return decorator
+
+    def get(self, name: str) -> type[T]:
+        """The class registered as `name`; an error listing the registered names otherwise."""
+        from arctic_vl.plugins import load_plugins
+
+        load_plugins()
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise ConfigError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        names = sorted(self._classes)
+        close = difflib.get_close_matches(str(name), names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"unknown {self.kind} type '{name}'. Registered: {', '.join(names) or '(none)'}.{hint}"
+
+    def names(self) -> list[str]:
+        from arctic_vl.plugins import load_plugins
+
+        load_plugins()
+        return sorted(self._classes)
+
+    def origin(self, name: str) -> str:
+        return self._origin.get(name, "?")
+
+    def items(self) -> Iterator[tuple[str, type[T]]]:
+        from arctic_vl.plugins import load_plugins
+
+        load_plugins()
+        yield from sorted(self._classes.items())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._classes
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind}: {sorted(self._classes)})"
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _same_class(a: type, b: type) -> bool:
+    # A module re-imported under the same name (e.g. importlib.reload) makes a new class object
+    # with the same qualified name: treat as the same registration.
+    return a is b or _qualname(a) == _qualname(b)
+
+
+# One registry per config section. The order is the order of sections in a config file.
+MODELS: Registry[Any] = Registry("model factory", "model")
+DATA: Registry[Any] = Registry("data factory", "data")
+TRAINERS: Registry[Any] = Registry("trainer", "trainer")
+OPTIMIZERS: Registry[Any] = Registry("optimizer", "optimizer")
+SCHEDULERS: Registry[Any] = Registry("scheduler", "scheduler")
+CHECKPOINTERS: Registry[Any] = Registry("checkpointer", "checkpoint")
+CALLBACKS: Registry[Any] = Registry("callback", "callbacks")
+DISTRIBUTED: Registry[Any] = Registry("distributed backend", "distributed")
+
+REGISTRIES: dict[str, Registry[Any]] = {
+    r.section: r for r in (MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS, CHECKPOINTERS, CALLBACKS, DISTRIBUTED)
+}
+
+
+class Component:
+    """Mixin for registered classes: `config_class` declares the pydantic config of the YAML section."""
+
+    config_class: ClassVar[type[ComponentConfig]] = ComponentConfig
+    registered_name: ClassVar[str] = ""
