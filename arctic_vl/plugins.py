@@ -1,5 +1,168 @@
-"""Plugin discovery (placeholder until the core lands; replaced in this session)."""
+"""Plugin discovery through the entry-point group `arctic_vl.plugins`.
+
+A plugin is an installed package whose entry point names a module; importing that module registers its
+components (`@MODELS.register(...)`), CLI verbs (`register_cli_verb`) and config checks
+(`register_config_check`). Discovery runs once, lazily, the first time a registry is asked. A plugin
+that fails to import is reported (which one, what error) and the others still load. Only installed
+entry points are imported: never a module path named in a config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from arctic_vl.config.loader import LocatedConfig
+    from arctic_vl.config.schema import EngineConfig
+
+GROUP = "arctic_vl.plugins"
+
+#: the core's own components, registered before any plugin
+BUILTIN_MODULES = (
+    "arctic_vl.models.hf",
+    "arctic_vl.data.vlm",
+    "arctic_vl.trainers.sft",
+    "arctic_vl.optim.optimizers",
+    "arctic_vl.optim.schedulers",
+    "arctic_vl.checkpoint.checkpointer",
+    "arctic_vl.callbacks.builtin",
+    "arctic_vl.distributed.backends",
+)
 
 
-def load_plugins() -> None:
-    return None
+@dataclass
+class PluginInfo:
+    """What `arctic_vl plugins` reports for one plugin."""
+
+    name: str
+    module: str
+    distribution: str
+    ok: bool = True
+    error: str = ""
+    registered: dict[str, list[str]] = field(default_factory=dict)
+    cli_verbs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CliVerb:
+    name: str
+    help: str
+    run: Callable[[list[str]], int]
+    origin: str
+
+
+PLUGINS: list[PluginInfo] = []
+CLI_VERBS: dict[str, CliVerb] = {}
+CONFIG_CHECKS: list[tuple[str, Callable[..., None]]] = []
+_state = {"loaded": False, "loading": False, "origin": "arctic_vl"}
+
+
+def register_cli_verb(name: str, run: Callable[[list[str]], int], help: str = "") -> None:
+    """Add `arctic_vl NAME ...`; `run(argv)` returns the exit code."""
+    existing = CLI_VERBS.get(name)
+    if existing is not None and existing.run is not run and existing.origin != _state["origin"]:
+        raise ValueError(f"CLI verb '{name}' is already provided by {existing.origin}")
+    CLI_VERBS[name] = CliVerb(name, help, run, _state["origin"])
+
+
+def register_config_check(check: Callable[[EngineConfig, LocatedConfig], None]) -> None:
+    """Run `check(config, located)` after validation; it raises ConfigError to reject a config."""
+    if all(c is not check for _, c in CONFIG_CHECKS):
+        CONFIG_CHECKS.append((_state["origin"], check))
+
+
+def run_config_checks(cfg: EngineConfig, located: LocatedConfig) -> None:
+    for _, check in CONFIG_CHECKS:
+        check(cfg, located)
+
+
+def _snapshot() -> dict[str, set[str]]:
+    from arctic_vl.registry import REGISTRIES
+
+    return {section: set(reg._classes) for section, reg in REGISTRIES.items()}
+
+
+def _set_origin(origin: str) -> None:
+    from arctic_vl.registry import REGISTRIES
+
+    _state["origin"] = origin
+    for reg in REGISTRIES.values():
+        reg.current_origin = origin
+
+
+def load_plugins() -> list[PluginInfo]:
+    """Import the core's components, then every installed plugin, once. Returns what was found."""
+    if _state["loaded"] or _state["loading"]:
+        return PLUGINS
+    _state["loading"] = True
+    try:
+        _set_origin("arctic_vl")
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+        from importlib.metadata import entry_points
+
+        for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(ep.name, ep.value, f"{dist.name} {dist.version}" if dist else "?")
+            before = _snapshot()
+            verbs_before = set(CLI_VERBS)
+            _set_origin(ep.name)
+            try:
+                module = ep.load()
+                hook = getattr(module, "register", None)
+                if callable(hook):
+                    hook()
+            except Exception as e:  # a broken plugin must not take the others down
+                info.ok = False
+                last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+                at = f" ({last.filename}:{last.lineno})" if last else ""
+                info.error = f"{type(e).__name__}: {e}{at}"
+                print(f"arctic_vl: plugin '{ep.name}' ({ep.value}) failed to load: {info.error}", file=sys.stderr)
+            after = _snapshot()
+            info.registered = {s: sorted(after[s] - before[s]) for s in after if after[s] - before[s]}
+            info.cli_verbs = sorted(set(CLI_VERBS) - verbs_before)
+            PLUGINS.append(info)
+    finally:
+        _set_origin("arctic_vl")
+        _state["loading"] = False
+        _state["loaded"] = True
+    return PLUGINS
+
+
+def reset_for_tests() -> None:
+    """Forget discovery so a test can install a plugin and discover again."""
+    PLUGINS.clear()
+    _state["loaded"] = False
+
+
+def describe() -> str:
+    """The report of `arctic_vl plugins`."""
+    from arctic_vl.registry import REGISTRIES
+
+    load_plugins()
+    lines = ["core (arctic_vl):"]
+    for section, reg in REGISTRIES.items():
+        names = [n for n in reg.names() if reg.origin(n) == "arctic_vl"]
+        if names:
+            lines.append(f"  {section}: {', '.join(names)}")
+    for info in PLUGINS:
+        status = "ok" if info.ok else f"FAILED: {info.error}"
+        lines.append(f"{info.name} ({info.module}, {info.distribution}): {status}")
+        for section, names in info.registered.items():
+            lines.append(f"  {section}: {', '.join(names)}")
+        if info.cli_verbs:
+            lines.append(f"  cli: {', '.join(info.cli_verbs)}")
+    if not PLUGINS:
+        lines.append("(no plugins installed in entry-point group arctic_vl.plugins)")
+    return "\n".join(lines)
+
+
+def plugin_summary() -> dict[str, Any]:
+    """Plugins as data (for run_info.json)."""
+    load_plugins()
+    return {p.name: {"ok": p.ok, "distribution": p.distribution, "error": p.error or None} for p in PLUGINS}

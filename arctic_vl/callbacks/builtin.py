@@ -1,0 +1,130 @@
+"""Built-in callbacks: progress bar, TensorBoard scalars, throughput/memory logging, save delay."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from loguru import logger
+from pydantic import Field
+
+from arctic_vl.callbacks.base import Callback, StepInfo
+from arctic_vl.registry import CALLBACKS, ComponentConfig
+
+
+class ProgressConfig(ComponentConfig):
+    type: str = "progress"
+
+
+@CALLBACKS.register("progress")
+class Progress(Callback):
+    """A tqdm bar with loss, LR, tokens/s and ETA (rank 0 only). On by default; `trainer.progress_bar: false` hides it."""
+
+    config_class = ProgressConfig
+
+    def on_train_start(self, trainer: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = None
+        if trainer.is_main and trainer.config.progress_bar:
+            self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        if self.bar is not None:
+            m = info.metrics
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TensorBoardConfig(ComponentConfig):
+    type: str = "tensorboard"
+    log_dir: str | None = Field(None, description="default: OUTPUT_DIR/tensorboard")
+
+
+@CALLBACKS.register("tensorboard")
+class TensorBoard(Callback):
+    """Scalars of every metrics line, when tensorboard is installed (rank 0)."""
+
+    config_class = TensorBoardConfig
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.writer = None
+        if not trainer.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("tensorboard is not installed; skipping TensorBoard scalars")
+            return
+        self.writer = SummaryWriter(self.config.log_dir or str(trainer.output_dir / "tensorboard"))
+
+    def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        if self.writer is not None:
+            for k, v in info.metrics.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.writer.add_scalar(f"train/{k}", v, info.step)
+
+    def on_evaluate(self, trainer: Any, results: dict[str, Any]) -> None:
+        if self.writer is not None:
+            for k, v in results.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"eval/{k}", v, trainer.state.step)
+
+    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class ThroughputConfig(ComponentConfig):
+    type: str = "throughput"
+    every_n_steps: int = Field(10, ge=1)
+
+
+@CALLBACKS.register("throughput")
+class Throughput(Callback):
+    """Logs samples/s, tokens/s and peak memory every N steps (the origin's `--throughput_log_steps`)."""
+
+    config_class = ThroughputConfig
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
+
+    def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        self.samples += info.metrics["samples"]
+        self.tokens += info.metrics["tokens"]
+        if info.step % self.config.every_n_steps == 0 and trainer.is_main:
+            dt = time.perf_counter() - self.t0
+            mem = _peak_memory_mb()
+            logger.info(
+                f"step {info.step}: {self.samples / dt:.2f} samples/s, {self.tokens / dt:.0f} tokens/s, peak memory {mem:.0f} MB"
+            )
+            self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
+
+
+def _peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class SaveDelayConfig(ComponentConfig):
+    type: str = "save_delay"
+    steps: int = Field(..., ge=0, description="no checkpoints before this step (except on SIGTERM and at the end)")
+
+
+@CALLBACKS.register("save_delay")
+class SaveDelay(Callback):
+    """Skips periodic checkpoints during the first `steps` steps (early checkpoints are rarely worth the I/O)."""
+
+    config_class = SaveDelayConfig
+
+    def on_train_start(self, trainer: Any) -> None:
+        trainer.save_not_before = self.config.steps

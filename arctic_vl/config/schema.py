@@ -1,0 +1,366 @@
+"""The root config: one YAML describes one run.
+
+Every section (model, data, trainer, optimizer, scheduler, checkpoint, callbacks, distributed) names a
+registered `type`; the section is validated against that class's own pydantic config. Errors name the
+file and line, the field path and what is allowed. Validation is pure: no network, no weights, no
+process group.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError
+
+from arctic_vl.config.loader import KeyPath, LocatedConfig, apply_overrides, dotted, from_dict, load_file
+from arctic_vl.errors import ConfigError
+from arctic_vl.registry import REGISTRIES, ComponentConfig
+
+
+class PathField:
+    """Marks a string field as a filesystem path, resolved against the directory of the file that sets it.
+
+    `hub_ok`: if the resolved path does not exist and the value looks like `org/name`, keep it as given
+    (transformers may resolve it from its cache); nothing in our tests or examples relies on that.
+    """
+
+    def __init__(self, hub_ok: bool = False):
+        self.hub_ok = hub_ok
+
+
+ConfigPath = Annotated[str, PathField()]
+ModelPath = Annotated[str, PathField(hub_ok=True)]
+
+#: the type a section gets when it names none
+DEFAULT_TYPES = {
+    "model": "hf_vlm",
+    "data": "vlm",
+    "trainer": "sft",
+    "optimizer": "adamw",
+    "scheduler": "cosine",
+    "checkpoint": "default",
+    "distributed": "single",
+}
+
+
+class EvalConfig(BaseModel):
+    """Evaluation on `data.eval_sources`: loss, and greedy exact match with `generate: true`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every_n_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end)")
+    generate: bool = Field(False, description="also greedy-decode each eval sample and report exact-match accuracy")
+    max_new_tokens: int = Field(16, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1, description="default: data.micro_batch_size")
+    max_samples: int | None = Field(None, ge=1, description="evaluate on the first N eval samples only")
+
+
+class EngineConfig(BaseModel):
+    """A whole run. Built by `load_config`; sections hold the registered classes' own config objects."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: SerializeAsAny[ComponentConfig]
+    data: SerializeAsAny[ComponentConfig]
+    trainer: SerializeAsAny[ComponentConfig]
+    optimizer: SerializeAsAny[ComponentConfig]
+    scheduler: SerializeAsAny[ComponentConfig]
+    checkpoint: SerializeAsAny[ComponentConfig]
+    callbacks: list[SerializeAsAny[ComponentConfig]] = Field(default_factory=list)
+    distributed: SerializeAsAny[ComponentConfig]
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    #: the file the config was read from (None for a dict); not part of the run's settings
+    source: str | None = Field(None, exclude=True)
+    _located: LocatedConfig | None = PrivateAttr(None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what `validate` prints and the run saves)."""
+        return self.model_dump(mode="json", exclude={"source"})
+
+
+SECTIONS = (*REGISTRIES.keys(), "eval")
+
+
+# ------------------------------------------------------------------------------------- entry points
+
+
+def load_config(
+    config: str | os.PathLike[str] | dict[str, Any] | EngineConfig,
+    overrides: list[str] | tuple[str, ...] = (),
+    base_dir: Path | None = None,
+) -> EngineConfig:
+    """A validated EngineConfig from a YAML path, a dict, or an EngineConfig (returned as is)."""
+    if isinstance(config, EngineConfig):
+        if overrides:
+            config = config.to_dict()
+        else:
+            return config
+    if isinstance(config, dict):
+        located = from_dict(config, base_dir)
+        source = None
+    else:
+        located = load_file(config)
+        source = str(Path(config).resolve())
+    located = apply_overrides(located, list(overrides))
+    cfg = build_config(located)
+    cfg.source = source
+    return cfg
+
+
+def build_config(located: LocatedConfig) -> EngineConfig:
+    """Validate every section against its registered class; collect all errors, then raise one ConfigError."""
+    from arctic_vl.plugins import load_plugins, run_config_checks
+
+    load_plugins()
+    data = located.data
+    errors: list[str] = []
+    for key in data:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(str(key), SECTIONS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            errors.append(
+                f"{located.where((key,))}: {key}: unknown section{hint}. Allowed: {', '.join(SECTIONS)}, extends"
+            )
+    sections: dict[str, Any] = {}
+    for section, registry in REGISTRIES.items():
+        raw = data.get(section)
+        if section == "callbacks":
+            raw = [] if raw is None else raw
+            if not isinstance(raw, list):
+                errors.append(f"{located.where((section,))}: callbacks: must be a list of {{type: ...}} mappings")
+                continue
+            items = []
+            for i, item in enumerate(raw):
+                cfg = _validate_section(located, (section, i), item, registry, None, errors)
+                if cfg is not None:
+                    items.append(cfg)
+            sections[section] = items
+            continue
+        if raw is None and section not in DEFAULT_TYPES:
+            continue
+        if raw is None and section in ("model", "data"):
+            errors.append(f"{located.where(())}: {section}: required section missing")
+            continue
+        cfg = _validate_section(located, (section,), raw or {}, registry, DEFAULT_TYPES.get(section), errors)
+        if cfg is not None:
+            sections[section] = cfg
+    if "eval" in data:
+        raw_eval = data["eval"]
+        try:
+            sections["eval"] = EvalConfig.model_validate(raw_eval if raw_eval is not None else {})
+        except ValidationError as e:
+            errors.extend(format_validation_error(e, located, ("eval",), EvalConfig))
+    if errors:
+        raise ConfigError(_joined(errors))
+    cfg = EngineConfig(**sections)
+    cfg._located = located
+    run_config_checks(cfg, located)
+    return cfg
+
+
+def _validate_section(
+    located: LocatedConfig,
+    path: KeyPath,
+    raw: Any,
+    registry: Any,
+    default_type: str | None,
+    errors: list[str],
+) -> ComponentConfig | None:
+    if not isinstance(raw, dict):
+        errors.append(f"{located.where(path)}: {dotted(path)}: must be a mapping with a `type`, got {type(raw).__name__}")
+        return None
+    raw = dict(raw)
+    type_name = raw.setdefault("type", default_type)
+    if type_name is None:
+        errors.append(
+            f"{located.where(path)}: {dotted(path)}.type: required. Registered: {', '.join(registry.names())}"
+        )
+        return None
+    if not isinstance(type_name, str) or type_name not in registry.names():
+        errors.append(f"{located.where((*path, 'type'))}: {dotted((*path, 'type'))}: {registry.unknown_message(type_name)}")
+        return None
+    config_class = registry.get(type_name).config_class
+    resolve_raw_paths(config_class, raw, path, located)
+    try:
+        return config_class.model_validate(raw)
+    except ValidationError as e:
+        errors.extend(format_validation_error(e, located, path, config_class))
+        return None
+
+
+def _joined(errors: list[str]) -> str:
+    if len(errors) == 1:
+        return f"invalid config: {errors[0]}"
+    return "invalid config:\n  " + "\n  ".join(errors)
+
+
+# ---------------------------------------------------------------------------------------- error text
+
+
+def format_validation_error(
+    err: ValidationError, located: LocatedConfig, prefix: KeyPath, model: type[BaseModel]
+) -> list[str]:
+    """One line per pydantic error: `file:line: dotted.path: what is wrong. what is allowed`."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        path = (*prefix, *loc)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            msg = f"unknown key{hint}. Allowed: {', '.join(allowed)}"
+        elif kind == "missing":
+            msg = "required field missing"
+        else:
+            msg = e["msg"]
+            if kind not in ("value_error", "assertion_error") and "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+        lines.append(f"{located.where(path)}: {dotted(path)}: {msg}")
+    return lines
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional/Union/list/dict/Annotated."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list, tuple, set, dict, typing.Literal) or origin is not None:
+        if origin is typing.Literal:
+            return []
+        out = []
+        for arg in typing.get_args(annotation):
+            out.extend(_unwrap(arg))
+        return out
+    return [annotation]
+
+
+def _fields_at(model: type[BaseModel], loc: KeyPath) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return []
+        models = [t for t in _unwrap(current.model_fields[part].annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:
+            return []
+        current = models[0]
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_path(value: str, base_dir: Path, hub_ok: bool = False) -> str:
+    """`value` made absolute against `base_dir` (with `~` expanded)."""
+    expanded = Path(os.path.expanduser(value))
+    if expanded.is_absolute():
+        return str(expanded)
+    resolved = (base_dir / expanded).resolve()
+    if hub_ok and not resolved.exists() and _HUB_ID.match(value):
+        return value
+    return str(resolved)
+
+
+def _path_marker(annotation: Any, metadata: list[Any]) -> PathField | None:
+    for m in metadata:
+        if isinstance(m, PathField):
+            return m
+    if typing.get_origin(annotation) is Annotated:
+        for m in typing.get_args(annotation)[1:]:
+            if isinstance(m, PathField):
+                return m
+    return None
+
+
+def _resolve_value(annotation: Any, metadata: list[Any], value: Any, path: KeyPath, located: LocatedConfig) -> Any:
+    marker = _path_marker(annotation, metadata)
+    if marker is not None and isinstance(value, str) and value:
+        return resolve_path(value, located.base_dir(path), marker.hub_ok)
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _resolve_value(typing.get_args(annotation)[0], list(typing.get_args(annotation)[1:]), value, path, located)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(value, str) and _path_marker(arg, []) is not None:
+                return _resolve_value(arg, [], value, path, located)
+            if isinstance(value, dict) and isinstance(arg, type) and issubclass(arg, BaseModel):
+                return _resolve_value(arg, [], value, path, located)
+            if isinstance(value, list) and typing.get_origin(arg) is list:
+                return _resolve_value(arg, [], value, path, located)
+        return value
+    if origin is list and isinstance(value, list):
+        (inner,) = typing.get_args(annotation) or (Any,)
+        return [_resolve_value(inner, [], v, (*path, i), located) for i, v in enumerate(value)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+        resolve_raw_paths(annotation, value, path, located)
+    return value
+
+
+def resolve_raw_paths(model: type[BaseModel], raw: dict[str, Any], path: KeyPath, located: LocatedConfig) -> None:
+    """Make every path-typed value in `raw` absolute, against the file (or cwd for --set) that set it.
+
+    Done before validation so validators that read files (e.g. a checkpoint's config.json) see real paths.
+    """
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if key in raw:
+            raw[key] = _resolve_value(info.annotation, list(info.metadata), raw[key], (*path, key), located)
+
+
+def located_of(cfg: EngineConfig) -> LocatedConfig | None:
+    """The locations the config was read with (for errors found after validation)."""
+    return cfg._located
+
+
+def where(cfg: EngineConfig, path: KeyPath) -> str:
+    """`file:line` of a config value, for errors found at run time (e.g. a bad data path)."""
+    located = located_of(cfg)
+    return located.where(path) if located else dotted(path)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the whole config: each section is a union of its registered types' schemas."""
+    from arctic_vl.plugins import load_plugins
+
+    load_plugins()
+    defs: dict[str, Any] = {}
+    properties: dict[str, Any] = {"extends": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}
+    for section, registry in REGISTRIES.items():
+        variants = []
+        for name, cls in registry.items():
+            schema = cls.config_class.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(schema.pop("$defs", {}))
+            schema.setdefault("properties", {})["type"] = {"const": name}
+            title = f"{section}.{name}"
+            defs[title] = schema
+            variants.append({"$ref": f"#/$defs/{title}"})
+        entry = {"anyOf": variants} if variants else {"type": "object"}
+        properties[section] = {"type": "array", "items": entry} if section == "callbacks" else entry
+    eval_schema = EvalConfig.model_json_schema()
+    properties["eval"] = eval_schema
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "arctic_vl run config",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "required": ["model", "data"],
+        "$defs": defs,
+    }

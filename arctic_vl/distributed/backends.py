@@ -1,0 +1,187 @@
+"""Process setup and the few collective operations the training loop needs.
+
+`single` is one process; `ddp` is torch DistributedDataParallel (gloo on CPU, nccl on GPU), launched by
+`torchrun` or `deepspeed`. The DeepSpeed ZeRO backend lives in `deepspeed_backend.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from arctic_vl.registry import DISTRIBUTED, Component, ComponentConfig
+
+
+class DistributedConfig(ComponentConfig):
+    type: str = "single"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+class DistributedBackend(Component):
+    """One process; subclasses add process groups. Owns backward, clipping and the optimizer step."""
+
+    config_class = DistributedConfig
+
+    def __init__(self, config: DistributedConfig):
+        self.config = config
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.device = torch.device("cpu")
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.device = self._pick_device()
+
+    def _pick_device(self) -> torch.device:
+        want = self.config.device
+        if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def prepare(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+        """Move/wrap the model; returns (model, optimizer, scheduler) as the loop should use them."""
+        return model, optimizer, scheduler
+
+    def teardown(self) -> None: ...
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- the step -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self, model: Any, sync: bool) -> Iterator[None]:
+        """Skip gradient all-reduce on all but the last micro-batch of a step."""
+        yield
+
+    def backward(self, model: Any, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float | None) -> float:
+        """Clip, step, zero grads; returns the gradient norm before clipping."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def unwrap(self, model: Any) -> torch.nn.Module:
+        return model
+
+    # -- collectives --------------------------------------------------------------------------------
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def barrier(self) -> None: ...
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    # -- checkpoint hooks (DeepSpeed keeps its own sharded state) ---------------------------------------
+    def save_state(self, model: Any, optimizer: Any, path: str) -> bool:
+        """Save engine-owned state under `path`; False means the checkpointer saves model/optimizer itself."""
+        return False
+
+    def load_state(self, model: Any, optimizer: Any, path: str) -> bool:
+        return False
+
+    def full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 for export (ZeRO-3 gathers); None: use the module as is."""
+        return None
+
+
+@DISTRIBUTED.register("single")
+class Single(DistributedBackend):
+    """One process, one device."""
+
+
+class DDPConfig(DistributedConfig):
+    type: str = "ddp"
+    find_unused_parameters: bool = Field(
+        True, description="needed when some parameters get no grad on a step (e.g. text-only batches, vision_feature_layer=-1)"
+    )
+    timeout_minutes: int = Field(30, ge=1)
+
+
+@DISTRIBUTED.register("ddp")
+class DDP(DistributedBackend):
+    """torch DistributedDataParallel; env from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
+
+    config_class = DDPConfig
+
+    def setup(self) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = self._pick_device()
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
+                                    timeout=datetime.timedelta(minutes=self.config.timeout_minutes))
+
+    def prepare(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.world_size == 1:
+            return model, optimizer, scheduler
+        wrapped = DistributedDataParallel(
+            model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.config.find_unused_parameters,
+        )
+        return wrapped, optimizer, scheduler
+
+    @contextlib.contextmanager
+    def no_sync(self, model: Any, sync: bool) -> Iterator[None]:
+        if sync or not hasattr(model, "no_sync"):
+            yield
+        else:
+            with model.no_sync():
+                yield
+
+    def unwrap(self, model: Any) -> torch.nn.Module:
+        return getattr(model, "module", model)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def teardown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,146 @@
+"""Engine: builds each component from the config through its registry, then trains or evaluates."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from arctic_vl.config.schema import EngineConfig, load_config
+from arctic_vl.registry import (
+    CALLBACKS,
+    CHECKPOINTERS,
+    DATA,
+    DISTRIBUTED,
+    MODELS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    TRAINERS,
+)
+
+
+class Engine:
+    """`Engine(config).train()`: config is a YAML path, a dict, or an EngineConfig."""
+
+    def __init__(self, config: str | os.PathLike[str] | dict[str, Any] | EngineConfig,
+                 overrides: list[str] | tuple[str, ...] = ()):
+        self.config = load_config(config, overrides)
+        self.output_dir = Path(self.config.trainer.output_dir)
+
+    # ----------------------------------------------------------------------------------------- building
+    def model_factory(self) -> Any:
+        return MODELS.get(self.config.model.type)(self.config.model, self.config)
+
+    def data_factory(self) -> Any:
+        return DATA.get(self.config.data.type)(self.config.data, self.config)
+
+    def describe_model(self) -> str:
+        """The model type, read from config files only (what `validate` prints)."""
+        return self.model_factory().describe()
+
+    def _build(self, model_dir: Path | None = None) -> Any:
+        c = self.config
+        dist = DISTRIBUTED.get(c.distributed.type)(c.distributed)
+        dist.setup()
+        seed = c.trainer.seed
+        model_factory = self.model_factory()
+        if dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if hasattr(model_factory, "prepare"):
+                model_factory.prepare(self.output_dir, seed)
+        dist.barrier()
+        _seed_everything(seed)
+        build_kwargs: dict[str, Any] = {"device": dist.device, "output_dir": self.output_dir}
+        if model_dir is not None:
+            build_kwargs["path"] = model_dir
+        bundle = model_factory.build(**build_kwargs)
+        data = self.data_factory().build(bundle, seed=seed)
+        callbacks = [CALLBACKS.get(cb.type)(cb) for cb in c.callbacks]
+        if not any(cb.type == "progress" for cb in c.callbacks):
+            callbacks.insert(0, CALLBACKS.get("progress")(CALLBACKS.get("progress").config_class()))
+        trainer_cls = TRAINERS.get(c.trainer.type)
+        return trainer_cls(
+            c.trainer, c,
+            model_factory=model_factory, model_bundle=bundle, data_bundle=data,
+            optimizer=OPTIMIZERS.get(c.optimizer.type)(c.optimizer),
+            scheduler=SCHEDULERS.get(c.scheduler.type)(c.scheduler),
+            checkpointer=CHECKPOINTERS.get(c.checkpoint.type)(c.checkpoint, self.output_dir),
+            callbacks=callbacks, dist=dist,
+        )
+
+    # -------------------------------------------------------------------------------------------- running
+    def train(self) -> dict[str, Any]:
+        """Train (resuming from the latest checkpoint in the output dir); returns a summary dict:
+        steps, final_loss, checkpoint, export (the `final/` HF directory), skipped_records."""
+        trainer = self._build()
+        if trainer.is_main:
+            self._write_run_files(trainer)
+        try:
+            summary = trainer.train()
+        finally:
+            trainer.dist.teardown()
+        if trainer.is_main:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        return summary
+
+    def evaluate(self) -> dict[str, Any]:
+        """Eval loss (and exact match with `eval.generate`) on `data.eval_sources`, for the trained
+        model in OUTPUT_DIR/final when it exists, else the configured model."""
+        final = self.output_dir / "final"
+        trainer = self._build(final if (final / "config.json").is_file() else None)
+        try:
+            if trainer.data.eval is None:
+                from arctic_vl.errors import ConfigError
+
+                raise ConfigError("evaluate: data.eval_sources is empty; name the held-out data files there")
+            results = trainer.run_evaluation()
+        finally:
+            trainer.dist.teardown()
+        results["model"] = str(final) if (final / "config.json").is_file() else self.describe_model()
+        return results
+
+    def _write_run_files(self, trainer: Any) -> None:
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        info = {"versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
+                "config_source": self.config.source, "world_size": trainer.dist.world_size,
+                "data": trainer.data.stats}
+        from arctic_vl.plugins import plugin_summary
+
+        info["plugins"] = plugin_summary()
+        (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("arctic-vl", "torch", "transformers", "peft", "deepspeed", "datasets", "pydantic", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the arctic_vl checkout, when it is one."""
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None

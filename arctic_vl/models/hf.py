@@ -1,0 +1,128 @@
+"""`hf_vlm`: a Hugging Face VLM of one of the five families, from a local directory or an inline tiny config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from arctic_vl.config.schema import ModelPath
+from arctic_vl.errors import ConfigError
+from arctic_vl.models.base import ModelBundle, ModelFactory
+from arctic_vl.registry import MODELS, ComponentConfig
+
+PART_NAMES = ("vision", "aligner", "llm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFModelConfig(ComponentConfig):
+    type: str = "hf_vlm"
+    name_or_path: ModelPath | None = Field(None, description="a local HF model directory (config.json, safetensors, processor)")
+    family: str | None = Field(None, description="with no name_or_path: build a tiny random model of this family")
+    tiny: dict[str, int] = Field(default_factory=dict, description="shape of the tiny model (layers, hidden, ...)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="default: flash_attention_2 when it imports, else sdpa"
+    )
+    gradient_checkpointing: bool = False
+    freeze: list[Literal["vision", "aligner", "llm"]] = Field(default_factory=list)
+    seed: int | None = Field(None, description="seed for the tiny model's random weights (default: trainer seed)")
+
+    @model_validator(mode="after")
+    def _source(self) -> HFModelConfig:
+        if self.name_or_path is None and self.family is None:
+            raise ValueError("give name_or_path (a local HF directory) or family (to build a tiny model)")
+        if self.name_or_path is not None and self.family is not None:
+            raise ValueError("give name_or_path or family, not both")
+        if self.name_or_path is not None and self.tiny:
+            raise ValueError("tiny: only applies with family (an inline tiny model)")
+        if self.family is not None:
+            from arctic_vl.models.families import FAMILIES
+
+            if self.family not in FAMILIES:
+                raise ValueError(f"unknown family {self.family!r}; allowed: {', '.join(FAMILIES)}")
+        if self.name_or_path is not None:
+            path = Path(self.name_or_path)
+            if path.is_absolute() and not (path / "config.json").is_file():
+                what = "does not exist" if not path.exists() else "has no config.json"
+                raise ValueError(f"model directory {self.name_or_path} {what}")
+        return self
+
+
+def read_model_type(path: str | Path) -> str:
+    """`model_type` from a model directory's config.json (no weights read)."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        return json.loads(cfg_file.read_text())["model_type"]
+    except FileNotFoundError:
+        raise ConfigError(f"{cfg_file}: not found (model.name_or_path must be a local HF model directory)") from None
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ConfigError(f"{cfg_file}: not a valid HF config ({e})") from None
+
+
+@MODELS.register("hf_vlm")
+class HFModelFactory(ModelFactory):
+    """Loads with the real `from_pretrained` path; never `trust_remote_code`."""
+
+    config_class = HFModelConfig
+
+    def model_dir(self, output_dir: Path | None = None) -> Path:
+        """The directory the model is loaded from (an inline tiny model is written under OUTPUT_DIR/base_model)."""
+        if self.config.name_or_path is not None:
+            return Path(self.config.name_or_path)
+        if output_dir is None:
+            raise ValueError("an inline tiny model needs the run's output directory")
+        return output_dir / "base_model"
+
+    def describe(self) -> str:
+        if self.config.name_or_path is not None:
+            return f"{read_model_type(self.config.name_or_path)} from {self.config.name_or_path}"
+        return f"tiny {self.config.family} ({', '.join(f'{k}={v}' for k, v in self.config.tiny.items()) or 'default shape'})"
+
+    def prepare(self, output_dir: Path, seed: int) -> None:
+        """On the main process, before any rank builds: write the inline tiny model if the config asks for one."""
+        if self.config.family is None:
+            return
+        target = self.model_dir(output_dir)
+        if (target / "config.json").is_file():
+            return
+        from arctic_vl.models.tiny import make_tiny_model
+
+        make_tiny_model(self.config.family, target, seed=self.config.seed if self.config.seed is not None else seed,
+                        **self.config.tiny)
+
+    def load(self, path: Path) -> tuple[torch.nn.Module, Any, Any]:
+        from arctic_vl.models.loading import family_of_dir, load_model, load_processor
+
+        model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
+        return model, load_processor(path), family_of_dir(path)
+
+    def build(self, device: torch.device | None = None, output_dir: Path | None = None) -> ModelBundle:
+        model, processor, family = self.load(self.model_dir(output_dir))
+        bundle = ModelBundle(model, processor, family)
+        self.freeze(bundle)
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if device is not None:
+            model.to(device)
+        return bundle
+
+    def freeze(self, bundle: ModelBundle) -> None:
+        frozen = set(self.config.freeze)
+        if not frozen:
+            return
+        for name, param in bundle.model.named_parameters():
+            if bundle.part_of(name) in frozen:
+                param.requires_grad_(False)
+
+    def export(self, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+        if bundle.processor is not None:
+            bundle.processor.save_pretrained(out_dir)
+        return out_dir

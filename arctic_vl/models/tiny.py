@@ -1,0 +1,306 @@
+"""Tiny offline VLMs: a small BPE tokenizer, per-family configs, and a builder that writes HF checkpoints.
+
+Everything is built from code (no hub): the model goes through the real `save_pretrained`, so the
+checkpoints load back with `from_pretrained` exactly like a downloaded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from arctic_vl.models.families import FAMILIES, FamilySpec, get_family
+
+PAD, BOS, EOS, EOT = "<|pad|>", "<|bos|>", "<|endoftext|>", "<|im_end|>"
+IM_START = "<|im_start|>"
+IMAGE_TOKENS = ("<image>", "<video>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+# Special tokens come first so their ids are small and fixed: 0..len-1.
+SPECIAL_TOKENS = (PAD, BOS, EOS, IM_START, EOT, *IMAGE_TOKENS)
+
+_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white", "black", "gray")
+_SHAPES = ("circle", "square", "triangle", "star", "box", "line")
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_PLACES = ("left", "right", "top", "bottom", "center", "top left", "bottom right")
+_QUESTIONS = (
+    "What colour is the {s}?",
+    "Which shape is {c}?",
+    "How many {s}s are there?",
+    "Where is the {c} {s}?",
+    "Describe the image.",
+    "Describe the objects in the image.",
+    "What shape is at the {p}?",
+)
+_ANSWERS = (
+    "The {s} is {c}.",
+    "There are {n} {c} {s}s.",
+    "The {c} {s} is at the {p}.",
+    "A {c} {s} at the {p} of the image.",
+    "{n}",
+    "{c}",
+)
+
+
+def _corpus() -> list[str]:
+    """A fixed English + JSON corpus covering what tests and examples say to the tiny models."""
+    lines: list[str] = []
+    for i, (c, s, n, p) in enumerate(itertools.product(_COLOURS, _SHAPES, _NUMBERS[:4], _PLACES[:4])):
+        q = _QUESTIONS[i % len(_QUESTIONS)].format(c=c, s=s, n=n, p=p)
+        a = _ANSWERS[i % len(_ANSWERS)].format(c=c, s=s, n=n, p=p)
+        lines.append(f"{q} {a}")
+        x1, y1 = (i * 37) % 1000, (i * 91) % 1000
+        lines.append(json.dumps({"bbox_2d": [x1, y1, min(999, x1 + 120), min(999, y1 + 80)], "desc": f"{c} {s}"}))
+    lines += [" ".join(_NUMBERS), " ".join(str(d) for d in range(100)), " ".join(_PLACES)]
+    lines += [
+        "You are a helpful assistant. Answer the question about the image.",
+        'Objects: [{"poly": [1, 2, 3, 4], "line": [5, 6, 7, 8], "desc": "object", "summary": "objects"}]',
+        "pass fail reason: the image shows the objects described. true false null",
+    ]
+    return lines
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_bpe_json() -> str:
+    """Train the byte-level BPE once per process; the JSON is the cache (tokenizers are mutable)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def chat_template(image_placeholder: str = "<image>") -> str:
+    """ChatML template; `content` is a string or a list of {type: text|image} parts.
+
+    An image part renders as `image_placeholder` (the family's unexpanded image marker).
+    """
+    return (
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{- '" + image_placeholder + "' -}}"
+        "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
+
+
+def build_tokenizer(family: str | None = None):
+    """A ~1000-token byte-level BPE `PreTrainedTokenizerFast` with ChatML template and image tokens.
+
+    The vocabulary is the same for every family; `family` only sets the named image-token
+    attributes its processor reads (e.g. `tokenizer.image_token`) and the template's image marker.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec: FamilySpec | None = get_family(family) if family is not None else None
+    named = dict(spec.special_tokens) if spec is not None else {}
+    placeholder = spec.image_placeholder if spec is not None else "<image>"
+    extra = named or list(IMAGE_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_bpe_json()),
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOT,  # generation stops at the end of the assistant turn
+        unk_token=None,
+        extra_special_tokens=extra,
+        chat_template=chat_template(placeholder),
+        model_max_length=4096,
+        padding_side="right",
+    )
+    return tokenizer
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary pairs into (t, h, w) as Qwen does (16, 24, 24 for head_dim 128)."""
+    half = head_dim // 2
+    hw = (3 * half) // 8
+    return [half - 2 * hw, hw, hw]
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def _llava_pinpoints(image_size: int) -> list[list[int]]:
+    s = image_size
+    return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+
+
+def tiny_config(
+    family: str,
+    *,
+    text_layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vision_layers: int = 2,
+    vision_hidden: int = 64,
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    vocab_size: int | None = None,
+    **overrides: Any,
+):
+    """A tiny `PretrainedConfig` for `family` whose forward takes milliseconds on CPU.
+
+    `image_size` is the vision tower's crop for LLaVA (default 32) and, for Qwen, the side of the
+    largest image budget in pixels (default 112; stored on the processor, not the model).
+    `layers` is accepted for `text_layers` (the CLI's name). Other `overrides` must be attributes of
+    the family's top-level config (e.g. `vision_feature_layer=-2`); anything else is an error, so a
+    misspelt shape key never passes silently.
+    """
+    from transformers import AutoConfig
+
+    spec = get_family(family)
+    if "layers" in overrides:
+        text_layers = overrides.pop("layers")
+    unknown = [k for k in overrides if not hasattr(AutoConfig.for_model(spec.model_type), k)]
+    if unknown:
+        raise ValueError(
+            f"unknown tiny-model setting(s) {', '.join(sorted(unknown))} for {spec.name}; shape keys: "
+            "layers/text_layers, hidden, heads, kv_heads, intermediate, vision_layers, vision_hidden, "
+            "image_size, patch_size, vocab_size, or an attribute of the family's config"
+        )
+    tokenizer = build_tokenizer(family)
+    ids = _token_ids(tokenizer)
+    vocab = vocab_size if vocab_size is not None else _round_up(len(tokenizer))
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    head_dim = hidden // heads
+    text_common = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "bos_token_id": ids[BOS],
+        "eos_token_id": ids[EOT],
+        "pad_token_id": ids[PAD],
+    }
+    if spec.name in ("llava_next", "llava_onevision"):
+        size = image_size or 32
+        patch = patch_size or 8
+        if spec.name == "llava_next":
+            text = {"model_type": "llama", **text_common}
+            vision = {"model_type": "clip_vision_model", "projection_dim": vision_hidden}
+            extra = {"image_token_index": ids["<image>"], "vision_feature_select_strategy": "default"}
+        else:
+            text = {"model_type": "qwen2", **text_common}
+            vision = {"model_type": "siglip_vision_model", "vision_use_head": False}
+            extra = {
+                "image_token_index": ids["<image>"],
+                "video_token_index": ids["<video>"],
+                "vision_feature_select_strategy": "full",
+                "vision_aspect_ratio": "anyres_max_9",
+            }
+        vision.update(
+            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+            num_attention_heads=max(1, vision_hidden // 16), image_size=size, patch_size=patch,
+        )
+        kwargs = {
+            "text_config": text,
+            "vision_config": vision,
+            "vision_feature_layer": -1,
+            "image_grid_pinpoints": _llava_pinpoints(size),
+            "image_seq_length": (size // patch) ** 2,
+            **extra,
+        }
+    else:
+        patch = patch_size or (16 if spec.name == "qwen3_vl" else 14)
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+        vision = {
+            "depth": vision_layers, "hidden_size": vision_hidden, "num_heads": max(1, vision_hidden // 16),
+            "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        }
+        if spec.name == "qwen2_vl":
+            vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+        elif spec.name == "qwen2_5_vl":
+            vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                          fullatt_block_indexes=[vision_layers - 1], window_size=4 * patch * 2)
+        else:
+            rope["mrope_interleaved"] = True
+            vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                          num_position_embeddings=64, deepstack_visual_indexes=[0])
+        text = {**text_common, "rope_parameters": rope}
+        if spec.name == "qwen3_vl":
+            text["head_dim"] = head_dim
+        kwargs = {
+            "text_config": text,
+            "vision_config": vision,
+            "image_token_id": ids["<|image_pad|>"],
+            "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"],
+            "vision_end_token_id": ids["<|vision_end|>"],
+        }
+    kwargs.update(overrides)
+    return AutoConfig.for_model(spec.model_type, **kwargs)
+
+
+def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0, **shape: Any) -> Path:
+    """Build a randomly initialised tiny `family` model and save model + tokenizer + processor to `out_dir`.
+
+    `shape` takes the keyword arguments of `tiny_config`. Returns `out_dir` as a Path.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from arctic_vl.models.processors import build_processor
+
+    spec = get_family(family)
+    config = tiny_config(spec.name, **shape)
+    # Seed inside a fork of the RNG so building a model does not shift the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = config.get_text_config().pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    processor = build_processor(spec.name, config, build_tokenizer(spec.name), image_size=shape.get("image_size"))
+    processor.save_pretrained(out)
+    return out
+
+
+def make_tiny_model_cli(argv: list[str]) -> int:
+    """`arctic_vl make-tiny-model FAMILY OUT_DIR [...]`: write a tiny checkpoint; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="arctic_vl make-tiny-model", description=make_tiny_model.__doc__)
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--layers", type=int, default=2, help="language-model layers")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--vision-hidden", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = make_tiny_model(
+        args.family, args.out_dir, seed=args.seed, text_layers=args.layers, hidden=args.hidden,
+        heads=args.heads, kv_heads=args.kv_heads, intermediate=2 * args.hidden,
+        vision_layers=args.vision_layers, vision_hidden=args.vision_hidden, image_size=args.image_size,
+    )
+    print(f"wrote tiny {args.family} model to {out}")
+    return 0

@@ -1,0 +1,141 @@
+"""Optimizers and parameter groups.
+
+Parameter groups select parameters by part name (`vision`, `aligner`, `llm`, from the model family) or by
+regex, each with its own learning rate and weight decay. A trainable parameter that matches no group is
+an error at start (exit 2): silently training something at the wrong LR is how runs go wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from arctic_vl.errors import ConfigError
+from arctic_vl.registry import OPTIMIZERS, Component, ComponentConfig
+
+PARTS = ("vision", "aligner", "llm")
+
+
+class ParamGroupConfig(BaseModel):
+    """One parameter group: `parts` and/or `regex` select; `lr` and `weight_decay` override the optimizer's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    parts: list[str] = Field(default_factory=list, description="any of vision, aligner, llm")
+    regex: str | None = Field(None, description="re.search on the parameter name")
+    lr: float | None = Field(None, ge=0, description="0 freezes the group")
+    weight_decay: float | None = Field(None, ge=0)
+
+    @field_validator("parts")
+    @classmethod
+    def _known_parts(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if p not in PARTS]
+        if bad:
+            raise ValueError(f"unknown part {bad[0]!r}; allowed: {', '.join(PARTS)}")
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _valid_regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"invalid regex: {e}") from None
+        return v
+
+
+class AdamWConfig(ComponentConfig):
+    type: str = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    no_decay_on_bias_and_norm: bool = Field(True, description="no weight decay on biases and norm weights (1-D tensors)")
+    param_groups: list[ParamGroupConfig] = Field(default_factory=list)
+    fused: bool | None = Field(None, description="torch's fused AdamW (None: on for CUDA)")
+
+
+def group_parameters(
+    named: Iterable[tuple[str, torch.nn.Parameter]],
+    groups: list[ParamGroupConfig],
+    part_of: Callable[[str], str | None],
+    *,
+    lr: float,
+    weight_decay: float,
+    no_decay_1d: bool,
+) -> list[dict[str, Any]]:
+    """torch param groups from the config's groups; first matching group wins.
+
+    With no groups configured, every trainable parameter goes to one default group. A group with lr 0
+    freezes its parameters (requires_grad False) so they cost no optimizer memory.
+    """
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    out: dict[tuple[str, bool], dict[str, Any]] = {}
+    unmatched: list[str] = []
+    for name, param in trainable:
+        group = None
+        if groups:
+            part = part_of(name)
+            for g in groups:
+                if (g.parts and part in g.parts) or (g.regex and re.search(g.regex, name)):
+                    group = g
+                    break
+            if group is None:
+                unmatched.append(name)
+                continue
+        g_lr = lr if group is None or group.lr is None else group.lr
+        if g_lr == 0:
+            param.requires_grad_(False)
+            continue
+        g_wd = weight_decay if group is None or group.weight_decay is None else group.weight_decay
+        decay = not (no_decay_1d and param.ndim < 2)
+        key = (group.name if group else "default", decay)
+        entry = out.setdefault(key, {"params": [], "lr": g_lr, "weight_decay": g_wd if decay else 0.0,
+                                     "name": f"{key[0]}{'' if decay else '/no_decay'}"})
+        entry["params"].append(param)
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 5 else "")
+        raise ConfigError(
+            f"optimizer.param_groups: {len(unmatched)} trainable parameters match no group: {shown}. "
+            f"Add a group for them (parts: {', '.join(PARTS)} or a regex), or freeze them with model.freeze"
+        )
+    if not out:
+        raise ConfigError("optimizer: the model has no trainable parameters (everything frozen or lr 0)")
+    return list(out.values())
+
+
+class Optimizer(Component):
+    """Builds a torch optimizer for the model's trainable parameters."""
+
+    config_class = AdamWConfig
+
+    def __init__(self, config: AdamWConfig):
+        self.config = config
+
+    def param_groups(self, model: torch.nn.Module, part_of: Callable[[str], str | None]) -> list[dict[str, Any]]:
+        c = self.config
+        return group_parameters(model.named_parameters(), c.param_groups, part_of, lr=c.lr,
+                                weight_decay=c.weight_decay, no_decay_1d=c.no_decay_on_bias_and_norm)
+
+    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+
+@OPTIMIZERS.register("adamw")
+class AdamW(Optimizer):
+    """torch.optim.AdamW."""
+
+    config_class = AdamWConfig
+
+    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        c = self.config
+        device_is_cuda = any(p.is_cuda for g in groups for p in g["params"])
+        fused = c.fused if c.fused is not None else device_is_cuda
+        return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
+                                 fused=fused or None)

@@ -1,0 +1,152 @@
+"""SwiftKV distillation loss as sums and counts (pure torch).
+
+The trainer accumulates the sums and counts over every micro-batch of an optimiser step (and across ranks), then
+normalises once::
+
+    loss = kl_sum / label_tokens + hidden_loss_mult * mse_sum / hidden_tokens
+
+so that KL terms are averaged over the label tokens of the whole accumulated batch and MSE terms over its
+non-padding tokens (DESIGN.md; averaging per micro-batch would weight short micro-batches up).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["swiftkv_distill_loss_sums"]
+
+IGNORE_INDEX = -100
+
+
+def _kl_rows(
+    student_rows: Tensor, teacher_rows: Tensor, lm_head_weight: Tensor, row_weight: Tensor, temperature: float
+) -> Tensor:
+    """``w * T^2 * KL(softmax(teacher/T) || softmax(student/T))`` for each row, in fp32. Shape ``(rows,)``."""
+    student_logp = F.log_softmax((student_rows @ lm_head_weight.T).float() / temperature, dim=-1)
+    with torch.no_grad():  # the teacher is a target: no graph through it even if its hidden states carry one
+        teacher_logp = F.log_softmax((teacher_rows @ lm_head_weight.T).float() / temperature, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    return kl * (temperature**2) * row_weight
+
+
+def swiftkv_distill_loss_sums(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    attention_mask: Tensor | None,
+    sample_weight: Tensor | None,
+    *,
+    temperature: float,
+    student_mid: Tensor | None = None,
+    teacher_mid: Tensor | None = None,
+    has_image: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> dict[str, Tensor]:
+    """Sums and counts of the SwiftKV distillation loss for one micro-batch.
+
+    Args:
+        student_hidden, teacher_hidden: final hidden states ``(B, T, D)`` (after the final norm).
+        lm_head_weight: ``(V, D)``; logits are ``hidden @ lm_head_weight.T``, computed in chunks of ``chunk_size``
+            label positions only (never a full ``(B, T, V)`` tensor; under autograd each chunk is recomputed in
+            backward instead of keeping its ``(chunk, V)`` activations).
+        labels: ``(B, T)`` with ``-100`` for positions without a label. Causal shift: position t predicts
+            ``labels[:, t + 1]``.
+        attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding (None: all real). Selects the MSE tokens.
+        sample_weight: ``(B,)`` weight ``w_s`` of each sample (``vision_loss_weight`` / ``text_loss_weight``);
+            None: all 1.
+        temperature: the distillation temperature T (KL of the softened distributions, scaled by ``T**2``).
+        student_mid, teacher_mid: ``(B, T, D)`` hidden states at ``hidden_loss_layer``; None: no MSE term.
+        has_image: ``(B,)`` bool, which samples hold an image, for the image/text split (None: all text-only).
+        chunk_size: label positions per logits chunk.
+
+    Returns:
+        A dict of 0-d tensors: ``kl_sum`` (sum over label tokens of ``w_s * T^2 * KL``), ``mse_sum`` (sum over
+        non-padding tokens of ``w_s * mean_d (h_s - h_t)^2``), ``label_tokens``, ``hidden_tokens`` (counts, not
+        weighted), and each of them split as ``*_image`` / ``*_text`` by ``has_image``. The sums carry the graph to
+        the student tensors; the counts are float tensors on the same device.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"student/teacher hidden shapes differ: {student_hidden.shape} vs {teacher_hidden.shape}")
+    batch, seq_len, _ = student_hidden.shape
+    device = student_hidden.device
+    if labels.shape != (batch, seq_len):
+        raise ValueError(f"labels must be (B, T) = {(batch, seq_len)}, got {tuple(labels.shape)}")
+
+    weight = (
+        torch.ones(batch, device=device, dtype=torch.float32)
+        if sample_weight is None
+        else sample_weight.to(device=device, dtype=torch.float32).reshape(batch)
+    )
+    image = (
+        torch.zeros(batch, device=device, dtype=torch.bool)
+        if has_image is None
+        else has_image.to(device=device, dtype=torch.bool).reshape(batch)
+    )
+
+    # --- KL on label positions: position t (t < T-1) is scored when labels[:, t+1] is a label.
+    label_mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    label_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    rows_b, rows_t = label_mask.nonzero(as_tuple=True)
+    row_weight = weight[rows_b]
+    row_image = image[rows_b]
+
+    kl_image = student_hidden.new_zeros((), dtype=torch.float32)
+    kl_text = student_hidden.new_zeros((), dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or lm_head_weight.requires_grad)
+    for start in range(0, rows_b.numel(), chunk_size):
+        sl = slice(start, start + chunk_size)
+        s_rows = student_hidden[rows_b[sl], rows_t[sl]]
+        t_rows = teacher_hidden[rows_b[sl], rows_t[sl]]
+        if needs_grad:
+            kl = checkpoint(_kl_rows, s_rows, t_rows, lm_head_weight, row_weight[sl], temperature, use_reentrant=False)
+        else:
+            kl = _kl_rows(s_rows, t_rows, lm_head_weight, row_weight[sl], temperature)
+        kl_image = kl_image + kl[row_image[sl]].sum()
+        kl_text = kl_text + kl[~row_image[sl]].sum()
+
+    label_image = row_image.sum().float()
+    label_total = torch.tensor(float(rows_b.numel()), device=device)
+
+    # --- hidden MSE at every non-padding token.
+    token_mask = (
+        torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        if attention_mask is None
+        else attention_mask.to(device=device).bool()
+    )
+    mse_image = student_hidden.new_zeros((), dtype=torch.float32)
+    mse_text = student_hidden.new_zeros((), dtype=torch.float32)
+    hidden_image = torch.zeros((), device=device)
+    hidden_total = torch.zeros((), device=device)
+    if (student_mid is None) != (teacher_mid is None):
+        raise ValueError("pass both student_mid and teacher_mid, or neither")
+    if student_mid is not None:
+        per_token = (student_mid.float() - teacher_mid.detach().float()).pow(2).mean(-1)  # (B, T)
+        per_token = per_token * weight[:, None]
+        per_token = per_token.masked_fill(~token_mask, 0.0)
+        per_sample = per_token.sum(-1)
+        mse_image = per_sample[image].sum()
+        mse_text = per_sample[~image].sum()
+        tokens_per_sample = token_mask.sum(-1).float()
+        hidden_image = tokens_per_sample[image].sum()
+        hidden_total = tokens_per_sample.sum()
+
+    return {
+        "kl_sum": kl_image + kl_text,
+        "kl_sum_image": kl_image,
+        "kl_sum_text": kl_text,
+        "label_tokens": label_total,
+        "label_tokens_image": label_image,
+        "label_tokens_text": label_total - label_image,
+        "mse_sum": mse_image + mse_text,
+        "mse_sum_image": mse_image,
+        "mse_sum_text": mse_text,
+        "hidden_tokens": hidden_total,
+        "hidden_tokens_image": hidden_image,
+        "hidden_tokens_text": hidden_total - hidden_image,
+    }
