@@ -79,9 +79,16 @@ def cmd_validate(argv: list[str]) -> int:
 
     from arctic_vl.engine import Engine
 
+    from arctic_vl.config.schema import where
+    from arctic_vl.errors import ConfigError
+
     engine = Engine(args.config, args.overrides)
+    try:
+        model = engine.describe_model()
+    except ConfigError as e:  # e.g. a name_or_path that is no local directory: point at the config line
+        raise ConfigError(f"{where(engine.config, ('model', 'name_or_path'))}: model: {e}") from None
     print(yaml.safe_dump(engine.config.to_dict(), sort_keys=False).rstrip())
-    print(f"# model: {engine.describe_model()}")
+    print(f"# model: {model}")
     print(f"# config OK: {args.config}")
     return 0
 

@@ -103,7 +103,27 @@ def _construct(node: yaml.Node, file: Path, shown: str, path: KeyPath, locs: dic
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(item, file, shown, (*path, i), locs) for i, item in enumerate(node.value)]
-    return _SCALARS.construct_object(node, deep=True)  # scalars: the standard YAML 1.1 rules
+    try:
+        return _SCALARS.construct_object(node, deep=True)  # scalars: the standard YAML 1.1 rules
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. `!!int abc`, `2020-13-45` (a bad date)
+        raise ConfigError(f"{loc.where}: {dotted(path)}: invalid YAML value {node.value!r}: {e}") from None
+
+
+def _yaml_error(shown: str, e: yaml.YAMLError) -> str:
+    """`file:line: invalid YAML: problem`; an unclosed bracket or quote points at the line that opened it."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None) or ""
+    context_mark = getattr(e, "context_mark", None)
+    if mark is None:
+        return f"{shown}: invalid YAML: {problem}"
+    if "\\t" in problem or "\t" in problem:
+        problem += " (indent with spaces: YAML does not allow tabs)"
+    if context_mark is not None and context.startswith(("while parsing a flow", "while scanning a quoted")) \
+            and context_mark.line != mark.line:
+        return (f"{shown}:{context_mark.line + 1}: invalid YAML: the bracket or quote opened on this line is not "
+                f"closed: {problem} (at line {mark.line + 1})")
+    return f"{shown}:{mark.line + 1}: invalid YAML: {problem}"
 
 
 def read_yaml(file: Path) -> LocatedConfig:
@@ -118,10 +138,7 @@ def read_yaml(file: Path) -> LocatedConfig:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{shown}{line}: invalid YAML: {problem}") from None
+        raise ConfigError(_yaml_error(shown, e)) from None
     locs: dict[KeyPath, Loc] = {}
     root = Loc(f"{shown}:1", file.parent)
     if node is None:
@@ -175,14 +192,10 @@ def merge(base: LocatedConfig, top: LocatedConfig) -> LocatedConfig:
 def load_file(file: str | Path, _chain: tuple[Path, ...] = ()) -> LocatedConfig:
     """Read a config file and everything it `extends`, merged."""
     file = Path(file).resolve() if not _chain else Path(file)
-    if file in _chain:
-        cycle = " -> ".join(_display(p) for p in (*_chain, file))
-        raise ConfigError(f"{_display(file)}: `extends` cycle: {cycle}")
     cfg = read_yaml(file)
     parents = cfg.data.pop("extends", None)
     ext_loc = cfg.locs.get(("extends",))
-    for key in [k for k in cfg.locs if k and k[0] == "extends"]:
-        del cfg.locs[key]
+    ext_locs = {k: cfg.locs.pop(k) for k in [k for k in cfg.locs if k and k[0] == "extends"]}
     if parents is None:
         return cfg
     if isinstance(parents, str):
@@ -193,10 +206,14 @@ def load_file(file: str | Path, _chain: tuple[Path, ...] = ()) -> LocatedConfig:
     merged: LocatedConfig | None = None
     for i, parent in enumerate(parents):
         parent_path = (file.parent / parent).resolve()
+        where = ext_locs.get(("extends", i), ext_loc) if len(parents) > 1 else ext_loc
+        where_s = where.where if where else _display(file)
+        field = f"extends[{i}]" if len(parents) > 1 else "extends"
         if not parent_path.is_file():
-            where = cfg.locs.get(("extends", i), ext_loc)
-            where_s = where.where if where else _display(file)
-            raise ConfigError(f"{where_s}: extends: file not found: {parent} (looked at {_display(parent_path)})")
+            raise ConfigError(f"{where_s}: {field}: file not found: {parent} (looked at {_display(parent_path)})")
+        if parent_path in (*_chain, file):
+            cycle = " -> ".join(_display(p) for p in (*_chain, file, parent_path))
+            raise ConfigError(f"{where_s}: {field}: cycle: {cycle}")
         base = load_file(parent_path, (*_chain, file))
         merged = base if merged is None else merge(merged, base)
     assert merged is not None
@@ -222,7 +239,9 @@ def apply_overrides(cfg: LocatedConfig, overrides: list[str] | tuple[str, ...]) 
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{shown}: value is not valid YAML: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(f"{shown}: {key}: value is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. `!!int abc`, a bad date
+            raise ConfigError(f"{shown}: {key}: value is not valid YAML: {e}") from None
         node: Any = cfg.data
         for depth, part in enumerate(parts[:-1]):
             if isinstance(node, list):

@@ -156,7 +156,7 @@ def build_config(located: LocatedConfig) -> EngineConfig:
         try:
             sections["eval"] = EvalConfig.model_validate(raw_eval if raw_eval is not None else {})
         except ValidationError as e:
-            errors.extend(format_validation_error(e, located, ("eval",), EvalConfig))
+            errors.extend(format_validation_error(e, located, ("eval",), EvalConfig, raw_eval))
     if errors:
         raise ConfigError(_joined(errors))
     cfg = EngineConfig(**sections)
@@ -191,7 +191,7 @@ def _validate_section(
     try:
         return config_class.model_validate(raw)
     except ValidationError as e:
-        errors.extend(format_validation_error(e, located, path, config_class))
+        errors.extend(format_validation_error(e, located, path, config_class, raw))
         return None
 
 
@@ -205,14 +205,22 @@ def _joined(errors: list[str]) -> str:
 
 
 def format_validation_error(
-    err: ValidationError, located: LocatedConfig, prefix: KeyPath, model: type[BaseModel]
+    err: ValidationError, located: LocatedConfig, prefix: KeyPath, model: type[BaseModel], raw: Any = None
 ) -> list[str]:
-    """One line per pydantic error: `file:line: dotted.path: what is wrong. what is allowed`."""
-    lines = []
+    """One line per pydantic error: `file:line: dotted.path: what is wrong. what is allowed`.
+
+    `raw` is the input that was validated: with it, pydantic's union-member tags (`str`, `SourceSpec`, ...)
+    are dropped from the path, and a union's members that failed only on the input's type are not reported
+    when another member got further.
+    """
+    entries = []  # (path within the section, message, a union member's type mismatch?)
     for e in err.errors(include_url=False):
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-        path = (*prefix, *loc)
         kind = e["type"]
+        if raw is not None:
+            loc, tagged = _clean_loc(e["loc"], raw, kind)
+        else:
+            loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+            tagged = False
         if kind == "extra_forbidden":
             allowed = _fields_at(model, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -226,8 +234,54 @@ def format_validation_error(
                 msg += f" (got {e['input']!r})"
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
+            if kind in ("value_error", "assertion_error") and isinstance(e.get("input"), dict):
+                loc = (*loc, *_blamed_field(msg, e["input"]))
+        entries.append((loc, msg, tagged and kind.endswith("_type")))
+    # A union member that failed only because the input has another type: noise when another member got further.
+    kept = [
+        x for x in entries
+        if not (x[2] and any(y is not x and not y[2] and y[0][: len(x[0])] == x[0] for y in entries))
+    ]
+    lines: list[str] = []
+    merged: dict[KeyPath, int] = {}
+    for loc, msg, type_only in kept:
+        path = (*prefix, *loc)
+        if type_only and loc in merged:  # several members, all of the wrong type: one line
+            lines[merged[loc]] += f"; or: {msg}"
+            continue
+        if type_only:
+            merged[loc] = len(lines)
         lines.append(f"{located.where(path)}: {dotted(path)}: {msg}")
     return lines
+
+
+def _clean_loc(loc: tuple[Any, ...], raw: Any, kind: str) -> tuple[KeyPath, bool]:
+    """A pydantic error location as a path through the input, and whether union tags were dropped from it."""
+    out: list[Any] = []
+    node, tagged = raw, False
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        elif last and isinstance(node, dict) and kind in ("missing", "extra_forbidden"):
+            out.append(part)
+        else:  # a union member's tag (`str`, `SourceSpec`, `list[int]`) or a validator's name
+            tagged = True
+    return tuple(out), tagged
+
+
+def _blamed_field(msg: str, given: dict[Any, Any]) -> tuple[str, ...]:
+    """For a model validator's error: the given field its message names (or whose value it quotes), if any."""
+    keys = [k for k in given if isinstance(k, str) and k != "type"]
+    named = [(m.start(), k) for k in keys if (m := re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", msg))]
+    if named:
+        return (min(named)[1],)
+    quoted = [k for k in keys if isinstance(given[k], str) and len(given[k]) > 1 and given[k] in msg]
+    return (quoted[0],) if quoted else ()
 
 
 def _unwrap(annotation: Any) -> list[Any]:

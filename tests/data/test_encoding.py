@@ -232,3 +232,19 @@ def test_encoder_pickles_for_dataloader_workers(tiny_dirs):
     assert clone.encode_text(messages, sizes) == encoder.encode_text(messages, sizes)
     a, b = clone.encode_images(images), encoder.encode_images(images)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_labels_cover_content_with_leading_space_and_every_assistant_turn(tiny_dirs):
+    processor = load_processor(tiny_dirs["llava_onevision"])
+    encoder = SampleEncoder(processor, get_family("llava_onevision"))
+    turns = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "<image>What colour?"},
+        {"role": "assistant", "content": " red star."},
+        {"role": "user", "content": "Where?"},
+        {"role": "assistant", "content": "left"},
+    ]
+    enc = encoder.encode_text(turns, [(40, 40)])
+    assert _labelled_runs(processor.tokenizer, enc.labels) == [" red star.<|im_end|>", "left<|im_end|>"]
+    # Nothing but those tokens is trained: not the headers, newlines, system or user text.
+    assert sum(lab != IGNORE_INDEX for lab in enc.labels) == len(processor.tokenizer(" red star.<|im_end|>left<|im_end|>")["input_ids"])

@@ -135,10 +135,9 @@ class _TensorSource:
 
         for file in _safetensors_files(Path(source)):
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            for key in handle.keys():
-                self._handles[key] = handle
+            self._handles.update(dict.fromkeys(handle.keys(), handle))
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self._tensors.keys()) if self._tensors is not None else list(self._handles)
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -155,7 +154,9 @@ class _TensorSource:
 def _safetensors_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: only .safetensors checkpoints are read (pickled files are never loaded)")
+            raise ValueError(
+                f"{path}: only .safetensors checkpoints are read (pickled files are never loaded)"
+            )
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"No checkpoint at {path}")
@@ -178,7 +179,7 @@ def load_backbone_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors checkpoint (file, directory, or sharded directory), on CPU."""
     with contextlib.ExitStack() as stack:
         source = _TensorSource(path, stack)
-        return {key: source.get(key) for key in source.keys()}
+        return {key: source.get(key) for key in source.names()}
 
 
 def _part_paths(model: nn.Module) -> tuple[str, dict[str, tuple[str, ...]]]:
@@ -190,7 +191,9 @@ def _part_paths(model: nn.Module) -> tuple[str, dict[str, tuple[str, ...]]]:
             prefix = f"{name}." if name else ""
             break
     else:
-        raise TypeError(f"{type(model).__name__} contains no LlavaOnevisionModel; expected a LLaVA-OneVision composite")
+        raise TypeError(
+            f"{type(model).__name__} contains no LlavaOnevisionModel; expected a LLaVA-OneVision composite"
+        )
     paths = {
         part: tuple(
             attribute if attribute == "lm_head" else f"{prefix}{attribute}" for attribute in attributes
@@ -247,7 +250,7 @@ def init_from_backbone(
     copied_storages: dict[int, str] = {}
     with contextlib.ExitStack() as stack, torch.no_grad():
         source = _TensorSource(backbone_state_dict_or_path, stack)
-        backbone_keys = source.keys()
+        backbone_keys = source.names()
         for key in backbone_keys:
             canonical = map_backbone_key(key)
             name = to_model_name(canonical) if canonical is not None else None

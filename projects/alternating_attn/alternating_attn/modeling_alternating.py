@@ -264,7 +264,9 @@ class AlternatingQwen2Model(Qwen2Model):
             past_seen = full_modality_ids.shape[1] - query_length
             position_ids = (torch.arange(query_length, device=inputs_embeds.device) + past_seen).unsqueeze(0)
 
-        masks = self._build_masks(attention_mask, inputs_embeds, past_key_values, position_ids, full_modality_ids)
+        masks = self._build_masks(
+            attention_mask, inputs_embeds, past_key_values, position_ids, full_modality_ids
+        )
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -355,7 +357,9 @@ class LlavaQwenAlternatingModel(LlavaOnevisionModel):
         if modality_ids is None and (input_ids is not None or inputs_embeds is not None):
             modality_ids = self.modality_ids_from_inputs(input_ids, inputs_embeds)
         # The parent forwards unknown kwargs to the language model.
-        return super().forward(input_ids, *args, inputs_embeds=inputs_embeds, modality_ids=modality_ids, **kwargs)
+        return super().forward(
+            input_ids, *args, inputs_embeds=inputs_embeds, modality_ids=modality_ids, **kwargs
+        )
 
 
 class LlavaQwenAlternatingForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
@@ -379,7 +383,9 @@ class LlavaQwenAlternatingForConditionalGeneration(LlavaOnevisionForConditionalG
 
     def prepare_inputs_for_generation(self, input_ids, *args, past_key_values=None, **kwargs):
         """Adds `modality_ids` recomputed from the full `input_ids` (the stateless cache path)."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, past_key_values=past_key_values, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, past_key_values=past_key_values, **kwargs
+        )
         if input_ids is None or input_ids.shape[1] == 0 or model_inputs.get("input_ids") is None:
             # Prompt given as embeddings: the model derives the modalities from them (and the cache record).
             return model_inputs

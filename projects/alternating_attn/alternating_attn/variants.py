@@ -134,9 +134,13 @@ def build_composite_config(
     if variant not in classes:
         raise ValueError(f"variant must be one of {sorted(classes)} to build a config, got {variant!r}")
 
-    fields = base_config.to_dict() if isinstance(base_config, PreTrainedConfig) else copy.deepcopy(base_config)
-    if "vision_config" not in fields or "text_config" not in fields and text_config is None:
-        raise ValueError("base_config must be a LLaVA-OneVision-like config with vision_config and text_config")
+    fields = (
+        base_config.to_dict() if isinstance(base_config, PreTrainedConfig) else copy.deepcopy(base_config)
+    )
+    if "vision_config" not in fields or ("text_config" not in fields and text_config is None):
+        raise ValueError(
+            "base_config must be a LLaVA-OneVision-like config with vision_config and text_config"
+        )
     if text_config is not None:
         fields["text_config"] = (
             text_config.to_dict() if isinstance(text_config, PreTrainedConfig) else copy.deepcopy(text_config)

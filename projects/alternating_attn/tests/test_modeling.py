@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transformers import (  # noqa: E402
+from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -23,20 +20,22 @@ from transformers import (  # noqa: E402
     LlavaOnevisionForConditionalGeneration,
 )
 
-from alternating_attn.configuration_alternating import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project is not installed as a package
+
+from alternating_attn.configuration_alternating import (
     LlavaQwenAlternatingConfig,
     LlavaQwenAlternatingCrossConfig,
     Qwen2AlternatingConfig,
     alternating_layer_indices,
 )
-from alternating_attn.modeling_alternating import (  # noqa: E402
+from alternating_attn.modeling_alternating import (
     MODALITY_CACHE_ATTRIBUTE,
     AlternatingQwen2ForCausalLM,
     LlavaQwenAlternatingCrossForConditionalGeneration,
     LlavaQwenAlternatingForConditionalGeneration,
     composite_model_class,
 )
-from alternating_attn.variants import (  # noqa: E402
+from alternating_attn.variants import (
     VARIANT_MODEL_TYPES,
     build_composite_config,
     check_variant,
@@ -88,7 +87,9 @@ def make_model(variant: str, attn: str = "eager", seed: int = 0):
         "alternating_cross": LlavaQwenAlternatingCrossConfig,
         "base": LlavaOnevisionConfig,
     }[variant]
-    config = config_class(text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG), **COMPOSITE_KWARGS)
+    config = config_class(
+        text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG), **COMPOSITE_KWARGS
+    )
     torch.manual_seed(seed)
     model = composite_model_class(variant)(config).eval()
     model.set_attn_implementation(attn)
@@ -210,7 +211,12 @@ def test_sdpa_equals_eager(variant, side):
     sdpa = make_model(variant, "sdpa")
     pixel_values, image_sizes, counts = image_inputs(eager, [[32, 64], [32, 32]])
     ids, mask = pad_batch(mixed_rows(counts), side)
-    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": image_sizes}
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
+    }
     with torch.no_grad():
         logits_eager = eager(**inputs).logits
         logits_sdpa = sdpa(**inputs).logits
@@ -275,10 +281,36 @@ def test_cached_generation_equals_full_recompute(variant):
             output_logits=True,
             return_dict_in_generate=True,
         )
-    reference_ids, reference_logits = full_recompute_greedy(model, ids, mask, pixel_values, image_sizes, steps)
+    reference_ids, reference_logits = full_recompute_greedy(
+        model, ids, mask, pixel_values, image_sizes, steps
+    )
     assert torch.equal(generated.sequences, reference_ids)
     for step, (cached, full) in enumerate(zip(generated.logits, reference_logits)):
         assert (cached - full).abs().max().item() <= 1e-5, f"step {step}"
+
+
+def test_static_cache_generation_matches_dynamic():
+    """`generate` pre-builds 4D masks for static caches; the models hand it the 2D mask and build their own."""
+    model = make_model("alternating_cross", "sdpa")
+    pixel_values, image_sizes, counts = image_inputs(model, [[32, 32], [32, 64]])
+    ids, mask = pad_batch([[5, 6, *[IMAGE] * counts[0], 7], [*[IMAGE] * counts[1], 8, 9, 10, 11]], "left")
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
+        "max_new_tokens": 4,
+        "min_new_tokens": 4,
+        "do_sample": False,
+        "suppress_tokens": [IMAGE, VIDEO],
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+    with torch.no_grad():
+        dynamic = model.generate(**kwargs)
+        static = model.generate(**kwargs, cache_implementation="static")
+    assert torch.equal(dynamic.sequences, static.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(dynamic.logits, static.logits)) <= 1e-5
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -287,7 +319,8 @@ def test_manual_decode_loop_uses_the_cache_record(variant):
     token's own row is used (the origin repo used row 0)."""
     model = make_model(variant, "eager")
     pixel_values, image_sizes, counts = image_inputs(model, [[32, 32]])
-    prompt = torch.tensor([[5, *[IMAGE] * counts[0], 6, 7]])
+    # Starts with the image, so row 0 (image) differs from the new text token's row.
+    prompt = torch.tensor([[*[IMAGE] * counts[0], 5, 6, 7]])
     with torch.no_grad():
         prefill = model(input_ids=prompt, pixel_values=pixel_values, image_sizes=image_sizes, use_cache=True)
         cache = prefill.past_key_values
@@ -325,7 +358,12 @@ def test_cache_without_modality_record_raises():
         with pytest.raises(ValueError, match="no matching record"):
             lm(input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True)
         # The full-sequence form needs no record.
-        lm(input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True, modality_ids=torch.zeros(1, 4))
+        lm(
+            input_ids=torch.tensor([[8]]),
+            past_key_values=cache,
+            use_cache=True,
+            modality_ids=torch.zeros(1, 4),
+        )
 
 
 def test_flash_attention_is_refused_for_special_layers():
@@ -334,7 +372,9 @@ def test_flash_attention_is_refused_for_special_layers():
     lm.config._attn_implementation = "flash_attention_2"
     try:
         with pytest.raises(ValueError, match="cannot express"):
-            lm._build_masks(None, torch.zeros(1, 3, 32), None, torch.arange(3)[None], torch.zeros(1, 3).long())
+            lm._build_masks(
+                None, torch.zeros(1, 3, 32), None, torch.arange(3)[None], torch.zeros(1, 3).long()
+            )
     finally:
         lm.config._attn_implementation = "eager"
 
@@ -403,7 +443,9 @@ def test_composite_config_conversions():
     with pytest.raises(ValueError, match="must be one of"):
         Qwen2AlternatingConfig(attention_variant="sideways")
 
-    base = LlavaOnevisionConfig(text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG), **COMPOSITE_KWARGS)
+    base = LlavaOnevisionConfig(
+        text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG), **COMPOSITE_KWARGS
+    )
     for variant, model_type in VARIANT_MODEL_TYPES.items():
         built = build_composite_config(variant, base)
         assert built.model_type == model_type

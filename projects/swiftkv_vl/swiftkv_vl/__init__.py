@@ -31,7 +31,26 @@ _LAZY: dict[str, str] = {
     "swiftkv_distill_loss_sums": "loss",
 }
 
-__all__ = [*sorted(_LAZY), "register_auto"]
+__all__ = [
+    "LlamaSwiftKVConfig",
+    "LlamaSwiftKVForCausalLM",
+    "LlamaSwiftKVModel",
+    "Qwen2SwiftKVConfig",
+    "Qwen2SwiftKVForCausalLM",
+    "Qwen2SwiftKVModel",
+    "check_swiftkv_layout",
+    "convert_to_swiftkv",
+    "enable_swiftkv_prefill",
+    "find_swiftkv_models",
+    "freeze_all_but_swiftkv",
+    "init_swiftkv_from_teacher",
+    "is_swiftkv_parameter",
+    "register_auto",
+    "set_swiftkv",
+    "swiftkv_distill_loss_sums",
+    "to_swiftkv_config",
+]
+assert set(__all__) == {*_LAZY, "register_auto"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .configuration_swiftkv import LlamaSwiftKVConfig, Qwen2SwiftKVConfig, check_swiftkv_layout

@@ -21,7 +21,9 @@ from transformers import LlamaConfig, Qwen2Config
 __all__ = ["LlamaSwiftKVConfig", "Qwen2SwiftKVConfig", "check_swiftkv_layout"]
 
 
-def check_swiftkv_layout(num_hidden_layers: int, num_key_value_layers: int, key_value_group_size: int) -> None:
+def check_swiftkv_layout(
+    num_hidden_layers: int, num_key_value_layers: int, key_value_group_size: int
+) -> None:
     """Raise ``ValueError`` unless ``0 < M < L``, ``G >= 1`` and ``(L - M) % G == 0``."""
     L, M, G = num_hidden_layers, num_key_value_layers, key_value_group_size
     if not 0 < M < L:

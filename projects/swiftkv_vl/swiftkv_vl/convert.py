@@ -49,7 +49,9 @@ def is_swiftkv_parameter(name: str) -> bool:
     return any(part.endswith("_swiftkv") for part in name.split("."))
 
 
-def _text_to_swiftkv(config: PretrainedConfig, num_key_value_layers: int, key_value_group_size: int) -> PretrainedConfig:
+def _text_to_swiftkv(
+    config: PretrainedConfig, num_key_value_layers: int, key_value_group_size: int
+) -> PretrainedConfig:
     config_class = _SWIFTKV_CONFIGS.get(config.model_type)
     if config_class is None:
         raise ValueError(
@@ -62,7 +64,8 @@ def _text_to_swiftkv(config: PretrainedConfig, num_key_value_layers: int, key_va
     if values.get("architectures"):
         base_class, lm_class = _SWIFTKV_MODELS[config_class]
         values["architectures"] = [
-            lm_class.__name__ if name.endswith("ForCausalLM") else base_class.__name__ for name in values["architectures"]
+            lm_class.__name__ if name.endswith("ForCausalLM") else base_class.__name__
+            for name in values["architectures"]
         ]
     new_config = config_class.from_dict(values)
     # The attention backend is runtime state, not part of to_dict(); keep the teacher's.
@@ -138,7 +141,11 @@ def init_swiftkv_from_teacher(model: nn.Module) -> nn.Module:
     if not found:
         raise ValueError(f"{type(model).__name__} contains no SwiftKV language model.")
     for lm in found:
-        first, last, group = lm.config.num_key_value_layers, lm.config.num_hidden_layers, lm.config.key_value_group_size
+        first, last, group = (
+            lm.config.num_key_value_layers,
+            lm.config.num_hidden_layers,
+            lm.config.key_value_group_size,
+        )
         lm.norm_swiftkv.weight.copy_(lm.layers[first].input_layernorm.weight)
         for idx in range(first, last):
             attn = lm.layers[idx].self_attn

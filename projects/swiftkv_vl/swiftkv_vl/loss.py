@@ -72,7 +72,9 @@ def swiftkv_distill_loss_sums(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(f"student/teacher hidden shapes differ: {student_hidden.shape} vs {teacher_hidden.shape}")
+        raise ValueError(
+            f"student/teacher hidden shapes differ: {student_hidden.shape} vs {teacher_hidden.shape}"
+        )
     batch, seq_len, _ = student_hidden.shape
     device = student_hidden.device
     if labels.shape != (batch, seq_len):
@@ -104,7 +106,9 @@ def swiftkv_distill_loss_sums(
         s_rows = student_hidden[rows_b[sl], rows_t[sl]]
         t_rows = teacher_hidden[rows_b[sl], rows_t[sl]]
         if needs_grad:
-            kl = checkpoint(_kl_rows, s_rows, t_rows, lm_head_weight, row_weight[sl], temperature, use_reentrant=False)
+            kl = checkpoint(
+                _kl_rows, s_rows, t_rows, lm_head_weight, row_weight[sl], temperature, use_reentrant=False
+            )
         else:
             kl = _kl_rows(s_rows, t_rows, lm_head_weight, row_weight[sl], temperature)
         kl_image = kl_image + kl[row_image[sl]].sum()

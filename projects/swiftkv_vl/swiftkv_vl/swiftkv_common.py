@@ -81,7 +81,9 @@ class SwiftKVAttentionMixin:
         num_kv_layers = config.num_key_value_layers
         # Layers < M keep the teacher's K/V and get no student parameters at all.
         self.is_swiftkv_layer = layer_idx >= num_kv_layers
-        self.is_swiftkv_group_head = self.is_swiftkv_layer and (layer_idx - num_kv_layers) % config.key_value_group_size == 0
+        self.is_swiftkv_group_head = (
+            self.is_swiftkv_layer and (layer_idx - num_kv_layers) % config.key_value_group_size == 0
+        )
         if self.is_swiftkv_layer:
             self.q_proj_swiftkv = nn.Linear(
                 config.hidden_size, config.num_attention_heads * self.head_dim, bias=qkv_bias
@@ -236,7 +238,11 @@ class SwiftKVModelMixin:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V of every group from the input of layer M: ``[(key, value)]``, one entry per group."""
         swiftkv_hidden = self.norm_swiftkv(hidden_states)
-        first, last, group = self.config.num_key_value_layers, self.config.num_hidden_layers, self.config.key_value_group_size
+        first, last, group = (
+            self.config.num_key_value_layers,
+            self.config.num_hidden_layers,
+            self.config.key_value_group_size,
+        )
         return [
             self.layers[head].self_attn.swiftkv_key_value(swiftkv_hidden, position_embeddings)
             for head in range(first, last, group)
@@ -278,14 +284,18 @@ class SwiftKVModelMixin:
 
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = (
+                torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            )
             position_ids = position_ids.unsqueeze(0)
 
         masks = self._causal_mask_mapping(inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
 
-        def run_layer(idx: int, hidden: torch.Tensor, key_value: tuple, layer_masks: dict, pos_emb: tuple, pos_ids):
+        def run_layer(
+            idx: int, hidden: torch.Tensor, key_value: tuple, layer_masks: dict, pos_emb: tuple, pos_ids
+        ):
             return self.layers[idx](
                 hidden,
                 *key_value,
@@ -323,7 +333,9 @@ class SwiftKVModelMixin:
             group_size = self.config.key_value_group_size
             for idx in range(num_kv_layers, num_layers):
                 key_value = group_key_values[(idx - num_kv_layers) // group_size]
-                hidden_states = run_layer(idx, hidden_states, key_value, masks, position_embeddings, position_ids)
+                hidden_states = run_layer(
+                    idx, hidden_states, key_value, masks, position_embeddings, position_ids
+                )
 
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(
@@ -417,7 +429,9 @@ def enable_swiftkv_prefill(model: nn.Module) -> nn.Module:
     """Make a VLM composite (any model whose forward takes ``logits_to_keep`` and passes its other kwargs to a
     SwiftKV language model) use the SwiftKV prefill shortcut under ``generate()``. Idempotent; a SwiftKV causal
     LM needs nothing (it reads ``logits_to_keep`` itself). Returns ``model``."""
-    if isinstance(model, (SwiftKVForCausalLMMixin, SwiftKVModelMixin)) or getattr(model, "_swiftkv_prefill_hook", None):
+    if isinstance(model, (SwiftKVForCausalLMMixin, SwiftKVModelMixin)) or getattr(
+        model, "_swiftkv_prefill_hook", None
+    ):
         return model
     model._swiftkv_prefill_hook = model.register_forward_pre_hook(_prefill_pre_hook, with_kwargs=True)
     return model

@@ -10,7 +10,19 @@ if importlib.util.find_spec("swiftkv_vl") is None:  # running from a checkout wi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
+import swiftkv_vl
 import torch
+from swiftkv_vl import (
+    LlamaSwiftKVConfig,
+    LlamaSwiftKVForCausalLM,
+    Qwen2SwiftKVConfig,
+    Qwen2SwiftKVForCausalLM,
+    convert_to_swiftkv,
+    freeze_all_but_swiftkv,
+    init_swiftkv_from_teacher,
+    set_swiftkv,
+    swiftkv_distill_loss_sums,
+)
 from transformers import (
     AutoModelForCausalLM,
     CLIPVisionConfig,
@@ -24,19 +36,6 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     SiglipVisionConfig,
-)
-
-import swiftkv_vl
-from swiftkv_vl import (
-    LlamaSwiftKVConfig,
-    LlamaSwiftKVForCausalLM,
-    Qwen2SwiftKVConfig,
-    Qwen2SwiftKVForCausalLM,
-    convert_to_swiftkv,
-    freeze_all_but_swiftkv,
-    init_swiftkv_from_teacher,
-    set_swiftkv,
-    swiftkv_distill_loss_sums,
 )
 
 torch.set_num_threads(1)
@@ -60,12 +59,16 @@ TEXT = dict(
 
 def _llama(m: int = 1, g: int = 2, **kw) -> LlamaSwiftKVForCausalLM:
     torch.manual_seed(0)
-    return LlamaSwiftKVForCausalLM(LlamaSwiftKVConfig(**{**TEXT, **kw}, num_key_value_layers=m, key_value_group_size=g)).eval()
+    return LlamaSwiftKVForCausalLM(
+        LlamaSwiftKVConfig(**{**TEXT, **kw}, num_key_value_layers=m, key_value_group_size=g)
+    ).eval()
 
 
 def _qwen2(m: int = 1, g: int = 2, **kw) -> Qwen2SwiftKVForCausalLM:
     torch.manual_seed(0)
-    return Qwen2SwiftKVForCausalLM(Qwen2SwiftKVConfig(**{**TEXT, **kw}, num_key_value_layers=m, key_value_group_size=g)).eval()
+    return Qwen2SwiftKVForCausalLM(
+        Qwen2SwiftKVConfig(**{**TEXT, **kw}, num_key_value_layers=m, key_value_group_size=g)
+    ).eval()
 
 
 def _randomise_swiftkv(model: torch.nn.Module) -> None:
@@ -77,9 +80,23 @@ def _randomise_swiftkv(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name else 0.0))
 
 
+def _randomise_teacher_biases(model: torch.nn.Module) -> None:
+    """transformers initialises biases to zero; give them values so that averaging them is observable."""
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "_swiftkv" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
 def _vision() -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
     )
 
 
@@ -117,9 +134,11 @@ def _ids(batch: int = 2, length: int = 13, seed: int = 3) -> torch.Tensor:
 
 def test_config_validation_and_defaults():
     cfg = LlamaSwiftKVConfig(**TEXT, num_key_value_layers=3, key_value_group_size=2)
-    assert (cfg.model_type, cfg.num_key_value_layers, cfg.key_value_group_size, cfg.swiftkv) == ("llama_swiftkv", 3, 2, False)
+    assert cfg.model_type == "llama_swiftkv" and cfg.swiftkv is False
+    assert (cfg.num_key_value_layers, cfg.key_value_group_size) == (3, 2)
     assert cfg.num_swiftkv_groups == 1
-    assert LlamaSwiftKVConfig(**{**TEXT, "num_hidden_layers": 8}).num_key_value_layers == 4  # default M = L // 2
+    default_m = LlamaSwiftKVConfig(**{**TEXT, "num_hidden_layers": 8}).num_key_value_layers
+    assert default_m == 4  # M defaults to L // 2
     assert Qwen2SwiftKVConfig(**TEXT, num_key_value_layers=1).model_type == "qwen2_swiftkv"
     for cls in (LlamaSwiftKVConfig, Qwen2SwiftKVConfig):
         with pytest.raises(ValueError, match="0 < num_key_value_layers < num_hidden_layers"):
@@ -184,6 +203,7 @@ def test_swiftkv_off_is_the_teacher_inside_llava_next():
 def test_init_from_teacher(make, group):
     model = make(m=3, g=group)
     _randomise_swiftkv(model)
+    _randomise_teacher_biases(model)
     init_swiftkv_from_teacher(model)
     lm = model.model
     assert torch.equal(lm.norm_swiftkv.weight, lm.layers[3].input_layernorm.weight)
@@ -205,16 +225,22 @@ def test_init_from_teacher(make, group):
                 assert getattr(a, f"{proj}_swiftkv").bias.abs().sum().item() > 0
                 assert (getattr(a, f"{proj}_swiftkv").bias - mean_b).abs().max().item() < 1e-7
     if group == 2:  # a real mean, not a copy of the first layer
-        assert not torch.equal(lm.layers[3].self_attn.k_proj_swiftkv.weight, lm.layers[3].self_attn.k_proj.weight)
-    # G=1 and M layers computing their own K/V: the student at init equals the teacher only at layers < M
+        assert not torch.equal(
+            lm.layers[3].self_attn.k_proj_swiftkv.weight, lm.layers[3].self_attn.k_proj.weight
+        )
     with torch.no_grad():
         ids = _ids()
         hs_off = model(ids, output_hidden_states=True).hidden_states
         hs_on = model.swiftkv(True)(ids, output_hidden_states=True).hidden_states
     assert len(hs_on) == 6
-    for k in range(4):  # inputs of layers 0..3 are unchanged by SwiftKV (it changes layers >= 3 only)
+    for k in range(4):  # inputs of layers 0..3: SwiftKV changes layers >= M = 3 only
         assert torch.equal(hs_off[k], hs_on[k])
-    assert (hs_off[4] - hs_on[4]).abs().max().item() > 1e-4
+    # The first SwiftKV layer: with G=1 its init reproduces the teacher exactly (norm_swiftkv = its input norm,
+    # k/v_swiftkv = its own k/v, q_swiftkv = q); with G=2 its K/V are the group mean, so it differs.
+    diff_layer3 = (hs_off[4] - hs_on[4]).abs().max().item()
+    assert diff_layer3 <= 1e-6 if group == 1 else diff_layer3 > 1e-4
+    # layer 4 reads K/V made from layer 3's input, never its own: it differs in both cases
+    assert (hs_off[5] - hs_on[5]).abs().max().item() > 1e-4
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
@@ -236,8 +262,15 @@ def test_freeze_trains_only_swiftkv(gradient_checkpointing):
     model.train().swiftkv(True)
     student = model.model(ids, output_hidden_states=True)
     sums = swiftkv_distill_loss_sums(
-        student.last_hidden_state, teacher.last_hidden_state, model.lm_head.weight, labels, None, None,
-        temperature=2.0, student_mid=student.hidden_states[-2], teacher_mid=teacher.hidden_states[-2],
+        student.last_hidden_state,
+        teacher.last_hidden_state,
+        model.lm_head.weight,
+        labels,
+        None,
+        None,
+        temperature=2.0,
+        student_mid=student.hidden_states[-2],
+        teacher_mid=teacher.hidden_states[-2],
     )
     (sums["kl_sum"] / sums["label_tokens"] + sums["mse_sum"] / sums["hidden_tokens"]).backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -279,19 +312,44 @@ def _greedy_recompute(model, ids: torch.Tensor, steps: int, **extra) -> torch.Te
 def test_cached_generation_matches_recompute(make):
     model = make(m=1, g=2).swiftkv(True)
     _randomise_swiftkv(model)
+    # No EOS: run every step (min_new_tokens would mask EOS, which is not plain argmax).
+    model.generation_config.eos_token_id = None
     ids = _ids(batch=2, length=11)
     with torch.no_grad():
-        cached = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        cached = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert cached.shape == (2, 19)
     assert torch.equal(cached, _greedy_recompute(model, ids, 8))
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_qwen2_sliding_window_layers(attn):
+    """Sliding-window layers >= M keep their own mask type on the SwiftKV path (and in the prefill shortcut)."""
+    window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    model = _qwen2(m=1, g=2, **window)
+    assert model.config.layer_types[2:] == ["sliding_attention"] * 3
+    teacher = Qwen2ForCausalLM(Qwen2Config(**TEXT, **window)).eval()
+    teacher.load_state_dict(model.state_dict(), strict=False)
+    model.config._attn_implementation = teacher.config._attn_implementation = attn
+    ids = _ids(batch=2, length=12)
+    with torch.no_grad():
+        assert (model(ids).logits - teacher(ids).logits).abs().max().item() <= 1e-6
+    _randomise_swiftkv(model.swiftkv(True))
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, _greedy_recompute(model, ids, 6))
+
+
 def test_cached_generation_matches_recompute_llava_next():
-    model = set_swiftkv(_llava_next(LlamaSwiftKVConfig(**TEXT, num_key_value_layers=2, key_value_group_size=3)), True)
+    model = set_swiftkv(
+        _llava_next(LlamaSwiftKVConfig(**TEXT, num_key_value_layers=2, key_value_group_size=3)), True
+    )
     _randomise_swiftkv(model)
+    model.generation_config.eos_token_id = None
     inputs = _llava_inputs(model)
     with torch.no_grad():
-        cached = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 6
     ref = _greedy_recompute(
         model, inputs["input_ids"], 6, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
     )
@@ -310,16 +368,17 @@ def _record_lengths(model, layers) -> tuple[dict[int, list[int]], list]:
 def test_prefill_runs_only_the_last_token_through_layers_after_m():
     model = _llama(m=2, g=1)
     _randomise_swiftkv(model)
+    model.generation_config.eos_token_id = None
     ids = _ids(batch=2, length=12)
 
     seen, handles = _record_lengths(model, model.model.layers)
     with torch.no_grad():
-        model.swiftkv(True).generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        model.swiftkv(True).generate(ids, max_new_tokens=3, do_sample=False)
     assert [seen[i] for i in range(5)] == [[12, 1, 1]] * 2 + [[1, 1, 1]] * 3
     # the teacher prefills every layer with the full prompt
     seen.update({i: [] for i in seen})
     with torch.no_grad():
-        model.swiftkv(False).generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        model.swiftkv(False).generate(ids, max_new_tokens=3, do_sample=False)
     assert [seen[i] for i in range(5)] == [[12, 1, 1]] * 5
     # training / scoring (no cache, full sequence): every token runs every layer with SwiftKV on
     seen.update({i: [] for i in seen})
@@ -347,16 +406,21 @@ def test_prefill_shortcut_fills_the_cache_like_the_full_forward():
         for layer in range(5):
             assert fast_cache.layers[layer].keys.shape[2] == 10
             assert (fast_cache.layers[layer].keys - full_cache.layers[layer].keys).abs().max().item() < 1e-6
-            assert (fast_cache.layers[layer].values - full_cache.layers[layer].values).abs().max().item() < 1e-6
+            assert (
+                fast_cache.layers[layer].values - full_cache.layers[layer].values
+            ).abs().max().item() < 1e-6
 
 
 def test_prefill_shortcut_inside_llava_next():
-    model = set_swiftkv(_llava_next(LlamaSwiftKVConfig(**TEXT, num_key_value_layers=2, key_value_group_size=1)), True)
+    model = set_swiftkv(
+        _llava_next(LlamaSwiftKVConfig(**TEXT, num_key_value_layers=2, key_value_group_size=1)), True
+    )
+    model.generation_config.eos_token_id = None
     inputs = _llava_inputs(model)
     prompt_len = inputs["input_ids"].shape[1]
     seen, handles = _record_lengths(model, model.model.language_model.layers)
     with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
     for h in handles:
         h.remove()
     assert [seen[i] for i in range(5)] == [[prompt_len, 1]] * 2 + [[1, 1]] * 3
@@ -366,14 +430,19 @@ def test_prefill_shortcut_inside_llava_next():
 
 
 def test_llava_next_save_reload(tmp_path):
-    model = set_swiftkv(_llava_next(LlamaSwiftKVConfig(**TEXT, num_key_value_layers=3, key_value_group_size=2)), True)
+    model = set_swiftkv(
+        _llava_next(LlamaSwiftKVConfig(**TEXT, num_key_value_layers=3, key_value_group_size=2)), True
+    )
     _randomise_swiftkv(model)
     inputs = _llava_inputs(model)
     model.save_pretrained(tmp_path)
     reloaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert reloaded.config.text_config.model_type == "llama_swiftkv"
     assert type(reloaded.model.language_model).__name__ == "LlamaSwiftKVModel"
-    assert (reloaded.config.text_config.num_key_value_layers, reloaded.config.text_config.key_value_group_size) == (3, 2)
+    assert (
+        reloaded.config.text_config.num_key_value_layers,
+        reloaded.config.text_config.key_value_group_size,
+    ) == (3, 2)
     assert reloaded.config.text_config.swiftkv is True
     sd, sd2 = model.state_dict(), reloaded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
@@ -386,7 +455,12 @@ def test_llava_next_save_reload(tmp_path):
 
 def test_llava_onevision_qwen2_save_reload(tmp_path):
     vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
     )
     cfg = LlavaOnevisionConfig(
         text_config=Qwen2SwiftKVConfig(**TEXT, num_key_value_layers=1, key_value_group_size=4),
@@ -439,7 +513,8 @@ def test_convert_llava_next_teacher():
     student = convert_to_swiftkv(teacher, num_key_value_layers=2, key_value_group_size=3)
     assert type(student) is LlavaNextForConditionalGeneration
     assert student.config.text_config.model_type == "llama_swiftkv"
-    assert student.config.vision_config.to_dict() == teacher.config.vision_config.to_dict()
+    drop_dtype = lambda cfg: {k: v for k, v in cfg.to_dict().items() if k != "dtype"}  # noqa: E731
+    assert drop_dtype(student.config.vision_config) == drop_dtype(teacher.config.vision_config)
     assert student.config.image_grid_pinpoints == teacher.config.image_grid_pinpoints
     inputs = _llava_inputs(teacher)
     with torch.no_grad():

@@ -1,0 +1,145 @@
+"""Exact resume: a run killed with SIGKILL and rerun writes the same per-step losses as an uninterrupted run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_utils import read_metrics, run_python, synthetic_data, tiny_llava, write_yaml  # noqa: F401
+
+# A child process that trains; it can kill itself (SIGKILL) at a step end or in the middle of a checkpoint write.
+CHILD = r"""
+import os, signal, sys
+from arctic_vl.callbacks.base import Callback
+from arctic_vl.registry import CALLBACKS, ComponentConfig
+
+class KillConfig(ComponentConfig):
+    type: str = "kill_at"
+    step: int
+
+@CALLBACKS.register("kill_at")
+class KillAt(Callback):
+    config_class = KillConfig
+    def on_step_end(self, trainer, info):
+        if info.step == self.config.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+mode, arg = sys.argv[1], sys.argv[2]
+overrides = []
+if mode == "kill_step":
+    overrides = ["callbacks=[{type: kill_at, step: %s}]" % arg]
+elif mode == "kill_in_save":
+    import torch
+    import arctic_vl.checkpoint.checkpointer as ck
+    real_save = torch.save
+    def save(obj, f, *a, **k):
+        if f".tmp-step-{arg}" in str(f) and str(f).endswith("optimizer.pt"):
+            real_save(obj, f, *a, **k)          # half of the checkpoint is on disk ...
+            os.kill(os.getpid(), signal.SIGKILL)  # ... when the process dies
+        return real_save(obj, f, *a, **k)
+    ck.torch.save = save
+from arctic_vl.engine import Engine
+Engine(sys.argv[3], overrides).train()
+"""
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    def make(name: str, *, workers: int = 0, max_steps: int = 12, every: int = 3) -> Path:
+        d = tmp_path_factory.mktemp(name)
+        return write_yaml(d / "run.yaml", {
+            "model": {"name_or_path": str(tiny_llava)},
+            # 60 samples, micro-batch 4, accumulation 2: 15 micro-batches = 8 steps an epoch (the last one short)
+            "data": {"sources": [{"path": str(synthetic_data / "train.llava.json"), "sample": "first:60"}],
+                     "micro_batch_size": 4, "max_length": 256, "num_workers": workers},
+            "trainer": {"output_dir": "out", "max_steps": max_steps, "gradient_accumulation_steps": 2,
+                        "progress_bar": False, "seed": 7},
+            "optimizer": {"lr": 3e-3},
+            "scheduler": {"type": "cosine", "warmup_steps": 2},
+            "checkpoint": {"every_n_steps": every, "keep_last": 2},
+        })
+    return make
+
+
+def _train(config: Path, mode: str = "plain", arg: str = "0") -> int:
+    proc = run_python(CHILD, mode, arg, str(config), cwd=config.parent)
+    if mode == "plain":
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def reference(run_config) -> list[dict]:
+    config = run_config("reference")
+    _train(config)
+    return read_metrics(config.parent / "out")
+
+
+def _assert_same_losses(run_dir: Path, reference: list[dict]) -> None:
+    got = read_metrics(run_dir)
+    assert [m["step"] for m in got] == list(range(1, 13)), "each step exactly once"
+    assert [m["epoch"] for m in got] == [m["epoch"] for m in reference]
+    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(got, reference))
+    assert diff <= 1e-6, f"max loss difference {diff}"
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(got, reference)) <= 1e-5
+
+
+def test_reference_crosses_an_epoch(reference):
+    assert [m["epoch"] for m in reference] == [0] * 8 + [1] * 4
+    assert reference[7]["samples"] == 4  # the epoch's short last step: one micro-batch
+    assert reference[-1]["loss"] < reference[0]["loss"]
+
+
+@pytest.mark.parametrize("kill_step", [5, 8, 10], ids=["mid-epoch", "at-epoch-end", "after-epoch-boundary"])
+def test_sigkill_and_rerun_is_exact(run_config, reference, kill_step):
+    config = run_config(f"kill{kill_step}")
+    assert _train(config, "kill_step", str(kill_step)) == -9
+    before = read_metrics(config.parent / "out")
+    assert before[-1]["step"] == kill_step
+    _train(config)
+    _assert_same_losses(config.parent / "out", reference)
+
+
+def test_sigkill_with_dataloader_workers(run_config, reference):
+    config = run_config("workers", workers=2)
+    assert _train(config, "kill_step", "7") == -9
+    _train(config)
+    _assert_same_losses(config.parent / "out", reference)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(run_config, reference):
+    config = run_config("killsave")
+    assert _train(config, "kill_in_save", "6") == -9
+    ckpts = config.parent / "out" / "checkpoints"
+    assert (ckpts / ".tmp-step-6").is_dir(), "the interrupted write stays in its temporary folder"
+    assert not (ckpts / "step-6").exists()
+    assert (ckpts / "step-3" / "trainer_state.json").is_file()
+    from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+
+    assert Checkpointer(CheckpointConfig(), config.parent / "out").latest().name == "step-3"
+    _train(config)
+    _assert_same_losses(config.parent / "out", reference)
+    assert not (ckpts / ".tmp-step-6").exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-12", "step-9"], "keep_last: 2"
+
+
+def test_finished_run_says_so_and_changed_settings_refuse(run_config, reference):
+    config = run_config("finished", max_steps=2, every=1)
+    _train(config)
+    proc = run_python("import sys; from arctic_vl.cli import main; sys.exit(main())", "train", str(config),
+                      cwd=config.parent)
+    assert proc.returncode == 0
+    assert "already finished at step 2" in proc.stderr
+    # the run length may change: training continues from step 2
+    proc = run_python("import sys; from arctic_vl.cli import main; sys.exit(main())", "train", str(config),
+                      "--set", "trainer.max_steps=3", cwd=config.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(config.parent / "out")] == [1, 2, 3]
+    # anything else that changes the math refuses, naming the setting
+    proc = run_python("import sys; from arctic_vl.cli import main; sys.exit(main())", "train", str(config),
+                      "--set", "trainer.max_steps=4", "--set", "optimizer.lr=0.5", cwd=config.parent)
+    assert proc.returncode == 2
+    assert "optimizer.lr: 0.003 -> 0.5" in proc.stderr and "Traceback" not in proc.stderr
+    shutil.rmtree(config.parent / "out")
