@@ -77,9 +77,8 @@ def cmd_validate(argv: list[str]) -> int:
     args = _config_parser("validate", "Validate a config (no weights, no network) and print it resolved.").parse_args(argv)
     import yaml
 
-    from arctic_vl.engine import Engine
-
     from arctic_vl.config.schema import where
+    from arctic_vl.engine import Engine
     from arctic_vl.errors import ConfigError
 
     engine = Engine(args.config, args.overrides)

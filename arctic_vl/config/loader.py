@@ -86,7 +86,10 @@ def _construct(node: yaml.Node, file: Path, shown: str, path: KeyPath, locs: dic
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise ConfigError(f"{shown}:{key_node.start_mark.line + 1}: YAML merge keys (<<) are not supported; use `extends:`")
+                raise ConfigError(
+                    f"{shown}:{key_node.start_mark.line + 1}: {dotted(path)}: YAML merge keys (<<) are not supported; "
+                    "use `extends:`"
+                )
             key = _construct(key_node, file, shown, (*path, "<key>"), {})
             if not isinstance(key, (str, int, float, bool)):
                 raise ConfigError(f"{shown}:{key_node.start_mark.line + 1}: {dotted(path)}: a key must be a plain scalar")
@@ -254,6 +257,7 @@ def apply_overrides(cfg: LocatedConfig, overrides: list[str] | tuple[str, ...]) 
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
+                cfg.locs[tuple(parts[: depth + 1])] = Loc(shown, Path.cwd())  # created by this --set
             node = nxt
         last = parts[-1]
         if isinstance(node, list):

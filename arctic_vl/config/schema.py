@@ -261,10 +261,8 @@ def _clean_loc(loc: tuple[Any, ...], raw: Any, kind: str) -> tuple[KeyPath, bool
     node, tagged = raw, False
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
-        if isinstance(node, dict) and part in node:
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        into_dict = isinstance(node, dict) and part in node
+        if into_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
             out.append(part)
             node = node[part]
         elif last and isinstance(node, dict) and kind in ("missing", "extra_forbidden"):
