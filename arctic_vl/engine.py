@@ -47,6 +47,7 @@ class Engine:
 
     def _build(self, model_dir: Path | None = None) -> Any:
         c = self.config
+        _quiet_transformers()
         dist = DISTRIBUTED.get(c.distributed.type)(c.distributed)
         dist.setup()
         seed = c.trainer.seed
@@ -115,6 +116,13 @@ class Engine:
 
         info["plugins"] = plugin_summary()
         (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+
+
+def _quiet_transformers() -> None:
+    """Our progress bar and logs are the run's; transformers' per-load bars only add noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _seed_everything(seed: int) -> None:

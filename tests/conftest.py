@@ -85,3 +85,11 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "train.json").write_text("[]\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def good_yaml(in_tmp: Path) -> Path:
+    """`good.yaml` (GOOD_CONFIG) in tmp_path, which is the cwd."""
+    path = in_tmp / "good.yaml"
+    path.write_text(GOOD_CONFIG)
+    return path

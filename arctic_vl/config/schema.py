@@ -105,6 +105,8 @@ def load_config(
     if isinstance(config, dict):
         located = from_dict(config, base_dir)
         source = None
+    elif not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(f"config: expected a YAML path or a mapping of sections, got {type(config).__name__}")
     else:
         located = load_file(config)
         source = str(Path(config).resolve())
@@ -374,6 +376,12 @@ def resolve_raw_paths(model: type[BaseModel], raw: dict[str, Any], path: KeyPath
         key = info.alias or name
         if key in raw:
             raw[key] = _resolve_value(info.annotation, list(info.metadata), raw[key], (*path, key), located)
+        elif isinstance(info.default, str) and info.default:
+            # a path default (e.g. trainer.output_dir) is relative to the run's config file, like a written one
+            marker = _path_marker(info.annotation, list(info.metadata))
+            if marker is not None:
+                base = located.root.base_dir if located.root else Path.cwd()
+                raw[key] = resolve_path(info.default, base, marker.hub_ok)
 
 
 def located_of(cfg: EngineConfig) -> LocatedConfig | None:

@@ -1,0 +1,262 @@
+"""Every bad config is an exit code 2 with `FILE:LINE: dotted.path: message. Allowed: ...` and no traceback.
+
+Each case is a tiny YAML written into tmp_path (cwd), validated by the real CLI (`arctic_vl validate`,
+in-process; a few also in a subprocess). A case names:
+  files   {relative path: YAML text}; the CLI validates `bad.yaml`
+  args    extra CLI arguments (`--set ...`)
+  where   the location the error must name: `FILE:LINE` (line asserted exactly) or the `--set` argument
+  path    the dotted field path, on the same line of stderr as `where` (None: the error has no field)
+  says    further text that must appear, e.g. what is allowed (registered names, valid keys, enum values)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from arctic_vl.errors import ConfigError
+
+M = "model:\n  family: llava_next\n"  # a model section that needs nothing on disk
+D = "data:\n  sources:\n    - train.json\n"  # a data section naming the file `in_tmp` writes
+
+
+@dataclass
+class Bad:
+    id: str
+    files: dict[str, str]
+    where: str
+    path: str | None
+    says: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+
+
+def bad(id: str, text: str, where_line: int | None, path: str | None, *says: str, args: tuple[str, ...] = (),
+        extra: dict[str, str] | None = None, where: str | None = None) -> Bad:
+    """A case whose config is `bad.yaml` with `text`; the error is at bad.yaml:`where_line` unless `where`."""
+    return Bad(id, {"bad.yaml": text, **(extra or {})}, where or f"bad.yaml:{where_line}", path, list(says), list(args))
+
+
+CASES = [
+    # ---------------------------------------------------------------- unknown registered names
+    bad("unknown_model_type", "model:\n  type: hf_vlmx\n  family: llava_next\n" + D, 2, "model.type",
+        "unknown model factory type 'hf_vlmx'", "Registered: hf_vlm", "Did you mean 'hf_vlm'?"),
+    bad("unknown_scheduler_type", M + D + "scheduler:\n  type: cosin\n", 7, "scheduler.type",
+        "Registered: constant, cosine, linear", "Did you mean 'cosine'?"),
+    bad("unknown_callback_type", M + D + "callbacks:\n  - type: progres\n", 7, "callbacks[0].type",
+        "unknown callback type 'progres'", "Registered:", "progress", "save_delay"),
+    bad("type_not_a_string", "model:\n  type: 3\n  family: llava_next\n" + D, 2, "model.type", "Registered: hf_vlm"),
+    bad("unknown_family", "model:\n  family: llava_nxt\n" + D, 2, "model.family",
+        "unknown family 'llava_nxt'", "llava_next", "qwen2_5_vl"),
+    # ---------------------------------------------------------------- typo keys (nested too)
+    bad("typo_trainer_key", M + D + "trainer:\n  max_steps: 1\n  max_stesp: 3\n", 8, "trainer.max_stesp",
+        "unknown key (did you mean 'max_steps'?)", "Allowed: bf16, epochs,", "max_steps"),
+    bad("typo_source_key", M + "data:\n  sources:\n    - path: train.json\n      formatt: llava\n", 6,
+        "data.sources[0].formatt", "did you mean 'format'?", "Allowed: format, image_root, path, sample, weight"),
+    bad("typo_model_key", "model:\n  family: llava_next\n  dtyp: float32\n" + D, 3, "model.dtyp",
+        "did you mean 'dtype'?", "Allowed:", "attn_implementation"),
+    bad("typo_optimizer_key", M + D + "optimizer:\n  lr: 1.0e-4\n  betass: [0.9, 0.99]\n", 8, "optimizer.betass",
+        "did you mean 'betas'?", "Allowed: betas, eps"),
+    bad("typo_eval_key", M + D + "eval:\n  every_n_step: 5\n", 7, "eval.every_n_step",
+        "did you mean 'every_n_steps'?", "Allowed: every_n_steps, generate"),
+    bad("typo_callback_key", M + D + "callbacks:\n  - type: throughput\n    evry: 3\n", 8, "callbacks[0].evry",
+        "unknown key", "Allowed:"),
+    bad("typo_section", M + D + "trainr:\n  max_steps: 2\n", 6, "trainr",
+        "unknown section (did you mean 'trainer'?)", "Allowed: model, data, trainer, optimizer"),
+    bad("typo_in_base_config", "extends: base/base.yaml\n" + M + D, 3, "trainer.max_stesp",
+        "did you mean 'max_steps'?", where="base.yaml:3",
+        extra={"base/base.yaml": "trainer:\n  seed: 1\n  max_stesp: 3\n"}),
+    bad("typo_by_set", M + D, None, "trainer.max_stesp", "did you mean 'max_steps'?", "Allowed:",
+        args=("--set", "trainer.max_stesp=3"), where="--set trainer.max_stesp=3"),
+    # ---------------------------------------------------------------- wrong types
+    bad("wrong_type_int", M + D + "  micro_batch_size: lots\n", 6, "data.micro_batch_size",
+        "valid integer", "'lots'"),
+    bad("wrong_type_bool", M + D + "trainer:\n  bf16: maybe\n", 7, "trainer.bf16", "valid boolean"),
+    bad("wrong_type_dict_values", "model:\n  family: llava_next\n  tiny: {layers: many}\n" + D, 3,
+        "model.tiny.layers", "valid integer"),
+    bad("section_not_a_mapping", M + D + "trainer: 5\n", 6, "trainer", "must be a mapping with a `type`"),
+    bad("callbacks_not_a_list", M + D + "callbacks:\n  type: progress\n", 6, "callbacks", "must be a list"),
+    bad("source_neither_path_nor_mapping", M + "data:\n  sources:\n    - 5\n", 5, "data.sources[0]",
+        "valid string", "SourceSpec"),
+    # ---------------------------------------------------------------- missing fields
+    bad("missing_model_section", D, 1, "model", "required section missing"),
+    bad("missing_data_sources", M + "data:\n  micro_batch_size: 2\n", 3, "data.sources", "required field missing"),
+    bad("missing_model_source", "model:\n  dtype: float32\n" + D, 1, "model", "give name_or_path", "or family"),
+    bad("missing_source_path", M + "data:\n  sources:\n    - format: llava\n", 5, "data.sources[0].path",
+        "required field missing"),
+    # ---------------------------------------------------------------- duplicate keys
+    bad("duplicate_key", M + D + "trainer:\n  max_steps: 1\n  max_steps: 2\n", 8, "trainer.max_steps",
+        "duplicate key (first given at bad.yaml:7)"),
+    bad("duplicate_section", M + D + "model:\n  family: qwen2_vl\n", 6, "model", "duplicate key"),
+    # ---------------------------------------------------------------- extends
+    bad("extends_missing_file", "extends: nope.yaml\n" + M + D, 1, "extends", "file not found: nope.yaml"),
+    bad("extends_missing_in_list", "extends:\n  - base.yaml\n  - nope.yaml\n" + M + D, 3, "extends[1]",
+        "file not found: nope.yaml", extra={"base.yaml": "trainer:\n  seed: 3\n"}),
+    bad("extends_cycle", "extends: b.yaml\n" + M + D, None, "extends", "cycle", "b.yaml -> ",
+        where="b.yaml:3", extra={"b.yaml": "trainer:\n  seed: 3\nextends: bad.yaml\n"}),
+    bad("extends_self", "extends: ./bad.yaml\n" + M + D, 1, "extends", "cycle: bad.yaml -> bad.yaml"),
+    bad("extends_wrong_type", "extends: {file: base.yaml}\n" + M + D, 1, "extends",
+        "must be a file path or a list of file paths"),
+    bad("extends_wrong_item_type", "extends: [base.yaml, 3]\n" + M + D, 1, "extends",
+        "must be a file path or a list of file paths"),
+    bad("broken_base_yaml", "extends: base.yaml\n" + M + D, 2, None, "invalid YAML", where="base.yaml:2",
+        extra={"base.yaml": "trainer:\n\tseed: 3\n"}),
+    # ---------------------------------------------------------------- --set
+    bad("set_without_equals", M + D, None, None, "expected KEY=VALUE",
+        args=("--set", "trainer.max_steps"), where="--set trainer.max_steps"),
+    bad("set_bad_yaml_value", M + D, None, "trainer.max_steps", "value is not valid YAML",
+        args=("--set", "trainer.max_steps=[1"), where="--set trainer.max_steps=[1"),
+    bad("set_bad_tagged_value", M + D, None, "trainer.seed", "value is not valid YAML",
+        args=("--set", "trainer.seed=!!int x"), where="--set trainer.seed=!!int x"),
+    bad("set_path_into_scalar", M + D + "trainer:\n  max_steps: 2\n", None, "trainer.max_steps",
+        "is not a mapping", args=("--set", "trainer.max_steps.x=1"), where="--set trainer.max_steps.x=1"),
+    bad("set_no_such_list_item", M + D, None, "data.sources[3]", "no such list item",
+        args=("--set", "data.sources.3=x.json"), where="--set data.sources.3=x.json"),
+    bad("set_empty_key_part", M + D, None, None, "empty name in dotted key",
+        args=("--set", "trainer..seed=1"), where="--set trainer..seed=1"),
+    bad("set_invalid_value", M + D, None, "trainer.max_steps", "greater than or equal to 1",
+        args=("--set", "trainer.max_steps=-3"), where="--set trainer.max_steps=-3"),
+    bad("set_unknown_section", M + D, None, "trainr", "unknown section (did you mean 'trainer'?)",
+        args=("--set", "trainr.max_steps=3"), where="--set trainr.max_steps=3"),
+    # ---------------------------------------------------------------- broken YAML
+    bad("yaml_bad_indentation", "model:\n  family: llava_next\n data:\n  sources: [train.json]\n", 3, None,
+        "invalid YAML"),
+    bad("yaml_unclosed_bracket", M + "data:\n  sources: [train.json\ntrainer:\n  max_steps: 2\n", 4, None,
+        "invalid YAML", "not closed", "(at line 5)"),
+    bad("yaml_unclosed_quote", M + D + "  system_prompt: 'hello\n  shuffle: false\n", 6, None,
+        "invalid YAML", "not closed"),
+    bad("yaml_tab", "model:\n\tfamily: llava_next\n" + D, 2, None, "invalid YAML", "tabs"),
+    bad("yaml_bad_tagged_scalar", "model:\n  family: llava_next\n  seed: !!int abc\n" + D, 3, "model.seed",
+        "invalid YAML value 'abc'"),
+    bad("yaml_bad_date", "model:\n  family: llava_next\n  seed: 2020-13-45\n" + D, 3, "model.seed",
+        "invalid YAML value '2020-13-45'"),
+    bad("yaml_python_tag", "model:\n  family: !!python/name:os.system\n" + D, 2, None, "invalid YAML"),
+    bad("yaml_merge_key", "defaults: &d\n  family: llava_next\nmodel:\n  <<: *d\n" + D, 4, "model",
+        "merge keys (<<) are not supported", "extends"),
+    bad("yaml_not_a_mapping", "- model\n- data\n", 1, None, "must be a mapping of sections"),
+    bad("yaml_non_scalar_key", "model:\n  ? [a, b]\n  : 1\n" + D, 2, "model", "a key must be a plain scalar"),
+    # ---------------------------------------------------------------- values out of range
+    bad("empty_sources", M + "data:\n  sources: []\n", 4, "data.sources", "at least 1 item"),
+    bad("bad_enum_dtype", "model:\n  family: llava_next\n  dtype: fp8\n" + D, 3, "model.dtype",
+        "'float32', 'bfloat16' or 'float16'", "'fp8'"),
+    bad("bad_enum_list_item", "model:\n  family: llava_next\n  freeze: [vision, lm]\n" + D, 3, "model.freeze[1]",
+        "'vision', 'aligner' or 'llm'"),
+    bad("bad_enum_source_format", M + "data:\n  sources:\n    - path: train.json\n      format: csv\n", 6,
+        "data.sources[0].format", "'auto', 'llava', 'messages', 'dense_caption' or 'hf_disk'"),
+    bad("bad_enum_on_bad_record", M + D + "  on_bad_record: ignore\n", 6, "data.on_bad_record", "'error' or 'skip'"),
+    bad("negative_max_steps", M + D + "trainer:\n  max_steps: -1\n", 7, "trainer.max_steps",
+        "greater than or equal to 1"),
+    bad("zero_grad_accumulation", M + D + "trainer:\n  gradient_accumulation_steps: 0\n", 7,
+        "trainer.gradient_accumulation_steps", "greater than or equal to 1"),
+    bad("negative_num_workers", M + D + "  num_workers: -2\n", 6, "data.num_workers", "greater than or equal to 0"),
+    bad("zero_source_weight", M + "data:\n  sources:\n    - path: train.json\n      weight: 0\n", 6,
+        "data.sources[0].weight", "greater than 0"),
+    bad("eval_zero_tokens", M + D + "eval:\n  max_new_tokens: 0\n", 7, "eval.max_new_tokens", "greater than or equal to 1"),
+    bad("sample_first_x", M + "data:\n  sources:\n    - path: train.json\n      sample: \"first:x\"\n", 6,
+        "data.sources[0].sample", "all, first:N, random:N"),
+    # ---------------------------------------------------------------- model directories
+    bad("model_dir_missing", "model:\n  name_or_path: ./no_such_model\n" + D, 2, "model.name_or_path",
+        "no_such_model does not exist"),
+    bad("model_dir_without_config_json", "model:\n  name_or_path: .\n" + D, 2, "model.name_or_path",
+        "has no config.json"),
+    bad("model_hub_like_id_missing", "model:\n  name_or_path: some-org/no-such-model\n" + D, 2, "model",
+        "config.json: not found", "model.name_or_path must be a local HF model directory"),
+    bad("name_or_path_and_family", "model:\n  family: llava_next\n  name_or_path: x\n" + D, 3,
+        "model.name_or_path", "give name_or_path or family, not both"),
+]
+
+
+def check_error(rc: int, err: str, case: Bad) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    assert "arctic_vl: error:" in err, err
+    hits = [ln for ln in err.splitlines() if f"{case.where}: " in ln or ln.endswith(f"{case.where}:")]
+    assert hits, f"no line naming {case.where!r} in:\n{err}"
+    if case.path is not None:
+        assert any(case.path in ln for ln in hits), f"{case.path!r} not on the line of {case.where!r}:\n{err}"
+    for text in case.says:
+        assert text in err, f"{text!r} not in:\n{err}"
+
+
+def write_case(case: Bad, root) -> None:
+    for rel, text in case.files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_at_least_twenty_distinct_cases():
+    assert len(CASES) >= 20
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_config(case: Bad, in_tmp, cli):
+    write_case(case, in_tmp)
+    rc, out, err = cli("validate", "bad.yaml", *case.args)
+    check_error(rc, err, case)
+    assert "# config OK" not in out
+
+
+SUBPROCESS_CASES = ("typo_source_key", "yaml_unclosed_bracket", "set_bad_yaml_value")
+
+
+@pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
+def test_bad_config_subprocess(case_id, tmp_path, cli_subprocess):
+    """The same through a real process: what a user sees in a terminal."""
+    (case,) = [c for c in CASES if c.id == case_id]
+    (tmp_path / "train.json").write_text("[]\n")
+    write_case(case, tmp_path)
+    rc, _, err = cli_subprocess("validate", "bad.yaml", *case.args, cwd=tmp_path)
+    check_error(rc, err, case)
+
+
+def test_train_verb_reports_config_errors_the_same(in_tmp, cli):
+    """`arctic_vl CONFIG` (train) validates before anything heavy: same exit code and message."""
+    (case,) = [c for c in CASES if c.id == "typo_trainer_key"]
+    write_case(case, in_tmp)
+    rc, _, err = cli("bad.yaml")
+    check_error(rc, err, case)
+
+
+def test_several_errors_reported_at_once(in_tmp, cli):
+    (in_tmp / "bad.yaml").write_text(M + D + "  micro_batch_size: 0\ntrainer:\n  max_stesp: 3\noptimizer:\n  lr: x\n")
+    rc, _, err = cli("validate", "bad.yaml")
+    assert rc == 2 and "Traceback" not in err
+    for where, path in (("bad.yaml:6", "data.micro_batch_size"), ("bad.yaml:8", "trainer.max_stesp"),
+                        ("bad.yaml:10", "optimizer.lr")):
+        assert f"{where}: {path}: " in err, err
+
+
+def test_missing_config_file(in_tmp, cli):
+    rc, _, err = cli("validate", "nope.yaml")
+    assert rc == 2 and "Traceback" not in err
+    assert "nope.yaml: config file not found" in err
+
+
+def test_engine_dict_with_typo_names_dotted_path(in_tmp):
+    from arctic_vl import Engine
+
+    with pytest.raises(ConfigError) as info:
+        Engine({"model": {"family": "llava_next"}, "data": {"sources": ["train.json"]},
+                "trainer": {"max_stesp": 3}})
+    msg = str(info.value)
+    assert "config[trainer.max_stesp]: trainer.max_stesp: unknown key (did you mean 'max_steps'?)" in msg
+    assert "Allowed:" in msg and "max_steps" in msg
+
+
+def test_engine_dict_with_nested_list_typo(in_tmp):
+    from arctic_vl import Engine
+
+    with pytest.raises(ConfigError) as info:
+        Engine({"model": {"family": "llava_next"}, "data": {"sources": [{"path": "train.json", "formatt": "llava"}]}})
+    msg = str(info.value)
+    assert "config[data.sources[0].formatt]: data.sources[0].formatt: unknown key" in msg
+    assert "Allowed: format, image_root, path, sample, weight" in msg
+    assert ".str:" not in msg and "SourceSpec.formatt" not in msg  # pydantic's union tags are not a path
+
+
+def test_engine_rejects_a_non_mapping():
+    from arctic_vl import Engine
+
+    with pytest.raises(ConfigError, match="mapping of sections, got list"):
+        Engine(["model"])  # type: ignore[arg-type]

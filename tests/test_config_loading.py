@@ -1,0 +1,228 @@
+"""Loading semantics: `extends`, `--set`, relative paths, `Engine(dict)`, and the `validate` / `schema` verbs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arctic_vl.config.loader import LocatedConfig, load_file, merge
+from arctic_vl.config.schema import load_config
+
+BASE = """\
+model:
+  family: llava_next
+  tiny: {layers: 2, hidden: 64}
+  freeze: [vision]
+data:
+  sources:
+    - data/train.json
+  eval_sources:
+    - path: data/eval.json
+      image_root: images
+  micro_batch_size: 2
+trainer:
+  max_steps: 5
+  seed: 1
+  output_dir: runs/base
+optimizer:
+  lr: 1.0e-3
+  weight_decay: 0.1
+callbacks:
+  - type: throughput
+  - type: progress
+"""
+
+
+@pytest.fixture
+def tree(tmp_path: Path, write) -> Path:
+    """tmp/base/base.yaml (paths under base/), tmp/exp/ for children; cwd is elsewhere (tmp/cwd)."""
+    write("base/base.yaml", BASE)
+    return tmp_path
+
+
+def test_extends_deep_merge_and_replacement(tree, write, monkeypatch):
+    child = write("exp/child.yaml", """\
+        extends: ../base/base.yaml
+        model:
+          tiny: {layers: 4}
+        data:
+          sources: [mine.json]
+        trainer:
+          max_steps: 7
+        optimizer:
+          lr: 0.5
+        callbacks:
+          - type: progress
+        """)
+    (tree / "cwd").mkdir()
+    monkeypatch.chdir(tree / "cwd")
+    cfg = load_config(child)
+    # mappings merge deeply
+    assert cfg.model.tiny == {"layers": 4, "hidden": 64}
+    assert cfg.model.family == "llava_next" and cfg.model.freeze == ["vision"]
+    assert (cfg.trainer.max_steps, cfg.trainer.seed) == (7, 1)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (0.5, 0.1)
+    assert cfg.data.micro_batch_size == 2
+    # lists replace
+    assert cfg.data.sources == [str(tree / "exp" / "mine.json")]
+    assert [c.type for c in cfg.callbacks] == ["progress"]
+    # the base's own paths resolve against the base's directory, the child's against the child's
+    (ev,) = cfg.data.eval_sources
+    assert ev.path == str(tree / "base" / "data" / "eval.json")
+    assert ev.image_root == str(tree / "base" / "images")
+    assert cfg.trainer.output_dir == str(tree / "base" / "runs" / "base")
+    assert cfg.source == str(child)
+
+
+def test_base_paths_resolve_against_base_dir(tree, write, monkeypatch):
+    child = write("exp/deeper/child.yaml", "extends: ../../base/base.yaml\ntrainer:\n  output_dir: out\n")
+    monkeypatch.chdir(tree)
+    cfg = load_config(child)
+    assert cfg.data.sources == [str(tree / "base" / "data" / "train.json")]
+    assert cfg.trainer.output_dir == str(tree / "exp" / "deeper" / "out")
+
+
+def test_changed_type_replaces_section_whole(tmp_path, write):
+    base = write("base.yaml", "scheduler:\n  type: cosine\n  warmup_ratio: 0.1\n  min_lr_ratio: 0.2\n")
+    child = write("child.yaml", "extends: base.yaml\nscheduler:\n  type: linear\n")
+    same = write("same.yaml", "extends: base.yaml\nscheduler:\n  type: cosine\n  min_lr_ratio: 0.5\n")
+    assert load_file(child).data["scheduler"] == {"type": "linear"}
+    assert load_file(same).data["scheduler"] == {"type": "cosine", "warmup_ratio": 0.1, "min_lr_ratio": 0.5}
+    assert load_file(base).data["scheduler"]["warmup_ratio"] == 0.1
+    # the same rule without files
+    merged = merge(LocatedConfig({"a": {"type": "x", "k": 1}, "b": [1, 2]}), LocatedConfig({"a": {"type": "y"}, "b": [3]}))
+    assert merged.data == {"a": {"type": "y"}, "b": [3]}
+
+
+def test_multi_level_and_list_extends(tmp_path, write):
+    write("a/grand.yaml", "trainer:\n  seed: 1\n  max_steps: 1\n  epochs: 3\ndata:\n  sources: [g.json]\n")
+    write("b/parent.yaml", "extends: ../a/grand.yaml\ntrainer:\n  max_steps: 2\n")
+    write("other.yaml", "trainer:\n  epochs: 9\n  seed: 8\n")
+    child = write("c/child.yaml", "extends: [../b/parent.yaml, ../other.yaml]\ntrainer:\n  seed: 3\n")
+    located = load_file(child)
+    assert located.data["trainer"] == {"seed": 3, "max_steps": 2, "epochs": 9}
+    assert "extends" not in located.data
+    # every value remembers the file (and line) that set it, and the directory its paths resolve against
+    assert located.where(("trainer", "seed")).endswith("c/child.yaml:3")
+    assert located.where(("trainer", "max_steps")).endswith("b/parent.yaml:3")
+    assert located.where(("trainer", "epochs")).endswith("other.yaml:2")
+    assert located.base_dir(("data", "sources", 0)) == tmp_path / "a"
+
+
+def test_set_overrides(tmp_path, write, monkeypatch):
+    cfg_file = write("exp/run.yaml", BASE.replace("model:\n", "model:\n  seed: 5\n"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_config(cfg_file, [
+        "trainer.max_steps=9",              # scalar
+        "model.tiny.layers=3",              # nested, merges into the mapping
+        "data.sources=[a.json, sub/b.json]",  # a list, in YAML syntax; paths against the cwd
+        "trainer.max_grad_norm=0.5",        # a key the file does not have
+        "scheduler.type=linear",            # a whole section the file does not have
+        "optimizer={weight_decay: 0.0}",    # a mapping merges into the section
+        "callbacks.0.type=tensorboard",     # a list item by index
+        "model.freeze=[]",
+    ])
+    assert cfg.trainer.max_steps == 9
+    assert cfg.model.tiny == {"layers": 3, "hidden": 64}
+    assert cfg.data.sources == [str(work / "a.json"), str(work / "sub" / "b.json")]
+    assert cfg.trainer.max_grad_norm == 0.5
+    assert cfg.scheduler.type == "linear"
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (1e-3, 0.0)
+    assert [c.type for c in cfg.callbacks] == ["tensorboard", "progress"]
+    assert cfg.model.freeze == [] and cfg.model.seed == 5
+    # values the file set still resolve against the file
+    assert cfg.trainer.output_dir == str(tmp_path / "exp" / "runs" / "base")
+    assert cfg._located.where(("trainer", "max_steps")) == "--set trainer.max_steps=9"
+
+
+def test_set_later_wins_and_strings_stay_strings(good_yaml):
+    cfg = load_config(good_yaml, ["trainer.seed=1", "trainer.seed=2", "data.system_prompt='007'",
+                                  "model.attn_implementation=eager"])
+    assert cfg.trainer.seed == 2
+    assert cfg.data.system_prompt == "007"
+    assert cfg.model.attn_implementation == "eager"
+
+
+def test_engine_from_dict(in_tmp):
+    from arctic_vl import Engine
+
+    engine = Engine({"model": {"family": "llava_next"}, "data": {"sources": ["train.json"]},
+                     "trainer": {"max_steps": 3}}, ["trainer.seed=4"])
+    c = engine.config
+    assert (c.trainer.max_steps, c.trainer.seed) == (3, 4)
+    assert c.data.sources == [str(in_tmp / "train.json")]
+    assert c.source is None
+    assert engine.describe_model().startswith("tiny llava_next")
+    # an EngineConfig is accepted as is, and round-trips through its dict
+    assert Engine(c).config is c
+    assert Engine(c.to_dict()).config.to_dict() == c.to_dict()
+
+
+def test_validate_prints_resolved_config(good_yaml, cli):
+    rc, out, err = cli("validate", str(good_yaml), "--set", "trainer.seed=11")
+    assert rc == 0, err
+    assert "# model: tiny llava_next" in out
+    assert "# config OK" in out
+    resolved = yaml.safe_load("\n".join(ln for ln in out.splitlines() if not ln.startswith("#")))
+    assert set(resolved) >= {"model", "data", "trainer", "optimizer", "scheduler", "checkpoint", "callbacks",
+                             "distributed", "eval"}
+    assert resolved["data"]["sources"] == [str(good_yaml.parent / "train.json")]  # made absolute
+    assert resolved["trainer"]["seed"] == 11 and resolved["trainer"]["max_steps"] == 2
+    assert resolved["scheduler"]["type"] == "cosine"  # defaults filled in
+    # the printed config is itself a valid config that resolves to the same thing
+    again = good_yaml.parent / "again.yaml"
+    again.write_text(yaml.safe_dump(resolved))
+    assert load_config(again).to_dict() == load_config(good_yaml, ["trainer.seed=11"]).to_dict()
+
+
+def test_schema_is_json_schema(good_yaml, cli):
+    rc, out, err = cli("schema")
+    assert rc == 0, err
+    schema = json.loads(out)
+    assert schema["type"] == "object" and schema["additionalProperties"] is False
+    assert set(schema["required"]) == {"model", "data"}
+    props = schema["properties"]
+    for section in ("model", "data", "trainer", "optimizer", "scheduler", "checkpoint", "distributed"):
+        assert props[section]["anyOf"], section
+    assert props["callbacks"]["type"] == "array"
+    assert "extends" in props and "eval" in props
+    defs = schema["$defs"]
+    assert defs["model.hf_vlm"]["properties"]["type"] == {"const": "hf_vlm"}
+    assert defs["trainer.sft"]["additionalProperties"] is False
+    assert "max_steps" in defs["trainer.sft"]["properties"]
+
+    def refs(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                yield node["$ref"]
+            for v in node.values():
+                yield from refs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v)
+
+    for ref in refs(schema):
+        assert ref.startswith("#/$defs/") and ref[len("#/$defs/"):] in defs, ref
+    good = load_config(good_yaml).to_dict()
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(good, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**good, "trainr": {}}, schema)
+
+
+def test_help_is_quick_and_does_not_import_torch():
+    code = "import sys, arctic_vl.cli; rc = arctic_vl.cli.main(['--help']); print(rc, 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "0 False"
+    assert "usage: arctic_vl" in proc.stdout and "validate CONFIG" in proc.stdout
