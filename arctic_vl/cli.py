@@ -33,6 +33,7 @@ verbs:
   schema                       print the JSON Schema of the config
   make-tiny-model FAMILY DIR   write a tiny random VLM of a family, with tokenizer and processor
   make-synthetic-data DIR      write the synthetic shapes data set
+  export RUN_DIR --merge-lora OUT   HF model from the run's latest checkpoint (LoRA merged, adapter in OUT/adapter)
 
 Config verbs take --set SECTION.KEY=VALUE (repeatable). Plugins may add verbs: see `arctic_vl plugins`.
 Exit codes: 0 success, 2 bad config or input, 1 other failure.
@@ -133,6 +134,12 @@ def cmd_make_tiny_model(argv: list[str]) -> int:
     return make_tiny_model_cli(argv)
 
 
+def cmd_export(argv: list[str]) -> int:
+    from arctic_vl.checkpoint.export import main
+
+    return main(argv)
+
+
 def cmd_make_synthetic_data(argv: list[str]) -> int:
     from arctic_vl.data.synthetic import main
 
@@ -142,7 +149,7 @@ def cmd_make_synthetic_data(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "validate": cmd_validate, "evaluate": cmd_evaluate, "inspect-data": cmd_inspect_data,
     "plugins": cmd_plugins, "schema": cmd_schema, "make-tiny-model": cmd_make_tiny_model,
-    "make-synthetic-data": cmd_make_synthetic_data,
+    "make-synthetic-data": cmd_make_synthetic_data, "export": cmd_export,
 }
 
 

@@ -32,6 +32,7 @@ BUILTIN_MODULES = (
     "arctic_vl.checkpoint.checkpointer",
     "arctic_vl.callbacks.builtin",
     "arctic_vl.distributed.backends",
+    "arctic_vl.distributed.deepspeed_backend",
 )
 
 
@@ -64,6 +65,10 @@ _state = {"loaded": False, "loading": False, "origin": "arctic_vl"}
 
 def register_cli_verb(name: str, run: Callable[[list[str]], int], help: str = "") -> None:
     """Add `arctic_vl NAME ...`; `run(argv)` returns the exit code."""
+    from arctic_vl.cli import COMMANDS
+
+    if name in COMMANDS:  # a core verb always wins the dispatch: the plugin's verb would never run
+        raise ValueError(f"CLI verb '{name}' is a core arctic_vl verb; choose another name")
     existing = CLI_VERBS.get(name)
     if existing is not None and existing.run is not run and existing.origin != _state["origin"]:
         raise ValueError(f"CLI verb '{name}' is already provided by {existing.origin}")

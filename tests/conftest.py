@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ trainer:
 
 
 def run_cli(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
-            pythonpath: list[str | Path] = (), timeout: float = 120) -> tuple[int, str, str]:
+            pythonpath: Sequence[str | Path] = (), timeout: float = 120) -> tuple[int, str, str]:
     """`arctic_vl ARGS...` in a fresh Python process (the console script's entry, `arctic_vl.cli:main`).
 
     Returns (exit code, stdout, stderr). `pythonpath` entries go in front of PYTHONPATH (e.g. a plugin dir).

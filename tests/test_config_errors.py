@@ -40,12 +40,12 @@ def bad(id: str, text: str, where_line: int | None, path: str | None, *says: str
 CASES = [
     # ---------------------------------------------------------------- unknown registered names
     bad("unknown_model_type", "model:\n  type: hf_vlmx\n  family: llava_next\n" + D, 2, "model.type",
-        "unknown model factory type 'hf_vlmx'", "Registered: hf_vlm", "Did you mean 'hf_vlm'?"),
+        "unknown model factory type 'hf_vlmx'", "Registered:", "hf_vlm", "Did you mean 'hf_vlm'?"),
     bad("unknown_scheduler_type", M + D + "scheduler:\n  type: cosin\n", 7, "scheduler.type",
-        "Registered: constant, cosine, linear", "Did you mean 'cosine'?"),
+        "Registered:", "constant, cosine", "Did you mean 'cosine'?"),
     bad("unknown_callback_type", M + D + "callbacks:\n  - type: progres\n", 7, "callbacks[0].type",
         "unknown callback type 'progres'", "Registered:", "progress", "save_delay"),
-    bad("type_not_a_string", "model:\n  type: 3\n  family: llava_next\n" + D, 2, "model.type", "Registered: hf_vlm"),
+    bad("type_not_a_string", "model:\n  type: 3\n  family: llava_next\n" + D, 2, "model.type", "Registered:", "hf_vlm"),
     bad("unknown_family", "model:\n  family: llava_nxt\n" + D, 2, "model.family",
         "unknown family 'llava_nxt'", "llava_next", "qwen2_5_vl"),
     # ---------------------------------------------------------------- typo keys (nested too)

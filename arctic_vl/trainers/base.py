@@ -107,6 +107,8 @@ class Trainer(Component):
         self.save_not_before = 0
         self._stop_signal: int | None = None
         self.device = dist.device
+        #: global normalisers of the step being computed ("units" + `step_counts`); empty outside a step
+        self.global_counts: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ what a step computes
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
@@ -116,6 +118,16 @@ class Trainer(Component):
     def count(self, batch: dict[str, Any]) -> int:
         """Units the loss is averaged over (label tokens after the shift), counted before any forward."""
         return count_label_tokens(batch["labels"])
+
+    def step_counts(self, micro: list[dict[str, Any]]) -> dict[str, float]:
+        """Extra normalisers of one optimizer step: name -> this process's count over its micro-batches.
+
+        The loop sums them over processes with `count` before the first forward and exposes the global values
+        in `self.global_counts` (with `units`, the global `count` sum) while the step's `loss` calls run, so a
+        loss with a second normaliser (e.g. an MSE over non-padding tokens next to a KL over label tokens) can
+        rescale its term to be exact over the whole accumulated batch.
+        """
+        return {}
 
     # ------------------------------------------------------------------------------------------- helpers
     @property
@@ -173,6 +185,13 @@ class Trainer(Component):
                 + ". Only the run length (trainer.max_steps, trainer.epochs) and logging/checkpoint cadence may change."
                 " Use a new trainer.output_dir for a new run."
             )
+        saved_ws = saved.get("world_size", self.dist.world_size)
+        if saved_ws != self.dist.world_size:  # the data plan and global batch depend on it; ZeRO state is sharded
+            raise ConfigError(
+                f"{self.output_dir}: cannot resume from {latest.name}: it was saved by {saved_ws} processes and this run "
+                f"has {self.dist.world_size}. Resume with {saved_ws} processes, or start a new run (new "
+                "trainer.output_dir) from the exported weights."
+            )
         return latest
 
     # ---------------------------------------------------------------------------------------------- loop
@@ -222,8 +241,12 @@ class Trainer(Component):
                 t_step = time.perf_counter()
                 epoch = self.state.epoch
                 local = [float(sum(self.count(b) for b in micro)),
-                         float(sum(b["_num_tokens"] for b in micro)), float(sum(b["_num_samples"] for b in micro))]
-                n_units, n_tokens, n_samples = dist.all_reduce_sum(local)
+                         float(sum(b["_num_tokens"] for b in micro)), float(sum(b["_num_samples"] for b in micro)),
+                         float(sum(b.get("_num_slots", 0) for b in micro))]  # packed rows x max_length
+                extra = self.step_counts(micro)
+                n_units, n_tokens, n_samples, n_slots, *n_extra = dist.all_reduce_sum(
+                    local + [float(extra[k]) for k in sorted(extra)])
+                self.global_counts = {"units": n_units, **dict(zip(sorted(extra), n_extra))}
                 scale = dist.world_size / max(n_units, 1.0)
                 step_module.train()
                 loss_sum, side = 0.0, {}
@@ -235,6 +258,7 @@ class Trainer(Component):
                     for k, (s, c) in out.metrics.items():
                         ps, pc = side.get(k, (0.0, 0.0))
                         side[k] = (ps + s, pc + c)
+                self.global_counts = {}
                 lr = optimizer.param_groups[0]["lr"]
                 grad_norm = dist.step(step_module, optimizer, scheduler, cfg.max_grad_norm)
                 names = sorted(side)
@@ -252,6 +276,8 @@ class Trainer(Component):
                     "samples_per_s": n_samples / max(step_time + data_time, 1e-9),
                     "step_time_s": step_time, "data_time_s": data_time,
                 }
+                if n_slots:
+                    metrics["packing_efficiency"] = n_tokens / n_slots
                 for j, k in enumerate(names):
                     s, c = reduced[1 + 2 * j], reduced[2 + 2 * j]
                     metrics[k] = s / c if c else None
@@ -281,7 +307,7 @@ class Trainer(Component):
             return summary
         last_ckpt = self.save()
         export = self.export()
-        results = self.run_evaluation() if self.data.eval is not None and eval_every else None
+        results = self.run_evaluation() if self.data.eval is not None else None  # always at the end
         summary = self.summary(last_ckpt, final_loss=last_loss, export=export, eval=results)
         self.callbacks.on_train_end(self, summary)
         if self.is_main and self.data.report is not None and self.data.report.total:

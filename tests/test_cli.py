@@ -1,0 +1,102 @@
+"""The command line: verbs, dispatch, launcher arguments, exit codes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import arctic_vl.cli as cli_module
+
+
+@pytest.fixture
+def fake_train(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Replace the train verb (both routes to it) by a recorder: no training happens."""
+    calls: list[list[str]] = []
+
+    def fake(argv: list[str]) -> int:
+        calls.append(list(argv))
+        return 0
+
+    monkeypatch.setattr(cli_module, "cmd_train", fake)
+    monkeypatch.setitem(cli_module.COMMANDS, "train", fake)
+    return calls
+
+
+def test_unknown_verb_exits_2(cli):
+    rc, _, err = cli("frobnicate")
+    assert rc == 2
+    assert "unknown verb or config file 'frobnicate'" in err
+    for verb in ("train", "validate", "plugins", "schema"):
+        assert verb in err
+    assert "Traceback" not in err
+
+
+def test_config_alone_means_train(fake_train, good_yaml, cli):
+    assert cli(str(good_yaml), "--set", "trainer.max_steps=1")[0] == 0
+    assert cli("train", str(good_yaml), "--set", "trainer.max_steps=1")[0] == 0
+    assert fake_train == [[str(good_yaml), "--set", "trainer.max_steps=1"]] * 2
+    # a path that looks like a config goes to train even when missing (which then reports it)
+    assert cli("missing.yml")[0] == 0 and fake_train[-1] == ["missing.yml"]
+    # an existing file without a .yaml suffix too
+    other = good_yaml.parent / "run.cfg"
+    other.write_text(good_yaml.read_text())
+    assert cli(str(other))[0] == 0 and fake_train[-1] == [str(other)]
+
+
+@pytest.mark.parametrize("launcher", [["--local_rank=0"], ["--local_rank", "0"], ["--local-rank=0"]])
+def test_local_rank_is_accepted_and_stripped(launcher, fake_train, good_yaml, cli, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    monkeypatch.delenv("LOCAL_RANK")  # restored (to unset) after the test
+    assert cli(*launcher, str(good_yaml))[0] == 0
+    assert cli(str(good_yaml), *launcher)[0] == 0
+    assert fake_train == [[str(good_yaml)], [str(good_yaml)]]
+    assert os.environ["LOCAL_RANK"] == "0"
+
+
+def test_local_rank_with_validate(good_yaml, cli, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    rc, out, err = cli("validate", "--local_rank=0", str(good_yaml))
+    assert rc == 0, err
+    assert "# config OK" in out
+
+
+def test_help_and_no_arguments(cli):
+    rc, out, _ = cli("--help")
+    assert rc == 0 and "usage: arctic_vl" in out
+    rc, out, _ = cli()
+    assert rc == 2 and "usage: arctic_vl" in out  # no verb: usage, as a usage error
+    rc, out, _ = cli("--version")
+    assert rc == 0 and out.strip()
+
+
+def test_verb_usage_errors_exit_2(cli):
+    rc, _, err = cli("validate")  # no CONFIG
+    assert rc == 2 and "the following arguments are required: config" in err
+    rc, _, err = cli("validate", "x.yaml", "--bogus")
+    assert rc == 2 and "unrecognized arguments: --bogus" in err
+    rc, out, _ = cli("validate", "--help")
+    assert rc == 0 and "--set KEY=VALUE" in out
+
+
+def test_missing_config_file_exits_2(in_tmp, cli):
+    rc, _, err = cli("no_such.yaml")  # the train route: validated before anything is built
+    assert rc == 2
+    assert "no_such.yaml: config file not found" in err and "Traceback" not in err
+
+
+def test_internal_failure_exits_1(cli, monkeypatch):
+    def boom(argv: list[str]) -> int:
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setitem(cli_module.COMMANDS, "schema", boom)
+    rc, _, err = cli("schema")
+    assert rc == 1
+    assert "arctic_vl: failed: RuntimeError: kaboom" in err
+
+
+def test_console_script_validate(good_yaml, cli_subprocess):
+    """One real process: exit 0, the resolved config and the model type."""
+    rc, out, err = cli_subprocess("validate", "good.yaml", cwd=good_yaml.parent)
+    assert rc == 0, err
+    assert "# model: tiny llava_next" in out and "max_steps: 2" in out
