@@ -10,19 +10,19 @@ import json
 import re
 from pathlib import Path
 
+import loguru  # noqa: F401  (imported before any capsys capture: its default sink binds the stderr it sees first)
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e_utils import (  # noqa: F401
-    read_metrics,
-    run_cli,
-    run_python,
-    synthetic_data,
-    tiny_llava,
-    write_yaml,
-)
+from tests import e2e_utils
+from tests.e2e_utils import read_metrics, run_python, write_yaml
 from tests.test_resume import CHILD
+
+# The shared session fixtures: pytest finds fixtures by module-global name (assigned, not imported,
+# so ruff's redefinition check accepts the test arguments that use them).
+tiny_llava = e2e_utils.tiny_llava
+synthetic_data = e2e_utils.synthetic_data
 
 # Plain transformers only (asserted): load final/ and compute logits on an image prompt.
 PLAIN = r"""
@@ -71,8 +71,10 @@ def _train(config: Path, mode: str = "plain", arg: str = "0") -> int:
 
 @pytest.fixture(scope="module")
 def reference(lora_config) -> Path:
+    from arctic_vl.engine import Engine
+
     config = lora_config("lora_ref")
-    _train(config)
+    Engine(config).train()  # in-process (saves an interpreter start); the resumed run below is a subprocess
     return config.parent / "out"
 
 
@@ -165,12 +167,12 @@ def _merge_by_hand(base: dict[str, torch.Tensor], ckpt: dict[str, torch.Tensor])
     return out
 
 
-def test_export_cli_from_mid_run_checkpoint(reference: Path, tiny_llava: Path, tmp_path: Path):
+def test_export_cli_from_mid_run_checkpoint(reference: Path, tiny_llava: Path, tmp_path: Path, cli):
     mid = reference / "checkpoints" / f"step-{STEPS - EVERY}"
     assert mid.is_dir()
     out = tmp_path / "exported"
-    proc = run_cli("export", str(reference), "--merge-lora", str(out), "--checkpoint", mid.name)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rc, _, err = cli("export", str(reference), "--merge-lora", str(out), "--checkpoint", mid.name)
+    assert rc == 0, err[-3000:]
     got = _weights(out)
     want = _merge_by_hand(_weights(tiny_llava), load_file(str(mid / "model.safetensors")))
     assert sorted(got) == sorted(want)
@@ -179,14 +181,14 @@ def test_export_cli_from_mid_run_checkpoint(reference: Path, tiny_llava: Path, t
     final = _weights(reference / "final")
     assert (final["model.multi_modal_projector.linear_1.weight"] - got["model.multi_modal_projector.linear_1.weight"]).abs().max() > 1e-5
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == LORA["r"]
-    # the default (latest) checkpoint reproduces final/ exactly
-    latest = tmp_path / "latest"
-    assert run_cli("export", str(reference), "--merge-lora", str(latest)).returncode == 0
-    again = _weights(latest)
+    # the default (latest) checkpoint reproduces final/ exactly; a checkpoint that is not there is
+    # exit 2, naming the ones that are
+    rc, _, _ = cli("export", str(reference), "--merge-lora", str(tmp_path / "latest"))
+    assert rc == 0
+    again = _weights(tmp_path / "latest")
     assert max((again[k] - final[k]).abs().max().item() for k in final) == 0.0
-    # a checkpoint that is not there: exit 2, naming the ones that are
-    proc = run_cli("export", str(reference), "--merge-lora", str(tmp_path / "x"), "--checkpoint", "step-99")
-    assert proc.returncode == 2 and f"step-{STEPS}" in proc.stderr and "Traceback" not in proc.stderr
+    rc, _, err = cli("export", str(reference), "--merge-lora", str(tmp_path / "x"), "--checkpoint", "step-99")
+    assert rc == 2 and f"step-{STEPS}" in err and "Traceback" not in err
 
 
 def test_freeze_parts_get_no_grad_and_stay_unchanged(tiny_llava: Path, synthetic_data: Path, tmp_path: Path):
@@ -232,12 +234,12 @@ def test_bad_lora_config_is_a_config_error(tiny_llava: Path, lora, expect):
                 "data": {"sources": ["train.json"]}}).model_factory().build()
 
 
-def test_bad_lora_config_cli_exits_2(tiny_llava: Path, synthetic_data: Path, tmp_path: Path):
+def test_bad_lora_config_cli_exits_2(tiny_llava: Path, synthetic_data: Path, tmp_path: Path, cli):
     config = write_yaml(tmp_path / "run.yaml", {
         "model": {"name_or_path": str(tiny_llava), "lora": {"target": "lm_head"}},
         "data": {"sources": [{"path": str(synthetic_data / "train.llava.json"), "sample": "first:4"}]},
         "trainer": {"output_dir": "out", "max_steps": 1, "progress_bar": False},
     })
-    proc = run_cli("train", str(config), cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "matches the output layer" in proc.stderr and "Traceback" not in proc.stderr
+    rc, _, err = cli("train", str(config))
+    assert rc == 2, err[-2000:]
+    assert "matches the output layer" in err and "Traceback" not in err

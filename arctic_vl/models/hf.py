@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from arctic_vl.config.schema import ModelPath
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.base import ModelBundle, ModelFactory
+from arctic_vl.models.lora import LoraConfig, apply_lora, is_peft, save_lora_export
 from arctic_vl.registry import MODELS, ComponentConfig
 
 PART_NAMES = ("vision", "aligner", "llm")
@@ -28,7 +29,12 @@ class HFModelConfig(ComponentConfig):
         None, description="default: flash_attention_2 when it imports, else sdpa"
     )
     gradient_checkpointing: bool = False
-    freeze: list[Literal["vision", "aligner", "llm"]] = Field(default_factory=list)
+    freeze: list[Literal["vision", "aligner", "llm"]] = Field(
+        default_factory=list, description="parts whose weights do not train (no grad, not in checkpoints)"
+    )
+    lora: LoraConfig | None = Field(
+        None, description="LoRA (PEFT) on some parts; parts neither frozen nor LoRA'd train fully (modules_to_save)"
+    )
     seed: int | None = Field(None, description="seed for the tiny model's random weights (default: trainer seed)")
 
     @model_validator(mode="after")
@@ -100,13 +106,21 @@ class HFModelFactory(ModelFactory):
         model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
         return model, load_processor(path), family_of_dir(path)
 
-    def build(self, device: torch.device | None = None, output_dir: Path | None = None) -> ModelBundle:
-        model, processor, family = self.load(self.model_dir(output_dir))
+    def build(self, device: torch.device | None = None, output_dir: Path | None = None,
+              path: Path | None = None) -> ModelBundle:
+        """Load the configured model, or the one in `path` (what `Engine.evaluate` passes: the run's final/);
+        freeze `model.freeze`; enable gradient checkpointing; then wrap with LoRA (`model.lora`)."""
+        model, processor, family = self.load(Path(path) if path is not None else self.model_dir(output_dir))
         bundle = ModelBundle(model, processor, family)
         self.freeze(bundle)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        if self.config.lora is not None:
+            # after freezing: PEFT freezes all but its adapters; the parts neither frozen nor LoRA'd are
+            # handed to it as modules_to_save so the adapter carries them
+            model = apply_lora(model, self.config.lora, set(self.config.freeze), bundle.part_of)
+            bundle.model = model
         if device is not None:
             model.to(device)
         return bundle
@@ -121,6 +135,10 @@ class HFModelFactory(ModelFactory):
 
     def export(self, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """`out_dir`: an HF directory (safetensors + processor). A LoRA model is written merged, with the
+        PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
+        if is_peft(model):
+            return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
         if bundle.processor is not None:
