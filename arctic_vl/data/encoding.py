@@ -10,7 +10,7 @@ the batch layout the family's model expects. The result equals what `processor(t
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,8 @@ IMAGE_MARKER = "<image>"  # how a record marks an image's position in its text
 ROLES = ("system", "user", "assistant")
 # Keys of a processor output that belong to the text side; everything else is a vision tensor.
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels"})
+#: per-sample mRoPE: (input_ids (1, L), mm_token_type_ids (1, L), image_grid_thw (images, 3)) -> (3, 1, L)
+RopeIndexFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -248,14 +250,81 @@ class SampleEncoder:
         if self.family.is_qwen:
             # transformers 5 builds Qwen's mRoPE positions from it; the processor returns it too.
             batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
-        vision = [s for s in samples if "pixel_values" in s]
-        if vision:
-            # Only tensors: callers may carry their own bookkeeping keys (e.g. "_index") through.
-            keys = [k for k, v in vision[0].items()
-                    if k not in _TEXT_KEYS and not k.startswith("_") and isinstance(v, torch.Tensor)]
-            for key in keys:
-                batch[key] = _merge(key, [s[key] for s in vision])
+        batch.update(_merge_vision(samples))
         return batch
+
+    def collate_packed(self, rows: list[list[dict]], rope_index: RopeIndexFn | None = None) -> dict[str, torch.Tensor]:
+        """Pack each row's samples into one sequence, padding-free within a row; rows are right-padded.
+
+        Each sample keeps its own positions: 1-D positions restart at 0 per sample and, for the Qwen
+        families, the 3-D mRoPE positions come from `rope_index` run on that sample ALONE (positions of
+        the whole concatenation would be wrong: every image after the first would be placed relative to
+        the other samples' tokens). The batch carries `position_ids` and NO `attention_mask`: from the
+        restarts in the (text) positions transformers builds a block-diagonal causal mask for sdpa/eager
+        and variable-length attention for flash_attention_2, so samples never see each other. Qwen
+        position_ids are (4, rows, T): row 0 the per-sample text positions (what the mask is built
+        from), rows 1-3 mRoPE t/h/w, the layout transformers 5 reads for packed Qwen-VL inputs.
+
+        The first label of every sample is -100: with the causal shift it would be predicted from the
+        previous sample's last token. (Alone, a sample's first label is never used either, so per-sample
+        losses are unchanged.) Row padding is a segment of its own (positions from 0, labels -100).
+        """
+        if not rows or not all(rows):
+            raise ValueError("collate_packed needs at least one row and no empty row")
+        if self.family.is_qwen and rope_index is None:
+            raise ValueError(f"packing {self.family.name} needs the model's get_rope_index (per-sample mRoPE)")
+        lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
+        length = max(lengths)
+        shape = (len(rows), length)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        text_pos = torch.zeros(shape, dtype=torch.long)
+        mrope = torch.zeros((3, *shape), dtype=torch.long) if self.family.is_qwen else None
+        for r, row in enumerate(rows):
+            at = 0
+            for sample in row:
+                ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+                n = len(ids)
+                input_ids[r, at:at + n] = ids
+                labels[r, at + 1:at + n] = torch.as_tensor(sample["labels"], dtype=torch.long)[1:]
+                text_pos[r, at:at + n] = torch.arange(n)
+                if mrope is not None:
+                    mrope[:, r, at:at + n] = self._sample_mrope(ids, sample, rope_index)
+                at += n
+            # Row padding restarts its positions too, so it forms its own block in the mask.
+            text_pos[r, at:] = torch.arange(length - at)
+            if mrope is not None:
+                mrope[:, r, at:] = torch.arange(length - at)
+        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels}
+        if mrope is not None:
+            batch["position_ids"] = torch.cat([text_pos[None], mrope], dim=0)
+            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+        else:
+            batch["position_ids"] = text_pos
+        # Vision tensors in row-major sample order: the order of the image tokens in the batch.
+        batch.update(_merge_vision([s for row in rows for s in row]))
+        return batch
+
+    def _sample_mrope(self, ids: torch.Tensor, sample: dict, rope_index: RopeIndexFn | None) -> torch.Tensor:
+        """(3, L) mRoPE positions of one sample on its own: what the model computes for it unpacked."""
+        if "image_grid_thw" not in sample:
+            # Text only: the model's own positions for such a sample are 0..L-1 on all three axes.
+            return torch.arange(len(ids)).expand(3, -1)
+        assert rope_index is not None  # checked by collate_packed
+        types = (ids == self.image_token_id).long()
+        positions = rope_index(ids[None], types[None], sample["image_grid_thw"])
+        return positions[:, 0].to(torch.long)
+
+
+def _merge_vision(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """The vision tensors of `samples` (those with images), merged in sample order."""
+    vision = [s for s in samples if "pixel_values" in s]
+    if not vision:
+        return {}
+    # Only tensors: callers may carry their own bookkeeping keys (e.g. "_index") through.
+    keys = [k for k, v in vision[0].items()
+            if k not in _TEXT_KEYS and not k.startswith("_") and isinstance(v, torch.Tensor)]
+    return {key: _merge(key, [s[key] for s in vision]) for key in keys}
 
 
 def _merge(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:

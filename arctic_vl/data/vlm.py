@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 from loguru import logger
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from arctic_vl.config.schema import ConfigPath
 from arctic_vl.data.base import DataBundle, DataFactory
@@ -32,7 +32,7 @@ class VLMDataConfig(ComponentConfig):
         ..., min_length=1, description="data files: a path, or {path, format, sample, weight, image_root}"
     )
     eval_sources: list[ConfigPath | _source_spec_type()] = Field(default_factory=list)  # type: ignore[valid-type]
-    micro_batch_size: int = Field(1, ge=1, description="samples per process per forward")
+    micro_batch_size: int = Field(1, ge=1, description="samples per process per forward; with packing: packed rows")
     max_length: int | None = Field(2048, ge=8, description="tokens per sample; longer samples are truncated")
     on_image_truncation: Literal["drop", "keep"] = Field(
         "drop", description="a sample whose cut would fall inside an image: drop it (counted) or keep it whole"
@@ -45,7 +45,14 @@ class VLMDataConfig(ComponentConfig):
     max_pixels: int | None = Field(None, ge=1, description="Qwen-VL image budget")
     image_grid_pinpoints: list[list[int]] | None = Field(None, description="LLaVA any-res grid")
     blank_images: bool = Field(False, description="replace every image by a blank one of the same size (blind baseline)")
-    packing: bool = Field(False, description="pack samples into micro-batches of up to max_length tokens")
+    packing: bool = Field(False, description="pack whole samples into rows of up to max_length tokens "
+                          "(best-fit, padding-free; micro_batch_size counts rows)")
+
+    @model_validator(mode="after")
+    def _packing_needs_length(self) -> VLMDataConfig:
+        if self.packing and self.max_length is None:
+            raise ValueError("packing: true needs max_length (the tokens of one packed row), e.g. max_length: 2048")
+        return self
 
 
 class VLMDataset(torch.utils.data.Dataset):
@@ -61,9 +68,12 @@ class VLMDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.encoded)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         from arctic_vl.data.images import image_size, open_image
 
+        row = None
+        if isinstance(index, tuple):  # a packing plan's (row, sample) key, see arctic_vl.data.packing
+            row, index = index
         padding = index == -1  # see EpochBatchSampler: a sample that trains nothing
         i = 0 if padding else index
         enc, conv = self.encoded[i], self.conversations[i]
@@ -81,6 +91,8 @@ class VLMDataset(torch.utils.data.Dataset):
                 images = [open_image(ref) for ref in conv.images]
             item.update(self.encoder.encode_images(images))
         item["_index"] = index
+        if row is not None:
+            item["_row"] = row
         return item
 
 
@@ -175,4 +187,33 @@ class VLMDataFactory(DataFactory):
             logger.warning(f"skipped {report.total} records: {report.format()}")
         stats = {"train_samples": len(train), "eval_samples": len(evaluation) if evaluation else 0,
                  "train_tokens": sum(train.lengths), "skipped": report.by_reason()}
+        if self.config.packing:
+            return self._packed_bundle(model_bundle, encoder, train, evaluation, report, stats, seed)
         return DataBundle(train=train, eval=evaluation, collate=Collator(encoder), report=report, stats=stats)
+
+    def _packed_bundle(self, model_bundle: Any, encoder: Any, train: VLMDataset, evaluation: VLMDataset | None,
+                       report: Any, stats: dict[str, Any], seed: int) -> DataBundle:
+        """Packing: a best-fit planner as the bundle's batcher and the packed collator."""
+        from arctic_vl.data.packing import PackedCollator, PackingPlanner, RopeIndex
+
+        c = self.config
+        assert c.max_length is not None  # the config validator guarantees it
+        too_long = [k for k, n in enumerate(train.lengths) if n > c.max_length]
+        if too_long:  # only `on_image_truncation: keep` leaves such samples
+            conv = train.conversations[too_long[0]]
+            raise DataError(
+                f"{conv.source}: record {conv.index}: {train.lengths[too_long[0]]} tokens do not fit a packed row of "
+                f"data.max_length {c.max_length} ({len(too_long)} such samples, kept whole by on_image_truncation: "
+                "keep); with packing use on_image_truncation: drop or raise max_length",
+                source=conv.source, index=conv.index, reason="too_long_for_packing")
+        planner = PackingPlanner(train.lengths, c.max_length, c.micro_batch_size, seed, c.shuffle)
+        stats["packing"] = planner.stats(0)
+        p = stats["packing"]
+        logger.info(f"packing: {p['samples']} samples into {p['rows']} rows of <= {c.max_length} tokens "
+                    f"({p['samples_per_row']:.2f} per row): efficiency {p['efficiency']:.1%} "
+                    f"(unpacked, padded to the longest of {c.micro_batch_size}: {p['unpacked_padding_efficiency']:.1%})")
+        rope = RopeIndex(model_bundle.model) if model_bundle.family.is_qwen else None
+        # Flash attention isolates packed samples only in a batch of one row (see PackedCollator).
+        attn = str(getattr(getattr(model_bundle.model, "config", None), "_attn_implementation", None) or "")
+        collate = PackedCollator(encoder, c.max_length, Collator(encoder), rope, single_row=attn.startswith("flash"))
+        return DataBundle(train=train, eval=evaluation, collate=collate, report=report, stats=stats, batcher=planner)

@@ -152,6 +152,12 @@ class Trainer(Component):
     def compute_total_steps(self) -> int:
         if self.config.max_steps is not None:
             return self.config.max_steps
+        if self.data.batcher is not None:  # e.g. packing: each epoch's packs give it its own micro-batch count
+            gas, whole = self.config.gradient_accumulation_steps, int(self.config.epochs)
+            steps = sum(math.ceil(len(self.plan(e)) / gas) for e in range(whole))
+            if self.config.epochs > whole:
+                steps += math.ceil((self.config.epochs - whole) * math.ceil(len(self.plan(whole)) / gas))
+            return max(1, steps)
         return max(1, math.ceil(self.config.epochs * self.steps_per_epoch()))
 
     def loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
@@ -225,11 +231,11 @@ class Trainer(Component):
         self._install_signal_handlers()
         self.callbacks.on_train_start(self)
         last_loss, last_ckpt = math.nan, latest
-        per_epoch = self.micro_batches_per_epoch
         gas = cfg.gradient_accumulation_steps
         eval_every = self.engine_config.eval.every_n_steps
 
         while self.state.step < self.total_steps and self._stop_signal is None:
+            per_epoch = len(self.plan(self.state.epoch))  # may differ by epoch with a batcher (packing)
             batches = iter(self.loader(self.state.epoch, self.state.batch_in_epoch))
             while self.state.step < self.total_steps and self._stop_signal is None:
                 t_data = time.perf_counter()
