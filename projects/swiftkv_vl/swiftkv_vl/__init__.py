@@ -1,9 +1,9 @@
 """swiftkv_vl: SwiftKV distillation for vision-language models (Llama and Qwen2 language models).
 
-Importing the package is cheap: it imports neither torch nor transformers. The public names below are loaded on
-first access, and :func:`register_auto` registers the SwiftKV configs and models with transformers' Auto classes
-(importing a modeling module registers it too), after which LLaVA-NeXT / LLaVA-OneVision composites with a SwiftKV
-``text_config`` build, save and reload like any transformers model.
+Importing the package registers the SwiftKV configs and models with transformers' Auto classes
+(:func:`register_auto`, about 1.5 s of torch/transformers imports), so after ``import swiftkv_vl`` a saved
+LLaVA-NeXT / LLaVA-OneVision composite with a SwiftKV ``text_config`` (e.g. a distillation run's ``final/``)
+reloads with ``from_pretrained`` like any transformers model. The public names below are loaded on first access.
 """
 
 from __future__ import annotations
@@ -77,6 +77,11 @@ def register_auto() -> None:
 
     register_llama_swiftkv()
     register_qwen2_swiftkv()
+
+
+# Eager on purpose: transformers has no lazy hook for third-party model types, and a saved SwiftKV composite
+# (or arctic_vl loading one through this plugin) must reload without an extra call.
+register_auto()
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,169 @@
+"""`arctic_vl swiftkv-eval CONFIG`: how close the distilled SwiftKV student is to its teacher.
+
+On the config's `data.eval_sources` (held-out samples) it reports:
+
+* `top1_agreement`: at every label position of the reference conversation (teacher forcing), whether the
+  student's most likely next token equals the teacher's, averaged over label tokens;
+* `teacher_exact_match`, `student_exact_match`: greedy answers to the last question compared with the reference
+  answer (arctic_vl's exact-match rule: case, whitespace and trailing punctuation ignored), overall and by
+  question type (record field `qtype`);
+* `answer_agreement`: the share of questions where student and teacher give the same answer.
+
+The student is the run's `OUTPUT_DIR/final` (SwiftKV on: its generation takes the SwiftKV prefill path); the
+teacher is loaded from the model section's teacher directory. Both see exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arctic_vl.errors import ConfigError
+
+
+def _label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) bool: positions t whose next token labels[:, t+1] is trained."""
+    return labels[:, 1:] != -100
+
+
+def _last_answer_start(labels: list[int]) -> int | None:
+    """Index of the first token of the last labelled span (the answer to the last question)."""
+    end = None
+    for i in range(len(labels) - 1, -1, -1):
+        if labels[i] != -100 and end is None:
+            end = i
+        elif labels[i] == -100 and end is not None:
+            return i + 1
+    return 0 if end is not None else None
+
+
+def _stop_ids(tok: Any) -> list[int]:
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|endoftext|>", "</s>"):
+        tid = tok.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid >= 0 and tid != tok.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def _greedy(model: torch.nn.Module, inputs: dict[str, torch.Tensor], start: int, stop: list[int], tok: Any,
+            max_new_tokens: int) -> str:
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                         pad_token_id=tok.pad_token_id)
+    return tok.decode([t for t in out[0, start:].tolist() if t not in stop], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def compare(student: torch.nn.Module, teacher: torch.nn.Module, dataset: Any, collate: Any, tok: Any, *,
+            max_samples: int | None = None, micro_batch_size: int = 8, max_new_tokens: int = 16,
+            generate: bool = True) -> dict[str, Any]:
+    """Top-1 agreement (teacher forcing) and exact-match accuracies of student and teacher on `dataset`."""
+    from arctic_vl.trainers.evaluate import normalize_answer
+
+    student.eval()
+    teacher.eval()
+    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    agree, label_tokens = 0, 0
+    for s in range(0, n, micro_batch_size):
+        batch = collate([dataset[i] for i in range(s, min(n, s + micro_batch_size))])
+        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+        mask = _label_positions(batch["labels"])
+        t_top = teacher(**inputs, use_cache=False).logits[:, :-1].argmax(-1)[mask]
+        s_top = student(**inputs, use_cache=False).logits[:, :-1].argmax(-1)[mask]
+        agree += int((t_top == s_top).sum())
+        label_tokens += int(mask.sum())
+    results: dict[str, Any] = {"questions": n, "label_tokens": label_tokens,
+                               "top1_agreement": agree / max(label_tokens, 1)}
+    if not generate:
+        return results
+    stop = _stop_ids(tok)
+    correct: dict[str, dict[str, float]] = {"teacher": defaultdict(float), "student": defaultdict(float)}
+    total: dict[str, float] = defaultdict(float)
+    same = 0
+    for i in range(n):
+        enc = dataset.encoded[i]
+        start = _last_answer_start(enc.labels)
+        if start is None:
+            continue
+        end = start
+        while end < len(enc.labels) and enc.labels[end] != -100:
+            end += 1
+        reference = tok.decode([t for t in enc.input_ids[start:end] if t not in stop], skip_special_tokens=True)
+        item = dataset[i]
+        item["input_ids"], item["labels"] = item["input_ids"][:start], item["labels"][:start]
+        batch = collate([item])
+        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+        qtype = str(dataset.conversations[i].meta.get("qtype", "all"))
+        answers = {name: _greedy(model, inputs, start, stop, tok, max_new_tokens)
+                   for name, model in (("teacher", teacher), ("student", student))}
+        total[qtype] += 1
+        same += normalize_answer(answers["teacher"]) == normalize_answer(answers["student"])
+        for name, answer in answers.items():
+            correct[name][qtype] += float(normalize_answer(answer) == normalize_answer(reference))
+    questions = sum(total.values())
+    for name in ("teacher", "student"):
+        results[f"{name}_exact_match"] = sum(correct[name].values()) / max(questions, 1)
+        results[f"{name}_exact_match_by_type"] = {k: correct[name][k] / total[k] for k in sorted(total)}
+    results["answer_agreement"] = same / max(questions, 1)
+    results["generated_questions"] = int(questions)
+    return results
+
+
+def evaluate_run(config: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                 max_samples: int | None = None, generate: bool = True) -> dict[str, Any]:
+    """Load the run's student (`final/`) and its teacher and compare them on `data.eval_sources`."""
+    from arctic_vl.engine import Engine
+    from arctic_vl.models.base import ModelBundle
+    from arctic_vl.models.loading import family_of_dir, load_model, load_processor
+    from arctic_vl.registry import DATA
+
+    from . import register_auto, set_swiftkv
+    from .factory import SwiftKVModelConfig, SwiftKVModelFactory
+
+    engine = Engine(config, overrides)
+    cfg = engine.config
+    if not isinstance(cfg.model, SwiftKVModelConfig):
+        raise ConfigError(f"swiftkv-eval: model.type must be 'swiftkv_vl', got {cfg.model.type!r}")
+    if not getattr(cfg.data, "eval_sources", None):
+        raise ConfigError("swiftkv-eval: data.eval_sources is empty; name the held-out data files there")
+    final = engine.output_dir / "final"
+    if not (final / "config.json").is_file():
+        raise ConfigError(f"swiftkv-eval: {final} has no trained student; train first: arctic_vl {config}")
+    register_auto()
+    torch.manual_seed(cfg.trainer.seed)
+    teacher_dir = SwiftKVModelFactory(cfg.model, cfg).teacher_dir(engine.output_dir)
+    teacher = load_model(teacher_dir)
+    student = set_swiftkv(load_model(final), True)
+    bundle = ModelBundle(teacher, load_processor(teacher_dir), family_of_dir(teacher_dir))
+    data = DATA.get(cfg.data.type)(cfg.data, cfg).build(bundle, seed=cfg.trainer.seed)
+    ev = cfg.eval
+    results = compare(student, teacher, data.eval, data.collate, bundle.processor.tokenizer,
+                      max_samples=max_samples or ev.max_samples,
+                      micro_batch_size=ev.micro_batch_size or cfg.data.micro_batch_size,
+                      max_new_tokens=ev.max_new_tokens, generate=generate)
+    results = {"student": str(final), "teacher": str(teacher_dir), **results}
+    return results
+
+
+def main(argv: list[str]) -> int:
+    """`arctic_vl swiftkv-eval CONFIG [--set K=V ...] [--max-samples N] [--no-generate] [--out FILE]`."""
+    p = argparse.ArgumentParser(prog="arctic_vl swiftkv-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="the distillation run's YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--max-samples", type=int, default=None, help="first N held-out samples (default: eval.max_samples or all)")
+    p.add_argument("--no-generate", action="store_true", help="top-1 agreement only (no greedy answers)")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    results = evaluate_run(args.config, args.overrides, max_samples=args.max_samples, generate=not args.no_generate)
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
