@@ -1,0 +1,243 @@
+"""DDP and DeepSpeed ZeRO across 2 CPU processes (gloo): same losses as one process, text-only ranks, resume, export.
+
+One data file of 24 samples (LLaVA json, mixed image and text-only, different lengths), read without
+shuffling: micro-batch k of a 2-process run at micro-batch 2 holds samples [4k, 4k+4), rank 0 the first
+two, exactly the samples of micro-batch k of a 1-process run at micro-batch 4. The file is arranged so
+that on step 2 (micro-batches 2 and 3) rank 1 holds only text-only samples while rank 0 holds images:
+the ZeRO-3 trap of a vision tower that runs on one rank only.
+
+Launches are few (about 12 s each): the 1-process reference runs in this process; then ddp (torchrun),
+ZeRO-2 (deepspeed launcher), and ZeRO-3 (torchrun) killed with SIGKILL at step 3 and rerun to the end.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.e2e_utils import read_metrics, run_cli, subprocess_env, synthetic_data, tiny_llava, write_yaml  # noqa: F401
+
+BIN = Path(sys.executable).parent
+SEED = 7
+N = 24
+#: dataset positions that hold text-only samples: rank 1's samples of step 2 (10, 11, 14, 15) and two more
+TEXT_POSITIONS = {3, 10, 11, 14, 15, 21}
+MAX_STEPS = 5  # 3 steps an epoch: crosses an epoch
+
+# Rank 0 kills itself (SIGKILL) at the end of a step; the launcher then stops the other rank.
+KILL_CHILD = r"""
+import os, signal, sys
+from arctic_vl.callbacks.base import Callback
+from arctic_vl.registry import CALLBACKS, ComponentConfig
+
+class KillConfig(ComponentConfig):
+    type: str = "kill_at"
+    step: int
+
+@CALLBACKS.register("kill_at")
+class KillAt(Callback):
+    config_class = KillConfig
+    def on_step_end(self, trainer, info):
+        if info.step == self.config.step and trainer.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+from arctic_vl.cli import main
+sys.exit(main(["train", sys.argv[1], "--set", "callbacks=[{type: kill_at, step: %s}]" % sys.argv[2]]))
+"""
+
+
+def _mix_permutation(n: int, seed: int) -> list[int]:
+    # data.sources mixes its records with this seeded shuffle; the test checks the resulting order below
+    order = list(range(n))
+    random.Random(f"{seed}:mix").shuffle(order)
+    return order
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
+    records = json.loads((synthetic_data / "train.llava.json").read_text())
+    images = [r for r in records if r.get("image")]
+    texts = [r for r in records if not r.get("image")]
+    wanted = [texts.pop(0) if i in TEXT_POSITIONS else images.pop(0) for i in range(N)]
+    arranged: list[dict] = [{}] * N
+    for position, source_index in enumerate(_mix_permutation(N, SEED)):
+        arranged[source_index] = wanted[position]
+    data_file = synthetic_data / "distributed_mixed.json"  # next to images/ (relative image paths)
+    data_file.write_text(json.dumps(arranged))
+    root = tmp_path_factory.mktemp("distributed")
+
+    def config(name: str, distributed: dict, micro: int, **trainer: object) -> Path:
+        return write_yaml(root / f"{name}.yaml", {
+            "model": {"name_or_path": str(tiny_llava)},
+            "data": {"sources": [str(data_file)], "micro_batch_size": micro, "max_length": 4096, "shuffle": False},
+            "trainer": {"output_dir": str(root / name), "max_steps": MAX_STEPS, "gradient_accumulation_steps": 2,
+                        "progress_bar": False, "seed": SEED, **trainer},
+            "optimizer": {"lr": 3e-3},
+            "scheduler": {"type": "cosine", "warmup_steps": 1},
+            "checkpoint": {"every_n_steps": 2, "keep_last": 2},
+            "distributed": distributed,
+        })
+
+    return {"root": root, "config": config, "tiny": tiny_llava}
+
+
+@pytest.fixture(scope="module")
+def reference(setup: dict) -> list[dict]:
+    """One process, micro-batch 4, in this process."""
+    from arctic_vl.engine import Engine
+
+    engine = Engine(setup["config"]("single", {"type": "single"}, 4))
+    trainer = engine._build()
+    # the arrangement above really puts text-only samples where the test needs them
+    assert [not c.images for c in trainer.data.train.conversations] == [i in TEXT_POSITIONS for i in range(N)]
+    lengths = trainer.data.train.lengths
+    assert len(set(lengths)) > 5, "samples of different lengths"
+    trainer.train()
+    trainer.dist.teardown()
+    return read_metrics(setup["root"] / "single")
+
+
+def _launch(launcher: str, program: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
+    from arctic_vl.distributed.deepspeed_backend import free_port
+
+    port = str(free_port())
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
+    else:  # without --num_gpus only one rank starts on CPU
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port]
+    return subprocess.run(cmd + program, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+
+
+def _assert_matches(run: list[dict], reference: list[dict]) -> None:
+    assert [m["step"] for m in run] == list(range(1, MAX_STEPS + 1)), "each step exactly once"
+    assert [m["samples"] for m in run] == [m["samples"] for m in reference]
+    assert [m["label_tokens"] for m in run] == [m["label_tokens"] for m in reference]
+    loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(run, reference))
+    assert loss_diff <= 1e-5, f"max loss difference {loss_diff}"
+    # the gradient norm catches a loss scaled by a constant (Adam would hide it from the losses)
+    norm_rel = max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(run, reference))
+    assert norm_rel <= 1e-5, f"max relative grad-norm difference {norm_rel}"
+
+
+def test_reference_learns(reference):
+    assert reference[-1]["loss"] < reference[0]["loss"] - 0.5
+    assert [m["epoch"] for m in reference] == [0, 0, 0, 1, 1]
+
+
+def test_ddp_two_processes_equal_one(setup, reference):
+    proc = _launch("torchrun", [str(BIN / "arctic_vl"), str(setup["config"]("ddp", {"type": "ddp"}, 2))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_matches(read_metrics(setup["root"] / "ddp"), reference)
+    info = json.loads((setup["root"] / "ddp" / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    # a different process count refuses to resume, naming both counts (one process, no launcher)
+    from arctic_vl.distributed.deepspeed_backend import free_port
+
+    proc = run_cli("train", str(setup["root"] / "ddp.yaml"), "--set", f"trainer.max_steps={MAX_STEPS + 1}",
+                   MASTER_PORT=str(free_port()))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "saved by 2 processes and this run has 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_zero2_two_processes_equal_one(setup, reference):
+    config = setup["config"]("zero2", {"type": "deepspeed", "zero_stage": 2}, 2)
+    proc = _launch("deepspeed", [str(BIN / "arctic_vl"), str(config)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_matches(read_metrics(setup["root"] / "zero2"), reference)
+    # only rank 0 writes: one metrics line per step (checked above), one export
+    assert (setup["root"] / "zero2" / "final" / "config.json").is_file()
+
+
+def test_zero3_sigkill_resume_and_export(setup, reference, tmp_path):
+    config = setup["config"]("zero3", {"type": "deepspeed", "zero_stage": 3}, 2)
+    child = tmp_path / "kill_child.py"
+    child.write_text(KILL_CHILD)
+    proc = _launch("torchrun", [str(child), str(config), "3"])
+    assert proc.returncode != 0, "rank 0 was killed"
+    out = setup["root"] / "zero3"
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    shards = sorted(p.name for p in (out / "checkpoints" / "step-2" / "deepspeed").iterdir())
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+    assert not (out / "final").exists()
+
+    proc = _launch("torchrun", [str(BIN / "arctic_vl"), str(config)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "step-2" in proc.stderr
+    _assert_matches(read_metrics(out), reference)  # step 3 rewritten once, from the step-2 checkpoint
+
+    # final/ loads with plain transformers and holds the trained weights (gathered from the ZeRO-3 shards)
+    from transformers import LlavaNextForConditionalGeneration
+
+    exported = LlavaNextForConditionalGeneration.from_pretrained(out / "final").state_dict()
+    single = LlavaNextForConditionalGeneration.from_pretrained(setup["root"] / "single" / "final").state_dict()
+    base = LlavaNextForConditionalGeneration.from_pretrained(setup["tiny"]).state_dict()
+    assert exported.keys() == single.keys()
+    worst = max(float((exported[k] - single[k]).abs().max()) for k in single)
+    assert worst < 1e-4, f"ZeRO-3 export differs from the 1-process weights by {worst}"
+    moved = max(float((exported[k] - base[k]).abs().max()) for k in base)
+    assert moved > 1e-3, "the export holds trained weights, not the initial ones"
+    assert all(v.numel() > 0 for v in exported.values()), "no partitioned (empty) tensors"
+    shutil.rmtree(out / "checkpoints")
+
+
+# ----------------------------------------------------------------------------- in-process, no launch
+def test_deepspeed_config_is_derived_and_checked(tmp_path):
+    from arctic_vl.config.schema import load_config
+    from arctic_vl.distributed.deepspeed_backend import derive_ds_config
+    from arctic_vl.errors import ConfigError
+
+    base = {"model": {"family": "llava_next"}, "data": {"sources": ["x.json"], "micro_batch_size": 3},
+            "trainer": {"gradient_accumulation_steps": 4, "max_grad_norm": 0.5, "bf16": True}}
+    cfg = load_config({**base, "distributed": {"type": "deepspeed", "zero_stage": 3, "offload_param": "cpu",
+                                               "config": {"zero_optimization": {"reduce_bucket_size": 1000}}}})
+    ds = derive_ds_config(cfg.distributed, cfg, 4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 48 and ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}, "reduce_bucket_size": 1000}
+    for bad, says in (({"config": {"optimizer": {"type": "Adam"}}}, "distributed.config.optimizer: not allowed"),
+                      ({"config": {"gradient_accumulation_steps": 2}}, "contradicts the engine config (derived 4)"),
+                      ({"zero_stage": 2, "offload_param": "cpu"}, "needs zero_stage 3")):
+        path = write_yaml(tmp_path / "bad.yaml", {**base, "distributed": {"type": "deepspeed", **bad}})
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert says in str(err.value) and "bad.yaml:" in str(err.value), str(err.value)  # names file and line
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_text_only_batch_runs_the_vision_tower(family, tmp_path):
+    """The keep-alive touches every vision/aligner parameter an image batch touches, with zero effect."""
+    from arctic_vl.models.families import FAMILIES, part_of
+    from arctic_vl.models.loading import load_model
+    from arctic_vl.models.tiny import make_tiny_model
+    from arctic_vl.trainers.loss import final_hidden, lm_loss_sum
+
+    model = load_model(make_tiny_model(family, tmp_path / family, seed=0), dtype=torch.float32,
+                       attn_implementation="sdpa")
+    ids = torch.randint(20, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    if FAMILIES[family].is_qwen:
+        batch["mm_token_type_ids"] = torch.zeros_like(ids)
+    vision = [n for n, _ in model.named_parameters() if part_of(FAMILIES[family], n) in ("vision", "aligner")]
+    losses, grads = [], []
+    for keep in (False, True):
+        model.zero_grad(set_to_none=True)
+        hidden, head, _ = final_hidden(model, batch, dummy_vision=keep)
+        loss, _ = lm_loss_sum(hidden, head, batch["labels"])
+        loss.backward()
+        params = dict(model.named_parameters())
+        losses.append(float(loss.detach()))
+        grads.append({n: params[n].grad for n in vision if params[n].grad is not None})
+    assert losses[0] == losses[1], "the dummy image changes nothing"
+    assert not grads[0], "without the keep-alive a text-only batch leaves the vision tower out"
+    missing = set(vision) - set(grads[1])
+    # CLIP's post_layernorm feeds only its pooled output, which the LLaVA path never uses
+    assert all("post_layernorm" in n for n in missing), sorted(missing)
+    assert len(grads[1]) >= len(vision) - 2
+    assert all(float(g.abs().max()) == 0.0 for g in grads[1].values())
