@@ -27,7 +27,23 @@ _LAZY = {
     "UserError": "arctic_vl.errors",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [  # noqa: RUF022  (grouped as in _LAZY)
+    "Engine",
+    "EngineConfig",
+    "ComponentConfig",
+    "Component",
+    "MODELS",
+    "DATA",
+    "TRAINERS",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "CHECKPOINTERS",
+    "CALLBACKS",
+    "DISTRIBUTED",
+    "ConfigError",
+    "DataError",
+    "UserError",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.config.schema import EngineConfig

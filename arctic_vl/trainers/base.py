@@ -12,6 +12,7 @@ rank scales by world_size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -373,10 +374,9 @@ class Trainer(Component):
         def handler(signum: int, frame: Any) -> None:
             self._stop_signal = signum
 
-        try:
+        # not the main thread (e.g. a notebook worker): no graceful stop, nothing else changes
+        with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no graceful stop
-            pass
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
