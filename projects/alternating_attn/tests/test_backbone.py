@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import LlavaOnevisionConfig, Qwen2Config, Qwen2ForCausalLM
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project is not installed as a package
-
 from alternating_attn.backbone import WeightReport, init_from_backbone, map_backbone_key
 from alternating_attn.configuration_alternating import (
     LlavaQwenAlternatingConfig,
     LlavaQwenAlternatingCrossConfig,
 )
 from alternating_attn.modeling_alternating import composite_model_class
+from safetensors.torch import save_file
+from transformers import LlavaOnevisionConfig, Qwen2Config, Qwen2ForCausalLM
 
 torch.set_num_threads(1)
 

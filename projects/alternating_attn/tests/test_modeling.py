@@ -7,21 +7,9 @@ Tiny LLaVA-OneVision composites (text hidden 32, 6 layers; SigLIP-like vision hi
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project is not installed as a package
-
 from alternating_attn.configuration_alternating import (
     LlavaQwenAlternatingConfig,
     LlavaQwenAlternatingCrossConfig,
@@ -40,6 +28,13 @@ from alternating_attn.variants import (
     build_composite_config,
     check_variant,
     read_model_type,
+)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
 )
 
 torch.set_num_threads(1)
