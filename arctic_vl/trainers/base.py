@@ -107,6 +107,7 @@ class Trainer(Component):
         self.state = TrainState()
         self.save_not_before = 0
         self._stop_signal: int | None = None
+        self._last_results: dict[str, Any] | None = None
         self.device = dist.device
         #: global normalisers of the step being computed ("units" + `step_counts`); empty outside a step
         self.global_counts: dict[str, float] = {}
@@ -314,7 +315,9 @@ class Trainer(Component):
             return summary
         last_ckpt = self.save()
         export = self.export()
-        results = self.run_evaluation() if self.data.eval is not None else None  # always at the end
+        # always evaluate at the end, unless the periodic evaluation just did at this very step
+        just_done = eval_every and self.state.step % eval_every == 0 and self._last_results is not None
+        results = self._last_results if just_done else (self.run_evaluation() if self.data.eval is not None else None)
         summary = self.summary(last_ckpt, final_loss=last_loss, export=export, eval=results)
         self.callbacks.on_train_end(self, summary)
         if self.is_main and self.data.report is not None and self.data.report.total:
@@ -367,6 +370,7 @@ class Trainer(Component):
             with open(self.output_dir / "eval.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": self.state.step, **results}) + "\n")
         self.callbacks.on_evaluate(self, results)
+        self._last_results = results
         return results
 
     # -------------------------------------------------------------------------------------------- signals
