@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The session fixtures of the end-to-end tests, for every test module (no per-module import to shadow).
+from tests.e2e_utils import synthetic_data, tiny_llava  # noqa: F401
+
 # Two cores shared by several engineers: one thread per test process.
 torch.set_num_threads(1)
 

@@ -8,11 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests import e2e_utils
 from tests.e2e_utils import read_metrics, run_python, write_yaml
-
-tiny_llava = e2e_utils.tiny_llava
-synthetic_data = e2e_utils.synthetic_data
 
 PLAIN = r"""
 import sys, torch

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.e2e_utils import read_metrics, run_python, synthetic_data, write_yaml  # noqa: F401
+from tests.e2e_utils import read_metrics, run_python, write_yaml
 
 FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 HF_PROCESSOR = {"llava_next": "LlavaNextProcessor", "llava_onevision": "LlavaOnevisionProcessor",
@@ -140,7 +140,7 @@ def test_family_trains_exports_and_loads_with_plain_transformers(family: str, mi
     # The trained model: base weights plus the last checkpoint's trainable weights.
     model = load_model(base).eval()
     trained = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in trained.items()}, strict=False)
+    _missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in trained.items()}, strict=False)
     assert not unexpected
     assert plain["model_class"] == type(model).__name__
     with torch.no_grad():

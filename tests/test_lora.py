@@ -15,14 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests import e2e_utils
 from tests.e2e_utils import read_metrics, run_python, write_yaml
 from tests.test_resume import CHILD
 
 # The shared session fixtures: pytest finds fixtures by module-global name (assigned, not imported,
 # so ruff's redefinition check accepts the test arguments that use them).
-tiny_llava = e2e_utils.tiny_llava
-synthetic_data = e2e_utils.synthetic_data
 
 # Plain transformers only (asserted): load final/ and compute logits on an image prompt.
 PLAIN = r"""

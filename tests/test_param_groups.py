@@ -13,13 +13,10 @@ from safetensors.torch import load_file
 
 from arctic_vl.callbacks.base import Callback
 from arctic_vl.registry import CALLBACKS, ComponentConfig
-from tests import e2e_utils
 from tests.e2e_utils import write_yaml
 
 # The shared session fixtures: pytest finds fixtures by module-global name (assigned, not imported,
 # so ruff's redefinition check accepts the test arguments that use them).
-tiny_llava = e2e_utils.tiny_llava
-synthetic_data = e2e_utils.synthetic_data
 
 #: output_dir -> per step: {group name: (lr, weight_decay, parameter names)}
 RECORDED: dict[str, list[dict[str, tuple[float, float, set[str]]]]] = {}

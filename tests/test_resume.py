@@ -7,11 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import e2e_utils
 from tests.e2e_utils import read_metrics, run_python, write_yaml
-
-tiny_llava = e2e_utils.tiny_llava
-synthetic_data = e2e_utils.synthetic_data
 
 # A child process that trains; it can kill itself (SIGKILL) at a step end or in the middle of a checkpoint write.
 CHILD = r"""

@@ -172,6 +172,29 @@ def _image_question(rng: random.Random, qtype: str, answer: str, size: int) -> t
     return q, objects
 
 
+def _scene_questions(objects: list[dict[str, Any]], size: int) -> list[tuple[str, str]]:
+    """Every (question, answer) the scene answers unambiguously, in the wording of `_image_question`.
+
+    Used for the extra turns of `questions_per_image`: more supervised answers per image (the vision
+    tower learns from answer tokens only, so this is the cheap way to give it more signal per step).
+    """
+    shapes = [o for o in objects if o["shape"] != "line"]
+    single = len(shapes) == 1
+    out = [("How many shapes are there?", COUNT_WORDS[len(shapes)])]
+    for obj in shapes:
+        out.append(("What colour is the shape?" if single else f"What colour is the {obj['shape']}?", obj["colour"]))
+        out.append(("What shape is shown?" if single else f"What shape is the {obj['colour']} object?", obj["shape"]))
+        x0, y0, x1, y1 = obj["box"]
+        name = "shape" if single else f"{obj['colour']} {obj['shape']}"
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        # the same 40% bands `_place` uses, so every answer is as clear as the planned ones
+        if cx <= 0.4 * size or cx >= 0.6 * size:
+            out.append((f"Is the {name} on the left or the right?", "left" if cx <= 0.4 * size else "right"))
+        if cy <= 0.4 * size or cy >= 0.6 * size:
+            out.append((f"Is the {name} at the top or the bottom?", "top" if cy <= 0.4 * size else "bottom"))
+    return out
+
+
 def _text_question(rng: random.Random) -> tuple[str, str]:
     """A text-only question with a deterministic single-word answer."""
     kind = rng.randrange(3)
@@ -200,7 +223,8 @@ def _plan(rng: random.Random, n: int, text_fraction: float) -> list[tuple[str, s
     return plan
 
 
-def _write_split(out: Path, split: str, n: int, seed: int, size: int, text_fraction: float) -> dict[str, Any]:
+def _write_split(out: Path, split: str, n: int, seed: int, size: int, text_fraction: float,
+                 questions_per_image: int = 1) -> dict[str, Any]:
     rng = random.Random(f"arctic_vl-synthetic:{seed}:{split}")  # splits independent of each other's size
     llava, messages, dense = [], [], []
     qtype_counts = dict.fromkeys(QTYPES, 0)
@@ -218,10 +242,16 @@ def _write_split(out: Path, split: str, n: int, seed: int, size: int, text_fract
         image = f"images/{rid}.png"
         _draw(objects, size).save(out / image, format="PNG")
         prompt = f"{IMAGE_TOKEN}\n{question}"
+        turns = [(prompt, answer)]
+        if questions_per_image > 1:  # extra turns about the same image; the record's qtype is the first's
+            extra = [qa for qa in _scene_questions(objects, size) if qa[0] != question]
+            rng.shuffle(extra)
+            turns += extra[:questions_per_image - 1]
         llava.append({"id": rid, "qtype": qtype, "image": image, "conversations": [
-            {"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
+            t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]})
         messages.append({"id": rid, "qtype": qtype, "messages": [
-            {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "images": [image]})
+            t for q, a in turns for t in ({"role": "user", "content": q}, {"role": "assistant", "content": a})],
+            "images": [image]})
         objs = dense_objects(objects)
         dense.append({"id": rid, "qtype": "dense", "images": [image], "width": size, "height": size,
                       "objects": objs, "summary": ", ".join(o["desc"] for o in objs)})
@@ -235,22 +265,31 @@ def _write_split(out: Path, split: str, n: int, seed: int, size: int, text_fract
 
 
 def make_synthetic_data(out_dir: str | Path, *, n: int, seed: int, heldout: int | None = None,
-                        image_size: int = 64, text_fraction: float = 0.15) -> dict[str, Any]:
+                        image_size: int = 64, text_fraction: float = 0.15,
+                        questions_per_image: int = 1) -> dict[str, Any]:
     """Write train (n records) and heldout (default max(n // 10, 50); 0 for none) splits in all three
-    formats plus `images/`; return counts and paths per split."""
+    formats plus `images/`; return counts and paths per split.
+
+    `questions_per_image` > 1 gives each TRAIN image record up to that many question turns about its
+    scene (the first is the planned, balanced one); held-out records always ask one question, so
+    exact match per question type stays comparable.
+    """
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
     if image_size < 32:
         raise ConfigError(f"image_size must be >= 32 so shapes stay recognisable, got {image_size}")
     if not 0 <= text_fraction < 1:
         raise ConfigError(f"text_fraction must be in [0, 1), got {text_fraction}")
+    if questions_per_image < 1:
+        raise ConfigError(f"questions_per_image must be >= 1, got {questions_per_image}")
     heldout = max(n // 10, 50) if heldout is None else heldout
     if heldout < 0:
         raise ConfigError(f"heldout must be >= 0, got {heldout}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"out_dir": str(out.resolve()), "seed": seed, "image_size": image_size,
-                              "train": _write_split(out, "train", n, seed, image_size, text_fraction)}
+                              "train": _write_split(out, "train", n, seed, image_size, text_fraction,
+                                                    questions_per_image)}
     if heldout:
         result["heldout"] = _write_split(out, "heldout", heldout, seed, image_size, text_fraction)
     return result
@@ -266,8 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=None, help="held-out records (default max(n // 10, 50))")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--text-fraction", type=float, default=0.15, help="share of text-only records")
+    p.add_argument("--questions-per-image", type=int, default=1,
+                   help="question turns per train image record (extra ones about the same scene)")
     args = p.parse_args(argv)
     result = make_synthetic_data(args.out_dir, n=args.n, seed=args.seed, heldout=args.heldout,
-                                 image_size=args.image_size, text_fraction=args.text_fraction)
+                                 image_size=args.image_size, text_fraction=args.text_fraction,
+                                 questions_per_image=args.questions_per_image)
     print(json.dumps(result, indent=2))
     return 0

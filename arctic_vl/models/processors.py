@@ -3,12 +3,19 @@
 LlavaOnevision / Qwen2-VL / Qwen2.5-VL / Qwen3-VL processors build a video processor, which needs
 torchvision (never installed here). The subclasses below name every argument of `__init__`, so
 `ProcessorMixin.get_attributes()` (read from the signature) sees only the image processor and the
-tokenizer, and pass `video_processor=None` to the parent. They are registered with AutoProcessor at
-import, so a saved processor loads back with `AutoProcessor.from_pretrained` once this module is imported.
+tokenizer, and pass `video_processor=None` to the parent.
+
+On save they write the name of transformers' OWN processor class (e.g. `Qwen2VLProcessor`) into
+processor_config.json and tokenizer_config.json: an exported checkpoint is a plain HF directory that
+`AutoProcessor.from_pretrained` loads wherever torchvision is installed, while
+`arctic_vl.models.loading.load_processor` maps that name back to the image-only class here.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import (
@@ -28,7 +35,42 @@ from transformers import (
 from arctic_vl.models.families import get_family
 
 
-class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
+class _SavesAsHFProcessor:
+    """Mixin for the image-only subclasses: saved files name the HF parent class, not ours.
+
+    A checkpoint that named `Qwen2VLImageOnlyProcessor` would load nowhere but here (plain transformers
+    does not know the name); the parent's name loads with plain `AutoProcessor` where torchvision is
+    installed, and `load_processor` picks the image-only class where it is not. The saved attributes are
+    the parent's (ours only drops `video_processor`, which is never saved here), so the files are valid
+    for the parent class.
+    """
+
+    def hf_processor_class(self) -> str:
+        """The transformers processor class this one stands in for (the nearest non-arctic_vl base)."""
+        for base in type(self).__mro__[1:]:
+            if base.__module__.startswith("transformers.") and base.__name__.endswith("Processor"):
+                return base.__name__
+        raise TypeError(f"{type(self).__name__} has no transformers processor base")
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()  # type: ignore[misc]
+        output["processor_class"] = self.hf_processor_class()
+        return output
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        result = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
+        # ProcessorMixin stamps the tokenizer with `type(self).__name__`; restamp it with the HF name.
+        self.tokenizer._set_processor_class(self.hf_processor_class())  # type: ignore[attr-defined]
+        tokenizer_config = Path(save_directory) / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+            if "processor_class" in data:
+                data["processor_class"] = self.hf_processor_class()
+                tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return result
+
+
+class LlavaOnevisionImageOnlyProcessor(_SavesAsHFProcessor, LlavaOnevisionProcessor):
     """LlavaOnevisionProcessor without the video processor."""
 
     def __init__(
@@ -55,21 +97,21 @@ class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
         )
 
 
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+class Qwen2VLImageOnlyProcessor(_SavesAsHFProcessor, Qwen2VLProcessor):
     """Qwen2VLProcessor without the video processor."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
 
 
-class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+class Qwen2_5_VLImageOnlyProcessor(_SavesAsHFProcessor, Qwen2_5_VLProcessor):
     """Qwen2_5_VLProcessor without the video processor."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
 
 
-class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
+class Qwen3VLImageOnlyProcessor(_SavesAsHFProcessor, Qwen3VLProcessor):
     """Qwen3VLProcessor without the video processor."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None):

@@ -141,8 +141,14 @@ def _token_ids(tokenizer) -> dict[str, int]:
     return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
 
-def _llava_pinpoints(image_size: int) -> list[list[int]]:
+def _llava_pinpoints(image_size: int, grid: int | None = None) -> list[list[int]]:
+    """Any-res grids in tiles of `image_size`: every rows x cols up to `grid` x `grid` when given
+    (`grid=1`: one tile of the crop size, the fewest image tokens), else 1x2, 2x1 and 2x2."""
     s = image_size
+    if grid is not None:
+        if grid < 1:
+            raise ValueError(f"anyres_grid must be >= 1, got {grid}")
+        return [[r * s, c * s] for r in range(1, grid + 1) for c in range(1, grid + 1)]
     return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
 
 
@@ -159,6 +165,7 @@ def tiny_config(
     image_size: int | None = None,
     patch_size: int | None = None,
     vocab_size: int | None = None,
+    anyres_grid: int | None = None,
     **overrides: Any,
 ):
     """A tiny `PretrainedConfig` for `family` whose forward takes milliseconds on CPU.
@@ -167,11 +174,14 @@ def tiny_config(
     largest image budget in pixels (default 112; stored on the processor, not the model).
     `layers` is accepted for `text_layers` (the CLI's name). Other `overrides` must be attributes of
     the family's top-level config (e.g. `vision_feature_layer=-2`); anything else is an error, so a
-    misspelt shape key never passes silently.
+    misspelt shape key never passes silently. `anyres_grid` (LLaVA only) sets the any-res grid
+    pinpoints to every rows x cols tiling up to anyres_grid x anyres_grid tiles of `image_size`.
     """
     from transformers import AutoConfig
 
     spec = get_family(family)
+    if anyres_grid is not None and spec.is_qwen:
+        raise ValueError(f"anyres_grid applies to the LLaVA families, not {spec.name} (Qwen sizes images by pixels)")
     if "layers" in overrides:
         text_layers = overrides.pop("layers")
     unknown = [k for k in overrides if not hasattr(AutoConfig.for_model(spec.model_type), k)]
@@ -179,7 +189,7 @@ def tiny_config(
         raise ValueError(
             f"unknown tiny-model setting(s) {', '.join(sorted(unknown))} for {spec.name}; shape keys: "
             "layers/text_layers, hidden, heads, kv_heads, intermediate, vision_layers, vision_hidden, "
-            "image_size, patch_size, vocab_size, or an attribute of the family's config"
+            "image_size, patch_size, vocab_size, anyres_grid, or an attribute of the family's config"
         )
     tokenizer = build_tokenizer(family)
     ids = _token_ids(tokenizer)
@@ -223,7 +233,7 @@ def tiny_config(
             "text_config": text,
             "vision_config": vision,
             "vision_feature_layer": -1,
-            "image_grid_pinpoints": _llava_pinpoints(size),
+            "image_grid_pinpoints": _llava_pinpoints(size, anyres_grid),
             "image_seq_length": (size // patch) ** 2,
             **extra,
         }
