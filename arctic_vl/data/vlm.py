@@ -165,8 +165,7 @@ class VLMDataFactory(DataFactory):
         from arctic_vl.data.sources import SourceSpec, read_sources
 
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs]
-        return read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record, report=report,
-                            shuffle=False)  # file order; the epoch sampler shuffles (or not: data.shuffle)
+        return read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record, report=report)
 
     def dataset(self, specs: list[Any], encoder: Any, *, seed: int, report: Any) -> VLMDataset:
         convs, encoded = scan(self.read(specs, seed=seed, report=report), encoder, self.config, report)
