@@ -104,3 +104,16 @@ def test_learning_bench_smoke(synthetic_data: Path, tmp_path: Path):
     assert f"delta_vs_blind={delta:.1f} points" in proc.stdout
     header = proc.stdout.splitlines()[0].split()
     assert rows[0]["by_type"] and all(t[:8] in header for t in rows[0]["by_type"])  # a column per question type
+
+
+def test_data_command_is_the_same_everywhere():
+    """The recipe's config, docs/learning.md and the swiftkv_vl teacher-distillation config name one data
+    command (they all read data/shapes), and it is the one that makes the multi-turn training mix."""
+    def commands(path: Path) -> set[str]:
+        found = re.findall(r"arctic_vl make-synthetic-data data/shapes [^#`\n]*", path.read_text())
+        return {c.strip() for c in found}
+
+    recipe = commands(RECIPE)
+    assert recipe == {"arctic_vl make-synthetic-data data/shapes --n 30000 --seed 0 --heldout 500 --questions-per-image 3"}
+    assert commands(REPO / "docs" / "learning.md") == recipe
+    assert commands(REPO / "projects" / "swiftkv_vl" / "configs" / "distill-sft-teacher.yaml") == recipe

@@ -144,9 +144,11 @@ def dense_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [o for _, _, o in sorted(out, key=lambda t: (t[0], t[1]))]
 
 
-def _image_question(rng: random.Random, qtype: str, answer: str, size: int) -> tuple[str, list[dict[str, Any]]]:
-    """(question, scene) for an image question whose answer is `answer`."""
-    single = qtype != "count" and rng.random() < SINGLE_OBJECT_SHARE
+def _image_question(rng: random.Random, qtype: str, answer: str, size: int,
+                    single_share: float = SINGLE_OBJECT_SHARE) -> tuple[str, list[dict[str, Any]]]:
+    """(question, scene) for an image question whose answer is `answer`; a colour/shape/position
+    question is about a one-shape image with probability `single_share`."""
+    single = qtype != "count" and rng.random() < single_share
     k = COUNT_WORDS.index(answer) if qtype == "count" else (1 if single else rng.choice((2, 3)))
     shapes = rng.sample(SHAPES, k)  # distinct shapes and colours: every object can be named uniquely
     colours = rng.sample(list(PALETTE), k)
@@ -224,7 +226,7 @@ def _plan(rng: random.Random, n: int, text_fraction: float) -> list[tuple[str, s
 
 
 def _write_split(out: Path, split: str, n: int, seed: int, size: int, text_fraction: float,
-                 questions_per_image: int = 1) -> dict[str, Any]:
+                 questions_per_image: int = 1, single_share: float = SINGLE_OBJECT_SHARE) -> dict[str, Any]:
     rng = random.Random(f"arctic_vl-synthetic:{seed}:{split}")  # splits independent of each other's size
     llava, messages, dense = [], [], []
     qtype_counts = dict.fromkeys(QTYPES, 0)
@@ -238,7 +240,7 @@ def _write_split(out: Path, split: str, n: int, seed: int, size: int, text_fract
             messages.append({"id": rid, "qtype": qtype, "messages": [
                 {"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
             continue
-        question, objects = _image_question(rng, qtype, answer, size)
+        question, objects = _image_question(rng, qtype, answer, size, single_share)
         image = f"images/{rid}.png"
         _draw(objects, size).save(out / image, format="PNG")
         prompt = f"{IMAGE_TOKEN}\n{question}"
@@ -266,13 +268,18 @@ def _write_split(out: Path, split: str, n: int, seed: int, size: int, text_fract
 
 def make_synthetic_data(out_dir: str | Path, *, n: int, seed: int, heldout: int | None = None,
                         image_size: int = 64, text_fraction: float = 0.15,
-                        questions_per_image: int = 1) -> dict[str, Any]:
+                        questions_per_image: int = 1,
+                        single_object_fraction: float = SINGLE_OBJECT_SHARE) -> dict[str, Any]:
     """Write train (n records) and heldout (default max(n // 10, 50); 0 for none) splits in all three
     formats plus `images/`; return counts and paths per split.
 
     `questions_per_image` > 1 gives each TRAIN image record up to that many question turns about its
     scene (the first is the planned, balanced one); held-out records always ask one question, so
     exact match per question type stays comparable.
+
+    `single_object_fraction` is the share of TRAIN colour/shape/position questions asked about a
+    one-shape image (the rest have two or three shapes and name the target by shape or colour); the
+    held-out split always uses the default mix, so its figures do not depend on the training mix.
     """
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
@@ -282,6 +289,8 @@ def make_synthetic_data(out_dir: str | Path, *, n: int, seed: int, heldout: int 
         raise ConfigError(f"text_fraction must be in [0, 1), got {text_fraction}")
     if questions_per_image < 1:
         raise ConfigError(f"questions_per_image must be >= 1, got {questions_per_image}")
+    if not 0 <= single_object_fraction <= 1:
+        raise ConfigError(f"single_object_fraction must be in [0, 1], got {single_object_fraction}")
     heldout = max(n // 10, 50) if heldout is None else heldout
     if heldout < 0:
         raise ConfigError(f"heldout must be >= 0, got {heldout}")
@@ -289,7 +298,7 @@ def make_synthetic_data(out_dir: str | Path, *, n: int, seed: int, heldout: int 
     (out / "images").mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"out_dir": str(out.resolve()), "seed": seed, "image_size": image_size,
                               "train": _write_split(out, "train", n, seed, image_size, text_fraction,
-                                                    questions_per_image)}
+                                                    questions_per_image, single_object_fraction)}
     if heldout:
         result["heldout"] = _write_split(out, "heldout", heldout, seed, image_size, text_fraction)
     return result
@@ -307,9 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-fraction", type=float, default=0.15, help="share of text-only records")
     p.add_argument("--questions-per-image", type=int, default=1,
                    help="question turns per train image record (extra ones about the same scene)")
+    p.add_argument("--single-object-fraction", type=float, default=SINGLE_OBJECT_SHARE,
+                   help="share of train colour/shape/position questions about a one-shape image "
+                        f"(default {SINGLE_OBJECT_SHARE}; the held-out split always uses the default)")
     args = p.parse_args(argv)
     result = make_synthetic_data(args.out_dir, n=args.n, seed=args.seed, heldout=args.heldout,
                                  image_size=args.image_size, text_fraction=args.text_fraction,
-                                 questions_per_image=args.questions_per_image)
+                                 questions_per_image=args.questions_per_image,
+                                 single_object_fraction=args.single_object_fraction)
     print(json.dumps(result, indent=2))
     return 0

@@ -132,3 +132,37 @@ def test_main_and_validation(tmp_path, capsys):
     assert Image.open(tmp_path / "o" / load(tmp_path / "o" / "train.dense.jsonl")[0]["images"][0]).size == (32, 32)
     with pytest.raises(ConfigError, match="image_size"):
         make_synthetic_data(tmp_path, n=4, seed=0, image_size=16)
+
+
+def _single_object_shares(out: Path, split: str) -> dict[str, float]:
+    """Per qtype, the share of colour/shape/position records whose image holds one shape."""
+    recs = load(out / f"{split}.dense.jsonl")
+    qtypes = {r["id"]: r["qtype"] for r in load(out / f"{split}.llava.json")}
+    shares = {}
+    for q in ("colour", "shape", "position"):
+        n_shapes = [sum("line" not in o for o in r["objects"]) for r in recs if qtypes[r["id"]] == q]
+        shares[q] = sum(n == 1 for n in n_shapes) / len(n_shapes)
+    return shares
+
+
+def test_single_object_fraction_sets_the_train_mix_only(tmp_path):
+    default = make_synthetic_data(tmp_path / "d", n=600, seed=2, heldout=300)
+    low = make_synthetic_data(tmp_path / "low", n=600, seed=2, heldout=300, single_object_fraction=0.1)
+    make_synthetic_data(tmp_path / "none", n=200, seed=2, heldout=0, single_object_fraction=0.0)
+    # the default mix is the documented 0.6 single-shape share
+    assert all(0.5 < s < 0.7 for s in _single_object_shares(tmp_path / "d", "train").values())
+    assert all(s < 0.2 for s in _single_object_shares(tmp_path / "low", "train").values())
+    assert all(s == 0.0 for s in _single_object_shares(tmp_path / "none", "train").values())
+    # multi-shape questions name their target: "the circle", "the red object", "the red circle"
+    qs = [r["conversations"][0]["value"] for r in load(tmp_path / "none" / "train.llava.json") if r["qtype"] == "colour"]
+    assert qs and not any(q.endswith("the shape?") for q in qs)
+    # balance and counts per qtype do not depend on the mix; the held-out split is the default one, byte for byte
+    assert low["train"]["qtypes"] == default["train"]["qtypes"]
+    assert files(tmp_path / "low")["heldout.llava.json"] == files(tmp_path / "d")["heldout.llava.json"]
+    assert files(tmp_path / "low")["heldout.dense.jsonl"] == files(tmp_path / "d")["heldout.dense.jsonl"]
+    assert files(tmp_path / "low")["train.llava.json"] != files(tmp_path / "d")["train.llava.json"]
+    with pytest.raises(ConfigError, match="single_object_fraction"):
+        make_synthetic_data(tmp_path / "bad", n=10, seed=0, single_object_fraction=1.5)
+    assert main([str(tmp_path / "cli"), "--n", "200", "--seed", "2", "--heldout", "0",
+                 "--single-object-fraction", "0"]) == 0
+    assert files(tmp_path / "cli")["train.llava.json"] == files(tmp_path / "none")["train.llava.json"]
