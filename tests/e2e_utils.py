@@ -43,6 +43,55 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+#: Registers a `kill_at` callback in a child process: the main process SIGKILLs itself at the end of step N.
+KILL_AT_CALLBACK = r"""
+import os, signal, sys
+from arctic_vl.callbacks.base import Callback
+from arctic_vl.registry import CALLBACKS, ComponentConfig
+
+class KillConfig(ComponentConfig):
+    type: str = "kill_at"
+    step: int
+
+@CALLBACKS.register("kill_at")
+class KillAt(Callback):
+    config_class = KillConfig
+    def on_step_end(self, trainer, info):
+        if info.step == self.config.step and trainer.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+"""
+
+#: A child that trains: `MODE ARG CONFIG`; MODE plain | kill_step (SIGKILL at step ARG) | kill_in_save (SIGKILL
+#: in the middle of writing checkpoint step-ARG).
+TRAIN_CHILD = KILL_AT_CALLBACK + r"""
+mode, arg = sys.argv[1], sys.argv[2]
+overrides = []
+if mode == "kill_step":
+    overrides = ["callbacks=[{type: kill_at, step: %s}]" % arg]
+elif mode == "kill_in_save":
+    import torch
+    import arctic_vl.checkpoint.checkpointer as ck
+    real_save = torch.save
+    def save(obj, f, *a, **k):
+        if f".tmp-step-{arg}" in str(f) and str(f).endswith("optimizer.pt"):
+            real_save(obj, f, *a, **k)          # half of the checkpoint is on disk ...
+            os.kill(os.getpid(), signal.SIGKILL)  # ... when the process dies
+        return real_save(obj, f, *a, **k)
+    ck.torch.save = save
+from arctic_vl.engine import Engine
+Engine(sys.argv[3], overrides).train()
+"""
+
+
+def train_child(config: Path, mode: str = "plain", arg: str = "0") -> int:
+    """Train `config` in a fresh interpreter (see TRAIN_CHILD); a plain run must succeed. Returns the exit code."""
+    proc = run_python(TRAIN_CHILD, mode, arg, str(config), cwd=config.parent)
+    if mode == "plain":
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.returncode
+
+
 # ------------------------------------------------------------------------------------ shared fixtures
 import pytest  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e_utils import read_metrics, run_cli, subprocess_env, synthetic_data, tiny_llava, write_yaml  # noqa: F401
+from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_cli, subprocess_env, write_yaml
 
 BIN = Path(sys.executable).parent
 SEED = 7
@@ -32,22 +32,7 @@ TEXT_POSITIONS = {3, 10, 11, 14, 15, 21}
 MAX_STEPS = 5  # 3 steps an epoch: crosses an epoch
 
 # Rank 0 kills itself (SIGKILL) at the end of a step; the launcher then stops the other rank.
-KILL_CHILD = r"""
-import os, signal, sys
-from arctic_vl.callbacks.base import Callback
-from arctic_vl.registry import CALLBACKS, ComponentConfig
-
-class KillConfig(ComponentConfig):
-    type: str = "kill_at"
-    step: int
-
-@CALLBACKS.register("kill_at")
-class KillAt(Callback):
-    config_class = KillConfig
-    def on_step_end(self, trainer, info):
-        if info.step == self.config.step and trainer.is_main:
-            os.kill(os.getpid(), signal.SIGKILL)
-
+KILL_CHILD = KILL_AT_CALLBACK + r"""
 from arctic_vl.cli import main
 sys.exit(main(["train", sys.argv[1], "--set", "callbacks=[{type: kill_at, step: %s}]" % sys.argv[2]]))
 """
@@ -61,7 +46,7 @@ def _mix_permutation(n: int, seed: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
+def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     records = json.loads((synthetic_data / "train.llava.json").read_text())
     images = [r for r in records if r.get("image")]
     texts = [r for r in records if not r.get("image")]

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e_utils import read_metrics, run_python, write_yaml
-from tests.test_resume import CHILD
+from tests.e2e_utils import read_metrics, run_python, train_child, write_yaml
 
 # The shared session fixtures: pytest finds fixtures by module-global name (assigned, not imported,
 # so ruff's redefinition check accepts the test arguments that use them).
@@ -57,13 +56,6 @@ def lora_config(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest
             "checkpoint": {"every_n_steps": EVERY, "keep_last": 2},
         })
     return make
-
-
-def _train(config: Path, mode: str = "plain", arg: str = "0") -> int:
-    proc = run_python(CHILD, mode, arg, str(config), cwd=config.parent)
-    if mode == "plain":
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +103,9 @@ def test_lora_run_trains_adapters_aligner_and_nothing_frozen(reference: Path, ti
 
 def test_lora_sigkill_and_rerun_is_exact(lora_config, reference: Path):
     config = lora_config("lora_kill")
-    assert _train(config, "kill_step", "3") == -9
+    assert train_child(config, "kill_step", "3") == -9
     assert read_metrics(config.parent / "out")[-1]["step"] == 3
-    _train(config)  # resumes from step-2
+    train_child(config)  # resumes from step-2
     got, ref = read_metrics(config.parent / "out"), read_metrics(reference)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, ref)) <= 1e-6

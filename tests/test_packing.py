@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from arctic_vl.data.packing import PackingPlanner, best_fit_decreasing
-from tests.e2e_utils import read_metrics, run_python, synthetic_data, tiny_llava, write_yaml  # noqa: F401
+from tests.e2e_utils import TRAIN_CHILD, read_metrics, run_python, train_child, write_yaml
 
 FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IGNORE = -100
@@ -82,7 +82,7 @@ def _packed(model: torch.nn.Module, data: Any, rows: list[list[int]]) -> dict[in
 # ---------------------------------------------------------------------------------- losses: packed == alone
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_per_sample_losses_equal_unpacked(family, attn, tiny_models, synthetic_data):  # noqa: F811
+def test_packed_per_sample_losses_equal_unpacked(family, attn, tiny_models, synthetic_data):
     torch.manual_seed(0)
     model, data, _ = _data(tiny_models[family], synthetic_data, attn)
     conv = data.train.conversations
@@ -106,7 +106,7 @@ def test_packed_per_sample_losses_equal_unpacked(family, attn, tiny_models, synt
 
 
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
-def test_single_row_mode_for_flash_attention(family, tiny_models, synthetic_data):  # noqa: F811
+def test_single_row_mode_for_flash_attention(family, tiny_models, synthetic_data):
     """flash_attention_2 isolates packed samples only in a one-row batch: `single_row` merges a micro-batch's
     rows into one padding-free row; the per-sample losses stay those of the samples run alone (here via sdpa)."""
     from arctic_vl.data.packing import PackedCollator
@@ -126,7 +126,7 @@ def test_single_row_mode_for_flash_attention(family, tiny_models, synthetic_data
         at += n
 
 
-def test_isolation_is_what_makes_losses_equal(tiny_models, synthetic_data):  # noqa: F811
+def test_isolation_is_what_makes_losses_equal(tiny_models, synthetic_data):
     """Control: the same packed row with a plain causal mask (samples see each other) changes the losses."""
     model, data, _ = _data(tiny_models["llava_next"], synthetic_data, "sdpa")
     rows = [[0, 1, 2]]
@@ -139,7 +139,7 @@ def test_isolation_is_what_makes_losses_equal(tiny_models, synthetic_data):  # n
     assert float((isolated[0, n0:] - seen[0, n0:]).abs().max()) > 1e-3
 
 
-def test_boundary_labels_do_not_leak(tiny_models, synthetic_data):  # noqa: F811
+def test_boundary_labels_do_not_leak(tiny_models, synthetic_data):
     _, data, encoder = _data(tiny_models["llava_next"], synthetic_data, "sdpa")
     samples = [data.train[(0, i)] for i in (0, 1, 2)]
     lengths = [len(s["input_ids"]) for s in samples]
@@ -155,7 +155,7 @@ def test_boundary_labels_do_not_leak(tiny_models, synthetic_data):  # noqa: F811
 
 # ------------------------------------------------------------------------------------------- Qwen mRoPE
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_qwen_mrope_positions_are_per_sample(family, tiny_models, synthetic_data):  # noqa: F811
+def test_qwen_mrope_positions_are_per_sample(family, tiny_models, synthetic_data):
     model, data, _ = _data(tiny_models[family], synthetic_data, "sdpa")
     conv = data.train.conversations
     row = [i for i in range(len(conv)) if conv[i].images][:3]
@@ -231,7 +231,7 @@ def test_plan_is_deterministic_in_seed_and_epoch():
     assert unshuffled(0, 1) == unshuffled(1, 1)
 
 
-def test_packing_config_errors(tmp_path, synthetic_data, tiny_llava):  # noqa: F811
+def test_packing_config_errors(tmp_path, synthetic_data, tiny_llava):
     from arctic_vl.engine import Engine
     from arctic_vl.errors import ConfigError, DataError
 
@@ -251,26 +251,6 @@ def test_packing_config_errors(tmp_path, synthetic_data, tiny_llava):  # noqa: F
 
 
 # ---------------------------------------------------------------------------------------- end to end
-CHILD = r"""
-import os, signal, sys
-from arctic_vl.callbacks.base import Callback
-from arctic_vl.registry import CALLBACKS, ComponentConfig
-
-class KillConfig(ComponentConfig):
-    type: str = "kill_at"
-    step: int
-
-@CALLBACKS.register("kill_at")
-class KillAt(Callback):
-    config_class = KillConfig
-    def on_step_end(self, trainer, info):
-        if info.step == self.config.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-overrides = ["callbacks=[{type: kill_at, step: %s}]" % sys.argv[1]] if sys.argv[1] != "0" else []
-from arctic_vl.engine import Engine
-Engine(sys.argv[2], overrides).train()
-"""
 
 
 def _packed_run(root: Path, data: Path, workers: int = 0) -> Path:
@@ -286,7 +266,7 @@ def _packed_run(root: Path, data: Path, workers: int = 0) -> Path:
     })
 
 
-def test_packed_run_trains_and_resumes_exactly(tmp_path, synthetic_data):  # noqa: F811
+def test_packed_run_trains_and_resumes_exactly(tmp_path, synthetic_data):
     import json
 
     from arctic_vl.engine import Engine
@@ -308,8 +288,8 @@ def test_packed_run_trains_and_resumes_exactly(tmp_path, synthetic_data):  # noq
     (tmp_path / "kill").mkdir()
     # the killed run collates in a DataLoader worker (per-sample mRoPE there): the losses must not change
     killed = _packed_run(tmp_path / "kill", synthetic_data, workers=1)
-    assert run_python(CHILD, "5", str(killed), cwd=killed.parent).returncode == -9
-    proc = run_python(CHILD, "0", str(killed), cwd=killed.parent)
+    assert train_child(killed, "kill_step", "5") == -9
+    proc = run_python(TRAIN_CHILD, "plain", "0", str(killed), cwd=killed.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = read_metrics(killed.parent / "out")
     assert [m["step"] for m in got] == list(range(1, 9))
@@ -340,7 +320,7 @@ def _register_alternating_capacity() -> str:
     return "vlm_alternating_capacity"
 
 
-def test_epochs_with_varying_micro_batch_counts(tmp_path, synthetic_data, tiny_llava):  # noqa: F811
+def test_epochs_with_varying_micro_batch_counts(tmp_path, synthetic_data, tiny_llava):
     """An epoch-length run whose batcher gives each epoch its own number of micro-batches (the loop asks per
     epoch): every epoch trains on every sample exactly once and the run length is the sum of the epochs."""
     import json

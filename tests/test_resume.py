@@ -7,42 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_utils import read_metrics, run_python, write_yaml
-
-# A child process that trains; it can kill itself (SIGKILL) at a step end or in the middle of a checkpoint write.
-CHILD = r"""
-import os, signal, sys
-from arctic_vl.callbacks.base import Callback
-from arctic_vl.registry import CALLBACKS, ComponentConfig
-
-class KillConfig(ComponentConfig):
-    type: str = "kill_at"
-    step: int
-
-@CALLBACKS.register("kill_at")
-class KillAt(Callback):
-    config_class = KillConfig
-    def on_step_end(self, trainer, info):
-        if info.step == self.config.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-mode, arg = sys.argv[1], sys.argv[2]
-overrides = []
-if mode == "kill_step":
-    overrides = ["callbacks=[{type: kill_at, step: %s}]" % arg]
-elif mode == "kill_in_save":
-    import torch
-    import arctic_vl.checkpoint.checkpointer as ck
-    real_save = torch.save
-    def save(obj, f, *a, **k):
-        if f".tmp-step-{arg}" in str(f) and str(f).endswith("optimizer.pt"):
-            real_save(obj, f, *a, **k)          # half of the checkpoint is on disk ...
-            os.kill(os.getpid(), signal.SIGKILL)  # ... when the process dies
-        return real_save(obj, f, *a, **k)
-    ck.torch.save = save
-from arctic_vl.engine import Engine
-Engine(sys.argv[3], overrides).train()
-"""
+from tests.e2e_utils import read_metrics, run_python, train_child, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +28,10 @@ def run_config(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.
     return make
 
 
-def _train(config: Path, mode: str = "plain", arg: str = "0") -> int:
-    proc = run_python(CHILD, mode, arg, str(config), cwd=config.parent)
-    if mode == "plain":
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.returncode
-
-
 @pytest.fixture(scope="module")
 def reference(run_config) -> list[dict]:
     config = run_config("reference")
-    _train(config)
+    train_child(config)
     return read_metrics(config.parent / "out")
 
 
@@ -95,23 +53,23 @@ def test_reference_crosses_an_epoch(reference):
 @pytest.mark.parametrize("kill_step", [5, 8, 10], ids=["mid-epoch", "at-epoch-end", "after-epoch-boundary"])
 def test_sigkill_and_rerun_is_exact(run_config, reference, kill_step):
     config = run_config(f"kill{kill_step}")
-    assert _train(config, "kill_step", str(kill_step)) == -9
+    assert train_child(config, "kill_step", str(kill_step)) == -9
     before = read_metrics(config.parent / "out")
     assert before[-1]["step"] == kill_step
-    _train(config)
+    train_child(config)
     _assert_same_losses(config.parent / "out", reference)
 
 
 def test_sigkill_with_dataloader_workers(run_config, reference):
     config = run_config("workers", workers=2)
-    assert _train(config, "kill_step", "7") == -9
-    _train(config)
+    assert train_child(config, "kill_step", "7") == -9
+    train_child(config)
     _assert_same_losses(config.parent / "out", reference)
 
 
 def test_kill_during_checkpoint_write_keeps_previous(run_config, reference):
     config = run_config("killsave")
-    assert _train(config, "kill_in_save", "6") == -9
+    assert train_child(config, "kill_in_save", "6") == -9
     ckpts = config.parent / "out" / "checkpoints"
     assert (ckpts / ".tmp-step-6").is_dir(), "the interrupted write stays in its temporary folder"
     assert not (ckpts / "step-6").exists()
@@ -119,7 +77,7 @@ def test_kill_during_checkpoint_write_keeps_previous(run_config, reference):
     from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer
 
     assert Checkpointer(CheckpointConfig(), config.parent / "out").latest().name == "step-3"
-    _train(config)
+    train_child(config)
     _assert_same_losses(config.parent / "out", reference)
     assert not (ckpts / ".tmp-step-6").exists()
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-12", "step-9"], "keep_last: 2"
@@ -127,7 +85,7 @@ def test_kill_during_checkpoint_write_keeps_previous(run_config, reference):
 
 def test_finished_run_says_so_and_changed_settings_refuse(run_config, reference):
     config = run_config("finished", max_steps=2, every=1)
-    _train(config)
+    train_child(config)
     proc = run_python("import sys; from arctic_vl.cli import main; sys.exit(main())", "train", str(config),
                       cwd=config.parent)
     assert proc.returncode == 0
