@@ -118,23 +118,32 @@ def _extras(record: dict, used: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in used}
 
 
-def from_llava(record: Any, resolve: ResolveImage) -> tuple[list[dict[str, str]], list[ImageRef], dict]:
-    """A LLaVA record (`image` str|list, `conversations` of {from, value}) -> (messages, images, meta)."""
+def _read_turns(record: Any, key: str, role_key: str, content_key: str,
+                roles: dict[str, str] | None) -> list[dict[str, str]]:
+    """`record[key]` as messages; `roles` maps the format's role names (None: taken as given, checked later)."""
     if not isinstance(record, dict):
         raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(record).__name__}")
-    turns = _require(record, "conversations")
+    turns = _require(record, key)
     if not isinstance(turns, list):
-        raise BadRecord(MALFORMED_TURNS, "conversations", f"must be a list, got {type(turns).__name__}")
+        raise BadRecord(MALFORMED_TURNS, key, f"must be a list, got {type(turns).__name__}")
     messages = []
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "from" not in t or "value" not in t:
-            raise BadRecord(MALFORMED_TURNS, f"conversations[{i}]", "each turn needs 'from' and 'value'")
-        role = LLAVA_ROLES.get(t["from"]) if isinstance(t["from"], str) else None
-        if role is None:
-            raise BadRecord(MALFORMED_TURNS, f"conversations[{i}].from",
-                            f"unknown role {t['from']!r} (allowed: human, gpt, system)")
-        messages.append({"role": role, "content": t["value"]})
-    check_turns(messages, "conversations")
+        if not isinstance(t, dict) or role_key not in t or content_key not in t:
+            raise BadRecord(MALFORMED_TURNS, f"{key}[{i}]", f"each turn needs '{role_key}' and '{content_key}'")
+        role = t[role_key]
+        if roles is not None:
+            role = roles.get(role) if isinstance(role, str) else None
+            if role is None:
+                raise BadRecord(MALFORMED_TURNS, f"{key}[{i}].{role_key}",
+                                f"unknown role {t[role_key]!r} (allowed: human, gpt, system)")
+        messages.append({"role": role, "content": t[content_key]})
+    check_turns(messages, key)
+    return messages
+
+
+def from_llava(record: Any, resolve: ResolveImage) -> tuple[list[dict[str, str]], list[ImageRef], dict]:
+    """A LLaVA record (`image` str|list, `conversations` of {from, value}) -> (messages, images, meta)."""
+    messages = _read_turns(record, "conversations", "from", "value", LLAVA_ROLES)
     images = _image_list(record.get("image"), "image", resolve, allow_str=True)
     place_image_tokens(messages, len(images), "conversations")
     return messages, images, _extras(record, ("image", "conversations"))
@@ -142,17 +151,7 @@ def from_llava(record: Any, resolve: ResolveImage) -> tuple[list[dict[str, str]]
 
 def from_messages(record: Any, resolve: ResolveImage) -> tuple[list[dict[str, str]], list[ImageRef], dict]:
     """A messages record (`messages` of {role, content}, `images` list) -> (messages, images, meta)."""
-    if not isinstance(record, dict):
-        raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(record).__name__}")
-    turns = _require(record, "messages")
-    if not isinstance(turns, list):
-        raise BadRecord(MALFORMED_TURNS, "messages", f"must be a list, got {type(turns).__name__}")
-    messages = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "role" not in t or "content" not in t:
-            raise BadRecord(MALFORMED_TURNS, f"messages[{i}]", "each turn needs 'role' and 'content'")
-        messages.append({"role": t["role"], "content": t["content"]})
-    check_turns(messages, "messages")
+    messages = _read_turns(record, "messages", "role", "content", None)
     images = _image_list(record.get("images"), "images", resolve, allow_str=False)
     place_image_tokens(messages, len(images), "messages")
     return messages, images, _extras(record, ("messages", "images"))
