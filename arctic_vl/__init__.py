@@ -1,19 +1,50 @@
 """arctic_vl: a training engine for vision-language models.
 
-The public API is imported lazily so `arctic_vl --help` does not pay for torch and transformers.
+This module IS the plugin API: everything a plugin (a project under `projects/` or a third-party package)
+may use is exported here, each with a docstring that states its contract. Projects import nothing else
+from the core; where they need more, the API grows here (with a docstring and a test).
+
+The names are imported lazily so `arctic_vl --help` does not pay for torch and transformers.
+
+Groups:
+    running:      Engine, EngineConfig, EvalConfig, load_config, load_plugins
+    registries:   Registry, Component, ComponentConfig, MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS,
+                  CHECKPOINTERS, CALLBACKS, DISTRIBUTED
+    extending:    register_cli_verb, register_config_check, register_model_type
+    config:       ConfigPath, ModelPath, ExistingPath, LocatedConfig, where
+    contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, IGNORE_INDEX, PARTS, epoch_seed
+    models:       ModelFactory, ModelBundle, HFModelFactory, HFModelConfig, LoraConfig, DTYPES, FamilySpec,
+                  FAMILIES, get_family, family_of_dir, read_model_type, load_model, load_processor,
+                  make_tiny_model, tiny_config
+    forward/loss: final_hidden, model_inputs, unwrap_peft, vision_keepalive, lm_loss_sum, label_positions,
+                  count_label_tokens
+    data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Conversation, BadRecord,
+                  BadRecordReport, SourceSpec, ImageRef, image_size, open_image, make_synthetic_data
+    training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
+                  Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
+                  ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
+    errors:       UserError, ConfigError, DataError
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_LAZY = {
+#: public name -> the module that defines it
+_LAZY: dict[str, str] = {
+    # running
     "Engine": "arctic_vl.engine",
     "EngineConfig": "arctic_vl.config.schema",
-    "ComponentConfig": "arctic_vl.registry",
+    "EvalConfig": "arctic_vl.config.schema",
+    "load_config": "arctic_vl.config.schema",
+    "load_plugins": "arctic_vl.plugins",
+    # registries
+    "Registry": "arctic_vl.registry",
     "Component": "arctic_vl.registry",
+    "ComponentConfig": "arctic_vl.registry",
     "MODELS": "arctic_vl.registry",
     "DATA": "arctic_vl.registry",
     "TRAINERS": "arctic_vl.registry",
@@ -22,33 +53,198 @@ _LAZY = {
     "CHECKPOINTERS": "arctic_vl.registry",
     "CALLBACKS": "arctic_vl.registry",
     "DISTRIBUTED": "arctic_vl.registry",
+    # extending
+    "register_cli_verb": "arctic_vl.plugins",
+    "register_config_check": "arctic_vl.plugins",
+    "register_model_type": "arctic_vl.models.families",
+    # config
+    "ConfigPath": "arctic_vl.config.paths",
+    "ModelPath": "arctic_vl.config.paths",
+    "ExistingPath": "arctic_vl.config.paths",
+    "LocatedConfig": "arctic_vl.config.loader",
+    "where": "arctic_vl.config.schema",
+    # contracts
+    "Batch": "arctic_vl.batch",
+    "StepCounts": "arctic_vl.batch",
+    "BOOKKEEPING_KEYS": "arctic_vl.batch",
+    "IGNORE_INDEX": "arctic_vl.constants",
+    "PARTS": "arctic_vl.constants",
+    "epoch_seed": "arctic_vl.constants",
+    # models
+    "ModelFactory": "arctic_vl.models.base",
+    "ModelBundle": "arctic_vl.models.base",
+    "HFModelFactory": "arctic_vl.models.hf",
+    "HFModelConfig": "arctic_vl.models.hf",
+    "DTYPES": "arctic_vl.models.hf",
+    "read_model_type": "arctic_vl.models.hf",
+    "LoraConfig": "arctic_vl.models.lora",
+    "FamilySpec": "arctic_vl.models.families",
+    "FAMILIES": "arctic_vl.models.families",
+    "get_family": "arctic_vl.models.families",
+    "family_of_dir": "arctic_vl.models.loading",
+    "load_model": "arctic_vl.models.loading",
+    "load_processor": "arctic_vl.models.loading",
+    "make_tiny_model": "arctic_vl.models.tiny",
+    "tiny_config": "arctic_vl.models.tiny",
+    # forward and loss helpers
+    "final_hidden": "arctic_vl.models.forward",
+    "model_inputs": "arctic_vl.models.forward",
+    "unwrap_peft": "arctic_vl.models.forward",
+    "vision_keepalive": "arctic_vl.models.forward",
+    "lm_loss_sum": "arctic_vl.trainers.loss",
+    "label_positions": "arctic_vl.trainers.loss",
+    "count_label_tokens": "arctic_vl.trainers.loss",
+    # data
+    "DataFactory": "arctic_vl.data.base",
+    "DataBundle": "arctic_vl.data.base",
+    "VLMDataFactory": "arctic_vl.data.vlm",
+    "VLMDataConfig": "arctic_vl.data.vlm",
+    "Conversation": "arctic_vl.data.records",
+    "BadRecord": "arctic_vl.data.records",
+    "BadRecordReport": "arctic_vl.data.sources",
+    "SourceSpec": "arctic_vl.data.sources",
+    "ImageRef": "arctic_vl.data.images",
+    "image_size": "arctic_vl.data.images",
+    "open_image": "arctic_vl.data.images",
+    "make_synthetic_data": "arctic_vl.data.synthetic",
+    # training
+    "Trainer": "arctic_vl.trainers.base",
+    "TrainerConfig": "arctic_vl.trainers.base",
+    "TrainState": "arctic_vl.trainers.base",
+    "LossOutput": "arctic_vl.trainers.base",
+    "SFTTrainer": "arctic_vl.trainers.sft",
+    "normalize_answer": "arctic_vl.trainers.evaluate",
+    "Callback": "arctic_vl.callbacks.base",
+    "StepInfo": "arctic_vl.callbacks.base",
+    "Checkpointer": "arctic_vl.checkpoint.checkpointer",
+    "CheckpointConfig": "arctic_vl.checkpoint.checkpointer",
+    "Optimizer": "arctic_vl.optim.optimizers",
+    "AdamWConfig": "arctic_vl.optim.optimizers",
+    "ParamGroupConfig": "arctic_vl.optim.optimizers",
+    "Scheduler": "arctic_vl.optim.schedulers",
+    "SchedulerConfig": "arctic_vl.optim.schedulers",
+    "DistributedBackend": "arctic_vl.distributed.backends",
+    "DistributedConfig": "arctic_vl.distributed.backends",
+    # errors
+    "UserError": "arctic_vl.errors",
     "ConfigError": "arctic_vl.errors",
     "DataError": "arctic_vl.errors",
-    "UserError": "arctic_vl.errors",
 }
 
-__all__ = [  # noqa: RUF022  (grouped as in _LAZY)
+__all__ = [  # every public name; tests/test_api.py checks it equals the keys of _LAZY
+    "BOOKKEEPING_KEYS",
+    "CALLBACKS",
+    "CHECKPOINTERS",
+    "DATA",
+    "DISTRIBUTED",
+    "DTYPES",
+    "FAMILIES",
+    "IGNORE_INDEX",
+    "MODELS",
+    "OPTIMIZERS",
+    "PARTS",
+    "SCHEDULERS",
+    "TRAINERS",
+    "AdamWConfig",
+    "BadRecord",
+    "BadRecordReport",
+    "Batch",
+    "Callback",
+    "CheckpointConfig",
+    "Checkpointer",
+    "Component",
+    "ComponentConfig",
+    "ConfigError",
+    "ConfigPath",
+    "Conversation",
+    "DataBundle",
+    "DataError",
+    "DataFactory",
+    "DistributedBackend",
+    "DistributedConfig",
     "Engine",
     "EngineConfig",
-    "ComponentConfig",
-    "Component",
-    "MODELS",
-    "DATA",
-    "TRAINERS",
-    "OPTIMIZERS",
-    "SCHEDULERS",
-    "CHECKPOINTERS",
-    "CALLBACKS",
-    "DISTRIBUTED",
-    "ConfigError",
-    "DataError",
+    "EvalConfig",
+    "ExistingPath",
+    "FamilySpec",
+    "HFModelConfig",
+    "HFModelFactory",
+    "ImageRef",
+    "LocatedConfig",
+    "LoraConfig",
+    "LossOutput",
+    "ModelBundle",
+    "ModelFactory",
+    "ModelPath",
+    "Optimizer",
+    "ParamGroupConfig",
+    "Registry",
+    "SFTTrainer",
+    "Scheduler",
+    "SchedulerConfig",
+    "SourceSpec",
+    "StepCounts",
+    "StepInfo",
+    "TrainState",
+    "Trainer",
+    "TrainerConfig",
     "UserError",
+    "VLMDataConfig",
+    "VLMDataFactory",
+    "count_label_tokens",
+    "epoch_seed",
+    "family_of_dir",
+    "final_hidden",
+    "get_family",
+    "image_size",
+    "label_positions",
+    "lm_loss_sum",
+    "load_config",
+    "load_model",
+    "load_plugins",
+    "load_processor",
+    "make_synthetic_data",
+    "make_tiny_model",
+    "model_inputs",
+    "normalize_answer",
+    "open_image",
+    "read_model_type",
+    "register_cli_verb",
+    "register_config_check",
+    "register_model_type",
+    "tiny_config",
+    "unwrap_peft",
+    "vision_keepalive",
+    "where",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from arctic_vl.config.schema import EngineConfig
+    from arctic_vl.batch import BOOKKEEPING_KEYS, Batch, StepCounts
+    from arctic_vl.callbacks.base import Callback, StepInfo
+    from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+    from arctic_vl.config.loader import LocatedConfig
+    from arctic_vl.config.paths import ConfigPath, ExistingPath, ModelPath
+    from arctic_vl.config.schema import EngineConfig, EvalConfig, load_config, where
+    from arctic_vl.constants import IGNORE_INDEX, PARTS, epoch_seed
+    from arctic_vl.data.base import DataBundle, DataFactory
+    from arctic_vl.data.images import ImageRef, image_size, open_image
+    from arctic_vl.data.records import BadRecord, Conversation
+    from arctic_vl.data.sources import BadRecordReport, SourceSpec
+    from arctic_vl.data.synthetic import make_synthetic_data
+    from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
+    from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine
     from arctic_vl.errors import ConfigError, DataError, UserError
+    from arctic_vl.models.base import ModelBundle, ModelFactory
+    from arctic_vl.models.families import FAMILIES, FamilySpec, get_family, register_model_type
+    from arctic_vl.models.forward import final_hidden, model_inputs, unwrap_peft, vision_keepalive
+    from arctic_vl.models.hf import DTYPES, HFModelConfig, HFModelFactory, read_model_type
+    from arctic_vl.models.loading import family_of_dir, load_model, load_processor
+    from arctic_vl.models.lora import LoraConfig
+    from arctic_vl.models.tiny import make_tiny_model, tiny_config
+    from arctic_vl.optim.optimizers import AdamWConfig, Optimizer, ParamGroupConfig
+    from arctic_vl.optim.schedulers import Scheduler, SchedulerConfig
+    from arctic_vl.plugins import load_plugins, register_cli_verb, register_config_check
     from arctic_vl.registry import (
         CALLBACKS,
         CHECKPOINTERS,
@@ -60,15 +256,22 @@ if TYPE_CHECKING:  # pragma: no cover
         TRAINERS,
         Component,
         ComponentConfig,
+        Registry,
     )
+    from arctic_vl.trainers.base import LossOutput, Trainer, TrainerConfig, TrainState
+    from arctic_vl.trainers.evaluate import normalize_answer
+    from arctic_vl.trainers.loss import count_label_tokens, label_positions, lm_loss_sum
+    from arctic_vl.trainers.sft import SFTTrainer
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'arctic_vl' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

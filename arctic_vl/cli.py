@@ -19,8 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 
-CORE_VERBS = ("train", "validate", "evaluate", "inspect-data", "plugins", "schema", "make-tiny-model",
-              "make-synthetic-data")
+from arctic_vl import plugins
 
 USAGE = """usage: arctic_vl [VERB] ...
 
@@ -106,7 +105,7 @@ def cmd_inspect_data(argv: list[str]) -> int:
     p = _config_parser("inspect-data", "Count records and show the first sample's tokens (reads image sizes, not pixels).")
     p.add_argument("--n", type=int, default=1, help="samples to show")
     args = p.parse_args(argv)
-    from arctic_vl.data.inspect import inspect_data
+    from arctic_vl.commands.inspect_data import inspect_data
 
     print(inspect_data(args.config, args.overrides, n=args.n))
     return 0
@@ -114,9 +113,7 @@ def cmd_inspect_data(argv: list[str]) -> int:
 
 def cmd_plugins(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="arctic_vl plugins", description="List plugins and what they registered.").parse_args(argv)
-    from arctic_vl.plugins import describe
-
-    print(describe())
+    print(plugins.describe())
     return 0
 
 
@@ -135,7 +132,7 @@ def cmd_make_tiny_model(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    from arctic_vl.checkpoint.export import main
+    from arctic_vl.commands.export import main
 
     return main(argv)
 
@@ -153,6 +150,10 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+# The core's verbs always win the dispatch: a plugin may not register one of them.
+plugins.reserve_cli_verbs(COMMANDS)
+
+
 def dispatch(argv: list[str]) -> int:
     argv = _strip_launcher_args(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -168,12 +169,10 @@ def dispatch(argv: list[str]) -> int:
         return COMMANDS[verb](argv[1:])
     if verb.endswith((".yaml", ".yml")) or os.path.isfile(verb):
         return cmd_train(argv)
-    from arctic_vl.plugins import CLI_VERBS, load_plugins
-
-    load_plugins()
-    if verb in CLI_VERBS:
-        return CLI_VERBS[verb].run(argv[1:])
-    known = ", ".join(list(COMMANDS) + sorted(CLI_VERBS))
+    plugins.load_plugins()
+    if verb in plugins.CLI_VERBS:
+        return plugins.CLI_VERBS[verb].run(argv[1:])
+    known = ", ".join(list(COMMANDS) + sorted(plugins.CLI_VERBS))
     print(f"arctic_vl: unknown verb or config file '{verb}'. Verbs: {known}", file=sys.stderr)
     return 2
 

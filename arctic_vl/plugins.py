@@ -2,9 +2,14 @@
 
 A plugin is an installed package whose entry point names a module; importing that module registers its
 components (`@MODELS.register(...)`), CLI verbs (`register_cli_verb`) and config checks
-(`register_config_check`). Discovery runs once, lazily, the first time a registry is asked. A plugin
-that fails to import is reported (which one, what error) and the others still load. Only installed
-entry points are imported: never a module path named in a config.
+(`register_config_check`). Discovery runs once, called by the entry points (the Engine, the CLI's
+dispatch, config validation and the schema), never from inside a registry lookup. A plugin that fails
+to import (any exception, `SystemExit` included: only KeyboardInterrupt passes) is reported (which
+one, what error) and the others still load. Only installed entry points are imported: never a module
+path named in a config.
+
+The core's own component modules are named here as strings and imported with importlib, so this
+module sits low in the layers (it imports only the registries) and nothing imports in a circle.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from arctic_vl.registry import REGISTRIES
 
 if TYPE_CHECKING:
     from arctic_vl.config.loader import LocatedConfig
@@ -63,11 +70,22 @@ CONFIG_CHECKS: list[tuple[str, Callable[..., None]]] = []
 _state = {"loaded": False, "loading": False, "origin": "arctic_vl"}
 
 
-def register_cli_verb(name: str, run: Callable[[list[str]], int], help: str = "") -> None:
-    """Add `arctic_vl NAME ...`; `run(argv)` returns the exit code."""
-    from arctic_vl.cli import COMMANDS
+#: names the CLI dispatches itself (set by `arctic_vl.cli`, which owns them: `reserve_cli_verbs`)
+_RESERVED_VERBS: set[str] = set()
 
-    if name in COMMANDS:  # a core verb always wins the dispatch: the plugin's verb would never run
+
+def reserve_cli_verbs(names: Iterable[str]) -> None:
+    """Names a plugin may not take as CLI verbs (the core's own verbs always win the dispatch)."""
+    _RESERVED_VERBS.update(names)
+
+
+def register_cli_verb(name: str, run: Callable[[list[str]], int], help: str = "") -> None:
+    """Add `arctic_vl NAME ...`; `run(argv)` returns the exit code.
+
+    A name the core dispatches itself is refused (ValueError): the plugin's verb would never run.
+    Registering the same function twice is harmless; another plugin's verb under a taken name is refused.
+    """
+    if name in _RESERVED_VERBS:
         raise ValueError(f"CLI verb '{name}' is a core arctic_vl verb; choose another name")
     existing = CLI_VERBS.get(name)
     if existing is not None and existing.run is not run and existing.origin != _state["origin"]:
@@ -76,25 +94,25 @@ def register_cli_verb(name: str, run: Callable[[list[str]], int], help: str = ""
 
 
 def register_config_check(check: Callable[[EngineConfig, LocatedConfig], None]) -> None:
-    """Run `check(config, located)` after validation; it raises ConfigError to reject a config."""
+    """Run `check(config, located)` after every section validated; it raises ConfigError to reject a config.
+
+    `located.where(("trainer", "seed"))` gives the `file:line` of a key for the message. Idempotent.
+    """
     if all(c is not check for _, c in CONFIG_CHECKS):
         CONFIG_CHECKS.append((_state["origin"], check))
 
 
 def run_config_checks(cfg: EngineConfig, located: LocatedConfig) -> None:
+    """Run every registered config check, in registration order (the core's first)."""
     for _, check in CONFIG_CHECKS:
         check(cfg, located)
 
 
 def _snapshot() -> dict[str, set[str]]:
-    from arctic_vl.registry import REGISTRIES
-
     return {section: set(reg._classes) for section, reg in REGISTRIES.items()}
 
 
 def _set_origin(origin: str) -> None:
-    from arctic_vl.registry import REGISTRIES
-
     _state["origin"] = origin
     for reg in REGISTRIES.values():
         reg.current_origin = origin
@@ -122,7 +140,9 @@ def load_plugins() -> list[PluginInfo]:
                 hook = getattr(module, "register", None)
                 if callable(hook):
                     hook()
-            except Exception as e:  # a broken plugin must not take the others down
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # a broken plugin (even one calling sys.exit) must not take the others down
                 info.ok = False
                 last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
                 at = f" ({last.filename}:{last.lineno})" if last else ""
@@ -146,9 +166,7 @@ def reset_for_tests() -> None:
 
 
 def describe() -> str:
-    """The report of `arctic_vl plugins`."""
-    from arctic_vl.registry import REGISTRIES
-
+    """The report of `arctic_vl plugins`: the core's components, then each plugin with what it registered."""
     load_plugins()
     lines = ["core (arctic_vl):"]
     for section, reg in REGISTRIES.items():

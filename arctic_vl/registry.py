@@ -33,19 +33,31 @@ class Registry(Generic[T]):
     imported more than once); a different class under a taken name is an error naming both.
     """
 
-    def __init__(self, kind: str, section: str):
+    def __init__(self, kind: str, section: str, base: type | None = None):
         self.kind = kind
         self.section = section
+        #: the class every registered class must subclass; bound by the module that defines it (`bind_base`)
+        self.base: type | None = base
         self._classes: dict[str, type[T]] = {}
         self._origin: dict[str, str] = {}
         #: set by the plugin loader while a plugin module imports, so `arctic_vl plugins` can say who registered what
         self.current_origin: str = "arctic_vl"
 
+    def bind_base(self, base: type) -> type:
+        """Declare the base class of this registry (called where the base class is defined); returns it."""
+        self.base = base
+        return base
+
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator: register the class as `name` (it must set `config_class` and subclass `base`)."""
+
         def decorator(cls: type[T]) -> type[T]:
             config_class = getattr(cls, "config_class", None)
             if not (isinstance(config_class, type) and issubclass(config_class, ComponentConfig)):
                 raise TypeError(f"{self.kind} '{name}' ({_qualname(cls)}) must set config_class to a ComponentConfig subclass")
+            if self.base is not None and not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise TypeError(f"{self.kind} '{name}': {_qualname(cls)} is not a subclass of {_qualname(self.base)}; "
+                                f"every {self.kind} registered in {self.section!r} must derive from it")
             existing = self._classes.get(name)
             if existing is not None and not _same_class(existing, cls):
                 raise ValueError(
@@ -59,10 +71,11 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> type[T]:
-        """The class registered as `name`; an error listing the registered names otherwise."""
-        from arctic_vl.plugins import load_plugins
+        """The class registered as `name`; a ConfigError listing the registered names otherwise.
 
-        load_plugins()
+        Lookups never discover plugins: the entry points (Engine, the CLI, the schema) call
+        `arctic_vl.load_plugins()` once, before any lookup.
+        """
         try:
             return self._classes[name]
         except KeyError:
@@ -72,21 +85,19 @@ class Registry(Generic[T]):
         names = sorted(self._classes)
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        return f"unknown {self.kind} type '{name}'. Registered: {', '.join(names) or '(none)'}.{hint}"
+        loaded = "" if names else " (no components: call arctic_vl.load_plugins() first)"
+        return f"unknown {self.kind} type '{name}'. Registered: {', '.join(names) or '(none)'}.{hint}{loaded}"
 
     def names(self) -> list[str]:
-        from arctic_vl.plugins import load_plugins
-
-        load_plugins()
+        """The registered names, sorted."""
         return sorted(self._classes)
 
     def origin(self, name: str) -> str:
+        """Who registered `name`: `arctic_vl` for the core, else the plugin's entry-point name."""
         return self._origin.get(name, "?")
 
     def items(self) -> Iterator[tuple[str, type[T]]]:
-        from arctic_vl.plugins import load_plugins
-
-        load_plugins()
+        """(name, class) pairs, sorted by name."""
         yield from sorted(self._classes.items())
 
     def __contains__(self, name: object) -> bool:

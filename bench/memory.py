@@ -90,14 +90,14 @@ def step(model: Any, batch: dict[str, Any], side: str, chunk: int) -> float:
     """One forward + backward; returns the mean loss over label tokens."""
     import torch.nn.functional as F
 
-    from arctic_vl.trainers.loss import IGNORE, final_hidden, lm_loss_sum
+    from arctic_vl import IGNORE_INDEX, final_hidden, lm_loss_sum
 
     labels = batch["labels"]
     if side == "full":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE, reduction="sum")
-        n = int((labels[:, 1:] != IGNORE).sum())
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
     else:
         hidden, head, _ = final_hidden(model, batch)
         loss_sum, n = lm_loss_sum(hidden, head, labels, chunk)

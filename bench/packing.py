@@ -94,7 +94,7 @@ def packed_batches(samples: list[dict], max_length: int, mbs: int, seed: int) ->
 
 def run_side(model: torch.nn.Module, batches: list[Any], make_batch: Any) -> tuple[float, int]:
     """(seconds, real tokens) for collate + forward + backward over `batches`."""
-    from arctic_vl.trainers.loss import final_hidden, lm_loss_sum
+    from arctic_vl import final_hidden, lm_loss_sum
 
     tokens, start = 0, time.perf_counter()
     for keys in batches:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arctic_vl import final_hidden
 from arctic_vl.trainers import loss as loss_mod
 from tests.e2e_utils import REPO, subprocess_env
 
@@ -39,7 +40,7 @@ def _batch() -> dict[str, torch.Tensor]:
 def _loss_and_grads(model: torch.nn.Module, batch: dict, lean: bool, chunk: int) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     if lean:
-        hidden, head, _ = loss_mod.final_hidden(model, batch)
+        hidden, head, _ = final_hidden(model, batch)
         total, n = loss_mod.lm_loss_sum(hidden, head, batch["labels"], chunk)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -129,7 +129,7 @@ def test_final_merged_matches_adapter_model(reference: Path, tiny_llava: Path, t
     assert (base_logits - logits).abs().max().item() > 1e-3, "the adapter changes the model"
 
     # ... and the adapter model is the trained one: the training model rebuilt from the last checkpoint
-    from arctic_vl.checkpoint.export import load_trainable_weights
+    from arctic_vl.checkpoint.checkpointer import load_trainable_weights
     from arctic_vl.engine import Engine
 
     factory = Engine(reference / "config.yaml").model_factory()

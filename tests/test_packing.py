@@ -49,7 +49,7 @@ def _data(model_dir: Path, synthetic: Path, attn: str, *, packing: bool = True, 
 
 def _token_ce(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Next-token CE at every position (B, T-1), 0 where the next label is ignored (fp32)."""
-    from arctic_vl.trainers.loss import final_hidden
+    from arctic_vl import final_hidden
 
     with torch.no_grad():
         hidden, head, _ = final_hidden(model, batch)
@@ -97,7 +97,7 @@ def test_packed_per_sample_losses_equal_unpacked(family, attn, tiny_models, synt
         assert alone > 1.0  # a random model: a real loss, not an empty sum
         assert abs(packed[i] - alone) <= 1e-5 * max(1.0, abs(alone)), (family, attn, i, packed[i], alone)
     # the loop's per-token normalisation: the packed batch counts exactly the samples' own label tokens
-    from arctic_vl.trainers.loss import count_label_tokens
+    from arctic_vl import count_label_tokens
 
     batch = data.collate([data.train[(r, i)] for r, row in enumerate(rows) for i in row])
     alone_units = sum(count_label_tokens(data.collate([data.train[i]])["labels"]) for row in rows for i in row)

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.registry import CHECKPOINTERS, Component, ComponentConfig
 
 STATE_FILE = "trainer_state.json"
@@ -153,3 +154,46 @@ class Checkpointer(Component):
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         return self.read_state(path)
+
+
+#: `_StepModule` holds the model as `.model`: checkpoint names start with this
+STEP_MODULE_PREFIX = "model."
+
+
+def find_checkpoint(run_dir: Path, checkpointer: Any, checkpoint: str | None) -> Path:
+    """`checkpoint` (a path, or a name under RUN_DIR/checkpoints such as `step-6`), else the latest one."""
+    if checkpoint is None:
+        latest = checkpointer.latest()
+        if latest is None:
+            raise ConfigError(f"{run_dir}: no complete checkpoint under {checkpointer.dir}")
+        return latest
+    path = Path(checkpoint)
+    if not path.is_dir():
+        path = checkpointer.dir / checkpoint
+    if not (path / "trainer_state.json").is_file():
+        names = ", ".join(p.name for p in checkpointer.checkpoints()) or "(none)"
+        raise ConfigError(f"checkpoint {checkpoint!r} is not a complete checkpoint of {run_dir}; available: {names}")
+    return path
+
+
+def load_trainable_weights(model: torch.nn.Module, checkpoint: Path) -> list[str]:
+    """Load `checkpoint/model.safetensors` (the trainable weights, named as the loop's `_StepModule`) into
+    `model`; returns the names loaded. Names the model lacks, or shapes that differ, are an error."""
+    file = checkpoint / "model.safetensors"
+    if not file.is_file():
+        raise DataError(
+            f"{checkpoint}: no model.safetensors (a DeepSpeed checkpoint keeps sharded engine state); "
+            "export from the run's final/ instead, or use the single/ddp backends"
+        )
+    weights = {k.removeprefix(STEP_MODULE_PREFIX): v for k, v in load_file(str(file)).items()}
+    own = model.state_dict()
+    unknown = [k for k in weights if k not in own]
+    if unknown:
+        raise DataError(f"{file}: {len(unknown)} weights the rebuilt model does not have, e.g. {unknown[:3]}; "
+                        "was RUN_DIR/config.yaml changed after training?")
+    bad_shape = [k for k, v in weights.items() if tuple(own[k].shape) != tuple(v.shape)]
+    if bad_shape:
+        k = bad_shape[0]
+        raise DataError(f"{file}: {k} has shape {tuple(weights[k].shape)}, the model {tuple(own[k].shape)}")
+    model.load_state_dict(weights, strict=False)
+    return sorted(weights)

@@ -19,23 +19,9 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError
 
 from arctic_vl.config.loader import KeyPath, LocatedConfig, apply_overrides, dotted, from_dict, load_file
+from arctic_vl.config.paths import PathField
 from arctic_vl.errors import ConfigError
 from arctic_vl.registry import REGISTRIES, ComponentConfig
-
-
-class PathField:
-    """Marks a string field as a filesystem path, resolved against the directory of the file that sets it.
-
-    `hub_ok`: if the resolved path does not exist and the value looks like `org/name`, keep it as given
-    (transformers may resolve it from its cache); nothing in our tests or examples relies on that.
-    """
-
-    def __init__(self, hub_ok: bool = False):
-        self.hub_ok = hub_ok
-
-
-ConfigPath = Annotated[str, PathField()]
-ModelPath = Annotated[str, PathField(hub_ok=True)]
 
 #: the type a section gets when it names none
 DEFAULT_TYPES = {

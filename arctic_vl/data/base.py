@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from arctic_vl.constants import epoch_seed
 from arctic_vl.registry import Component, ComponentConfig
 
 
@@ -54,7 +55,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     def plan(n: int, micro_batch_size: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> list[list[list[int]]]:
         """All ranks' micro-batches for an epoch: plan[b][r] is rank r's b-th micro-batch."""
         if shuffle:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))

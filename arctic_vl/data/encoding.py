@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from arctic_vl.constants import IGNORE_INDEX
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.models.families import FamilySpec
 
-IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"  # how a record marks an image's position in its text
 ROLES = ("system", "user", "assistant")
 # Keys of a processor output that belong to the text side; everything else is a vision tensor.

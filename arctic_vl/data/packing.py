@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from arctic_vl.constants import epoch_seed
 from arctic_vl.errors import DataError
 
 #: a plan key: (row within the micro-batch, sample index); sample -1 is a padding sample (no labels)
@@ -84,7 +85,7 @@ class PackingPlanner:
 
     def _generator(self, epoch: int) -> torch.Generator:
         # Same seeding rule as EpochBatchSampler.plan: the order depends on (seed, epoch) only.
-        return torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
 
     def rows(self, epoch: int) -> list[list[int]]:
         """The packed rows of `epoch` (sample indices), in the order they are trained."""
@@ -153,7 +154,7 @@ class RopeIndex:
     """
 
     def __init__(self, model: torch.nn.Module):
-        from arctic_vl.trainers.loss import unwrap_peft
+        from arctic_vl.models.forward import unwrap_peft
 
         hf = unwrap_peft(model)
         backbone = getattr(hf, "model", hf)

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from arctic_vl.registry import Component, ComponentConfig
+from arctic_vl.constants import PARTS
+from arctic_vl.registry import MODELS, Component, ComponentConfig
 
 
 @dataclass
 class ModelBundle:
-    """What a model factory hands the trainer."""
+    """What a model factory hands the trainer and the data factory.
+
+    `model`: the torch module to train (a PEFT wrapper under LoRA). `processor`: the HF processor (its
+    `tokenizer`, image processor and chat template drive the encoding). `family`: the `FamilySpec` of the
+    five VLM families the model belongs to (None for a plain language model). `extras`: whatever the
+    factory wants to hand its trainer (e.g. a detection head, a teacher). `part_names` lists every part
+    `part_of` may return (the three VLM parts, plus a factory's own, e.g. `detection`).
+    """
 
     model: torch.nn.Module
     processor: Any
     family: Any = None  # arctic_vl.models.families.FamilySpec, or None for a plain language model
     extras: dict[str, Any] = field(default_factory=dict)
+    part_names: tuple[str, ...] = PARTS
 
     def part_of(self, name: str) -> str | None:
         """`vision` | `aligner` | `llm` for a parameter name (PEFT prefixes stripped), or None."""
@@ -38,10 +48,18 @@ def strip_peft_prefix(name: str) -> str:
     return name
 
 
-class ModelFactory(Component):
-    """Subclasses set `config_class` and implement `build`; `describe` must stay pure (config files only)."""
+class ModelFactory(Component, ABC):
+    """Builds the model of a run from its `model:` section; registered in `MODELS`.
+
+    The engine calls, in this order: `prepare` (main process only, before any rank builds: write files the
+    build needs), `build` (every rank), and at the end `export`. `describe` (for `arctic_vl validate`) and
+    `load_processor` (for `arctic_vl inspect-data`) must read config files only, never weights.
+    `parts` names the parameter groups the model's parameters fall into (`ModelBundle.part_of`); the
+    optimizer's `param_groups[].parts` may name any of them.
+    """
 
     config_class = ComponentConfig
+    parts: ClassVar[tuple[str, ...]] = PARTS
 
     def __init__(self, config: ComponentConfig, engine_config: Any = None):
         self.config = config
@@ -51,10 +69,28 @@ class ModelFactory(Component):
         """A one-line description for `arctic_vl validate` (e.g. the model type), reading no weights."""
         return self.registered_name
 
-    def build(self, device: torch.device | None = None) -> ModelBundle:
-        raise NotImplementedError
+    def prepare(self, output_dir: Path, seed: int) -> None:
+        """On the main process, before any rank builds (e.g. write an inline tiny model). Default: nothing."""
 
+    @abstractmethod
+    def build(self, device: torch.device | None = None, output_dir: Path | None = None,
+              path: Path | None = None) -> ModelBundle:
+        """The model to train on `device`; `path` (evaluation of a finished run) loads that export instead."""
+
+    @abstractmethod
     def export(self, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write an HF directory (`save_pretrained`, safetensors) with the processor."""
-        raise NotImplementedError
+        """Write the trained model to `out_dir` (an HF directory: `save_pretrained`, safetensors, processor).
+
+        `state_dict`: the full weights when the backend gathered them (ZeRO-3); else read `model` itself.
+        """
+
+    def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
+        """(processor, family) without loading weights, for `arctic_vl inspect-data`."""
+        from arctic_vl.errors import ConfigError
+
+        raise ConfigError(f"model.type {self.registered_name!r}: this model factory cannot load a processor alone; "
+                          "inspect-data needs one")
+
+
+MODELS.bind_base(ModelFactory)

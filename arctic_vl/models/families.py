@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 
 from arctic_vl.errors import ConfigError
 
-PARTS: tuple[str, ...] = ("vision", "aligner", "llm")
-
 # What one image looks like in a rendered prompt before the processor expands it.
 _LLAVA_PLACEHOLDER = "<image>"
 _QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"

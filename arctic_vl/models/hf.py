@@ -9,13 +9,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from arctic_vl.config.schema import ModelPath
+from arctic_vl.config.paths import ModelPath
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.base import ModelBundle, ModelFactory
 from arctic_vl.models.lora import LoraConfig, apply_lora, is_peft, save_lora_export
 from arctic_vl.registry import MODELS, ComponentConfig
 
-PART_NAMES = ("vision", "aligner", "llm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,18 +99,32 @@ class HFModelFactory(ModelFactory):
         make_tiny_model(self.config.family, target, seed=self.config.seed if self.config.seed is not None else seed,
                         **self.config.tiny)
 
-    def load(self, path: Path) -> tuple[torch.nn.Module, Any, Any]:
+    def load(self, path: Path, *, exported: bool = False) -> tuple[torch.nn.Module, Any, Any]:
+        """(model, processor, family) from a local directory; `build` then freezes, applies LoRA and moves it.
+
+        `exported`: `path` is a finished run's own export (`final/`, what `Engine.evaluate` passes), to be
+        loaded exactly as saved. Subclasses that convert a source checkpoint override this and skip the
+        conversion for an export.
+        """
         from arctic_vl.models.loading import family_of_dir, load_model, load_processor
 
         model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
         return model, load_processor(path), family_of_dir(path)
 
+    def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
+        """(processor, family) of the configured model directory, without its weights."""
+        from arctic_vl.models.loading import family_of_dir, load_processor
+
+        model_dir = self.model_dir(output_dir)
+        return load_processor(model_dir), family_of_dir(model_dir)
+
     def build(self, device: torch.device | None = None, output_dir: Path | None = None,
               path: Path | None = None) -> ModelBundle:
         """Load the configured model, or the one in `path` (what `Engine.evaluate` passes: the run's final/);
         freeze `model.freeze`; enable gradient checkpointing; then wrap with LoRA (`model.lora`)."""
-        model, processor, family = self.load(Path(path) if path is not None else self.model_dir(output_dir))
-        bundle = ModelBundle(model, processor, family)
+        source = Path(path) if path is not None else self.model_dir(output_dir)
+        model, processor, family = self.load(source, exported=path is not None)
+        bundle = ModelBundle(model, processor, family, part_names=self.parts)
         self.freeze(bundle)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from arctic_vl.constants import PARTS
 from arctic_vl.errors import ConfigError
 from arctic_vl.registry import OPTIMIZERS, Component, ComponentConfig
-
-PARTS = ("vision", "aligner", "llm")
 
 
 class ParamGroupConfig(BaseModel):

@@ -27,7 +27,7 @@ from loguru import logger
 from pydantic import Field
 
 from arctic_vl.callbacks.base import CallbackList, StepInfo
-from arctic_vl.config.schema import ConfigPath
+from arctic_vl.config.paths import ConfigPath
 from arctic_vl.data.base import EpochBatchSampler
 from arctic_vl.errors import ConfigError
 from arctic_vl.registry import Component, ComponentConfig

@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
-from arctic_vl.trainers.loss import IGNORE
+from arctic_vl.constants import IGNORE_INDEX
 
 
 def _last_label_span(labels: list[int]) -> tuple[int, int] | None:
     end = None
     for i in range(len(labels) - 1, -1, -1):
-        if labels[i] != IGNORE and end is None:
+        if labels[i] != IGNORE_INDEX and end is None:
             end = i + 1
-        elif labels[i] == IGNORE and end is not None:
+        elif labels[i] == IGNORE_INDEX and end is not None:
             return i + 1, end
     return (0, end) if end is not None else None
 

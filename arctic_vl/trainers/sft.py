@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
+from arctic_vl.models.forward import final_hidden
 from arctic_vl.registry import TRAINERS
 from arctic_vl.trainers.base import LossOutput, Trainer, TrainerConfig
-from arctic_vl.trainers.loss import final_hidden, lm_loss_sum
+from arctic_vl.trainers.loss import lm_loss_sum
 
 
 @TRAINERS.register("sft")

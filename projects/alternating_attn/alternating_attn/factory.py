@@ -25,11 +25,18 @@ from typing import TYPE_CHECKING, Any, Literal
 from loguru import logger
 from pydantic import Field, model_validator
 
-from arctic_vl.config.schema import ConfigPath
-from arctic_vl.errors import ConfigError
-from arctic_vl.models.base import ModelBundle
-from arctic_vl.models.hf import DTYPES, HFModelConfig, HFModelFactory
-from arctic_vl.registry import MODELS
+from arctic_vl import (
+    DTYPES,
+    MODELS,
+    ConfigError,
+    ConfigPath,
+    HFModelConfig,
+    HFModelFactory,
+    ModelBundle,
+    family_of_dir,
+    load_model,
+    load_processor,
+)
 
 from .variants import VARIANT_MODEL_TYPES, check_variant
 
@@ -126,8 +133,7 @@ class AlternatingModelFactory(HFModelFactory):
 
     config_class = AlternatingModelConfig
     config: AlternatingModelConfig
-    #: set by `build` while it loads an export (`path`), read by `load`
-    _loading_export: bool = False
+    #: the backbone copy's report of the last `load`, handed to the bundle by `build`
     _report: WeightReport | None = None
 
     # ------------------------------------------------------------------------------------------ pure
@@ -155,8 +161,6 @@ class AlternatingModelFactory(HFModelFactory):
         """The composite of the resolved variant from `source`, then the backbone copy (if configured)."""
         from transformers import AutoConfig
 
-        from arctic_vl.models.loading import load_model
-
         from .backbone import init_from_backbone
         from .modeling_alternating import composite_model_class, register_auto
         from .variants import build_composite_config, read_model_type
@@ -182,18 +186,17 @@ class AlternatingModelFactory(HFModelFactory):
             logger.info(f"init_from_backbone {c.init_from_backbone}:\n{report.format()}")
         return model, report
 
-    def load(self, path: Path) -> tuple[torch.nn.Module, Any, Any]:
+    def load(self, path: Path, *, exported: bool = False) -> tuple[torch.nn.Module, Any, Any]:
         """(model, processor, family) for the core's `build`, which then freezes, applies LoRA and moves the model.
 
-        A run's own export (`final/`, what `evaluate` passes to `build`) is loaded as saved: no conversion and no
-        backbone copy, since it already holds the trained weights of the variant.
+        A run's own export (`exported`: `final/`, what `evaluate` passes to `build`) is loaded as saved: no
+        conversion and no backbone copy, since it already holds the trained weights of the variant. Otherwise
+        the WeightReport of the backbone copy, if any, is kept in `bundle.extras["weight_report"]` by `build`.
         """
-        from arctic_vl.models.loading import family_of_dir, load_model, load_processor
-
         from .modeling_alternating import register_auto
 
         register_auto()
-        if self._loading_export:
+        if exported:
             model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
             self._report = None
         else:
@@ -202,13 +205,9 @@ class AlternatingModelFactory(HFModelFactory):
 
     def build(self, device: torch.device | None = None, output_dir: Path | None = None,
               path: Path | None = None) -> ModelBundle:
-        """The core's build (freeze, gradient checkpointing, LoRA, device) around `load`; the WeightReport of the
-        backbone copy, if any, is kept in `bundle.extras["weight_report"]`."""
-        self._loading_export = path is not None
-        try:
-            bundle = super().build(device=device, output_dir=output_dir, path=path)
-        finally:
-            self._loading_export = False
+        """The core's build (freeze, gradient checkpointing, LoRA, device) around `load`."""
+        self._report = None
+        bundle = super().build(device=device, output_dir=output_dir, path=path)
         if self._report is not None:
             bundle.extras["weight_report"] = self._report
         return bundle
@@ -218,8 +217,7 @@ def inspect_weights(config: str, overrides: list[str], first: int = 20) -> str:
     """What `arctic_vl inspect-weights` prints: the model description and the WeightReport of the backbone copy."""
     import torch
 
-    from arctic_vl.config.schema import where
-    from arctic_vl.engine import Engine
+    from arctic_vl import Engine, where
 
     engine = Engine(config, overrides)
     factory = engine.model_factory()

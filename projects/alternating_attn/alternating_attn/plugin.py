@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from arctic_vl.models.families import register_model_type
-from arctic_vl.plugins import register_cli_verb
+from arctic_vl import register_cli_verb, register_model_type
 
 from .factory import FAMILY, AlternatingModelFactory, inspect_weights
 from .variants import VARIANT_MODEL_TYPES

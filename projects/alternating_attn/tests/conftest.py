@@ -21,7 +21,7 @@ PROJECT = REPO / "projects" / "alternating_attn"
 @pytest.fixture(scope="session")
 def tiny_onevision(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny plain LLaVA-OneVision checkpoint (model, tokenizer, processor), seed 0."""
-    from arctic_vl.models.tiny import make_tiny_model
+    from arctic_vl import make_tiny_model
 
     return make_tiny_model("llava_onevision", tmp_path_factory.mktemp("tiny_ov"), seed=0, **TINY_SHAPE)
 
@@ -29,7 +29,7 @@ def tiny_onevision(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onevision_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same shape as `tiny_onevision` with other random weights (seed 1): a LLaVA-OneVision backbone."""
-    from arctic_vl.models.tiny import make_tiny_model
+    from arctic_vl import make_tiny_model
 
     return make_tiny_model("llava_onevision", tmp_path_factory.mktemp("tiny_ov_other"), seed=1, **TINY_SHAPE)
 
@@ -39,7 +39,7 @@ def qwen2_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen2 causal LM whose shape is the tiny OneVision's language model (so every tensor fits)."""
     from transformers import Qwen2ForCausalLM
 
-    from arctic_vl.models.tiny import tiny_config
+    from arctic_vl import tiny_config
 
     text_config = tiny_config("llava_onevision", **TINY_SHAPE).text_config
     with torch.random.fork_rng(devices=[]):

@@ -139,7 +139,7 @@ def test_each_variant_trains_exports_and_reloads(cli, keep_sigterm, synthetic_da
 
         from PIL import Image
 
-        from arctic_vl.models.loading import load_processor
+        from arctic_vl import load_processor
 
         processor = load_processor(final)
         inputs = processor(images=[Image.new("RGB", (64, 64), (40, 80, 220))], text=PROMPT, return_tensors="pt")

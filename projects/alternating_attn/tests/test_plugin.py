@@ -41,8 +41,8 @@ def test_plugins_lists_factory_and_verb(cli):
 
 
 def test_composite_model_types_map_to_llava_onevision():
+    from arctic_vl import load_plugins
     from arctic_vl.models.families import family_for_model_type
-    from arctic_vl.plugins import load_plugins
 
     load_plugins()
     for model_type in VARIANT_MODEL_TYPES.values():
@@ -126,7 +126,7 @@ def test_inspect_weights_from_qwen2_backbone_copies_every_llm_parameter(cli, wri
     assert "model.image_newline" in report["missing_names"]
 
     # The factory's build gives the same report and really holds the backbone's tensors.
-    from arctic_vl.engine import Engine
+    from arctic_vl import Engine
 
     factory = Engine(config).model_factory()
     model, weight_report = factory.build_model(Path(factory.config.name_or_path))
@@ -156,8 +156,7 @@ def test_onevision_backbone_with_no_skipped_parts_reproduces_its_logits(cli, wri
 
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from arctic_vl.engine import Engine
-    from arctic_vl.models.loading import load_processor
+    from arctic_vl import Engine, load_processor
 
     bundle = Engine(config).model_factory().build()
     assert bundle.extras["weight_report"].missing == []

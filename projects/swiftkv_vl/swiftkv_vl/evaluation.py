@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl.errors import ConfigError
+from arctic_vl import ConfigError
 
 
 def _label_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def compare(student: torch.nn.Module, teacher: torch.nn.Module, dataset: Any, co
             max_samples: int | None = None, micro_batch_size: int = 8, max_new_tokens: int = 16,
             generate: bool = True) -> dict[str, Any]:
     """Top-1 agreement (teacher forcing) and exact-match accuracies of student and teacher on `dataset`."""
-    from arctic_vl.trainers.evaluate import normalize_answer
+    from arctic_vl import normalize_answer
 
     student.eval()
     teacher.eval()
@@ -118,10 +118,7 @@ def compare(student: torch.nn.Module, teacher: torch.nn.Module, dataset: Any, co
 def evaluate_run(config: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                  max_samples: int | None = None, generate: bool = True) -> dict[str, Any]:
     """Load the run's student (`final/`) and its teacher and compare them on `data.eval_sources`."""
-    from arctic_vl.engine import Engine
-    from arctic_vl.models.base import ModelBundle
-    from arctic_vl.models.loading import family_of_dir, load_model, load_processor
-    from arctic_vl.registry import DATA
+    from arctic_vl import DATA, Engine, ModelBundle, family_of_dir, load_model, load_processor
 
     from . import register_auto, set_swiftkv
     from .factory import SwiftKVModelConfig, SwiftKVModelFactory

@@ -25,9 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from arctic_vl.config.schema import ConfigPath
-from arctic_vl.models.base import ModelBundle, ModelFactory
-from arctic_vl.registry import MODELS, ComponentConfig
+from arctic_vl import MODELS, ComponentConfig, ConfigPath, ModelBundle, ModelFactory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -175,7 +173,7 @@ class SwiftKVModelFactory(ModelFactory):
         target = self.teacher_dir(output_dir)
         if tiny is None or (target / "config.json").is_file():
             return
-        from arctic_vl.models.tiny import make_tiny_model
+        from arctic_vl import make_tiny_model
 
         shape: dict[str, Any] = {
             "text_layers": tiny.layers, "hidden": tiny.hidden, "heads": tiny.heads, "kv_heads": tiny.kv_heads,
@@ -191,7 +189,7 @@ class SwiftKVModelFactory(ModelFactory):
         `path` (the engine passes a run's `final/` to evaluate it) is an already converted and trained SwiftKV
         composite: it is loaded as is. Otherwise the teacher is loaded, converted and initialised (DESIGN.md).
         """
-        from arctic_vl.models.loading import family_of_dir, load_model, load_processor
+        from arctic_vl import family_of_dir, load_model, load_processor
 
         from . import convert_to_swiftkv, freeze_all_but_swiftkv, register_auto, set_swiftkv
 

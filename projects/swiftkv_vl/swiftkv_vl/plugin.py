@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from arctic_vl.errors import ConfigError
-from arctic_vl.plugins import register_cli_verb, register_config_check
+from arctic_vl import ConfigError, register_cli_verb, register_config_check
 
 from .factory import SwiftKVModelConfig, SwiftKVModelFactory
 from .trainer import SwiftKVTrainer, SwiftKVTrainerConfig

@@ -18,9 +18,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from arctic_vl.registry import TRAINERS
-from arctic_vl.trainers.base import LossOutput, Trainer, TrainerConfig
-from arctic_vl.trainers.loss import final_hidden, unwrap_peft
+from arctic_vl import TRAINERS, LossOutput, Trainer, TrainerConfig, final_hidden, unwrap_peft
 
 #: the step_counts name of the MSE normaliser
 HIDDEN_TOKENS = "hidden_tokens"

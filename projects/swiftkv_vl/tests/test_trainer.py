@@ -33,7 +33,7 @@ TEMPERATURE, MULT, W_IMAGE, W_TEXT = 2.0, 3.0, 2.0, 0.5
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LLaVA-NeXT teacher with sharpened logits and spread K/V weights, so student and teacher differ
     clearly at init (a freshly initialised tiny model is nearly uniform: its KL would be ~1e-4)."""
-    from arctic_vl.models.tiny import make_tiny_model
+    from arctic_vl import make_tiny_model
 
     out = make_tiny_model("llava_next", tmp_path_factory.mktemp("teacher"), seed=3, text_layers=4, hidden=64,
                           heads=2, kv_heads=1, intermediate=128)
@@ -68,7 +68,7 @@ def run(teacher: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFa
         "optimizer": {"lr": 2e-3},
         "scheduler": {"type": "constant"},
     }, sort_keys=False))
-    from arctic_vl.engine import Engine
+    from arctic_vl import Engine
 
     Engine(config).train()
     return config, read_metrics(d / "out")
@@ -82,8 +82,7 @@ def _free_port() -> int:
 
 def _hand_loss(config: Path) -> dict[str, float]:
     """DESIGN.md's loss for step 1 from scratch: full logits, F.kl_div, explicit masks and normalisers."""
-    from arctic_vl.config.schema import load_config
-    from arctic_vl.registry import DATA, MODELS
+    from arctic_vl import DATA, MODELS, load_config
 
     cfg = load_config(config)
     bundle = MODELS.get("swiftkv_vl")(cfg.model, cfg).build()

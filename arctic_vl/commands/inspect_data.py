@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from arctic_vl.trainers.loss import IGNORE
+from arctic_vl.constants import IGNORE_INDEX
+from arctic_vl.engine import Engine
 
 
 def render_tokens(tokenizer: Any, input_ids: list[int], labels: list[int], image_token_ids: set[int]) -> str:
@@ -20,9 +21,9 @@ def render_tokens(tokenizer: Any, input_ids: list[int], labels: list[int], image
             out.append(f"<{tokenizer.convert_ids_to_tokens(tid)} x {j - i}>")
             i = j
             continue
-        trained = labels[i] != IGNORE
+        trained = labels[i] != IGNORE_INDEX
         j = i
-        while j < len(input_ids) and (labels[j] != IGNORE) == trained and input_ids[j] not in image_token_ids:
+        while j < len(input_ids) and (labels[j] != IGNORE_INDEX) == trained and input_ids[j] not in image_token_ids:
             j += 1
         text = tokenizer.decode(input_ids[i:j], skip_special_tokens=False)
         out.append(f"[[{text}]]" if trained else text)
@@ -34,7 +35,6 @@ def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
     """Counts per split and skip reason, and the first `n` samples rendered with their labels."""
     from arctic_vl.data.sources import BadRecordReport
     from arctic_vl.data.vlm import scan
-    from arctic_vl.engine import Engine
     from arctic_vl.models.loading import family_of_dir, load_processor
 
     engine = Engine(config, overrides)
@@ -59,7 +59,7 @@ def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
         convs = factory.read(specs, seed=engine.config.trainer.seed, report=report)
         kept, encoded = scan(convs, encoder, factory.config, report)
         tokens = sum(len(e.input_ids) for e in encoded)
-        trained = sum(sum(1 for t in e.labels if t != IGNORE) for e in encoded)
+        trained = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in encoded)
         with_images = sum(1 for c in kept if c.images)
         lines.append(f"{split}: {len(kept)} samples ({with_images} with images, {len(kept) - with_images} text-only), "
                      f"{tokens} tokens, {trained} trained tokens; skipped {report.total}"

@@ -11,62 +11,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from arctic_vl.errors import ConfigError, DataError
-
-#: `_StepModule` holds the model as `.model`: checkpoint names start with this
-STEP_MODULE_PREFIX = "model."
-
-
-def find_checkpoint(run_dir: Path, checkpointer: Any, checkpoint: str | None) -> Path:
-    """`checkpoint` (a path, or a name under RUN_DIR/checkpoints such as `step-6`), else the latest one."""
-    if checkpoint is None:
-        latest = checkpointer.latest()
-        if latest is None:
-            raise ConfigError(f"{run_dir}: no complete checkpoint under {checkpointer.dir}")
-        return latest
-    path = Path(checkpoint)
-    if not path.is_dir():
-        path = checkpointer.dir / checkpoint
-    if not (path / "trainer_state.json").is_file():
-        names = ", ".join(p.name for p in checkpointer.checkpoints()) or "(none)"
-        raise ConfigError(f"checkpoint {checkpoint!r} is not a complete checkpoint of {run_dir}; available: {names}")
-    return path
-
-
-def load_trainable_weights(model: torch.nn.Module, checkpoint: Path) -> list[str]:
-    """Load `checkpoint/model.safetensors` (the trainable weights, named as the loop's `_StepModule`) into
-    `model`; returns the names loaded. Names the model lacks, or shapes that differ, are an error."""
-    from safetensors.torch import load_file
-
-    file = checkpoint / "model.safetensors"
-    if not file.is_file():
-        raise DataError(
-            f"{checkpoint}: no model.safetensors (a DeepSpeed checkpoint keeps sharded engine state); "
-            "export from the run's final/ instead, or use the single/ddp backends"
-        )
-    weights = {k.removeprefix(STEP_MODULE_PREFIX): v for k, v in load_file(str(file)).items()}
-    own = model.state_dict()
-    unknown = [k for k in weights if k not in own]
-    if unknown:
-        raise DataError(f"{file}: {len(unknown)} weights the rebuilt model does not have, e.g. {unknown[:3]}; "
-                        "was RUN_DIR/config.yaml changed after training?")
-    bad_shape = [k for k, v in weights.items() if tuple(own[k].shape) != tuple(v.shape)]
-    if bad_shape:
-        k = bad_shape[0]
-        raise DataError(f"{file}: {k} has shape {tuple(weights[k].shape)}, the model {tuple(own[k].shape)}")
-    model.load_state_dict(weights, strict=False)
-    return sorted(weights)
+from arctic_vl.checkpoint.checkpointer import find_checkpoint, load_trainable_weights
+from arctic_vl.engine import Engine
+from arctic_vl.errors import ConfigError
+from arctic_vl.registry import CHECKPOINTERS
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None) -> Path:
     """Rebuild the run's model, load a checkpoint's trainable weights, export to `out_dir` (merged for LoRA)."""
-    from arctic_vl.engine import Engine
-    from arctic_vl.registry import CHECKPOINTERS
-
     run_dir = Path(run_dir).resolve()
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():

@@ -1,0 +1,1 @@
+"""CLI commands that rebuild a run (export, inspect-data): above the engine in the layers."""
