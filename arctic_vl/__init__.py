@@ -18,8 +18,9 @@ Groups:
                   make_tiny_model, tiny_config
     forward/loss: final_hidden, model_inputs, unwrap_peft, vision_keepalive, lm_loss_sum, label_positions,
                   count_label_tokens
-    data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Conversation, BadRecord,
-                  BadRecordReport, SourceSpec, ImageRef, image_size, open_image, make_synthetic_data
+    data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Collator, Conversation, BadRecord,
+                  BadRecordReport, SourceSpec, ImageRef, image_size, open_image, make_synthetic_data,
+                  IMAGE_TOKEN, to_norm1000
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
@@ -101,6 +102,9 @@ _LAZY: dict[str, str] = {
     "VLMDataConfig": "arctic_vl.data.vlm",
     "Conversation": "arctic_vl.data.records",
     "BadRecord": "arctic_vl.data.records",
+    "IMAGE_TOKEN": "arctic_vl.data.records",
+    "to_norm1000": "arctic_vl.data.records",
+    "Collator": "arctic_vl.data.vlm",
     "BadRecordReport": "arctic_vl.data.sources",
     "SourceSpec": "arctic_vl.data.sources",
     "ImageRef": "arctic_vl.data.images",
@@ -140,6 +144,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "DTYPES",
     "FAMILIES",
     "IGNORE_INDEX",
+    "IMAGE_TOKEN",
     "MODELS",
     "OPTIMIZERS",
     "PARTS",
@@ -152,6 +157,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "Callback",
     "CheckpointConfig",
     "Checkpointer",
+    "Collator",
     "Component",
     "ComponentConfig",
     "ConfigError",
@@ -213,6 +219,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "register_config_check",
     "register_model_type",
     "tiny_config",
+    "to_norm1000",
     "unwrap_peft",
     "vision_keepalive",
     "where",
@@ -228,10 +235,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.constants import IGNORE_INDEX, PARTS, epoch_seed
     from arctic_vl.data.base import DataBundle, DataFactory
     from arctic_vl.data.images import ImageRef, image_size, open_image
-    from arctic_vl.data.records import BadRecord, Conversation
+    from arctic_vl.data.records import IMAGE_TOKEN, BadRecord, Conversation, to_norm1000
     from arctic_vl.data.sources import BadRecordReport, SourceSpec
     from arctic_vl.data.synthetic import make_synthetic_data
-    from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
+    from arctic_vl.data.vlm import Collator, VLMDataConfig, VLMDataFactory
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine
     from arctic_vl.errors import ConfigError, DataError, UserError

@@ -17,6 +17,7 @@ from typing import Any
 
 from arctic_vl.data.images import MISSING_IMAGE, UNREADABLE_IMAGE, ImageRef
 
+#: how a record marks the position of one image in its text (each family's encoder expands it)
 IMAGE_TOKEN = "<image>"
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

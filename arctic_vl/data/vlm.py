@@ -97,7 +97,13 @@ class VLMDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """The family's collate plus bookkeeping the loop needs (sample indices, real-token counts)."""
+    """The family's collate plus bookkeeping the loop needs (sample indices, real-token counts).
+
+    `Collator(encoder)(samples)`: each sample is a dict with `input_ids` and `labels` (1-D), the vision tensors
+    of `encoder.encode_images` (if it has images) and `_index` (its dataset index; -1 for a padding sample);
+    returns a `Batch` with `_indices`, `_num_samples` and `_num_tokens` set. Data factories that build items
+    their own way (e.g. per item in the workers) reuse it so the batch contract has one owner.
+    """
 
     def __init__(self, encoder: Any):
         self.encoder = encoder

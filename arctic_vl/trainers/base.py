@@ -361,11 +361,20 @@ class Trainer(Component):
         return out
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def run_evaluation(self) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The evaluation on `data.eval_sources`, as a dict of results; override for a trainer's own metrics.
+
+        Every process calls it (results are summed over processes); the core writes the dict to eval.jsonl with
+        the step and hands it to the callbacks (`Engine.evaluate` and `arctic_vl evaluate` print it). The default
+        is eval loss, plus exact match with `eval.generate: true`.
+        """
         from arctic_vl.trainers.evaluate import evaluate
 
+        return evaluate(self, model)
+
+    def run_evaluation(self) -> dict[str, Any]:
         module = self.dist.unwrap(self.model).model if hasattr(self, "model") else self.bundle.model
-        results = evaluate(self, module)
+        results = self.evaluate(module)
         if self.is_main:
             with open(self.output_dir / "eval.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": self.state.step, **results}) + "\n")

@@ -1,0 +1,112 @@
+"""Dense-caption evaluation: greedy answers to the held-out images, parsed, matched and scored.
+
+`dense_evaluate(trainer, model)` returns the eval loss (mean over label tokens, as the core's) and, with
+`eval.generate: true`, the metrics of `metrics.DenseScores`: `box_f1_50`, `json_valid_rate`, P/R/F1 per
+geometry type, description exact match, parse failures (with a few examples) and answers cut by
+`eval.max_new_tokens`. Every process scores its share of the eval items; counts are summed over processes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .answers import parse_dense_answer, to_geometry
+from .metrics import DenseScores
+
+MAX_EXAMPLES = 3
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end an answer: the tokenizer's eos and the chat end-of-turn tokens it knows."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|endoftext|>", "</s>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Any, max_new_tokens: int, *,
+             do_sample: bool = False, temperature: float = 1.0, synced_gpus: bool = False) -> list[int]:
+    """The completion of a one-row batch (prompt only), without the prompt; stops at an end-of-turn token."""
+    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+    stop = stop_token_ids(tokenizer)
+    kwargs: dict[str, Any] = {"do_sample": do_sample}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    if synced_gpus:
+        kwargs["synced_gpus"] = True
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                         pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def eval_loss(trainer: Any, model: torch.nn.Module, indices: list[int]) -> tuple[float, float]:
+    """Summed loss and label tokens of this process's eval items (the trainer's own `loss`)."""
+    dataset, collate = trainer.data.eval, trainer.data.collate
+    ev = trainer.engine_config.eval
+    bs = ev.micro_batch_size or trainer.engine_config.data.micro_batch_size
+    total, units = 0.0, 0.0
+    for s in range(0, len(indices), bs):
+        batch = trainer.to_device(collate([dataset[i] for i in indices[s:s + bs]]))
+        with trainer.autocast():
+            out = trainer.loss(model, batch)
+        total += float(out.loss_sum)
+        units += out.count
+    return total, units
+
+
+@torch.no_grad()
+def dense_evaluate(trainer: Any, model: torch.nn.Module, *, line_tolerance: float = 0.1) -> dict[str, Any]:
+    """Eval loss, and with `eval.generate` the dense-caption metrics, on `data.eval_sources`."""
+    dataset, dist = trainer.data.eval, trainer.dist
+    ev = trainer.engine_config.eval
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if ev.max_samples is None else min(ev.max_samples, len(dataset))
+    mine = list(range(dist.rank, n, dist.world_size))
+    loss_sum, units = eval_loss(trainer, model, mine)
+    scores, examples, truncated = DenseScores(), [], 0
+    if ev.generate:
+        tok = getattr(trainer.bundle.processor, "tokenizer", trainer.bundle.processor)
+        stop = set(stop_token_ids(tok))
+        prefix = trainer.engine_config.data.image_key_prefix
+        for i in mine:
+            if i >= dataset.n_groups:  # a pass-through conversation: no dense ground truth
+                continue
+            item, target = dataset.prompt_item(i)
+            batch = trainer.to_device(trainer.data.collate([item]))
+            with trainer.autocast():
+                ids = generate(model, batch, tok, ev.max_new_tokens, synced_gpus=dist.world_size > 1)
+            if not any(t in stop for t in ids):
+                truncated += 1
+            text = tok.decode([t for t in ids if t not in stop], skip_special_tokens=True)
+            parsed = parse_dense_answer(text, len(target.records), prefix)
+            scores.answers += 1
+            scores.valid_answers += parsed.ok
+            scores.invalid_objects += parsed.invalid_objects
+            if not parsed.ok and len(examples) < MAX_EXAMPLES:
+                examples.append({"item": dataset.where(i), "error": parsed.error, "answer": text[:200]})
+            per_image = parsed.images if parsed.ok else [[] for _ in target.records]
+            for preds, gts, conv in zip(per_image, target.objects, target.coords):
+                geoms = []
+                for obj in preds:
+                    try:
+                        geoms.append((to_geometry(obj, conv), obj.desc))
+                    except ValueError:
+                        scores.invalid_objects += 1
+                scores.add_image(geoms, gts, conv.width, conv.height, line_tolerance)
+    reduced = dist.all_reduce_sum([loss_sum, units, float(truncated), *scores.vector()])
+    results: dict[str, Any] = {"eval_loss": reduced[0] / reduced[1] if reduced[1] else math.nan,
+                               "eval_label_tokens": int(reduced[1])}
+    if ev.generate:
+        results.update(DenseScores.from_vector(reduced[3:]).results())
+        results["truncated_answers"] = int(reduced[2])
+        results["parse_failure_examples"] = examples  # this process's first few
+    if was_training:
+        model.train()
+    return results

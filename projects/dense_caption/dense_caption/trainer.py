@@ -1,0 +1,99 @@
+"""`dense_caption` trainer: SFT with the core's lean LM loss, dense-caption evaluation and augmentation telemetry.
+
+Telemetry: every optimizer step, the augmentation counts of its micro-batches (`_augmentation`, summed by the
+collator) are summed over processes and added to the run's totals, kept in the trainer state (so they are
+checkpointed and exact across a resume) and written to summary.json (`augmentation`: samples, per-op
+applications, objects dropped by crops or clipped away, a histogram of crop coverages in bins of 0.1).
+metrics.jsonl gets per-step rates: `aug_<op>` (share of the step's samples the op was applied to) and
+`aug_dropped_objects` (objects dropped per sample).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from arctic_vl import TRAINERS, LossOutput, SFTTrainer, TrainerConfig
+
+from .augment import COVERAGE_BINS, Telemetry
+from .data import AUGMENTATION_KEY
+from .evaluation import dense_evaluate
+
+COUNT_KEYS = ("samples", "bypassed", "objects_in", "objects_out", "dropped_by_crop", "dropped_degenerate",
+              "dropped_by_rounding", "over_max_length")
+STATE_KEY = "augmentation"
+
+
+class DenseEvalConfig(TrainerConfig):
+    """Settings of the dense-caption evaluation shared by the project's trainers."""
+
+    line_tolerance: float = Field(0.1, gt=0, description="lines match when their symmetric mean distance is at most "
+                                  "half of this x the image diagonal (see metrics.py)")
+
+
+class DenseTrainerMixin:
+    """Dense evaluation (`evaluate` hook) and augmentation telemetry for a Trainer subclass."""
+
+    config: Any
+    engine_config: Any
+    state: Any
+    dist: Any
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Eval loss and, with `eval.generate: true`, box_f1_50, json_valid_rate and the other dense metrics."""
+        return dense_evaluate(self, model, line_tolerance=self.config.line_tolerance)
+
+    def _telemetry_keys(self) -> list[str]:
+        aug = getattr(self.engine_config.data, "augmentation", None)
+        ops = sorted({spec.name for spec in aug.ops}) if aug is not None else []
+        return [*COUNT_KEYS, *(f"op.{n}" for n in ops), *(f"coverage.{b}" for b in range(COVERAGE_BINS))]
+
+    def record_augmentation(self, micro: list[dict[str, Any]]) -> None:
+        """Add the step's augmentation counts (all processes) to the run's totals in the trainer state."""
+        keys = self._telemetry_keys()
+        local = [sum(float((b.get(AUGMENTATION_KEY) or {}).get(k, 0)) for b in micro) for k in keys]
+        total = self.dist.all_reduce_sum(local)  # every process calls this at the same point of the step
+        saved = self.state.extra.setdefault(STATE_KEY, {})
+        for k, v in zip(keys, total):
+            if v:
+                saved[k] = saved.get(k, 0.0) + v
+
+    @staticmethod
+    def augmentation_metrics(batch: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        """Per-step rates for metrics.jsonl (name -> (sum, count), summed over micro-batches and processes)."""
+        counts = batch.get(AUGMENTATION_KEY) or {}
+        n = float(batch.get("_num_samples", 0))
+        out = {f"aug_{k[3:]}": (float(v), n) for k, v in counts.items() if k.startswith("op.")}
+        if counts:
+            out["aug_dropped_objects"] = (float(counts.get("dropped_by_crop", 0) + counts.get("dropped_degenerate", 0)
+                                                + counts.get("dropped_by_rounding", 0)), n)
+        return out
+
+    def augmentation_summary(self) -> dict[str, Any] | None:
+        """The run's augmentation totals, readable (None when nothing was augmented)."""
+        saved = self.state.extra.get(STATE_KEY)
+        return Telemetry.summary(saved) if saved else None
+
+
+@TRAINERS.register("dense_caption")
+class DenseCaptionTrainer(DenseTrainerMixin, SFTTrainer):
+    """Next-token cross entropy on the answer tokens; dense-caption metrics at evaluation."""
+
+    config_class = DenseEvalConfig
+
+    def step_counts(self, micro: list[dict[str, Any]]) -> dict[str, float]:
+        """No second normaliser; records the step's augmentation telemetry (called once per step, every process)."""
+        self.record_augmentation(micro)
+        return {}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], *args: Any, **kwargs: Any) -> LossOutput:
+        out = super().loss(model, batch, *args, **kwargs)
+        out.metrics.update(self.augmentation_metrics(batch))
+        return out
+
+    def summary(self, checkpoint: Any, **extra: Any) -> dict[str, Any]:
+        out = super().summary(checkpoint, **extra)
+        out["augmentation"] = self.augmentation_summary()
+        return out

@@ -1,0 +1,165 @@
+"""The dense_caption data factory: answers from (augmented) geometry, modes, grouping, checks naming the record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from arctic_vl import DataError, Engine
+
+
+def _records(shapes: Path, n: int = 12) -> list[dict]:
+    return [json.loads(line) for line in (shapes / "train.dense.jsonl").read_text().splitlines()[:n]]
+
+
+def _write(tmp: Path, shapes: Path, records: list[dict]) -> Path:
+    path = tmp / "dense.jsonl"
+    for r in records:
+        r["images"] = [str(shapes / i) for i in r["images"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _build(tmp: Path, model: Path, data: dict, **trainer):
+    cfg = {"model": {"name_or_path": str(model)}, "data": {"type": "dense_caption", "micro_batch_size": 4, **data},
+           "trainer": {"type": "dense_caption", "output_dir": str(tmp / "run"), "seed": 3, **trainer}}
+    engine = Engine(cfg)
+    trainer = engine._build()
+    return trainer.data, trainer.bundle
+
+
+def _decode_answer(bundle, item) -> str:
+    tok = bundle.processor.tokenizer
+    ids = [t for t, lab in zip(item["input_ids"].tolist(), item["labels"].tolist()) if lab != -100]
+    return tok.decode(ids[:-1])  # without the end-of-turn token
+
+
+def test_pixel_answers_use_the_processors_resize(tmp_path, shapes, tiny_qwen25) -> None:
+    """qwen2_5_vl: pixels of the image the model sees; with a 48x48 budget a 64px image is seen at 48x48."""
+    src = _write(tmp_path, shapes, _records(shapes))
+    data, bundle = _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "max_pixels": 48 * 48, "object_order": "record"})
+    rec = data.train.records[0]
+    item = data.train[0]
+    assert item["image_grid_thw"].tolist() == [[1, 6, 6]]  # 48 / 8
+    answer = json.loads(_decode_answer(bundle, item))
+    import math
+    from fractions import Fraction
+
+    for obj, (geom, desc) in zip(answer, rec.objects):
+        expect = [math.floor(Fraction(v) * 48 / 64 + Fraction(1, 2)) for v in geom.coords()]
+        assert obj[geom.key] == expect and obj["desc"] == desc
+
+
+def test_norm1000_answers_for_qwen2_vl(tmp_path, shapes, tiny_qwen2) -> None:
+    from arctic_vl import to_norm1000
+
+    src = _write(tmp_path, shapes, _records(shapes))
+    data, bundle = _build(tmp_path, tiny_qwen2, {"sources": [str(src)], "object_order": "record"})
+    for i in range(3):
+        rec = data.train.records[i]
+        answer = json.loads(_decode_answer(bundle, data.train[i]))
+        assert answer == [{g.key: to_norm1000(g.coords(), 64, 64), "desc": d} for g, d in rec.objects]
+
+
+def test_reading_order_and_augmented_answer_follow_the_image(tmp_path, shapes, tiny_qwen25) -> None:
+    src = _write(tmp_path, shapes, _records(shapes))
+    aug = {"enabled": True, "ops": [{"name": "hflip", "params": {"prob": 1.0}}]}
+    data, bundle = _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "augmentation": aug})
+    for i in range(4):
+        rec = data.train.records[i]
+        answer = json.loads(_decode_answer(bundle, data.train[i]))
+        flipped = []
+        for g, d in rec.objects:
+            c = g.coords()
+            if g.key == "bbox_2d":
+                c = [64 - c[2], c[1], 64 - c[0], c[3]]
+            else:
+                c = [64 - v if k % 2 == 0 else v for k, v in enumerate(c)]
+            flipped.append((min(c[1::2]), min(c[0::2]), {g.key: [round(v) for v in c], "desc": d}))
+        assert answer == [o for *_, o in sorted(flipped, key=lambda t: (t[0], t[1]))]
+
+
+def test_groups_summary_mode_and_epoch_draws(tmp_path, shapes, tiny_qwen25) -> None:
+    src = _write(tmp_path, shapes, _records(shapes))
+    data, bundle = _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "images_per_sample": 2, "summary_ratio": 0.5,
+                                                  "image_key_prefix": "img_"})
+    ds = data.train
+    assert len(ds) == 6
+    modes = {e: [(ds.set_epoch(e), ds.mode(i))[1] for i in range(6)] for e in range(4)}
+    assert {m for ms in modes.values() for m in ms} == {"dense", "summary"}
+    ds.set_epoch(0)
+    groups0 = [ds.group(i) for i in range(6)]
+    assert sorted(r for g in groups0 for r in g) == list(range(12))
+    ds.set_epoch(1)
+    assert [ds.group(i) for i in range(6)] != groups0
+    for e in range(2):
+        ds.set_epoch(e)
+        for i in range(6):
+            item = ds[i]
+            assert item["image_grid_thw"].shape[0] == 2
+            answer = json.loads(_decode_answer(bundle, item))
+            recs = [ds.records[r] for r in ds.group(i)]
+            assert list(answer) == ["img_1", "img_2"]
+            if ds.mode(i) == "summary":
+                assert answer == {"img_1": recs[0].summary, "img_2": recs[1].summary}
+            else:
+                assert [len(v) for v in answer.values()] == [len(r.objects) for r in recs]
+
+
+def test_missing_summary_and_image_size_mismatch_name_the_record(tmp_path, shapes, tiny_qwen25) -> None:
+    records = _records(shapes)
+    del records[3]["summary"]
+    records[5]["width"] = 80
+    src = _write(tmp_path, shapes, records)
+    with pytest.raises(DataError, match=r"dense.jsonl: record 3: summary_ratio 0.2 draws summary mode"):
+        _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "summary_ratio": 0.2})
+    with pytest.raises(DataError, match=r"record 5: width x height 80 x 64 but the image .* is 64x64"):
+        _build(tmp_path, tiny_qwen25, {"sources": [str(src)]})
+    data, _ = _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "summary_ratio": 0.2, "on_bad_record": "skip"})
+    assert data.report.by_reason() == {"image_size_mismatch": 1, "missing_summary": 1}
+    assert len(data.train) == 10
+
+
+def test_health_check_names_the_record(tmp_path, shapes, tiny_qwen25, monkeypatch) -> None:
+    src = _write(tmp_path, shapes, _records(shapes))
+    data, _ = _build(tmp_path, tiny_qwen25, {"sources": [str(src)]})
+    real = data.train.encoder.encode_text
+
+    def shifted(messages, sizes):
+        enc = real(messages, sizes)
+        enc.labels = [-100, *enc.labels[:-1]]  # labels one token off the answer
+        return enc
+
+    monkeypatch.setattr(data.train.encoder, "encode_text", shifted)
+    with pytest.raises(DataError, match=r"health check: the trained tokens .* are not exactly the answer") as e:
+        data.train[2]
+    assert str(e.value).startswith(data.train.where(2) + ": ")
+
+
+def test_items_are_identical_across_workers(tmp_path, shapes, tiny_qwen25) -> None:
+    """Workers 0 and 2 build the same batches (draws depend on seed, epoch and index only)."""
+    src = _write(tmp_path, shapes, _records(shapes))
+    aug = {"enabled": True, "bypass_prob": 0.2, "ops": [
+        {"name": "hflip"}, {"name": "rotate", "params": {"max_deg": 20, "prob": 0.5}}, {"name": "expand_to_fit_affine"},
+        {"name": "random_crop", "params": {"size": [0.6, 1.0], "min_coverage": 0.5, "prob": 0.5}},
+        {"name": "pad_to_multiple", "params": {"multiple": 16}}, {"name": "contrast", "params": {"prob": 0.5}}]}
+    data, _ = _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "augmentation": aug, "summary_ratio": 0.3})
+
+    def batches(workers: int, epoch: int) -> list[dict]:
+        data.train.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(data.train, batch_size=4, collate_fn=data.collate, num_workers=workers)
+        return list(loader)
+
+    for epoch in (0, 1):
+        a, b = batches(0, epoch), batches(2, epoch)
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                if isinstance(x[k], torch.Tensor):
+                    assert torch.equal(x[k], y[k]), k
+                else:
+                    assert x[k] == y[k], k
+    assert any(b["_augmentation"].get("op.rotate") for b in batches(0, 0))
