@@ -398,7 +398,9 @@ class DenseCaptionDataFactory(VLMDataFactory):
         stats = {"train_samples": len(train), "train_records": len(train.records), "pass_through": len(train.plain),
                  "eval_samples": len(evaluation) if evaluation else 0, "train_tokens": sum(train.lengths),
                  "skipped": report.by_reason(), "augmentation": train.augmenter.active}
-        return DataBundle(train=train, eval=evaluation, collate=DenseCollator(encoder), report=report, stats=stats)
+        return DataBundle(train=train, eval=evaluation, collate=DenseCollator(encoder), report=report, stats=stats,
+                          micro_batch_size=self.config.micro_batch_size, shuffle=self.config.shuffle,
+                          num_workers=self.config.num_workers)
 
 
 class DenseCollator:

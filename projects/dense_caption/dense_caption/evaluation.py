@@ -48,15 +48,16 @@ def generate(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Any, max_
 def eval_loss(trainer: Any, model: torch.nn.Module, indices: list[int]) -> tuple[float, float]:
     """Summed loss and label tokens of this process's eval items (the trainer's own `loss`)."""
     dataset, collate = trainer.data.eval, trainer.data.collate
-    ev = trainer.engine_config.eval
-    bs = ev.micro_batch_size or trainer.engine_config.data.micro_batch_size
+    ev = trainer.eval_config
+    bs = ev.micro_batch_size or trainer.data.micro_batch_size
     total, units = 0.0, 0.0
     for s in range(0, len(indices), bs):
         batch = trainer.to_device(collate([dataset[i] for i in indices[s:s + bs]]))
+        counts = trainer.local_counts([batch])  # each batch normalised on its own, as the core's evaluation
         with trainer.autocast():
-            out = trainer.loss(model, batch)
+            out = trainer.loss(model, batch, counts)
         total += float(out.loss_sum)
-        units += out.count
+        units += counts.units
     return total, units
 
 
@@ -64,7 +65,7 @@ def eval_loss(trainer: Any, model: torch.nn.Module, indices: list[int]) -> tuple
 def dense_evaluate(trainer: Any, model: torch.nn.Module, *, line_tolerance: float = 0.1) -> dict[str, Any]:
     """Eval loss, and with `eval.generate` the dense-caption metrics, on `data.eval_sources`."""
     dataset, dist = trainer.data.eval, trainer.dist
-    ev = trainer.engine_config.eval
+    ev = trainer.eval_config
     was_training = model.training
     model.eval()
     n = len(dataset) if ev.max_samples is None else min(ev.max_samples, len(dataset))
@@ -74,7 +75,7 @@ def dense_evaluate(trainer: Any, model: torch.nn.Module, *, line_tolerance: floa
     if ev.generate:
         tok = getattr(trainer.bundle.processor, "tokenizer", trainer.bundle.processor)
         stop = set(stop_token_ids(tok))
-        prefix = trainer.engine_config.data.image_key_prefix
+        prefix = dataset.config.image_key_prefix
         for i in mine:
             if i >= dataset.n_groups:  # a pass-through conversation: no dense ground truth
                 continue

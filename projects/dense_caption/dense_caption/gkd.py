@@ -38,8 +38,8 @@ from arctic_vl import (
     ConfigError,
     LossOutput,
     ModelPath,
+    StepCounts,
     Trainer,
-    count_label_tokens,
     epoch_seed,
     final_hidden,
     label_positions,
@@ -106,10 +106,9 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.teacher_dir = self._teacher_dir()
-        dtype = DTYPES[getattr(self.engine_config.model, "dtype", "float32")]
+        dtype = DTYPES[self.run_config.get("model", {}).get("dtype") or "float32"]
         # Kept whole on every process (never handed to the distributed backend): see the module docstring.
         self.teacher = load_model(self.teacher_dir, dtype=dtype).to(self.device).eval().requires_grad_(False)
-        self._calls: tuple[int, int] = (-1, 0)
         if self.is_main:
             logger.info(f"gkd: teacher {self.teacher_dir} (frozen), beta {self.config.beta}, "
                         f"sft_alpha {self.config.sft_alpha}, lmbda {self.config.lmbda}, seq_kd {self.config.seq_kd}")
@@ -120,7 +119,7 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         else:
             model_dir = getattr(self.model_factory, "model_dir", None)
             if model_dir is None:
-                raise ConfigError(f"trainer.teacher: model.type {self.engine_config.model.type!r} has no base model "
+                raise ConfigError(f"trainer.teacher: model.type {self.run_config.get('model', {}).get('type')!r} has no base model "
                                   "directory to default to; name the teacher's local directory")
             path = Path(model_dir(self.output_dir))
         if not (path / "config.json").is_file():
@@ -135,16 +134,19 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         rng = np.random.default_rng([epoch_seed(self.config.seed, step), _ONPOLICY_SALT, micro])
         return bool(rng.random() < self.config.lmbda)
 
-    def count(self, batch: dict[str, Any]) -> int:
-        """Label tokens; first, when this micro-batch's draw says so, its completions are generated on-policy
-        (the loop counts every micro-batch of a step, in order, before the first forward)."""
+    def train_step(self, micro: list[dict[str, Any]], data_time: float) -> dict[str, Any]:
+        """Draw on-policy completions for the micro-batches whose draw says so, then the core's step (which
+        counts the label tokens of the batches as they now are)."""
         step = self.state.step + 1
-        last, n = self._calls
-        n = n + 1 if last == step else 0
-        self._calls = (step, n)
-        if self.on_policy_draw(step, n):
-            self.replace_completions(batch, seed=epoch_seed(self.config.seed, step) * 1009 + n)
-        return count_label_tokens(batch["labels"])
+        on_policy = 0
+        for n, batch in enumerate(micro):
+            if self.on_policy_draw(step, n):
+                self.replace_completions(batch, seed=epoch_seed(self.config.seed, step) * 1009 + n)
+                on_policy += 1
+        metrics = super().train_step(micro, data_time)
+        if self.config.lmbda > 0:
+            metrics["on_policy_micro_batches"] = on_policy
+        return metrics
 
     @torch.no_grad()
     def replace_completions(self, batch: dict[str, Any], *, seed: int) -> None:
@@ -220,7 +222,7 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         return one
 
     # -------------------------------------------------------------------------------------- loss
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], *args: Any, **kwargs: Any) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
         cfg = self.config
         mask, targets = label_positions(batch["labels"])
         hidden, head, _ = final_hidden(model, batch)
@@ -240,11 +242,6 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
                    "token_accuracy": (correct, float(n))}
         metrics.update(self.augmentation_metrics(batch))
         return LossOutput(loss_sum, n, metrics)
-
-    def step_counts(self, micro: list[dict[str, Any]]) -> dict[str, float]:
-        """No second normaliser; records the step's augmentation telemetry."""
-        self.record_augmentation(micro)
-        return {}
 
     def summary(self, checkpoint: Any, **extra: Any) -> dict[str, Any]:
         out = super().summary(checkpoint, **extra)

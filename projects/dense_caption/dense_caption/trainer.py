@@ -1,7 +1,7 @@
 """`dense_caption` trainer: SFT with the core's lean LM loss, dense-caption evaluation and augmentation telemetry.
 
-Telemetry: every optimizer step, the augmentation counts of its micro-batches (`_augmentation`, summed by the
-collator) are summed over processes and added to the run's totals, kept in the trainer state (so they are
+Telemetry: every optimizer step (`train_step`), the augmentation counts of its micro-batches (`_augmentation`,
+summed by the collator) are summed over processes and added to the run's totals, kept in the trainer state (so they are
 checkpointed and exact across a resume) and written to summary.json (`augmentation`: samples, per-op
 applications, objects dropped by crops or clipped away, a histogram of crop coverages in bins of 0.1).
 metrics.jsonl gets per-step rates: `aug_<op>` (share of the step's samples the op was applied to) and
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from arctic_vl import TRAINERS, LossOutput, SFTTrainer, TrainerConfig
+from arctic_vl import TRAINERS, LossOutput, SFTTrainer, StepCounts, TrainerConfig
 
 from .augment import COVERAGE_BINS, Telemetry
 from .data import AUGMENTATION_KEY
@@ -37,7 +37,7 @@ class DenseTrainerMixin:
     """Dense evaluation (`evaluate` hook) and augmentation telemetry for a Trainer subclass."""
 
     config: Any
-    engine_config: Any
+    data: Any
     state: Any
     dist: Any
 
@@ -46,9 +46,14 @@ class DenseTrainerMixin:
         return dense_evaluate(self, model, line_tolerance=self.config.line_tolerance)
 
     def _telemetry_keys(self) -> list[str]:
-        aug = getattr(self.engine_config.data, "augmentation", None)
+        aug = getattr(getattr(self.data.train, "config", None), "augmentation", None)
         ops = sorted({spec.name for spec in aug.ops}) if aug is not None else []
         return [*COUNT_KEYS, *(f"op.{n}" for n in ops), *(f"coverage.{b}" for b in range(COVERAGE_BINS))]
+
+    def train_step(self, micro: list[dict[str, Any]], data_time: float) -> dict[str, Any]:
+        """The core's step, after adding its augmentation counts to the run's totals."""
+        self.record_augmentation(micro)
+        return super().train_step(micro, data_time)  # type: ignore[misc]
 
     def record_augmentation(self, micro: list[dict[str, Any]]) -> None:
         """Add the step's augmentation counts (all processes) to the run's totals in the trainer state."""
@@ -83,13 +88,8 @@ class DenseCaptionTrainer(DenseTrainerMixin, SFTTrainer):
 
     config_class = DenseEvalConfig
 
-    def step_counts(self, micro: list[dict[str, Any]]) -> dict[str, float]:
-        """No second normaliser; records the step's augmentation telemetry (called once per step, every process)."""
-        self.record_augmentation(micro)
-        return {}
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], *args: Any, **kwargs: Any) -> LossOutput:
-        out = super().loss(model, batch, *args, **kwargs)
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
+        out = super().loss(model, batch, counts)
         out.metrics.update(self.augmentation_metrics(batch))
         return out
 
