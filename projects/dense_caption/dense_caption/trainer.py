@@ -65,15 +65,16 @@ class DenseTrainerMixin:
             if v:
                 saved[k] = saved.get(k, 0.0) + v
 
-    @staticmethod
-    def augmentation_metrics(batch: dict[str, Any]) -> dict[str, tuple[float, float]]:
-        """Per-step rates for metrics.jsonl (name -> (sum, count), summed over micro-batches and processes)."""
+    def augmentation_metrics(self, batch: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        """Per-step rates for metrics.jsonl (name -> (sum, count), summed over micro-batches and processes):
+        `aug_<op>` for every configured op and `aug_dropped_objects`, on every line while augmentation is on."""
+        if not self.data.train.augmenter.active:
+            return {}
         counts = batch.get(AUGMENTATION_KEY) or {}
         n = float(batch.get("_num_samples", 0))
-        out = {f"aug_{k[3:]}": (float(v), n) for k, v in counts.items() if k.startswith("op.")}
-        if counts:
-            out["aug_dropped_objects"] = (float(counts.get("dropped_by_crop", 0) + counts.get("dropped_degenerate", 0)
-                                                + counts.get("dropped_by_rounding", 0)), n)
+        out = {f"aug_{k[3:]}": (float(counts.get(k, 0)), n) for k in self._telemetry_keys() if k.startswith("op.")}
+        dropped = sum(counts.get(k, 0) for k in ("dropped_by_crop", "dropped_degenerate", "dropped_by_rounding"))
+        out["aug_dropped_objects"] = (float(dropped), n)
         return out
 
     def augmentation_summary(self) -> dict[str, Any] | None:

@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import e2e_utils
+
+synthetic_data = e2e_utils.synthetic_data  # a session fixture shared with the core's tests
+
 # Two cores shared by several engineers: one thread per test process.
 torch.set_num_threads(1)
 
@@ -18,13 +22,9 @@ TINY = {"text_layers": 2, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate
 
 
 @pytest.fixture(scope="session")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic shapes data (120 train, 50 held out), with its dense-caption JSONL."""
-    from arctic_vl import make_synthetic_data
-
-    out = tmp_path_factory.mktemp("shapes")
-    make_synthetic_data(out, n=120, seed=0)
-    return out
+def shapes(synthetic_data: Path) -> Path:
+    """The synthetic shapes data (200 train, 50 held out; the core's session fixture) with its dense JSONL."""
+    return synthetic_data
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,17 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from arctic_vl import make_tiny_model
 
     return make_tiny_model("qwen2_vl", tmp_path_factory.mktemp("tiny_q2"), seed=0, **TINY)
+
+
+@pytest.fixture
+def cli_in_process(capsys: pytest.CaptureFixture[str]):
+    """cli_in_process(*args) runs `arctic_vl ARGS` in this process -> (exit code, stdout, stderr)."""
+    from arctic_vl.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,0 +1,125 @@
+"""End to end on a tiny Qwen2.5-VL: augmentation identical across workers and a SIGKILL + resume, dense metrics
+from `arctic_vl evaluate`, GKD (KL 0 against itself, on-policy completions), Stage-A / Stage-B verbs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_utils import read_metrics, train_child, write_yaml
+
+from .conftest import TINY
+
+AUGMENTATION = {"enabled": True, "bypass_prob": 0.1, "fill": [245, 245, 245], "ops": [
+    {"name": "hflip"}, {"name": "rotate", "params": {"max_deg": 15, "prob": 0.5}}, {"name": "expand_to_fit_affine"},
+    {"name": "random_crop", "params": {"size": [0.7, 1.0], "min_coverage": 0.5, "prob": 0.5}},
+    {"name": "pad_to_multiple", "params": {"multiple": 16}}, {"name": "brightness", "params": {"prob": 0.5}}]}
+
+
+def _config(run: Path, shapes: Path, **data) -> dict:
+    return {
+        "model": {"family": "qwen2_5_vl", "tiny": TINY, "freeze": ["vision"]},
+        "data": {"type": "dense_caption", "micro_batch_size": 4, "max_length": 256, "summary_ratio": 0.25,
+                 "sources": [{"path": str(shapes / "train.dense.jsonl"), "sample": "first:40"}],
+                 "eval_sources": [{"path": str(shapes / "heldout.dense.jsonl"), "sample": "first:4"}],
+                 "augmentation": AUGMENTATION, **data},
+        "trainer": {"type": "dense_caption", "output_dir": str(run), "max_steps": 4, "seed": 0, "progress_bar": False},
+        "optimizer": {"lr": 1e-3}, "checkpoint": {"every_n_steps": 2},
+        "eval": {"generate": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One run with workers 0; the same with workers 2, killed (SIGKILL) at step 3 and resumed."""
+    root = tmp_path_factory.mktemp("dc_e2e")
+    plain = write_yaml(root / "plain.yaml", _config(root / "plain", shapes, num_workers=0))
+    killed = write_yaml(root / "killed.yaml", _config(root / "killed", shapes, num_workers=2))
+    from arctic_vl import Engine
+
+    Engine(plain).train()  # in this process (the killed run needs its own)
+    assert train_child(killed, "kill_step", "3") != 0
+    assert (root / "killed" / "checkpoints" / "step-2").is_dir() and not (root / "killed" / "final").exists()
+    Engine(killed).train()  # the resume
+    return {"plain": root / "plain", "killed": root / "killed", "plain_yaml": plain, "root": root}
+
+
+def test_augmentation_same_across_workers_and_resume(runs) -> None:
+    a, b = read_metrics(runs["plain"]), read_metrics(runs["killed"])
+    assert [m["step"] for m in b] == list(range(1, 5))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert any(m.get("aug_rotate") for m in a) and all("aug_hflip" in m for m in a)
+    sa = json.loads((runs["plain"] / "summary.json").read_text())["augmentation"]
+    sb = json.loads((runs["killed"] / "summary.json").read_text())["augmentation"]
+    assert sa == sb and sa["samples"] == 16 and sa["ops"]["hflip"] > 0
+    assert sum(sa["crop_coverage_histogram"].values()) >= sa["dropped_by_crop"]
+
+
+def test_evaluate_reports_dense_metrics(runs, cli_in_process) -> None:
+    code, out, err = cli_in_process("evaluate", str(runs["plain_yaml"]), "--set", "eval.generate=true",
+                                    "--set", "eval.max_new_tokens=24")
+    assert code == 0, err
+    results = json.loads(out)
+    for key in ("box_f1_50", "json_valid_rate", "f1_50", "desc_exact_match", "parse_failures", "eval_loss"):
+        assert key in results
+    assert results["answers"] == 4 and results["parse_failures"] == 4 - round(results["json_valid_rate"] * 4)
+    last = json.loads((runs["plain"] / "eval.jsonl").read_text().splitlines()[-1])  # written by the evaluation
+    assert {"box_f1_50", "json_valid_rate"} <= set(last)
+
+
+def test_gkd_against_itself_then_on_policy(runs, shapes) -> None:
+    from arctic_vl import Engine
+
+    final = runs["plain"] / "final"
+    cfg = _config(runs["root"] / "gkd", shapes, augmentation={"enabled": False})
+    cfg["model"] = {"name_or_path": str(final), "freeze": ["vision"]}
+    cfg["trainer"].update(type="gkd", max_steps=2, beta=0.5, sft_alpha=1.0)
+    cfg["eval"] = {"generate": False}
+    Engine(cfg).train()
+    first = read_metrics(runs["root"] / "gkd")[0]
+    assert first["kl_loss"] == pytest.approx(0.0, abs=1e-6)  # the teacher (default: the base, final/) is the student
+    assert first["loss"] == pytest.approx(first["kl_loss"] + first["sft_loss"], rel=1e-6)
+    assert 0 <= first["token_accuracy"] <= 1
+    cfg["trainer"].update(output_dir=str(runs["root"] / "gkd_on"), lmbda=1.0, max_completion_length=6)
+    summary = Engine(cfg).train()
+    assert summary["teacher"] == str(final)
+    on = read_metrics(runs["root"] / "gkd_on")
+    assert [m["on_policy_micro_batches"] for m in on] == [1, 1]
+    assert all(m["kl_loss"] >= 0 and m["label_tokens"] <= 4 * 6 for m in on)  # completions of <= 6 tokens
+
+
+def test_stage_a_and_b_end_to_end(runs, shapes, cli_in_process, tmp_path) -> None:
+    code, out, err = cli_in_process("dense-caption", "make-stage-data", str(shapes / "heldout.dense.jsonl"),
+                                    "--out-dir", str(tmp_path), "--group-size", "2")
+    assert code == 0, err
+    made = json.loads(out)
+    lines = (tmp_path / "groups.jsonl").read_text().splitlines()
+    assert len(lines) == made["groups"] == made.get("pass", 0) + made.get("fail", 0)
+    (tmp_path / "few.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    summaries, verdicts = tmp_path / "summaries.jsonl", tmp_path / "verdicts.jsonl"
+    code, out, err = cli_in_process("dense-caption", "stage-a", str(runs["plain_yaml"]), "--images",
+                                    str(tmp_path / "few.jsonl"), "--out", str(summaries), "--max-new-tokens", "12")
+    assert code == 0, err
+    report = json.loads(out)
+    rows = [json.loads(x) for x in summaries.read_text().splitlines()]
+    assert report["images"] == len(rows) == 4 and [r["index"] for r in rows] == [0, 1, 0, 1]
+    assert report.get("summaries", 0) + sum(report["errors"].values()) == 4
+    assert all((r["summary"] is None) == ("error" in r) for r in rows)
+    code, out, err = cli_in_process("dense-caption", "stage-b", str(runs["plain_yaml"]), "--summaries", str(summaries),
+                                    "--out", str(verdicts), "--max-retries", "1", "--max-new-tokens", "12")
+    assert code == 0, err
+    report = json.loads(out)
+    rows = [json.loads(x) for x in verdicts.read_text().splitlines()]
+    assert len(rows) == report["groups"] == 2
+    for r in rows:
+        assert r["verdict"] in ("pass", "fail", None)
+        assert r["verdict"] is not None or "error" in r
+        assert r["attempts"] <= 2
+
+
+def test_bad_records_and_verbs_exit_2(runs, cli_in_process, tmp_path) -> None:
+    code, _, err = cli_in_process("dense-caption", "stage-a", str(runs["plain_yaml"]), "--images",
+                                  str(tmp_path / "nothing.txt"), "--out", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "not a directory, an image" in err
