@@ -201,8 +201,12 @@ def to_norm1000(coords: list[float], width: int, height: int) -> list[int]:
     """
     out = []
     for i, v in enumerate(coords):
-        scaled = Fraction(v) * 1000 / (width if i % 2 == 0 else height)
-        out.append(min(1000, max(0, math.floor(scaled + Fraction(1, 2)))))
+        size = width if i % 2 == 0 else height
+        if isinstance(v, int) or (isinstance(v, float) and v.is_integer()):
+            rounded = (2000 * int(v) + size) // (2 * size)  # the same rounding in integers: no Fraction needed
+        else:
+            rounded = math.floor(Fraction(v) * 1000 / size + Fraction(1, 2))
+        out.append(min(1000, max(0, rounded)))
     return out
 
 

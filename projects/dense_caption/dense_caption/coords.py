@@ -50,8 +50,11 @@ def seen_size(processor: Any, family: Any, width: int, height: int) -> tuple[int
     return int(w), int(h)
 
 
-def _round_half_up(v: Fraction) -> int:
-    return math.floor(v + Fraction(1, 2))
+def round_half_up_scaled(v: float, num: int, den: int) -> int:
+    """round(v * num / den), halves up, on the exact rational value (integers take an exact integer path)."""
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer()):
+        return (2 * int(v) * num + den) // (2 * den)
+    return math.floor(Fraction(v) * num / den + Fraction(1, 2))
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class AnswerCoords:
         out = []
         for i, v in enumerate(coords):
             scale, limit, size = (sw, sw, self.width) if i % 2 == 0 else (sh, sh, self.height)
-            out.append(min(limit, max(0, _round_half_up(Fraction(v) * scale / size))))
+            out.append(min(limit, max(0, round_half_up_scaled(v, scale, size))))
         return out
 
     def decode(self, values: list[float]) -> list[float]:

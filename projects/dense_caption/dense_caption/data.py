@@ -338,24 +338,33 @@ class DenseCaptionDataFactory(VLMDataFactory):
                       train: bool) -> DenseCaptionDataset:
         """Read, check and scan one split; the dataset builds its items on access."""
         dense, plain = self.records(self.read(specs, seed=seed, report=report), train=train, report=report)
-        # Scan: each record encoded once un-augmented (dense mode, alone): max_length and early errors.
+        # Scan: each record's un-augmented dense answer, for max_length and the stats. The chat around the answer
+        # depends only on the image size, so one full encode per size gives it; the answers are tokenized in one
+        # batch (the exact per-item encoding, with its health checks, happens in the workers).
         probe = DenseCaptionDataset(dense, [], encoder, family, self.config.model_copy(
             update={"images_per_sample": 1, "summary_ratio": 0.0}), seed, train=False)
+        answers = [probe.target(r, with_pixels=False)[0].answer for r in range(len(dense))]
+        answer_tokens = encoder.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
+        overhead: dict[tuple[int, int], int] = {}
         keep, lengths = [], []
         for r, rec in enumerate(dense):
-            try:
-                target, _, _ = probe.target(r, with_pixels=False)
-                enc = encoder.encode_text(probe.messages(target), [(rec.width, rec.height)])
-            except DataError as e:
-                self._bad_record(rec, e.reason or "invalid_record", str(e), report)
-                continue
+            size = (rec.width, rec.height)
+            if size not in overhead:
+                try:
+                    target, _, _ = probe.target(r, with_pixels=False)
+                    enc = encoder.encode_text(probe.messages(target), [size])
+                except DataError as e:
+                    self._bad_record(rec, e.reason or "invalid_record", str(e), report)
+                    continue
+                overhead[size] = len(enc.input_ids) - len(answer_tokens[r])
+            n = overhead[size] + len(answer_tokens[r])
             limit = self.config.max_length
-            if limit is not None and len(enc.input_ids) > limit:
-                self._bad_record(rec, TOO_LONG, f"{len(enc.input_ids)} tokens > max_length {limit} (a dense "
-                                 "answer is never cut: the JSON would break)", report, always_skip=True)
+            if limit is not None and n > limit:
+                self._bad_record(rec, TOO_LONG, f"{n} tokens > max_length {limit} (a dense answer is never cut: "
+                                 "the JSON would break)", report, always_skip=True)
                 continue
             keep.append(rec)
-            lengths.append(len(enc.input_ids))
+            lengths.append(n)
         plain_kept = []
         for conv in plain:
             try:
