@@ -299,14 +299,14 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.verb == "make-stage-data":
         result = make_stage_data(args.dense, args.out_dir, args.group_size, args.seed)
+    elif args.verb == "stage-a":
+        groups = read_groups(args.images)  # bad input is found before the model loads
+        result = stage_a(Runner(args.config, args.overrides, args.model), groups, args.out, args.max_new_tokens)
     else:
-        runner = Runner(args.config, args.overrides, args.model)
-        if args.verb == "stage-a":
-            result = stage_a(runner, read_groups(args.images), args.out, args.max_new_tokens)
-        else:
-            if args.max_retries < 0:
-                p.error("--max-retries must be >= 0")
-            result = stage_b(runner, read_summaries(args.summaries), args.out, args.criterion, args.max_retries,
-                             args.max_new_tokens)
+        if args.max_retries < 0:
+            p.error("--max-retries must be >= 0")
+        summaries = read_summaries(args.summaries)
+        result = stage_b(Runner(args.config, args.overrides, args.model), summaries, args.out, args.criterion,
+                         args.max_retries, args.max_new_tokens)
     print(json.dumps(result, indent=1))
     return 0

@@ -31,10 +31,9 @@ def _config(run: Path, shapes: Path, **data) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def runs(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def _train_runs(shapes: Path, root: Path) -> dict[str, Path]:
     """One run with workers 0; the same with workers 2, killed (SIGKILL) at step 3 and resumed."""
-    root = tmp_path_factory.mktemp("dc_e2e")
+    root.mkdir(parents=True)
     plain = write_yaml(root / "plain.yaml", _config(root / "plain", shapes, num_workers=0))
     killed = write_yaml(root / "killed.yaml", _config(root / "killed", shapes, num_workers=2))
     from arctic_vl import Engine
@@ -46,7 +45,16 @@ def runs(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     return {"plain": root / "plain", "killed": root / "killed", "plain_yaml": plain, "root": root}
 
 
-def test_augmentation_same_across_workers_and_resume(runs) -> None:
+def test_end_to_end(shapes: Path, tmp_path: Path, cli_in_process) -> None:
+    """One test (its parts share one trained run; split, each pytest-xdist worker would train it again)."""
+    runs = _train_runs(shapes, tmp_path / "runs")
+    check_augmentation_same_across_workers_and_resume(runs)
+    check_evaluate_reports_dense_metrics(runs, cli_in_process)
+    check_gkd_against_itself_then_on_policy(runs, shapes)
+    check_stage_a_and_b_end_to_end(runs, shapes, cli_in_process, tmp_path / "stage")
+
+
+def check_augmentation_same_across_workers_and_resume(runs: dict[str, Path]) -> None:
     a, b = read_metrics(runs["plain"]), read_metrics(runs["killed"])
     assert [m["step"] for m in b] == list(range(1, 5))
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
@@ -57,7 +65,7 @@ def test_augmentation_same_across_workers_and_resume(runs) -> None:
     assert sum(sa["crop_coverage_histogram"].values()) >= sa["dropped_by_crop"]
 
 
-def test_evaluate_reports_dense_metrics(runs, cli_in_process) -> None:
+def check_evaluate_reports_dense_metrics(runs: dict[str, Path], cli_in_process) -> None:
     code, out, err = cli_in_process("evaluate", str(runs["plain_yaml"]), "--set", "eval.generate=true",
                                     "--set", "eval.max_new_tokens=24")
     assert code == 0, err
@@ -69,7 +77,7 @@ def test_evaluate_reports_dense_metrics(runs, cli_in_process) -> None:
     assert {"box_f1_50", "json_valid_rate"} <= set(last)
 
 
-def test_gkd_against_itself_then_on_policy(runs, shapes) -> None:
+def check_gkd_against_itself_then_on_policy(runs: dict[str, Path], shapes: Path) -> None:
     from arctic_vl import Engine
 
     final = runs["plain"] / "final"
@@ -90,7 +98,8 @@ def test_gkd_against_itself_then_on_policy(runs, shapes) -> None:
     assert all(m["kl_loss"] >= 0 and m["label_tokens"] <= 4 * 6 for m in on)  # completions of <= 6 tokens
 
 
-def test_stage_a_and_b_end_to_end(runs, shapes, cli_in_process, tmp_path) -> None:
+def check_stage_a_and_b_end_to_end(runs: dict[str, Path], shapes: Path, cli_in_process, tmp_path: Path) -> None:
+    tmp_path.mkdir(parents=True)
     code, out, err = cli_in_process("dense-caption", "make-stage-data", str(shapes / "heldout.dense.jsonl"),
                                     "--out-dir", str(tmp_path), "--group-size", "2")
     assert code == 0, err
@@ -119,7 +128,11 @@ def test_stage_a_and_b_end_to_end(runs, shapes, cli_in_process, tmp_path) -> Non
         assert r["attempts"] <= 2
 
 
-def test_bad_records_and_verbs_exit_2(runs, cli_in_process, tmp_path) -> None:
-    code, _, err = cli_in_process("dense-caption", "stage-a", str(runs["plain_yaml"]), "--images",
+def test_bad_records_and_verbs_exit_2(shapes: Path, cli_in_process, tmp_path: Path) -> None:
+    config = write_yaml(tmp_path / "run.yaml", _config(tmp_path / "run", shapes))
+    code, _, err = cli_in_process("dense-caption", "stage-a", str(config), "--images",
                                   str(tmp_path / "nothing.txt"), "--out", str(tmp_path / "o.jsonl"))
     assert code == 2 and "not a directory, an image" in err
+    code, _, err = cli_in_process("dense-caption", "stage-a", str(config), "--images", str(shapes / "images"),
+                                  "--out", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "holds no trained model" in err
