@@ -58,6 +58,6 @@ def test_stage2_starts_from_stage1_and_gkd_teacher_defaults_to_it(tiny_qwen3: Pa
 def test_small_cpu_configs_validate(shapes: Path, tmp_path: Path, tiny_qwen25: Path) -> None:
     cfg = load_config(CONFIGS / "small-cpu.yaml", [f"data.sources=[{shapes / 'train.dense.jsonl'}]",
                                                     f"data.eval_sources=[{shapes / 'heldout.dense.jsonl'}]"])
-    assert cfg.model.family == "qwen2_5_vl" and cfg.trainer.type == "dense_caption" and cfg.eval.generate
+    assert cfg.model.family == "qwen3_vl" and cfg.trainer.type == "dense_caption" and cfg.eval.generate
     gkd = load_config(CONFIGS / "small-cpu-gkd.yaml", _overrides(tiny_qwen25, shapes, tmp_path))
     assert (gkd.trainer.beta, gkd.trainer.sft_alpha) == (0.5, 1.0) and gkd.model.family is None
