@@ -196,25 +196,23 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         if "mm_token_type_ids" in batch:
             one["mm_token_type_ids"] = batch["mm_token_type_ids"][r:r + 1, :prompt.shape[1]]
         grid = batch.get("image_grid_thw")
-        if grid is not None:  # Qwen: rows' images in order; patches per image = t*h*w
+        if grid is not None:  # Qwen: images in row order; image k has t*h*w patches and t*h*w / merge^2 tokens
             image_id = self.bundle.processor.image_token_id
             merge = int(getattr(self.bundle.processor.image_processor, "merge_size", 2))
-            per_row = [(batch["input_ids"][k] == image_id).sum().item() for k in range(batch["input_ids"].shape[0])]
-            tokens = (grid.prod(-1) // merge**2).tolist()
-            img_start, acc = 0, 0
-            for k in range(r):  # images before row r
-                need = per_row[k]
-                while need > 0:
-                    need -= tokens[img_start]
-                    img_start += 1
-            img_end, need = img_start, per_row[r]
-            while need > 0:
-                need -= tokens[img_end]
-                img_end += 1
             patches = grid.prod(-1).tolist()
-            acc = sum(patches[:img_start])
-            one["pixel_values"] = batch["pixel_values"][acc:acc + sum(patches[img_start:img_end])]
-            one["image_grid_thw"] = grid[img_start:img_end]
+            tokens = [p // merge**2 for p in patches]
+            first = 0  # the first image of row r: skip the image tokens of the rows before it
+            before = int((batch["input_ids"][:r] == image_id).sum())
+            while before > 0:
+                before -= tokens[first]
+                first += 1
+            last, mine = first, int((batch["input_ids"][r] == image_id).sum())
+            while mine > 0:
+                mine -= tokens[last]
+                last += 1
+            start = sum(patches[:first])
+            one["pixel_values"] = batch["pixel_values"][start:start + sum(patches[first:last])]
+            one["image_grid_thw"] = grid[first:last]
         elif "pixel_values" in batch:  # LLaVA: one entry per image, samples in order (one image per sample)
             for key in ("pixel_values", "image_sizes", "batch_num_images"):
                 if key in batch:

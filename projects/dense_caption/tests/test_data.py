@@ -163,3 +163,24 @@ def test_items_are_identical_across_workers(tmp_path, shapes, tiny_qwen25) -> No
                 else:
                     assert x[k] == y[k], k
     assert any(b["_augmentation"].get("op.rotate") for b in batches(0, 0))
+
+
+def test_gkd_row_inputs_hold_that_rows_images(tmp_path, shapes, tiny_qwen25) -> None:
+    """On-policy generation cuts one row out of a Qwen batch: its own pixels and grid, as if collated alone."""
+    from types import SimpleNamespace
+
+    from dense_caption.gkd import GKDTrainer
+
+    src = _write(tmp_path, shapes, _records(shapes))
+    data, bundle = _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "images_per_sample": 2, "max_pixels": 48 * 48,
+                                                  "augmentation": {"enabled": True, "ops": [
+                                                      {"name": "resize_by_scale", "params": {"lo": 0.5, "hi": 1.0,
+                                                                                             "multiple": 16}}]}})
+    items = [data.train[i] for i in range(3)]
+    batch = data.collate([dict(it) for it in items])
+    fake = SimpleNamespace(bundle=bundle)
+    for r in range(3):
+        alone = data.collate([dict(items[r])])
+        one = GKDTrainer._row_inputs(fake, batch, r, batch["input_ids"][r:r + 1, :5])
+        assert torch.equal(one["pixel_values"], alone["pixel_values"])
+        assert torch.equal(one["image_grid_thw"], alone["image_grid_thw"])
