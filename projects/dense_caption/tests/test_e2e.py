@@ -136,3 +136,10 @@ def test_bad_records_and_verbs_exit_2(shapes: Path, cli_in_process, tmp_path: Pa
     code, _, err = cli_in_process("dense-caption", "stage-a", str(config), "--images", str(shapes / "images"),
                                   "--out", str(tmp_path / "o.jsonl"))
     assert code == 2 and "holds no trained model" in err
+
+
+def test_inspect_shows_the_built_items(shapes: Path, cli_in_process, tmp_path: Path) -> None:
+    config = write_yaml(tmp_path / "run.yaml", _config(tmp_path / "run", shapes))
+    code, out, err = cli_in_process("dense-caption", "inspect", str(config), "--n", "2")
+    assert code == 0, err
+    assert out.count("--- item") == 2 and "[[" in out and "]]" in out and "image tokens" in out
