@@ -17,12 +17,15 @@ Stage-A: a group is a directory (its images, sorted by name), an image file (a g
 `images_per_sample` images, and each chunk is answered in summary mode: plain text for one image, a JSON
 object keyed per image for several. Output: one line per image, groups and images in input order:
 `{"group", "image", "index", "summary"}`, with `"summary": null` and an `"error"` when the answer was empty
-or malformed (reported, never dropped). The report on stdout counts them.
+or malformed (reported, never dropped). The report on stdout counts them. Other fields of a group line are
+carried into its output lines as `meta`.
 
 Stage-B: per group (in the order of the summaries file), a text-only prompt with the group's summaries and the
 criterion; the answer must be two lines: `pass` or `fail`, then `reason: ...`. An invalid answer is retried
 with sampling (temperature 0.7, torch RNG seeded by the group's position and the attempt) at most
-`--max-retries` times, then written with `"verdict": null` and the error. Output: one line per group.
+`--max-retries` times, then written with `"verdict": null` and the error. Output: one line per group. When the
+Stage-A lines carry a known verdict (`meta.verdict`, from a groups file of make-stage-data), the report gives the
+agreement with it.
 
 make-stage-data: from dense-caption records, seeded groups of `--group-size` records, written as
 `groups.jsonl` (Stage-A input, with the verdict the synthetic criterion gives) and `stage_b.messages.jsonl`
@@ -123,8 +126,9 @@ class Runner:
 
 
 # ------------------------------------------------------------------------------------------- stage A
-def read_groups(paths: list[str]) -> list[tuple[str, list[Path]]]:
-    """(group id, image paths) from directories, image files and groups JSONL files, in the order given."""
+def read_groups(paths: list[str]) -> list[tuple[str, list[Path], dict[str, Any]]]:
+    """(group id, image paths, the line's other fields) from directories, image files and groups JSONL files,
+    in the order given."""
     from arctic_vl import ConfigError
 
     groups = []
@@ -134,7 +138,7 @@ def read_groups(paths: list[str]) -> list[tuple[str, list[Path]]]:
             images = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
                 raise ConfigError(f"stage-a: {p}: no images ({', '.join(IMAGE_SUFFIXES)})")
-            groups.append((p.name, images))
+            groups.append((p.name, images, {}))
         elif p.suffix == ".jsonl" and p.is_file():
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
                 if not line.strip():
@@ -146,15 +150,17 @@ def read_groups(paths: list[str]) -> list[tuple[str, list[Path]]]:
                         raise ValueError("images must be a non-empty list of paths")
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                     raise ConfigError(f"stage-a: {p}:{n}: a group line needs {{group, images: [paths]}} ({e})") from None
-                groups.append((gid, [(p.parent / i).resolve() for i in imgs]))
+                extra = {k: v for k, v in rec.items() if k not in ("group", "images")}
+                groups.append((gid, [(p.parent / i).resolve() for i in imgs], extra))
         elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            groups.append((p.stem, [p]))
+            groups.append((p.stem, [p], {}))
         else:
             raise ConfigError(f"stage-a: {p}: not a directory, an image ({', '.join(IMAGE_SUFFIXES)}) or a groups .jsonl")
     return groups
 
 
-def stage_a(runner: Runner, groups: list[tuple[str, list[Path]]], out: Path, max_new_tokens: int) -> dict[str, Any]:
+def stage_a(runner: Runner, groups: list[tuple[str, list[Path], dict[str, Any]]], out: Path,
+            max_new_tokens: int) -> dict[str, Any]:
     """Summaries per image of each group, written to `out`; returns the report."""
     from arctic_vl import open_image
 
@@ -164,7 +170,7 @@ def stage_a(runner: Runner, groups: list[tuple[str, list[Path]]], out: Path, max
     report: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     with open(out, "w", encoding="utf-8") as fh:
-        for gid, paths in groups:
+        for gid, paths, extra in groups:
             report["groups"] += 1
             for c in range(0, len(paths), k):
                 chunk = paths[c:c + k]
@@ -175,6 +181,8 @@ def stage_a(runner: Runner, groups: list[tuple[str, list[Path]]], out: Path, max
                 summaries, error = parse_summaries(text, len(chunk), data.image_key_prefix)
                 for j, p in enumerate(chunk):
                     line: dict[str, Any] = {"group": gid, "image": str(p), "index": c + j}
+                    if extra:
+                        line["meta"] = extra  # the group line's other fields, carried to Stage-B
                     report["images"] += 1
                     if summaries is None:
                         line.update(summary=None, error=error, raw=text[:300])
@@ -187,29 +195,31 @@ def stage_a(runner: Runner, groups: list[tuple[str, list[Path]]], out: Path, max
 
 
 # ------------------------------------------------------------------------------------------- stage B
-def read_summaries(path: Path) -> list[tuple[str, list[str | None]]]:
-    """Stage-A output grouped by group id, groups in first-seen order, images by index."""
+def read_summaries(path: Path) -> list[tuple[str, list[str | None], dict[str, Any]]]:
+    """Stage-A output grouped by group id (groups in first-seen order, images by index), with the group's meta."""
     from arctic_vl import ConfigError
 
     groups: dict[str, dict[int, str | None]] = {}
+    metas: dict[str, dict[str, Any]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             groups.setdefault(str(rec["group"]), {})[int(rec["index"])] = rec.get("summary")
+            metas.setdefault(str(rec["group"]), rec.get("meta") or {})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"stage-b: {path}:{n}: not a Stage-A line {{group, index, summary}} ({e})") from None
-    return [(g, [by[i] for i in sorted(by)]) for g, by in groups.items()]
+    return [(g, [by[i] for i in sorted(by)], metas[g]) for g, by in groups.items()]
 
 
-def stage_b(runner: Runner, groups: list[tuple[str, list[str | None]]], out: Path, criterion: str,
+def stage_b(runner: Runner, groups: list[tuple[str, list[str | None], dict[str, Any]]], out: Path, criterion: str,
             max_retries: int, max_new_tokens: int) -> dict[str, Any]:
     """A verdict per group, written to `out`; returns the report."""
     prefix = runner.cfg.data.image_key_prefix
     report: Counter[str] = Counter()
     with open(out, "w", encoding="utf-8") as fh:
-        for g, (gid, summaries) in enumerate(groups):
+        for g, (gid, summaries, meta) in enumerate(groups):
             report["groups"] += 1
             line: dict[str, Any] = {"group": gid}
             if any(s is None for s in summaries):
@@ -227,13 +237,19 @@ def stage_b(runner: Runner, groups: list[tuple[str, list[str | None]]], out: Pat
                 if error is None:
                     line.update(verdict=verdict, reason=reason, attempts=attempt + 1)
                     report[verdict] += 1
+                    if meta.get("verdict") in ("pass", "fail"):  # a known answer (make-stage-data writes one)
+                        report["with_expected"] += 1
+                        report["agree"] += int(meta["verdict"] == verdict)
                     report["retried"] += int(attempt > 0)
                     break
             else:
                 line.update(verdict=None, error=error, raw=text[:300], attempts=max_retries + 1)
                 report["invalid"] += 1
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return {**report, "out": str(out), "model": str(runner.model_dir)}
+    result: dict[str, Any] = {**report, "out": str(out), "model": str(runner.model_dir)}
+    if report["with_expected"]:
+        result["agreement"] = report["agree"] / report["with_expected"]
+    return result
 
 
 # ------------------------------------------------------------------------------------------ the data
