@@ -1,0 +1,272 @@
+"""`DetectionHead`: a DETR-style detector reading a VLM's hidden states, with a caption decoder per object.
+
+    language memory = language_adapter(LLM last hidden state)          (B, T, D) -> (B, T, d)
+    vision memory   = vision_adapter(vision embeddings of the student image) + 2-D sine position
+    memory          = [vision ; language], padding of both masked
+    queries         = `num_queries` learned embeddings -> `decoder_layers` transformer decoder layers
+    per layer       -> box head (sigmoid: normalised cx, cy, w, h) and objectness logit (shared heads)
+    caption decoder -> description tokens of each matched object, teacher-forced with SHIFTED inputs:
+                       position 0 sees a learned BOS, position i the ground-truth token i-1; target token i
+
+The adapters are residual bottlenecks (`x + up(gelu(down(x)))`, D -> D / adapter_ratio -> D, `up` zero-initialised
+so an untrained adapter is the identity). Vision embeddings are what the VLM's merger feeds the LLM at the
+student image's tokens; their positions come from the image grid (Qwen: `image_grid_thw`), normalised to
+[0, 1], so box coordinates and memory positions share one frame whatever size the processor resized to.
+
+Saved as `config.json` (this module's `DetectionHeadConfig`) + `model.safetensors` in one directory
+(`final/detection_head/` of a run): `save_detection_head` / `load_detection_head`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+#: prior probability of "object" at initialisation (RetinaNet's focal-loss prior)
+OBJECTNESS_PRIOR = 0.01
+
+
+class DetectionSettings(BaseModel):
+    """The head's shape, as a config's `model.detection:` section gives it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_queries: int = Field(100, ge=1, description="learned object queries (the most objects an image may have)")
+    decoder_layers: int = Field(2, ge=1, description="transformer decoder layers over the memory")
+    caption_layers: int = Field(4, ge=1, description="layers of the per-object caption decoder")
+    d_model: int = Field(256, ge=8, description="width of the head (queries, memory after the adapters)")
+    heads: int = Field(8, ge=1, description="attention heads of both decoders")
+    ffn_ratio: int = Field(4, ge=1, description="feed-forward width = ffn_ratio x d_model")
+    adapter_ratio: int = Field(8, ge=1, description="bottleneck of the residual adapters: D -> D / adapter_ratio")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    max_caption_tokens: int = Field(16, ge=2, description="caption tokens per object incl. the end token; longer "
+                                    "descriptions are cut (counted in the data stats)")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> DetectionSettings:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        if self.d_model % 4:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of 4 (2-D sine positions)")
+        return self
+
+
+class DetectionHeadConfig(DetectionSettings):
+    """Everything that rebuilds a head: its settings plus the VLM facts it was built for."""
+
+    hidden_size: int = Field(..., ge=1, description="the LLM's hidden size D")
+    vision_size: int = Field(..., ge=1, description="width of the vision embeddings the LLM receives")
+    vocab_size: int = Field(..., ge=2, description="caption vocabulary (the VLM tokenizer's)")
+    caption_end_id: int = Field(..., ge=0, description="token that ends a caption (the tokenizer's end of turn)")
+
+
+@dataclass
+class DetectionOutput:
+    """Per decoder layer (last = final): boxes (L, B, Q, 4) normalised cxcywh, objectness logits (L, B, Q),
+    and the decoder states (L, B, Q, d) the caption decoder reads."""
+
+    boxes: torch.Tensor
+    logits: torch.Tensor
+    states: torch.Tensor
+
+
+class ResidualAdapter(nn.Module):
+    """`x + up(gelu(down(norm(x))))`, a residual bottleneck; identity at initialisation (`up` is zero)."""
+
+    def __init__(self, size: int, ratio: int):
+        super().__init__()
+        bottleneck = max(1, size // ratio)
+        self.norm = nn.LayerNorm(size)
+        self.down = nn.Linear(size, bottleneck)
+        self.up = nn.Linear(bottleneck, size)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.gelu(self.down(self.norm(x))))
+
+
+def sine_position(xy: torch.Tensor, d_model: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(..., 2) normalised (x, y) in [0, 1] -> (..., d_model) DETR sine embedding: y features, then x."""
+    half = d_model // 2
+    dim_t = temperature ** (2 * (torch.arange(half, device=xy.device) // 2) / half)
+    out = []
+    for coord in (xy[..., 1], xy[..., 0]):
+        pos = coord[..., None].float() * 2 * math.pi / dim_t
+        out.append(torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2))
+    return torch.cat(out, dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm DETR decoder layer: query positions added to queries and keys, memory positions to keys."""
+
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, d))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor,
+                memory_padding: torch.Tensor) -> torch.Tensor:
+        t = self.norm1(tgt)
+        q = t + query_pos
+        tgt = tgt + self.drop(self.self_attn(q, q, t, need_weights=False)[0])
+        t = self.norm2(tgt)
+        tgt = tgt + self.drop(self.cross_attn(t + query_pos, memory + memory_pos, memory,
+                                              key_padding_mask=memory_padding, need_weights=False)[0])
+        return tgt + self.drop(self.ffn(self.norm3(tgt)))
+
+
+class DetectionHead(nn.Module):
+    """See the module docstring. Submodule names matter: the `adapter` LR group is every `*adapter*` parameter."""
+
+    def __init__(self, config: DetectionHeadConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        d = c.d_model
+        self.language_adapter = ResidualAdapter(c.hidden_size, c.adapter_ratio)
+        self.vision_adapter = ResidualAdapter(c.vision_size, c.adapter_ratio)
+        self.language_proj = nn.Linear(c.hidden_size, d)
+        self.vision_proj = nn.Linear(c.vision_size, d)
+        self.memory_type = nn.Embedding(2, d)  # 0 vision, 1 language
+        self.query_embed = nn.Embedding(c.num_queries, d)
+        self.layers = nn.ModuleList(DecoderLayer(d, c.heads, c.ffn_ratio * d, c.dropout)
+                                    for _ in range(c.decoder_layers))
+        self.norm = nn.LayerNorm(d)
+        self.box_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
+        self.objectness_head = nn.Linear(d, 1)
+        # caption decoder
+        self.caption_embed = nn.Embedding(c.vocab_size, d)
+        self.caption_bos = nn.Parameter(torch.zeros(d))
+        self.caption_pos = nn.Embedding(c.max_caption_tokens, d)
+        self.caption_query = nn.Linear(d, d)
+        layer = nn.TransformerDecoderLayer(d, c.heads, c.ffn_ratio * d, c.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.caption_decoder = nn.TransformerDecoder(layer, c.caption_layers, norm=nn.LayerNorm(d))
+        self.caption_head = nn.Linear(d, c.vocab_size)
+        self._reset()
+
+    def _reset(self) -> None:
+        nn.init.normal_(self.caption_bos, std=0.02)
+        # boxes start at the image centre with a quarter size; objectness at the focal prior
+        last = self.box_head[-1]
+        nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias.copy_(torch.tensor([0.0, 0.0, -1.1, -1.1]))
+        nn.init.constant_(self.objectness_head.bias, -math.log((1 - OBJECTNESS_PRIOR) / OBJECTNESS_PRIOR))
+
+    # ------------------------------------------------------------------------------------ detection
+    def forward(self, language: torch.Tensor, language_mask: torch.Tensor, vision: torch.Tensor,
+                vision_mask: torch.Tensor, vision_xy: torch.Tensor) -> DetectionOutput:
+        """`language` (B, T, D) LLM last hidden state, `language_mask` (B, T) True at real tokens; `vision`
+        (B, V, Dv) the student image's embeddings, `vision_mask` (B, V) True at real ones, `vision_xy` (B, V, 2)
+        their normalised centres. Every submodule runs once per call, whatever the masks (ZeRO-3)."""
+        d = self.config.d_model
+        dtype = self.query_embed.weight.dtype
+        lang = self.language_proj(self.language_adapter(language.to(dtype))) + self.memory_type.weight[1]
+        vis = self.vision_proj(self.vision_adapter(vision.to(dtype))) + self.memory_type.weight[0]
+        memory = torch.cat([vis, lang], dim=1)
+        memory_pos = torch.cat([sine_position(vision_xy, d).to(dtype), torch.zeros_like(lang)], dim=1)
+        padding = ~torch.cat([vision_mask, language_mask], dim=1).bool()
+        b = memory.shape[0]
+        query_pos = self.query_embed.weight[None].expand(b, -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        states = []
+        for layer in self.layers:
+            tgt = layer(tgt, query_pos, memory, memory_pos, padding)
+            states.append(self.norm(tgt))
+        stacked = torch.stack(states)  # (L, B, Q, d): one call of each output head for all layers
+        boxes = self.box_head(stacked).float().sigmoid()
+        logits = self.objectness_head(stacked).squeeze(-1).float()
+        return DetectionOutput(boxes, logits, stacked)
+
+    # -------------------------------------------------------------------------------------- captions
+    def caption_logits(self, query_states: torch.Tensor, caption_inputs: torch.Tensor) -> torch.Tensor:
+        """(N, d) decoder states of matched queries, (N, L) caption tokens -> (N, L, vocab) logits of each NEXT token.
+
+        Shifted teacher forcing: position 0 reads the BOS embedding, position i the token i-1, and its
+        logits predict token i; the last input token is never read (nothing after it is predicted).
+        """
+        n, length = caption_inputs.shape
+        tokens = self.caption_embed(caption_inputs[:, :-1].clamp(min=0))
+        bos = self.caption_bos.to(tokens.dtype).expand(n, 1, -1)
+        tgt = torch.cat([bos, tokens], dim=1) + self.caption_pos.weight[:length][None]
+        memory = self.caption_query(query_states.to(tgt.dtype))[:, None, :]
+        causal = torch.triu(torch.full((length, length), float("-inf"), device=tgt.device), diagonal=1)
+        out = self.caption_decoder(tgt, memory, tgt_mask=causal.to(tgt.dtype), tgt_is_causal=True)
+        return self.caption_head(out).float()
+
+    @torch.no_grad()
+    def generate_captions(self, query_states: torch.Tensor, fixed_steps: bool = False) -> list[list[int]]:
+        """Greedy captions (token ids, end token excluded) for (N, d) query states.
+
+        `fixed_steps`: always decode `max_caption_tokens` steps, on a dummy row when N is 0, so every process
+        calls the caption decoder equally often (ZeRO-3 gathers its weights in each call)."""
+        n = query_states.shape[0]
+        if n == 0 and not fixed_steps:
+            return []
+        states = query_states if n else self.query_embed.weight[:1]
+        rows = max(n, 1)
+        end = self.config.caption_end_id
+        seq = torch.zeros((rows, 1), dtype=torch.long, device=states.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=states.device)
+        for _ in range(self.config.max_caption_tokens):
+            nxt = self.caption_logits(states, seq)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, end), nxt)
+            done |= nxt == end
+            seq = torch.cat([seq[:, :-1], nxt[:, None], seq.new_zeros((rows, 1))], dim=1)
+            if bool(done.all()) and not fixed_steps:
+                break
+        out = []
+        for row in seq[:n, :-1].tolist():
+            out.append(row[:row.index(end)] if end in row else row)
+        return out
+
+
+# ----------------------------------------------------------------------------------------- save / load
+def save_detection_head(head: DetectionHead, out_dir: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` into `out_dir`; `state_dict` (gathered weights) overrides the module's."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = state_dict if state_dict is not None else head.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(head.config.model_dump(), indent=1) + "\n")
+    return out
+
+
+def read_head_config(path: str | Path) -> DetectionHeadConfig:
+    """The `DetectionHeadConfig` saved in a head directory (ValueError naming the file if it is not one)."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        return DetectionHeadConfig.model_validate(json.loads(file.read_text()))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a detection head config ({e})") from None
+
+
+def load_detection_head(path: str | Path, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> DetectionHead:
+    """Rebuild a saved head exactly (strict: every weight present, no extra one)."""
+    from safetensors.torch import load_file
+
+    head = DetectionHead(read_head_config(path))
+    head.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)), strict=True)
+    if dtype is not None:
+        head.to(dtype)
+    if device is not None:
+        head.to(device)
+    return head

@@ -1,0 +1,47 @@
+"""Fixtures of the bbu_detection tests: tiny Qwen-VL checkpoints, the synthetic detection data, an in-process CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores shared by several engineers: one thread per test process.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[3]
+PROJECT = REPO / "projects" / "bbu_detection"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2.5-VL checkpoint (model, tokenizer, processor), seed 0."""
+    from arctic_vl import make_tiny_model
+
+    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny_qwen25"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def bbu_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic teacher/student detection records: 24 train, 8 held out, 64-pixel images."""
+    from bbu_detection.synthetic import make_detection_data
+
+    out = tmp_path_factory.mktemp("bbu_data")
+    make_detection_data(out, n=24, heldout=8, seed=0)
+    return out
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """cli(*args) runs `arctic_vl ARGS` in-process (the console script's `main`) -> (exit code, stdout, stderr)."""
+    from arctic_vl.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
