@@ -3,8 +3,12 @@
     language memory = language_adapter(LLM last hidden state)          (B, T, D) -> (B, T, d)
     vision memory   = vision_adapter(vision embeddings of the student image) + 2-D sine position
     memory          = [vision ; language], padding of both masked
-    queries         = `num_queries` learned embeddings -> `decoder_layers` transformer decoder layers
-    per layer       -> box head (sigmoid: normalised cx, cy, w, h) and objectness logit (shared heads)
+    queries         = `num_queries` learned content embeddings, each with a learned reference box
+    `decoder_layers` transformer decoder layers; in each, a query attends to the memory with the sine
+                       embedding of its reference box's centre (the space the memory positions live in, so
+                       attention is local from the first step), and the box head refines the reference:
+                       box_l = sigmoid(logit(box_{l-1}) + delta_l) (iterative refinement, Deformable/DAB-DETR)
+    per layer       -> boxes (normalised cx, cy, w, h) and objectness logit (heads shared by the layers)
     caption decoder -> description tokens of each matched object, teacher-forced with SHIFTED inputs:
                        position 0 sees a learned BOS, position i the ground-truth token i-1; target token i
 
@@ -95,15 +99,38 @@ class ResidualAdapter(nn.Module):
         return x + self.up(F.gelu(self.down(self.norm(x))))
 
 
-def sine_position(xy: torch.Tensor, d_model: int, temperature: float = 10000.0) -> torch.Tensor:
-    """(..., 2) normalised (x, y) in [0, 1] -> (..., d_model) DETR sine embedding: y features, then x."""
-    half = d_model // 2
-    dim_t = temperature ** (2 * (torch.arange(half, device=xy.device) // 2) / half)
-    out = []
-    for coord in (xy[..., 1], xy[..., 0]):
-        pos = coord[..., None].float() * 2 * math.pi / dim_t
-        out.append(torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2))
-    return torch.cat(out, dim=-1)
+#: frequencies of the sine positions, in cycles per image side: coarse (where in the image) to fine (which token)
+SINE_CYCLES = (0.25, 16.0)
+
+
+def sine_position(coords: torch.Tensor, d_model: int) -> torch.Tensor:
+    """(..., k) normalised coordinates in [0, 1] -> (..., d_model) sine/cosine features, d_model / k per coordinate
+    at geometric frequencies over `SINE_CYCLES` (the DETR embedding with a range suited to normalised inputs).
+    The dot product of two embeddings peaks where the coordinates agree: position-to-position attention."""
+    k = coords.shape[-1]
+    per = d_model // k
+    pairs = per // 2
+    lo, hi = SINE_CYCLES
+    cycles = lo * (hi / lo) ** (torch.arange(pairs, device=coords.device, dtype=torch.float32) / max(pairs - 1, 1))
+    angle = coords[..., None].float() * 2 * math.pi * cycles  # (..., k, pairs)
+    feats = torch.cat([angle.sin(), angle.cos()], dim=-1).flatten(-2)  # (..., k * 2 * pairs)
+    if feats.shape[-1] < d_model:
+        feats = torch.nn.functional.pad(feats, (0, d_model - feats.shape[-1]))
+    return feats
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """logit(x), clamped away from 0 and 1."""
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
+def anchor_grid(n: int) -> torch.Tensor:
+    """(n, 4) initial reference boxes: centres on a grid over the image, sides 1/sqrt(n) (at most 0.5)."""
+    side = math.ceil(math.sqrt(n))
+    centres = [((c + 0.5) / side, (r + 0.5) / side) for r in range(side) for c in range(side)][:n]
+    size = min(0.5, 1.0 / side)
+    return torch.tensor([[x, y, size, size] for x, y in centres], dtype=torch.float32)
 
 
 class DecoderLayer(nn.Module):
@@ -117,13 +144,15 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor,
-                memory_padding: torch.Tensor) -> torch.Tensor:
+    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, spatial: torch.Tensor, memory: torch.Tensor,
+                memory_pos: torch.Tensor, memory_padding: torch.Tensor) -> torch.Tensor:
+        """`query_pos`: the queries' box embedding (self-attention); `spatial`: the sine embedding of their
+        reference centres, added to the cross-attention queries as `memory_pos` is to its keys."""
         t = self.norm1(tgt)
         q = t + query_pos
         tgt = tgt + self.drop(self.self_attn(q, q, t, need_weights=False)[0])
         t = self.norm2(tgt)
-        tgt = tgt + self.drop(self.cross_attn(t + query_pos, memory + memory_pos, memory,
+        tgt = tgt + self.drop(self.cross_attn(t + spatial, memory + memory_pos, memory,
                                               key_padding_mask=memory_padding, need_weights=False)[0])
         return tgt + self.drop(self.ffn(self.norm3(tgt)))
 
@@ -141,7 +170,9 @@ class DetectionHead(nn.Module):
         self.language_proj = nn.Linear(c.hidden_size, d)
         self.vision_proj = nn.Linear(c.vision_size, d)
         self.memory_type = nn.Embedding(2, d)  # 0 vision, 1 language
-        self.query_embed = nn.Embedding(c.num_queries, d)
+        self.query_embed = nn.Embedding(c.num_queries, d)  # content of the learned queries
+        self.reference = nn.Parameter(inverse_sigmoid(anchor_grid(c.num_queries)))  # their boxes, as logits
+        self.query_pos = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
         self.layers = nn.ModuleList(DecoderLayer(d, c.heads, c.ffn_ratio * d, c.dropout)
                                     for _ in range(c.decoder_layers))
         self.norm = nn.LayerNorm(d)
@@ -160,11 +191,10 @@ class DetectionHead(nn.Module):
 
     def _reset(self) -> None:
         nn.init.normal_(self.caption_bos, std=0.02)
-        # boxes start at the image centre with a quarter size; objectness at the focal prior
+        # the first boxes are the reference boxes (zero refinement); objectness starts at the focal prior
         last = self.box_head[-1]
         nn.init.zeros_(last.weight)
-        with torch.no_grad():
-            last.bias.copy_(torch.tensor([0.0, 0.0, -1.1, -1.1]))
+        nn.init.zeros_(last.bias)
         nn.init.constant_(self.objectness_head.bias, -math.log((1 - OBJECTNESS_PRIOR) / OBJECTNESS_PRIOR))
 
     # ------------------------------------------------------------------------------------ detection
@@ -181,16 +211,21 @@ class DetectionHead(nn.Module):
         memory_pos = torch.cat([sine_position(vision_xy, d).to(dtype), torch.zeros_like(lang)], dim=1)
         padding = ~torch.cat([vision_mask, language_mask], dim=1).bool()
         b = memory.shape[0]
-        query_pos = self.query_embed.weight[None].expand(b, -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        states = []
+        tgt = self.query_embed.weight[None].expand(b, -1, -1)
+        reference = self.reference.float().sigmoid()[None].expand(b, -1, -1)
+        states, boxes = [], []
         for layer in self.layers:
-            tgt = layer(tgt, query_pos, memory, memory_pos, padding)
-            states.append(self.norm(tgt))
-        stacked = torch.stack(states)  # (L, B, Q, d): one call of each output head for all layers
-        boxes = self.box_head(stacked).float().sigmoid()
-        logits = self.objectness_head(stacked).squeeze(-1).float()
-        return DetectionOutput(boxes, logits, stacked)
+            spatial = sine_position(reference[..., :2], d).to(dtype)
+            query_pos = self.query_pos(sine_position(reference, d).to(dtype))
+            tgt = layer(tgt, query_pos, spatial, memory, memory_pos, padding)
+            state = self.norm(tgt)
+            box = (inverse_sigmoid(reference) + self.box_head(state).float()).sigmoid()
+            states.append(state)
+            boxes.append(box)
+            reference = box.detach()  # each layer refines the last one's boxes; gradients stay per layer
+        stacked = torch.stack(states)  # (L, B, Q, d)
+        logits = self.objectness_head(stacked).squeeze(-1).float()  # one call for all layers
+        return DetectionOutput(torch.stack(boxes), logits, stacked)
 
     # -------------------------------------------------------------------------------------- captions
     def caption_logits(self, query_states: torch.Tensor, caption_inputs: torch.Tensor) -> torch.Tensor:
