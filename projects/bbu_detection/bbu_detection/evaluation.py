@@ -96,11 +96,11 @@ def evaluate_detection(trainer: Any, model: torch.nn.Module) -> dict[str, Any]:
     dataset, collate, dist = trainer.data.eval, trainer.data.collate, trainer.dist
     if dataset is None:
         return {}
-    ecfg = trainer.engine_config.eval
+    ecfg = trainer.eval_config
     n = len(dataset) if ecfg.max_samples is None else min(ecfg.max_samples, len(dataset))
     share = math.ceil(n / dist.world_size)
     mine = [dist.rank + dist.world_size * k for k in range(share)]  # >= n: a repeat, evaluated but not counted
-    bs = ecfg.micro_batch_size or trainer.engine_config.data.micro_batch_size
+    bs = ecfg.micro_batch_size or trainer.data.micro_batch_size
     head = model.detection_head
     tok = getattr(trainer.bundle.processor, "tokenizer", trainer.bundle.processor)
     iou = trainer.config.caption_match_iou

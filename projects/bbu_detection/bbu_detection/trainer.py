@@ -19,7 +19,6 @@ neither learns nor teaches (its losses are still computed and logged, and every 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -92,15 +91,6 @@ class DetectionTrainer(Trainer):
         return {GT_OBJECTS: float(objects), CAPTION_TOKENS: float(captions), TEACHER_TOKENS: float(teacher),
                 STUDENT_TOKENS: float(student)}
 
-    def _step_counts(self, batch: dict[str, Any], counts: StepCounts | None) -> StepCounts:
-        """The step's global counts (training), else this batch's own (evaluation)."""
-        if counts is not None:
-            return counts
-        if getattr(self, "global_counts", None):
-            units = self.global_counts["units"]
-            return StepCounts(units, {k: v for k, v in self.global_counts.items() if k != "units"})
-        return StepCounts(float(self.count(batch)), self.step_counts([batch]))
-
     def head_frozen(self) -> bool:
         """True while the optimizer step being computed is inside `detection_freeze_epochs`."""
         return self.state.step < self._frozen_steps()
@@ -113,9 +103,9 @@ class DetectionTrainer(Trainer):
         return sum(-(-len(self.plan(e)) // gas) for e in range(epochs))
 
     # --------------------------------------------------------------------------------------- the loss
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts | None = None) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
+        """The step's loss sum (see the module docstring); `counts` are the step's global normalisers."""
         cfg = self.config
-        counts = self._step_counts(batch, counts)
         out = pair_forward(model, batch, self.image_token_id)
         t_sum, s_sum, n_t, n_s = span_lm_loss_sums(out.hidden, out.lm_head, batch["labels"], batch[SPANS],
                                                    cfg.loss_chunk_size)
@@ -153,26 +143,8 @@ class DetectionTrainer(Trainer):
         """The core's evaluation (eval loss) plus COCO AP / AP50 / AP75 / AR100 and caption exact match."""
         from .evaluation import evaluate_detection
 
-        results = dict(super().evaluate(model)) if hasattr(super(), "evaluate") else {}
+        results = super().evaluate(model)
         results.update(evaluate_detection(self, model))
-        return results
-
-    def run_evaluation(self) -> dict[str, Any]:
-        """(Until the core's loop calls `evaluate`:) the core's loss evaluation, then ours, into eval.jsonl."""
-        if hasattr(Trainer, "evaluate"):
-            return super().run_evaluation()
-        from arctic_vl.trainers.evaluate import evaluate as core_evaluate
-
-        from .evaluation import evaluate_detection
-
-        module = self.dist.unwrap(self.model).model if hasattr(self, "model") else self.bundle.model
-        results = core_evaluate(self, module)
-        results.update(evaluate_detection(self, module))
-        if self.is_main:
-            with open(self.output_dir / "eval.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": self.state.step, **results}) + "\n")
-        self.callbacks.on_evaluate(self, results)
-        self._last_results = results
         return results
 
 
