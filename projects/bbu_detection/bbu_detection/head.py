@@ -157,6 +157,40 @@ class DecoderLayer(nn.Module):
         return tgt + self.drop(self.ffn(self.norm3(tgt)))
 
 
+class CaptionDecoder(nn.Module):
+    """Predicts an object's description from its query state: a causal transformer decoder over the caption
+    tokens that cross-attends to the (projected) query state.
+
+    Shifted teacher forcing: position 0 reads a learned BOS embedding, position i the ground-truth token i-1,
+    and the logits at position i predict token i; the last input token is never read.
+    """
+
+    def __init__(self, c: DetectionHeadConfig):
+        super().__init__()
+        d = c.d_model
+        self.embed = nn.Embedding(c.vocab_size, d)
+        self.bos = nn.Embedding(1, d)
+        self.pos = nn.Embedding(c.max_caption_tokens, d)
+        self.query = nn.Linear(d, d)
+        layer = nn.TransformerDecoderLayer(d, c.heads, c.ffn_ratio * d, c.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, c.caption_layers, norm=nn.LayerNorm(d))
+        self.head = nn.Linear(d, c.vocab_size)
+        nn.init.normal_(self.bos.weight, std=0.02)
+
+    def forward(self, query_states: torch.Tensor, caption_inputs: torch.Tensor) -> torch.Tensor:
+        """(N, d), (N, L) token ids -> (N, L, vocab) fp32 logits."""
+        n, length = caption_inputs.shape
+        device = caption_inputs.device
+        tokens = self.embed(caption_inputs[:, :-1].clamp(min=0))
+        bos = self.bos(torch.zeros((n, 1), dtype=torch.long, device=device)).to(tokens.dtype)
+        tgt = torch.cat([bos, tokens], dim=1) + self.pos(torch.arange(length, device=device))[None]
+        memory = self.query(query_states.to(tgt.dtype))[:, None, :]
+        causal = torch.triu(torch.full((length, length), float("-inf"), device=device), diagonal=1)
+        out = self.decoder(tgt, memory, tgt_mask=causal.to(tgt.dtype), tgt_is_causal=True)
+        return self.head(out).float()
+
+
 class DetectionHead(nn.Module):
     """See the module docstring. Submodule names matter: the `adapter` LR group is every `*adapter*` parameter."""
 
@@ -171,26 +205,19 @@ class DetectionHead(nn.Module):
         self.vision_proj = nn.Linear(c.vision_size, d)
         self.memory_type = nn.Embedding(2, d)  # 0 vision, 1 language
         self.query_embed = nn.Embedding(c.num_queries, d)  # content of the learned queries
-        self.reference = nn.Parameter(inverse_sigmoid(anchor_grid(c.num_queries)))  # their boxes, as logits
+        self.reference = nn.Embedding(c.num_queries, 4)  # their boxes, as logits
         self.query_pos = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
         self.layers = nn.ModuleList(DecoderLayer(d, c.heads, c.ffn_ratio * d, c.dropout)
                                     for _ in range(c.decoder_layers))
         self.norm = nn.LayerNorm(d)
         self.box_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
         self.objectness_head = nn.Linear(d, 1)
-        # caption decoder
-        self.caption_embed = nn.Embedding(c.vocab_size, d)
-        self.caption_bos = nn.Parameter(torch.zeros(d))
-        self.caption_pos = nn.Embedding(c.max_caption_tokens, d)
-        self.caption_query = nn.Linear(d, d)
-        layer = nn.TransformerDecoderLayer(d, c.heads, c.ffn_ratio * d, c.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.caption_decoder = nn.TransformerDecoder(layer, c.caption_layers, norm=nn.LayerNorm(d))
-        self.caption_head = nn.Linear(d, c.vocab_size)
+        self.captioner = CaptionDecoder(c)
         self._reset()
 
     def _reset(self) -> None:
-        nn.init.normal_(self.caption_bos, std=0.02)
+        with torch.no_grad():
+            self.reference.weight.copy_(inverse_sigmoid(anchor_grid(self.config.num_queries)))
         # the first boxes are the reference boxes (zero refinement); objectness starts at the focal prior
         last = self.box_head[-1]
         nn.init.zeros_(last.weight)
@@ -204,15 +231,19 @@ class DetectionHead(nn.Module):
         (B, V, Dv) the student image's embeddings, `vision_mask` (B, V) True at real ones, `vision_xy` (B, V, 2)
         their normalised centres. Every submodule runs once per call, whatever the masks (ZeRO-3)."""
         d = self.config.d_model
-        dtype = self.query_embed.weight.dtype
-        lang = self.language_proj(self.language_adapter(language.to(dtype))) + self.memory_type.weight[1]
-        vis = self.vision_proj(self.vision_adapter(vision.to(dtype))) + self.memory_type.weight[0]
+        dtype = self.language_proj.weight.dtype
+        device = language.device
+        # parameters are only read through module calls: ZeRO-3 gathers a module's weights in its forward
+        kinds = self.memory_type(torch.tensor([0, 1], device=device))
+        lang = self.language_proj(self.language_adapter(language.to(dtype))) + kinds[1]
+        vis = self.vision_proj(self.vision_adapter(vision.to(dtype))) + kinds[0]
         memory = torch.cat([vis, lang], dim=1)
         memory_pos = torch.cat([sine_position(vision_xy, d).to(dtype), torch.zeros_like(lang)], dim=1)
         padding = ~torch.cat([vision_mask, language_mask], dim=1).bool()
         b = memory.shape[0]
-        tgt = self.query_embed.weight[None].expand(b, -1, -1)
-        reference = self.reference.float().sigmoid()[None].expand(b, -1, -1)
+        queries = torch.arange(self.config.num_queries, device=device)
+        tgt = self.query_embed(queries)[None].expand(b, -1, -1)
+        reference = self.reference(queries).float().sigmoid()[None].expand(b, -1, -1)
         states, boxes = [], []
         for layer in self.layers:
             spatial = sine_position(reference[..., :2], d).to(dtype)
@@ -229,19 +260,9 @@ class DetectionHead(nn.Module):
 
     # -------------------------------------------------------------------------------------- captions
     def caption_logits(self, query_states: torch.Tensor, caption_inputs: torch.Tensor) -> torch.Tensor:
-        """(N, d) decoder states of matched queries, (N, L) caption tokens -> (N, L, vocab) logits of each NEXT token.
-
-        Shifted teacher forcing: position 0 reads the BOS embedding, position i the token i-1, and its
-        logits predict token i; the last input token is never read (nothing after it is predicted).
-        """
-        n, length = caption_inputs.shape
-        tokens = self.caption_embed(caption_inputs[:, :-1].clamp(min=0))
-        bos = self.caption_bos.to(tokens.dtype).expand(n, 1, -1)
-        tgt = torch.cat([bos, tokens], dim=1) + self.caption_pos.weight[:length][None]
-        memory = self.caption_query(query_states.to(tgt.dtype))[:, None, :]
-        causal = torch.triu(torch.full((length, length), float("-inf"), device=tgt.device), diagonal=1)
-        out = self.caption_decoder(tgt, memory, tgt_mask=causal.to(tgt.dtype), tgt_is_causal=True)
-        return self.caption_head(out).float()
+        """(N, d) decoder states of matched queries, (N, L) caption tokens -> (N, L, vocab) logits of each NEXT
+        token (see `CaptionDecoder`)."""
+        return self.captioner(query_states, caption_inputs)
 
     @torch.no_grad()
     def generate_captions(self, query_states: torch.Tensor, fixed_steps: bool = False) -> list[list[int]]:
@@ -252,7 +273,7 @@ class DetectionHead(nn.Module):
         n = query_states.shape[0]
         if n == 0 and not fixed_steps:
             return []
-        states = query_states if n else self.query_embed.weight[:1]
+        states = query_states if n else query_states.new_zeros((1, self.config.d_model))
         rows = max(n, 1)
         end = self.config.caption_end_id
         seq = torch.zeros((rows, 1), dtype=torch.long, device=states.device)
