@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+# the core tests' in-process CLI fixture: cli(*args) -> (exit code, stdout, stderr)
+from tests.conftest import cli  # noqa: F401
 
 # Two cores shared by several engineers: one thread per test process.
 torch.set_num_threads(1)
@@ -31,17 +33,3 @@ def bbu_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bbu_data")
     make_detection_data(out, n=24, heldout=8, seed=0)
     return out
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """cli(*args) runs `arctic_vl ARGS` in-process (the console script's `main`) -> (exit code, stdout, stderr)."""
-    from arctic_vl.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run

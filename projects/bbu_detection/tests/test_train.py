@@ -16,6 +16,11 @@ from tests.e2e_utils import read_metrics, train_child, write_yaml
 GROUPS = [{"name": p, "parts": [p]} for p in ("vision", "aligner", "llm", "detection", "adapter")]
 
 
+def run(cli: Any, *args: Any) -> tuple[int, str, str]:
+    """The core's in-process CLI fixture with every argument as a string."""
+    return cli(*(str(a) for a in args))
+
+
 def config(run_dir: Path, data: Path, **trainer: Any) -> dict[str, Any]:
     """A 4-step run: 24 records, micro-batch 4, the five parameter groups, checkpoints every 2 steps."""
     return {
@@ -104,7 +109,7 @@ def test_export_reloads_with_transformers_and_the_plugin(trained):
 
 def test_evaluate_cli_reports_coco_metrics(trained, cli):
     path, out, _ = trained
-    code, stdout, err = cli("evaluate", path)
+    code, stdout, err = run(cli, "evaluate", path)
     assert code == 0, err
     results = json.loads(stdout)
     last = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
@@ -115,7 +120,7 @@ def test_evaluate_cli_reports_coco_metrics(trained, cli):
 def test_predict_cli(trained, bbu_data, cli, tmp_path):
     path, _, _ = trained
     images = sorted((bbu_data / "shapes" / "images").glob("heldout-*.png"))[:3]
-    code, stdout, err = cli("predict", path, "--images", *images, "--out", tmp_path / "p.jsonl", "--score-threshold", "0")
+    code, _, err = run(cli, "predict", path, "--images", *images, "--out", tmp_path / "p.jsonl", "--score-threshold", "0")
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["image"] for r in rows] == [str(p) for p in images]
@@ -126,17 +131,17 @@ def test_predict_cli(trained, bbu_data, cli, tmp_path):
         for o in r["objects"]:
             x1, y1, x2, y2 = o["bbox_2d"]
             assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"] and isinstance(o["desc"], str)
-    code, _, _ = cli("predict", path, "--images", images[0], "--out", tmp_path / "q.jsonl", "--score-threshold", "1")
+    code, _, _ = run(cli, "predict", path, "--images", images[0], "--out", tmp_path / "q.jsonl", "--score-threshold", "1")
     assert code == 0 and json.loads((tmp_path / "q.jsonl").read_text())["objects"] == []
-    code, _, err = cli("predict", path, "--images", tmp_path / "nope.png", "--out", tmp_path / "r.jsonl")
+    code, _, err = run(cli, "predict", path, "--images", tmp_path / "nope.png", "--out", tmp_path / "r.jsonl")
     assert code == 2 and "nope.png is neither an image file nor a directory" in err
 
 
 def test_parameter_outside_the_groups_exits_2(bbu_data, tmp_path, cli):
     cfg = config(tmp_path, bbu_data)
     cfg["optimizer"]["param_groups"] = [g for g in GROUPS if g["name"] != "adapter"]
-    code, _, err = cli(write_yaml(tmp_path / "run.yaml", cfg))
-    assert code == 2
+    code, _, err = run(cli, write_yaml(tmp_path / "run.yaml", cfg))
+    assert code == 2, err[-3000:]
     assert "match no group" in err and "detection_head.language_adapter" in err and "Traceback" not in err
 
 
@@ -149,12 +154,12 @@ def test_bad_record_exits_2_naming_file_record_and_field(bbu_data, tmp_path, cli
     data.write_text(lines[0].replace('"shapes/', f'"{bbu_data}/shapes/') + "\n" + json.dumps(bad) + "\n")
     cfg = config(tmp_path, bbu_data)
     cfg["data"].update(sources=[str(data)], eval_sources=[])
-    code, _, err = cli(write_yaml(tmp_path / "run.yaml", cfg))
+    code, _, err = run(cli, write_yaml(tmp_path / "run.yaml", cfg))
     assert code == 2 and "Traceback" not in err
     assert f"{data}: record 1: field objects[0].bbox_2d" in err and "geometry_out_of_range" in err
     cfg["data"]["on_bad_record"] = "skip"
     cfg["trainer"]["max_steps"] = 1
-    code, stdout, err = cli(write_yaml(tmp_path / "skip.yaml", cfg))
+    code, stdout, err = run(cli, write_yaml(tmp_path / "skip.yaml", cfg))
     assert code == 0, err
     assert json.loads(stdout[stdout.index("{"):])["skipped_records"] == {"geometry_out_of_range": 1}
 
@@ -228,3 +233,27 @@ def test_sigkill_and_rerun_is_exact(trained, bbu_data, tmp_path):
     for a, b in zip(got, want):
         for key in ("loss", "grad_norm", "loss_bbox", "loss_caption", "student_lm_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-6, rel=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_other_qwen_families_train_and_export(family, bbu_data, tmp_path):
+    from bbu_detection import load_detection_model
+
+    from arctic_vl import Engine
+
+    cfg = config(tmp_path, bbu_data, max_steps=2)
+    cfg["model"]["family"] = family
+    cfg["data"]["eval_sources"] = []
+    cfg["checkpoint"]["every_n_steps"] = None
+    Engine(write_yaml(tmp_path / "run.yaml", cfg)).train()
+    m = read_metrics(tmp_path / "out")
+    assert len(m) == 2 and all(x["loss_bbox"] > 0 and x["student_lm_loss"] > 0 for x in m)
+    model, _ = load_detection_model(tmp_path / "out" / "final")
+    assert type(model.vlm).__name__.lower().startswith(family.replace("_", ""))
+
+
+def test_validate_refuses_a_llava_model(tmp_path, cli, bbu_data):
+    cfg = config(tmp_path, bbu_data)
+    cfg["model"]["family"] = "llava_next"
+    code, _, err = run(cli, "validate", write_yaml(tmp_path / "run.yaml", cfg))
+    assert code == 2 and "'llava_next' is not supported by bbu_detection; allowed: qwen2_5_vl, qwen2_vl, qwen3_vl" in err
