@@ -129,7 +129,7 @@ class DetectionDataFactory(VLMDataFactory):
             try:
                 width, height = image_size(conv.images[-1]) if conv.images else (0, 0)
                 objects = check_detection_record(conv.messages, len(conv.images), conv.meta.get("objects"), width,
-                                                 height, max_objects=self._head.num_queries)
+                                                 height, max_objects=self._max_objects())
             except BadRecord as e:
                 message = (f"{conv.source}: record {conv.index}: field {e.field}: {e.detail} "
                            f"[reason: {e.reason}; format: bbu_detection]")
@@ -141,6 +141,14 @@ class DetectionDataFactory(VLMDataFactory):
             conv.meta = {**conv.meta, "objects": objects, "student_size": (width, height)}
             kept.append(conv)
         return kept
+
+    def _max_objects(self) -> int | None:
+        """The head's query count: from the built model, else from the config (`inspect-data` reads only)."""
+        head = getattr(self, "_head", None)
+        if head is not None:
+            return int(head.num_queries)
+        detection = getattr(getattr(self.engine_config, "model", None), "detection", None)
+        return getattr(detection, "num_queries", None)
 
     def _wrap(self, dataset: Any) -> DetectionDataset:
         targets, spans = [], []

@@ -124,7 +124,8 @@ def evaluate_detection(trainer: Any, model: torch.nn.Module) -> dict[str, Any]:
                 per_image.append((index, target, pred, gt, pairs))
             rows = torch.tensor([r for r, _ in wanted], dtype=torch.long, device=states.device)
             queries = torch.tensor([p for _, p in wanted], dtype=torch.long, device=states.device)
-            texts = head.generate_captions(states[rows, queries], fixed_steps=True)
+            texts = head.generate_captions(states[rows, queries], out.caption_context(rows, queries),
+                                           fixed_steps=True)
             k = 0
             for row, (index, target, pred, gt, pairs) in enumerate(per_image):
                 if index >= n:

@@ -74,13 +74,35 @@ class DetectionHeadConfig(DetectionSettings):
 
 
 @dataclass
+class CaptionContext:
+    """What a caption row reads besides its query state: its sample's memory (N, M, d) with positions and
+    padding, and the centre (N, 2) of its query's box (captions attend around their object)."""
+
+    memory: torch.Tensor
+    memory_pos: torch.Tensor
+    padding: torch.Tensor
+    centre: torch.Tensor
+
+
+@dataclass
 class DetectionOutput:
     """Per decoder layer (last = final): boxes (L, B, Q, 4) normalised cxcywh, objectness logits (L, B, Q),
-    and the decoder states (L, B, Q, d) the caption decoder reads."""
+    and the decoder states (L, B, Q, d) the caption decoder reads; plus the memory (B, M, d), its positions and
+    padding (B, M), which captions attend to."""
 
     boxes: torch.Tensor
     logits: torch.Tensor
     states: torch.Tensor
+    memory: torch.Tensor | None = None
+    memory_pos: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
+
+    def caption_context(self, rows: torch.Tensor, queries: torch.Tensor) -> CaptionContext | None:
+        """The context of caption rows for (sample, query) pairs; None without a memory."""
+        if self.memory is None or self.memory_pos is None or self.padding is None:
+            return None
+        return CaptionContext(self.memory[rows], self.memory_pos[rows], self.padding[rows],
+                              self.boxes[-1][rows, queries, :2].detach())
 
 
 class ResidualAdapter(nn.Module):
@@ -178,16 +200,25 @@ class CaptionDecoder(nn.Module):
         self.head = nn.Linear(d, c.vocab_size)
         nn.init.normal_(self.bos.weight, std=0.02)
 
-    def forward(self, query_states: torch.Tensor, caption_inputs: torch.Tensor) -> torch.Tensor:
-        """(N, d), (N, L) token ids -> (N, L, vocab) fp32 logits."""
+    def forward(self, query_states: torch.Tensor, caption_inputs: torch.Tensor,
+                context: CaptionContext | None = None) -> torch.Tensor:
+        """(N, d), (N, L) token ids -> (N, L, vocab) fp32 logits. With `context`, the caption tokens also attend to
+        their sample's memory, their positions carrying the object's centre (so attention starts at the object)."""
         n, length = caption_inputs.shape
         device = caption_inputs.device
+        d = query_states.shape[-1]
         tokens = self.embed(caption_inputs[:, :-1].clamp(min=0))
         bos = self.bos(torch.zeros((n, 1), dtype=torch.long, device=device)).to(tokens.dtype)
         tgt = torch.cat([bos, tokens], dim=1) + self.pos(torch.arange(length, device=device))[None]
         memory = self.query(query_states.to(tgt.dtype))[:, None, :]
+        padding = None
+        if context is not None:
+            tgt = tgt + sine_position(context.centre, d).to(tgt.dtype)[:, None, :]
+            memory = torch.cat([memory, (context.memory + context.memory_pos).to(tgt.dtype)], dim=1)
+            padding = torch.cat([torch.zeros((n, 1), dtype=torch.bool, device=device), context.padding], dim=1)
         causal = torch.triu(torch.full((length, length), float("-inf"), device=device), diagonal=1)
-        out = self.decoder(tgt, memory, tgt_mask=causal.to(tgt.dtype), tgt_is_causal=True)
+        out = self.decoder(tgt, memory, tgt_mask=causal.to(tgt.dtype), tgt_is_causal=True,
+                           memory_key_padding_mask=padding)
         return self.head(out).float()
 
 
@@ -256,16 +287,18 @@ class DetectionHead(nn.Module):
             reference = box.detach()  # each layer refines the last one's boxes; gradients stay per layer
         stacked = torch.stack(states)  # (L, B, Q, d)
         logits = self.objectness_head(stacked).squeeze(-1).float()  # one call for all layers
-        return DetectionOutput(torch.stack(boxes), logits, stacked)
+        return DetectionOutput(torch.stack(boxes), logits, stacked, memory, memory_pos, padding)
 
     # -------------------------------------------------------------------------------------- captions
-    def caption_logits(self, query_states: torch.Tensor, caption_inputs: torch.Tensor) -> torch.Tensor:
+    def caption_logits(self, query_states: torch.Tensor, caption_inputs: torch.Tensor,
+                       context: CaptionContext | None = None) -> torch.Tensor:
         """(N, d) decoder states of matched queries, (N, L) caption tokens -> (N, L, vocab) logits of each NEXT
         token (see `CaptionDecoder`)."""
-        return self.captioner(query_states, caption_inputs)
+        return self.captioner(query_states, caption_inputs, context)
 
     @torch.no_grad()
-    def generate_captions(self, query_states: torch.Tensor, fixed_steps: bool = False) -> list[list[int]]:
+    def generate_captions(self, query_states: torch.Tensor, context: CaptionContext | None = None,
+                          fixed_steps: bool = False) -> list[list[int]]:
         """Greedy captions (token ids, end token excluded) for (N, d) query states.
 
         `fixed_steps`: always decode `max_caption_tokens` steps, on a dummy row when N is 0, so every process
@@ -273,13 +306,14 @@ class DetectionHead(nn.Module):
         n = query_states.shape[0]
         if n == 0 and not fixed_steps:
             return []
-        states = query_states if n else query_states.new_zeros((1, self.config.d_model))
+        if n == 0:
+            query_states, context = query_states.new_zeros((1, self.config.d_model)), None
         rows = max(n, 1)
         end = self.config.caption_end_id
-        seq = torch.zeros((rows, 1), dtype=torch.long, device=states.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=states.device)
+        seq = torch.zeros((rows, 1), dtype=torch.long, device=query_states.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=query_states.device)
         for _ in range(self.config.max_caption_tokens):
-            nxt = self.caption_logits(states, seq)[:, -1].argmax(-1)
+            nxt = self.caption_logits(query_states, seq, context)[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, end), nxt)
             done |= nxt == end
             seq = torch.cat([seq[:, :-1], nxt[:, None], seq.new_zeros((rows, 1))], dim=1)

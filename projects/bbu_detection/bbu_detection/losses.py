@@ -80,15 +80,17 @@ def detection_loss_sums(head: DetectionHead, out: DetectionOutput, gt_boxes: lis
         for layer in range(layers - 1):
             a, g, f, _ = _layer_sums(out.boxes[layer], out.logits[layer], gt_boxes, real, weights)
             l1_aux, giou_aux, focal_aux = l1_aux + a, giou_aux + g, focal_aux + f
-    caption_sum, caption_tokens = caption_loss_sum(head, out.states[-1], matches, captions)
+    caption_sum, caption_tokens = caption_loss_sum(head, out, matches, captions)
     objects = sum(int(g.shape[0]) for g in gt_boxes)
     return DetectionSums(l1, giou, focal, caption_sum, objects, caption_tokens, l1_aux, giou_aux, focal_aux, matches)
 
 
-def caption_loss_sum(head: DetectionHead, states: torch.Tensor, matches: list[tuple[torch.Tensor, torch.Tensor]],
+def caption_loss_sum(head: DetectionHead, out: DetectionOutput, matches: list[tuple[torch.Tensor, torch.Tensor]],
                      captions: list[list[list[int]]]) -> tuple[torch.Tensor, int]:
     """Cross-entropy sum over the caption tokens of every matched object (query q's caption is its matched
-    object's), and the token count. With no object the decoder still runs once, on a zero-weighted dummy."""
+    object's, decoded from the last layer's state of q), and the token count. With no object the decoder still
+    runs once, on a zero-weighted dummy."""
+    states = out.states[-1]
     rows, texts = [], []
     for b, (q_idx, t_idx) in enumerate(matches):
         for q, t in zip(q_idx.tolist(), t_idx.tolist()):
@@ -97,7 +99,8 @@ def caption_loss_sum(head: DetectionHead, states: torch.Tensor, matches: list[tu
     device = states.device
     if not rows:  # keep the module calls of a batch with objects (ZeRO-3 hangs otherwise)
         dummy = torch.full((1, 2), head.config.caption_end_id, dtype=torch.long, device=device)
-        return head.caption_logits(states[0, :1], dummy).sum() * 0.0, 0
+        first = torch.zeros(1, dtype=torch.long, device=device)
+        return head.caption_logits(states[0, :1], dummy, out.caption_context(first, first)).sum() * 0.0, 0
     length = max(len(t) for t in texts)
     targets = torch.full((len(texts), length), IGNORE_INDEX, dtype=torch.long)
     for i, t in enumerate(texts):
@@ -105,7 +108,7 @@ def caption_loss_sum(head: DetectionHead, states: torch.Tensor, matches: list[tu
     targets = targets.to(device)
     b_idx = torch.tensor([b for b, _ in rows], device=device)
     q_idx = torch.tensor([q for _, q in rows], device=device)
-    logits = head.caption_logits(states[b_idx, q_idx], targets)
+    logits = head.caption_logits(states[b_idx, q_idx], targets, out.caption_context(b_idx, q_idx))
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())

@@ -88,7 +88,8 @@ def predict(config: str | Path, images: list[Path], *, score_threshold: float = 
         for row, (path, (width, height)) in enumerate(zip(chunk, sizes)):
             keep = (scores[row] >= score_threshold).nonzero().flatten()
             keep = keep[scores[row][keep].argsort(descending=True)]
-            texts = head.generate_captions(states[row, keep])
+            rows = torch.full_like(keep, row)
+            texts = head.generate_captions(states[row, keep], out.caption_context(rows, keep))
             pixel = cxcywh_to_pixel_xyxy(boxes[row, keep].cpu(), width, height)
             objects = [{"bbox_2d": [round(v, 2) for v in box], "score": round(float(scores[row, q]), 4),
                         "desc": tok.decode(ids, skip_special_tokens=True).strip()}

@@ -13,8 +13,6 @@ from tests.conftest import cli  # noqa: F401
 # Two cores shared by several engineers: one thread per test process.
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[3]
-PROJECT = REPO / "projects" / "bbu_detection"
 
 
 @pytest.fixture(scope="session")

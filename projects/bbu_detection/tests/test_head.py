@@ -109,3 +109,18 @@ def test_every_parameter_joins_the_graph_without_objects():
     (sums.focal + sums.focal_aux + sums.caption + sums.l1 + sums.giou).backward()
     missing = [n for n, p in head.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_captions_attend_to_their_sample_memory_around_the_object():
+    head = _head()
+    out = head(*_inputs())
+    rows, queries = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 4])
+    context = out.caption_context(rows, queries)
+    assert context.memory.shape[:2] == (3, 11) and torch.equal(context.centre, out.boxes[-1][rows, queries, :2])
+    tokens = torch.tensor([[7, 8, 3], [9, 3, 3], [10, 3, 3]])
+    states = out.states[-1][rows, queries]
+    with_memory = head.caption_logits(states, tokens, context)
+    assert not torch.allclose(with_memory, head.caption_logits(states, tokens))
+    # padded memory slots are never read
+    context.memory[1, 4 + 5:] = 1e3  # sample 1's padded language tokens (vision 4, language 5 of 7 real)
+    assert torch.allclose(head.caption_logits(states, tokens, context), with_memory, atol=1e-5)

@@ -37,7 +37,7 @@ def test_captions_follow_the_matched_order():
     own = own + F.cross_entropy(head.caption_logits(states[0, 0, [1]], torch.tensor([[7, 2]]))[0], torch.tensor([7, 2]),
                                 reduction="sum")
     assert torch.allclose(sums.caption, own, atol=1e-5)
-    ground_truth_order, _ = caption_loss_sum(head, states[0], [(torch.tensor([1, 3]), torch.tensor([0, 1]))], captions)
+    ground_truth_order, _ = caption_loss_sum(head, out, [(torch.tensor([1, 3]), torch.tensor([0, 1]))], captions)
     assert not torch.allclose(ground_truth_order, own)
 
 

@@ -115,6 +115,9 @@ def test_evaluate_cli_reports_coco_metrics(trained, cli):
     last = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
     for key in ("AP", "AP50", "AP75", "AR100", "caption_exact_match"):
         assert results[key] == pytest.approx(last[key], abs=1e-9), key  # the export is the trained model
+    code, stdout, err = run(cli, "inspect-data", path)
+    assert code == 0, err
+    assert "train: 24 samples (24 with images" in stdout and "<|im_start|>assistant\n[[" in stdout
 
 
 def test_predict_cli(trained, bbu_data, cli, tmp_path):
@@ -257,3 +260,15 @@ def test_validate_refuses_a_llava_model(tmp_path, cli, bbu_data):
     cfg["model"]["family"] = "llava_next"
     code, _, err = run(cli, "validate", write_yaml(tmp_path / "run.yaml", cfg))
     assert code == 2 and "'llava_next' is not supported by bbu_detection; allowed: qwen2_5_vl, qwen2_vl, qwen3_vl" in err
+
+
+@pytest.mark.parametrize("name", ["small-cpu.yaml", "qwen2_5_vl-local.yaml"])
+def test_shipped_configs_validate(name, tiny_qwen25, cli, tmp_path):
+    overrides = ["--set", f"model.name_or_path={tiny_qwen25}"] if name.startswith("qwen") else []
+    for split in ("train", "heldout"):  # the README's data step writes these
+        (tmp_path / f"{split}.bbu.jsonl").write_text("")
+    overrides += ["--set", f"data.sources=[{tmp_path / 'train.bbu.jsonl'}]",
+                  "--set", f"data.eval_sources=[{tmp_path / 'heldout.bbu.jsonl'}]"]
+    code, out, err = run(cli, "validate", Path(__file__).parents[1] / "configs" / name, *overrides)
+    assert code == 0, err
+    assert "# model: bbu_detection:" in out
