@@ -98,10 +98,14 @@ class DetectionOutput:
     padding: torch.Tensor | None = None
 
     def caption_context(self, rows: torch.Tensor, queries: torch.Tensor) -> CaptionContext | None:
-        """The context of caption rows for (sample, query) pairs; None without a memory."""
+        """The context of caption rows for (sample, query) pairs; None without a memory.
+
+        Detached: captions read the memory but do not train it (the caption loss reaches the VLM through the
+        query states only); with the gradient the captions pulled the memory away from localisation (AP50 0.43
+        vs 0.78 on the small CPU config)."""
         if self.memory is None or self.memory_pos is None or self.padding is None:
             return None
-        return CaptionContext(self.memory[rows], self.memory_pos[rows], self.padding[rows],
+        return CaptionContext(self.memory[rows].detach(), self.memory_pos[rows].detach(), self.padding[rows],
                               self.boxes[-1][rows, queries, :2].detach())
 
 
