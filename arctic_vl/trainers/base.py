@@ -28,7 +28,7 @@ from pydantic import Field
 
 from arctic_vl.callbacks.base import CallbackList, StepInfo
 from arctic_vl.config.paths import ConfigPath
-from arctic_vl.data.base import EpochBatchSampler
+from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import ConfigError
 from arctic_vl.registry import Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens

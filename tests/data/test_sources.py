@@ -10,9 +10,10 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from arctic_vl.data.bad_records import BadRecordReport
 from arctic_vl.data.images import DatasetImage, ImageBytes, image_size, open_image
 from arctic_vl.data.records import Conversation, render_dense_answer, to_norm1000
-from arctic_vl.data.sources import BadRecordReport, SourceSpec, parse_sample, read_source, read_sources
+from arctic_vl.data.sources import SourceSpec, parse_sample, read_source, read_sources
 from arctic_vl.errors import ConfigError, DataError
 
 
