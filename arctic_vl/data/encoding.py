@@ -40,7 +40,7 @@ def prepare_messages(messages: Any, n_images: int, field: str = "messages") -> l
     """The checked conversation with exactly one `<image>` per image; BadRecord naming `field` otherwise.
 
     Rules: a list of {role: system|user|assistant, content: str} with at least one user and one assistant
-    turn (`malformed_turns`); the `<image>` count equals `n_images`, or is 0 and then one `<image>\n` per
+    turn (`malformed_turns`); the `<image>` count equals `n_images`, or is 0 and then one `<image>` line per
     image is put at the start of the first user turn, the LLaVA convention (else `image_token_mismatch`).
     Returns a new list (the caller's messages are not changed).
     """

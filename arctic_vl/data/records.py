@@ -36,6 +36,7 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 GEOMETRY_KEYS = ("bbox_2d", "poly", "line")
 DENSE_PROMPT = "Describe every object with its location."
 
+
 @dataclass
 class Conversation:
     """One training sample: chat turns with `<image>` placeholders and the images they stand for.
@@ -69,7 +70,7 @@ Converted = tuple[list[dict[str, str]], list[ImageRef], dict[str, Any]]
 class RecordFormat:
     """Base of every record format (`@RECORD_FORMATS.register("name")` on a subclass; no config class).
 
-    Contract: the reader makes one instance (no arguments) per format and calls
+    Contract: the reader makes an instance (no arguments) for each file it reads and calls
     - `detect(record) -> bool` on the first parsed records of a `format: auto` source (any JSON value: check
       its type); the registered formats are asked in order, the built-in ones first, and the first that says
       yes reads the whole file. It must not raise.
@@ -111,22 +112,19 @@ def record_format_names() -> list[str]:
     return [*BUILTIN_FORMATS, *(n for n in RECORD_FORMATS.names() if n not in BUILTIN_FORMATS)]
 
 
-_INSTANCES: dict[type, RecordFormat] = {}
-
-
 def record_format(name: str) -> RecordFormat:
-    """The (cached) instance of the record format registered as `name`; ConfigError listing them otherwise."""
-    cls = RECORD_FORMATS.get(name)
-    if cls not in _INSTANCES:
-        _INSTANCES[cls] = cls()
-    return _INSTANCES[cls]
+    """An instance of the record format registered as `name`; ConfigError listing the registered ones otherwise."""
+    return RECORD_FORMATS.get(name)()
 
 
-def detect_record_format(record: Any) -> str | None:
-    """The first registered format (in `record_format_names` order) a parsed record looks like, else None."""
-    for name in record_format_names():
-        if record_format(name).detect(record):
-            return name
+def detect_record_format(records: list[Any]) -> str | None:
+    """The first registered format (in `record_format_names` order) that one of `records` looks like, asking
+    record by record; None when none matches."""
+    formats = [(name, record_format(name)) for name in record_format_names()]
+    for record in records:
+        for name, fmt in formats:
+            if fmt.detect(record):
+                return name
     return None
 
 
@@ -153,62 +151,64 @@ def _extras(record: dict, used: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in used}
 
 
-def _read_turns(record: Any, key: str, role_key: str, content_key: str,
-                roles: dict[str, str] | None) -> list[dict[str, Any]]:
-    """`record[key]` as messages; `roles` maps the format's role names (None: taken as given, checked later)."""
-    if not isinstance(record, dict):
-        raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(record).__name__}")
-    turns = _require(record, key)
-    if not isinstance(turns, list):
-        raise BadRecord(MALFORMED_TURNS, key, f"must be a list, got {type(turns).__name__}")
-    messages = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict) or role_key not in t or content_key not in t:
-            raise BadRecord(MALFORMED_TURNS, f"{key}[{i}]", f"each turn needs '{role_key}' and '{content_key}'")
-        role = t[role_key]
-        if roles is not None:
-            role = roles.get(role) if isinstance(role, str) else None
-            if role is None:
-                raise BadRecord(MALFORMED_TURNS, f"{key}[{i}].{role_key}",
-                                f"unknown role {t[role_key]!r} (allowed: human, gpt, system)")
-        messages.append({"role": role, "content": t[content_key]})
-    return messages
+class TurnsFormat(RecordFormat):
+    """A record holding a list of turns (`messages_field`) and an image field: what the LLaVA and messages
+    formats share. Subclasses name the keys; `roles` maps the format's role names (None: taken as given)."""
+
+    role_key: ClassVar[str] = "role"
+    content_key: ClassVar[str] = "content"
+    roles: ClassVar[dict[str, str] | None] = None
+    images_key: ClassVar[str] = "images"
+    #: whether the image field may hold one path string instead of a list
+    single_image_str: ClassVar[bool] = False
+
+    def detect(self, record: Any) -> bool:
+        """A JSON object with the turns field."""
+        return isinstance(record, dict) and self.messages_field in record
+
+    def convert(self, record: Any, resolve: ResolveImage) -> Converted:
+        """(messages, images, meta); meta holds the fields other than the turns and the images."""
+        messages = self._turns(record)
+        images = _image_list(record.get(self.images_key), self.images_key, resolve, allow_str=self.single_image_str)
+        return messages, images, _extras(record, (self.images_key, self.messages_field))
+
+    def _turns(self, record: Any) -> list[dict[str, Any]]:
+        key, role_key, content_key = self.messages_field, self.role_key, self.content_key
+        if not isinstance(record, dict):
+            raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(record).__name__}")
+        turns = _require(record, key)
+        if not isinstance(turns, list):
+            raise BadRecord(MALFORMED_TURNS, key, f"must be a list, got {type(turns).__name__}")
+        messages = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or role_key not in t or content_key not in t:
+                raise BadRecord(MALFORMED_TURNS, f"{key}[{i}]", f"each turn needs '{role_key}' and '{content_key}'")
+            role = t[role_key]
+            if self.roles is not None:
+                role = self.roles.get(role) if isinstance(role, str) else None
+                if role is None:
+                    raise BadRecord(MALFORMED_TURNS, f"{key}[{i}].{role_key}",
+                                    f"unknown role {t[role_key]!r} (allowed: human, gpt, system)")
+            messages.append({"role": role, "content": t[content_key]})
+        return messages
 
 
 @RECORD_FORMATS.register("llava")
-class LlavaFormat(RecordFormat):
+class LlavaFormat(TurnsFormat):
     """A LLaVA record: `image` (a path or a list of paths), `conversations` of {from: human|gpt|system, value}."""
 
     messages_field = "conversations"
     looks_like = "a 'conversations' field"
-
-    def detect(self, record: Any) -> bool:
-        """A JSON object with a `conversations` field."""
-        return isinstance(record, dict) and "conversations" in record
-
-    def convert(self, record: Any, resolve: ResolveImage) -> Converted:
-        """(messages, images, meta); meta holds the fields other than `image` and `conversations`."""
-        messages = _read_turns(record, "conversations", "from", "value", LLAVA_ROLES)
-        images = _image_list(record.get("image"), "image", resolve, allow_str=True)
-        return messages, images, _extras(record, ("image", "conversations"))
+    role_key, content_key, roles = "from", "value", LLAVA_ROLES
+    images_key, single_image_str = "image", True
 
 
 @RECORD_FORMATS.register("messages")
-class MessagesFormat(RecordFormat):
+class MessagesFormat(TurnsFormat):
     """A messages record (ms-swift / OpenAI style): `messages` of {role, content}, optional `images` list."""
 
     messages_field = "messages"
     looks_like = "a 'messages' field"
-
-    def detect(self, record: Any) -> bool:
-        """A JSON object with a `messages` field."""
-        return isinstance(record, dict) and "messages" in record
-
-    def convert(self, record: Any, resolve: ResolveImage) -> Converted:
-        """(messages, images, meta); meta holds the fields other than `messages` and `images`."""
-        messages = _read_turns(record, "messages", "role", "content", None)
-        images = _image_list(record.get("images"), "images", resolve, allow_str=False)
-        return messages, images, _extras(record, ("messages", "images"))
 
 
 def _is_number(v: Any) -> bool:

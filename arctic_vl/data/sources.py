@@ -34,7 +34,13 @@ from arctic_vl.data.bad_records import (
 )
 from arctic_vl.data.encoding import prepare_messages
 from arctic_vl.data.images import DatasetImage, ImageBytes, ImageRef, image_size
-from arctic_vl.data.records import Conversation, detect_record_format, record_format, record_format_names
+from arctic_vl.data.records import (
+    Conversation,
+    RecordFormat,
+    detect_record_format,
+    record_format,
+    record_format_names,
+)
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.registry import DATA_SOURCES
 
@@ -209,16 +215,23 @@ def _jsonl_raws(text: str) -> list[RawRecord]:
     return raws
 
 
-def _detect(path: Path, raws: list[RawRecord]) -> str:
-    for raw in raws[:_DETECT_SCAN]:
+def _parsed(raws: list[RawRecord]) -> list[Any]:
+    """The records of `raws` that parse (bad ones are left to the conversion, which reports them)."""
+    out = []
+    for raw in raws:
         try:
-            fmt = detect_record_format(_parse(raw))
+            out.append(_parse(raw))
         except BadRecord:
             continue
-        if fmt:
-            return fmt
+    return out
+
+
+def _detect(path: Path, raws: list[RawRecord]) -> str:
+    fmt = detect_record_format(_parsed(raws[:_DETECT_SCAN]))
+    if fmt is not None:
+        return fmt
     names = record_format_names()
-    signs = "; ".join(f"{n}: {record_format(n).looks_like}" for n in names if record_format(n).looks_like)
+    signs = "; ".join(f"{n}: {f.looks_like}" for n in names if (f := record_format(n)).looks_like)
     raise ConfigError(f"{path}: cannot tell the record format from its first records ({signs}); "
                       f"set format: to one of {', '.join(names)}")
 
@@ -397,9 +410,8 @@ def _image_sizes(images: list[ImageRef], fields: dict[ImageRef, str]) -> list[tu
     return sizes
 
 
-def _conversation(file: RecordFile, raw: RawRecord, check_images: bool) -> Conversation:
+def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_images: bool) -> Conversation:
     """One record through its format, the shared conversation rules and the image header check."""
-    fmt = record_format(file.record_format)
     fields: dict[ImageRef, str] = {}
 
     def resolve(value: Any, field: str) -> ImageRef:
@@ -421,35 +433,29 @@ def _conversation(file: RecordFile, raw: RawRecord, check_images: bool) -> Conve
                         image_sizes=sizes)
 
 
-def _convert(file: RecordFile, raw: RawRecord, check_images: bool, on_bad_record: OnBadRecord,
-             report: BadRecordReport) -> Conversation | None:
-    """The record as a Conversation, or None after counting it as bad (or raise, per the policy)."""
-    try:
-        return _conversation(file, raw, check_images)
-    except BadRecord as e:
-        where = f"record {raw.index}" + (f" (line {raw.line})" if raw.line is not None else "")
-        message = (f"{file.path}: {where}: field {e.field}: {e.detail} "
-                   f"[reason: {e.reason}; format: {file.record_format}]")
-        reject_record(on_bad_record, report, str(file.path), raw.index, e.reason, message)
-        return None
-
-
 def _read_file(file: RecordFile, sample: str, rng: random.Random, on_bad_record: OnBadRecord,
                report: BadRecordReport, check_images: bool) -> list[Conversation]:
     """Convert the sampled records. Sampling picks good records: `first:N` converts records in file
-    order until N are good, `random:N` in a seeded random order; records never picked are never checked."""
+    order until N are good, `random:N` in a seeded random order; records never picked are never checked.
+    A bad record is counted or raised per `on_bad_record`."""
     mode, n = parse_sample(sample)
     order: list[int] | range = range(len(file.raws))
     if mode == "random":
         order = rng.sample(range(len(file.raws)), len(file.raws))
     want = len(file.raws) if n is None else n
+    fmt = record_format(file.record_format)
     out = []
     for i in order:
         if len(out) >= want:
             break
-        conv = _convert(file, file.raws[i], check_images, on_bad_record, report)
-        if conv is not None:
-            out.append(conv)
+        raw = file.raws[i]
+        try:
+            out.append(_conversation(file, fmt, raw, check_images))
+        except BadRecord as e:
+            where = f"record {raw.index}" + (f" (line {raw.line})" if raw.line is not None else "")
+            message = (f"{file.path}: {where}: field {e.field}: {e.detail} "
+                       f"[reason: {e.reason}; format: {file.record_format}]")
+            reject_record(on_bad_record, report, str(file.path), raw.index, e.reason, message)
     if mode == "random":
         out.sort(key=lambda c: c.index)  # a subset in file order: easier to inspect, same content
     return out
