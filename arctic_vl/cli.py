@@ -197,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         print("arctic_vl: interrupted", file=sys.stderr)
         code = 130
     except Exception as e:
-        from arctic_vl.errors import UserError
+        from arctic_vl.errors import RunFailed, UserError
 
         if isinstance(e, UserError):
             print(f"arctic_vl: error: {_clean(str(e))}", file=sys.stderr)
             code = 2
+        elif isinstance(e, RunFailed):
+            print(f"arctic_vl: failed: {_clean(str(e))}", file=sys.stderr)
+            code = 1
         else:
             import traceback
 

@@ -28,5 +28,12 @@ class DataError(UserError):
         self.reason = reason
 
 
+class RunFailed(Exception):
+    """A run that cannot go on, for a reason the message states in full (e.g. the NaN guard gave up, a
+    checkpoint no longer verifies). The CLI prints the message without a traceback and exits 1."""
+
+    exit_code = 1
+
+
 class PluginError(Exception):
     """A plugin that failed to load; reported, while the other plugins keep working."""

@@ -73,7 +73,12 @@ def _fsync_dir(path: Path) -> None:
 
 @CHECKPOINTERS.register("default")
 class Checkpointer(Component):
-    """Saves and finds resumable checkpoints under OUTPUT_DIR/checkpoints."""
+    """Saves and finds resumable checkpoints under OUTPUT_DIR/checkpoints (the base of `CHECKPOINTERS`).
+
+    The loop calls `latest()` (the newest complete checkpoint or None), `read_state(path)` (its
+    trainer_state.json), `load(path, model=, optimizer=, scheduler=, dist=)` and `save(step=, model=,
+    optimizer=, scheduler=, trainer_state=, dist=)` on every rank; `save` writes atomically.
+    """
 
     config_class = CheckpointConfig
 
@@ -154,6 +159,9 @@ class Checkpointer(Component):
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         return self.read_state(path)
+
+
+CHECKPOINTERS.bind_base(Checkpointer)
 
 
 #: `_StepModule` holds the model as `.model`: checkpoint names start with this

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, 
 from arctic_vl.config.loader import KeyPath, LocatedConfig, apply_overrides, dotted, from_dict, load_file
 from arctic_vl.config.paths import PathField
 from arctic_vl.errors import ConfigError
+from arctic_vl.plugins import load_plugins, run_config_checks
 from arctic_vl.registry import REGISTRIES, ComponentConfig
 
 #: the type a section gets when it names none
@@ -104,41 +105,24 @@ def load_config(
 
 def build_config(located: LocatedConfig) -> EngineConfig:
     """Validate every section against its registered class; collect all errors, then raise one ConfigError."""
-    from arctic_vl.plugins import load_plugins, run_config_checks
-
     load_plugins()
     data = located.data
-    errors: list[str] = []
-    for key in data:
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(str(key), SECTIONS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append(
-                f"{located.where((key,))}: {key}: unknown section{hint}. Allowed: {', '.join(SECTIONS)}, extends"
-            )
+    errors = [
+        f"{located.where((key,))}: {key}: unknown section{_did_you_mean(key, SECTIONS)}. "
+        f"Allowed: {', '.join(SECTIONS)}, extends"
+        for key in data if key not in SECTIONS
+    ]
     sections: dict[str, Any] = {}
     for section, registry in REGISTRIES.items():
         raw = data.get(section)
         if section == "callbacks":
-            raw = [] if raw is None else raw
-            if not isinstance(raw, list):
-                errors.append(f"{located.where((section,))}: callbacks: must be a list of {{type: ...}} mappings")
-                continue
-            items = []
-            for i, item in enumerate(raw):
-                cfg = _validate_section(located, (section, i), item, registry, None, errors)
-                if cfg is not None:
-                    items.append(cfg)
-            sections[section] = items
-            continue
-        if raw is None and section not in DEFAULT_TYPES:
-            continue
-        if raw is None and section in ("model", "data"):
+            sections[section] = _validate_callbacks(located, raw, registry, errors)
+        elif raw is None and section in ("model", "data"):
             errors.append(f"{located.where(())}: {section}: required section missing")
-            continue
-        cfg = _validate_section(located, (section,), raw or {}, registry, DEFAULT_TYPES.get(section), errors)
-        if cfg is not None:
-            sections[section] = cfg
+        elif raw is not None or section in DEFAULT_TYPES:
+            cfg = _validate_section(located, (section,), raw or {}, registry, DEFAULT_TYPES.get(section), errors)
+            if cfg is not None:
+                sections[section] = cfg
     if "eval" in data:
         raw_eval = data["eval"]
         try:
@@ -151,6 +135,25 @@ def build_config(located: LocatedConfig) -> EngineConfig:
     cfg._located = located
     run_config_checks(cfg, located)
     return cfg
+
+
+def _did_you_mean(key: Any, allowed: Any) -> str:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _validate_callbacks(located: LocatedConfig, raw: Any, registry: Any, errors: list[str]) -> list[Any]:
+    """The `callbacks:` list, each item validated against its registered callback's config."""
+    raw = [] if raw is None else raw
+    if not isinstance(raw, list):
+        errors.append(f"{located.where(('callbacks',))}: callbacks: must be a list of {{type: ...}} mappings")
+        return []
+    items = []
+    for i, item in enumerate(raw):
+        cfg = _validate_section(located, ("callbacks", i), item, registry, None, errors)
+        if cfg is not None:
+            items.append(cfg)
+    return items
 
 
 def _validate_section(
@@ -383,8 +386,6 @@ def where(cfg: EngineConfig, path: KeyPath) -> str:
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema of the whole config: each section is a union of its registered types' schemas."""
-    from arctic_vl.plugins import load_plugins
-
     load_plugins()
     defs: dict[str, Any] = {}
     properties: dict[str, Any] = {"extends": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}
