@@ -18,10 +18,19 @@ from typing import Any
 
 import torch
 
-from arctic_vl import DATA, BadRecord, ConfigError, DataError, VLMDataConfig, VLMDataFactory, image_size
+from arctic_vl import (
+    DATA,
+    BadRecord,
+    ConfigError,
+    DataError,
+    SourceSpec,
+    VLMDataConfig,
+    VLMDataFactory,
+    image_size,
+)
 
 from .boxes import pixel_xyxy_to_cxcywh
-from .records import check_detection_record
+from .records import check_detection_record  # (importing .records registers the record format)
 from .spans import span_ids
 
 #: bookkeeping keys this data adds to a batch
@@ -122,12 +131,15 @@ class DetectionDataFactory(VLMDataFactory):
         return bundle
 
     def read(self, specs: list[Any], *, seed: int, report: Any) -> list[Any]:
-        """The core's reading, then each record's objects checked against its student image (the policy applies)."""
+        """The core's reading (`auto` sources with the `bbu_detection` record format, which checks the objects
+        with the file's line numbers), then each record's object count against the head (the policy applies)."""
+        specs = [self._detection_format(s) for s in specs]
         kept = []
         self._cut = getattr(self, "_cut", 0)
         for conv in super().read(specs, seed=seed, report=report):
             try:
-                width, height = image_size(conv.images[-1]) if conv.images else (0, 0)
+                sizes = conv.image_sizes or [image_size(ref) for ref in conv.images]
+                width, height = sizes[-1] if sizes else (0, 0)
                 objects = check_detection_record(conv.messages, len(conv.images), conv.meta.get("objects"), width,
                                                  height, max_objects=self._max_objects())
             except BadRecord as e:
@@ -141,6 +153,13 @@ class DetectionDataFactory(VLMDataFactory):
             conv.meta = {**conv.meta, "objects": objects, "student_size": (width, height)}
             kept.append(conv)
         return kept
+
+    @staticmethod
+    def _detection_format(spec: Any) -> Any:
+        """A source spec whose `format: auto` (or a bare path) becomes `format: bbu_detection`."""
+        if isinstance(spec, SourceSpec):
+            return spec.model_copy(update={"format": "bbu_detection"}) if spec.format == "auto" else spec
+        return SourceSpec(path=spec, format="bbu_detection")
 
     def _max_objects(self) -> int | None:
         """The head's query count: from the built model, else from the config (`inspect-data` reads only)."""

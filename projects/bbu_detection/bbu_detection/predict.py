@@ -1,10 +1,9 @@
 """`arctic_vl predict CONFIG --images DIR_OR_FILES --out preds.jsonl`: detections of a trained run's final model.
 
 The model is the run's export (OUTPUT_DIR/final: the HF VLM and `detection_head/`), built through the config's
-model factory exactly as `arctic_vl evaluate` builds it. Each image becomes one user turn (`--prompt`, the
-synthetic data's prompt by default) rendered with the chat template up to the assistant's answer: the same
-memory the head reads in training (text before the student answer, see `bbu_detection.forward`). One line per
-image::
+model factory exactly as `arctic_vl evaluate` builds it. Each image becomes one record of the run's own data
+factory: one user turn (`--prompt`, the synthetic data's prompt by default) and the assistant's answer, of which
+the head reads only what comes before (see `bbu_detection.forward`), as in training. One line per image::
 
     {"image": "a.png", "width": 112, "height": 112,
      "objects": [{"bbox_2d": [x1, y1, x2, y2], "score": 0.93, "desc": "red circle"}, ...]}
@@ -17,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from arctic_vl import DATA, MODELS, ConfigError, DataError, image_size, load_config, open_image
+from arctic_vl import DATA, MODELS, ConfigError, DataError, image_size, load_config
 
 from .boxes import cxcywh_to_pixel_xyxy
+from .data import TARGETS
 from .forward import pair_forward
 from .synthetic import PROMPT
 
@@ -49,53 +50,61 @@ def image_files(items: list[str]) -> list[Path]:
 
 def predict(config: str | Path, images: list[Path], *, score_threshold: float = 0.5, prompt: str = PROMPT,
             overrides: list[str] | tuple[str, ...] = (), batch_size: int = 8) -> list[dict[str, Any]]:
-    """Detections for `images` by the run of `config` (its OUTPUT_DIR/final); one dict per image."""
+    """Detections for `images` by the run of `config` (its OUTPUT_DIR/final); one dict per image, in order.
+
+    Each image goes through the run's own data factory (one record: the prompt and an empty answer), so the
+    tokens, the image encoding and the memory the head reads are exactly those of training.
+    """
     cfg = load_config(config, overrides)
     final = Path(cfg.trainer.output_dir) / "final"
-    if not (final / "detection_head" / "config.json").is_file():
-        raise ConfigError(f"{final}: no trained bbu_detection model (final/detection_head/); train the config first")
     if cfg.model.type != "bbu_detection":
         raise ConfigError(f"predict: model.type must be bbu_detection, got {cfg.model.type!r}")
+    if not (final / "detection_head" / "config.json").is_file():
+        raise ConfigError(f"{final}: no trained bbu_detection model (final/detection_head/); train the config first")
+    paths = [p.resolve() for p in images]
+    for path in paths:
+        try:
+            image_size(str(path))
+        except DataError as e:
+            raise DataError(f"--images: {path}: {e}", source=str(path), reason=e.reason) from None
     want = getattr(cfg.distributed, "device", "auto")
     device = torch.device("cuda" if want != "cpu" and torch.cuda.is_available() else "cpu")
-    factory = MODELS.get(cfg.model.type)(cfg.model, cfg)
-    bundle = factory.build(device=device, output_dir=Path(cfg.trainer.output_dir), path=final)
+    bundle = MODELS.get(cfg.model.type)(cfg.model, cfg).build(device=device, output_dir=Path(cfg.trainer.output_dir),
+                                                               path=final)
     model = bundle.model.eval()
-    encoder = DATA.get(cfg.data.type)(cfg.data, cfg).encoder(bundle)
-    head = model.detection_head
+    with tempfile.TemporaryDirectory() as tmp:
+        records = Path(tmp) / "predict.bbu.jsonl"
+        records.write_text("".join(json.dumps({
+            "id": str(i), "images": [str(path)], "objects": [],
+            "messages": [{"role": "user", "content": f"<image>\n{prompt}"}, {"role": "assistant", "content": "-"}],
+        }) + "\n" for i, path in enumerate(paths)))
+        data_cfg = cfg.data.model_copy(update={"sources": [str(records)], "eval_sources": [], "on_bad_record": "error"})
+        data = DATA.get(cfg.data.type)(data_cfg, cfg).build(bundle, seed=cfg.trainer.seed)
+    found: dict[int, dict[str, Any]] = {}
+    dataset, head = data.train, model.detection_head
     tok = getattr(bundle.processor, "tokenizer", bundle.processor)
-    image_token = int(bundle.processor.image_token_id)
-    messages = [{"role": "user", "content": f"<image>\n{prompt}"}, {"role": "assistant", "content": "-"}]
-    results = []
-    for s in range(0, len(images), batch_size):
-        chunk = images[s:s + batch_size]
-        items, sizes = [], []
-        for path in chunk:
-            try:
-                width, height = image_size(str(path.resolve()))
-            except DataError as e:
-                raise DataError(f"--images: {path}: {e}", source=str(path), reason=e.reason) from None
-            enc = encoder.encode_text(messages, [(width, height)])
-            start = next(i for i, label in enumerate(enc.labels) if label != -100)  # where the answer would begin
-            item = {"input_ids": torch.tensor(enc.input_ids[:start]), "labels": torch.full((start,), -100)}
-            item.update(encoder.encode_images([open_image(str(path.resolve()))]))
-            items.append(item)
-            sizes.append((width, height))
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoder.collate(items).items()}
+    for s in range(0, len(dataset), batch_size):
+        indices = list(range(s, min(s + batch_size, len(dataset))))
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in data.collate([dataset[i] for i in indices]).items()}
         with torch.no_grad():
-            out = pair_forward(model, batch, image_token).detection
+            out = pair_forward(model, batch, int(bundle.processor.image_token_id)).detection
         boxes, scores, states = out.boxes[-1].float(), out.logits[-1].float().sigmoid(), out.states[-1]
-        for row, (path, (width, height)) in enumerate(zip(chunk, sizes)):
+        for row, (i, target) in enumerate(zip(indices, batch[TARGETS])):
+            width, height = target.size
             keep = (scores[row] >= score_threshold).nonzero().flatten()
             keep = keep[scores[row][keep].argsort(descending=True)]
-            rows = torch.full_like(keep, row)
-            texts = head.generate_captions(states[row, keep], out.caption_context(rows, keep))
+            texts = head.generate_captions(states[row, keep], out.caption_context(torch.full_like(keep, row), keep))
             pixel = cxcywh_to_pixel_xyxy(boxes[row, keep].cpu(), width, height)
             objects = [{"bbox_2d": [round(v, 2) for v in box], "score": round(float(scores[row, q]), 4),
                         "desc": tok.decode(ids, skip_special_tokens=True).strip()}
                        for box, q, ids in zip(pixel.tolist(), keep.tolist(), texts)]
-            results.append({"image": str(path), "width": width, "height": height, "objects": objects})
-    return results
+            k = int(dataset.conversations[i].meta["id"])
+            found[k] = {"image": str(images[k]), "width": width, "height": height, "objects": objects}
+    missing = [str(images[k]) for k in range(len(images)) if k not in found]
+    if missing:  # e.g. an image whose tokens exceed data.max_length: the data factory dropped it (counted)
+        raise DataError(f"--images: no prediction for {', '.join(missing[:3])}: {data.report.format()}")
+    return [found[k] for k in range(len(images))]
 
 
 def main(argv: list[str]) -> int:

@@ -20,11 +20,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from arctic_vl import BadRecord
+from arctic_vl import (
+    MALFORMED_RECORD,
+    MISSING_FIELD,
+    RECORD_FORMATS,
+    BadRecord,
+    DataError,
+    RecordFormat,
+    image_size,
+)
 
-# the core's bad-record reasons (BadRecordReport counts by these names)
-MISSING_FIELD = "missing_field"
-MALFORMED_RECORD = "malformed_record"
+#: this format's own reasons (BadRecordReport counts by these names); the others are the core's
 GEOMETRY_OUT_OF_RANGE = "geometry_out_of_range"
 TOO_MANY_OBJECTS = "too_many_objects"
 
@@ -79,3 +85,31 @@ def check_detection_record(messages: list[dict[str, str]], n_images: int, object
     if not messages or messages[-1].get("role") != "assistant":
         raise BadRecord(MALFORMED_RECORD, "messages", "the last turn must be the assistant's (the student answer)")
     return check_detection_objects(objects, width, height, max_objects=max_objects)
+
+
+@RECORD_FORMATS.register("bbu_detection")
+class DetectionRecordFormat(RecordFormat):
+    """`format: bbu_detection`: a messages record whose `objects` are checked against its last image when read.
+
+    (Auto-detection reads such files as `messages`, asked first; the `bbu_detection` data factory reads its
+    `auto` sources with this format, and checks a plain messages record's objects the same way.)"""
+
+    messages_field = "messages"
+    looks_like = "a 'messages' list and an 'objects' list"
+    reasons = (GEOMETRY_OUT_OF_RANGE, TOO_MANY_OBJECTS)
+
+    def detect(self, record: Any) -> bool:
+        """A JSON object with `messages` and `objects`."""
+        return isinstance(record, dict) and "messages" in record and "objects" in record
+
+    def convert(self, record: Any, resolve: Any) -> tuple[list[dict[str, str]], list[Any], dict[str, Any]]:
+        """The messages format's conversion, then the objects checked; meta gets them and the student image size."""
+        messages, images, meta = RECORD_FORMATS.get("messages")().convert(record, resolve)
+        if not images:
+            raise BadRecord(MALFORMED_RECORD, "images", "needs at least one image: the last one is the student image")
+        try:
+            width, height = image_size(images[-1])
+        except DataError as e:
+            raise BadRecord(e.reason or MALFORMED_RECORD, f"images[{len(images) - 1}]", str(e)) from None
+        objects = check_detection_record(messages, len(images), record.get("objects"), width, height)
+        return messages, images, {**meta, "objects": objects, "student_size": (width, height)}

@@ -83,3 +83,28 @@ def test_coco_metrics_perfect_shifted_and_empty():
     got = coco_metrics([{**image, "pred": shifted, "scores": [0.9, 0.8]}])
     assert got["AP50"] == pytest.approx(1.0) and got["AP75"] == 0.0 and 0 < got["AP"] < 0.5
     assert coco_metrics([{**image, "pred": [], "scores": []}]) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR100": 0.0}
+
+
+def test_registered_record_format(tmp_path):
+    from PIL import Image
+
+    from arctic_vl import RECORD_FORMATS, load_plugins
+
+    load_plugins()
+    fmt = RECORD_FORMATS.get("bbu_detection")()
+    Image.new("RGB", (64, 48)).save(tmp_path / "s.png")
+    record = {"id": "a", "images": ["s.png"], "objects": [{"bbox_2d": [1, 2, 30, 40], "desc": "red circle"}],
+              "messages": [{"role": "user", "content": "<image>\nDescribe."}, {"role": "assistant", "content": "x"}]}
+    assert fmt.detect(record) and not fmt.detect({"messages": []})
+
+    def resolve(value, field):
+        return str(tmp_path / value)
+
+    messages, images, meta = fmt.convert(record, resolve)
+    assert images == [str(tmp_path / "s.png")] and messages[-1]["content"] == "x"
+    assert meta == {"id": "a", "objects": [{"bbox_2d": [1.0, 2.0, 30.0, 40.0], "desc": "red circle"}],
+                    "student_size": (64, 48)}
+    bad = {**record, "objects": [{"bbox_2d": [1, 2, 30, 50], "desc": "red circle"}]}
+    with pytest.raises(BadRecord, match=r"0 <= y1 < y2 <= 48") as info:
+        fmt.convert(bad, resolve)
+    assert info.value.reason in fmt.reasons

@@ -159,7 +159,7 @@ def test_bad_record_exits_2_naming_file_record_and_field(bbu_data, tmp_path, cli
     cfg["data"].update(sources=[str(data)], eval_sources=[])
     code, _, err = run(cli, write_yaml(tmp_path / "run.yaml", cfg))
     assert code == 2 and "Traceback" not in err
-    assert f"{data}: record 1: field objects[0].bbox_2d" in err and "geometry_out_of_range" in err
+    assert f"{data}: record 1 (line 2): field objects[0].bbox_2d" in err and "geometry_out_of_range" in err
     cfg["data"]["on_bad_record"] = "skip"
     cfg["trainer"]["max_steps"] = 1
     code, stdout, err = run(cli, write_yaml(tmp_path / "skip.yaml", cfg))
