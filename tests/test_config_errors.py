@@ -142,7 +142,8 @@ CASES = [
     bad("bad_enum_list_item", "model:\n  family: llava_next\n  freeze: [vision, lm]\n" + D, 3, "model.freeze[1]",
         "'vision', 'aligner' or 'llm'"),
     bad("bad_enum_source_format", M + "data:\n  sources:\n    - path: train.json\n      format: csv\n", 6,
-        "data.sources[0].format", "'auto', 'llava', 'messages', 'dense_caption' or 'hf_disk'"),
+        # installed plugins' record formats come between the core's and the source kinds'
+        "data.sources[0].format", "'auto', 'llava', 'messages', 'dense_caption', ", " or 'hf_disk'"),
     bad("bad_enum_on_bad_record", M + D + "  on_bad_record: ignore\n", 6, "data.on_bad_record", "'error' or 'skip'"),
     bad("negative_max_steps", M + D + "trainer:\n  max_steps: -1\n", 7, "trainer.max_steps",
         "greater than or equal to 1"),

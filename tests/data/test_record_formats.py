@@ -134,7 +134,8 @@ def test_unknown_format_is_a_config_error_at_its_line(qa_format, in_tmp, cli):
     assert rc == 2
     line = next(x for x in err.splitlines() if "bad.yaml:6" in x)
     assert "data.sources[0].format" in line and "unknown format 'qaa'" in line
-    assert "'auto', 'llava', 'messages', 'dense_caption', 'qa' or 'hf_disk'" in line
+    # the core's formats first, then the plugins' (installed ones too) by name, then the source kinds
+    assert "'auto', 'llava', 'messages', 'dense_caption', " in line and ", 'qa' or 'hf_disk'" in line
     assert "Did you mean 'qa'?" in line
     (in_tmp / "good.yaml").write_text((in_tmp / "bad.yaml").read_text().replace("qaa", "qa"))
     assert cli("validate", "good.yaml")[0] == 0

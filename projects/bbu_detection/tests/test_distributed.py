@@ -93,7 +93,7 @@ def test_processes_and_accumulation_normalise_alike(setup):
                                             "config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}})
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(BIN / "arctic_vl"),
            str(zero3)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     _assert_equal(read_metrics(setup["root"] / "zero3"), reference)
 
