@@ -53,7 +53,7 @@ class DeepSpeedConfig(DistributedConfig):
         default_factory=dict,
         description="extra DeepSpeed config keys, merged over the derived ones (nested dicts merge key by key)",
     )
-    timeout_minutes: int = Field(30, ge=1)
+    timeout_minutes: int = Field(30, ge=1, le=525_600, description="collective timeout (at most a year)")
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
