@@ -23,7 +23,7 @@ Groups:
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
-    errors:       UserError, ConfigError, DataError
+    errors:       UserError, ConfigError, DataError, CheckpointError
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ _LAZY: dict[str, str] = {
     "UserError": "arctic_vl.errors",
     "ConfigError": "arctic_vl.errors",
     "DataError": "arctic_vl.errors",
+    "CheckpointError": "arctic_vl.errors",
 }
 
 __all__ = [  # every public name; tests/test_api.py checks it equals the keys of _LAZY
@@ -153,6 +154,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "Batch",
     "Callback",
     "CheckpointConfig",
+    "CheckpointError",
     "Checkpointer",
     "Component",
     "ComponentConfig",
@@ -239,7 +241,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine
-    from arctic_vl.errors import ConfigError, DataError, UserError
+    from arctic_vl.errors import CheckpointError, ConfigError, DataError, UserError
     from arctic_vl.models.base import ModelBundle, ModelFactory
     from arctic_vl.models.families import FAMILIES, FamilySpec, get_family, register_model_type
     from arctic_vl.models.forward import final_hidden, model_inputs, unwrap_peft, vision_keepalive
