@@ -61,7 +61,7 @@ def _alive(pid: int) -> bool:
 def _describe(info: dict[str, str]) -> str:
     if not info:
         return "a process that left no name"
-    since = f", since {info['since']}" if "since" in info else ""
+    since = f" (since {info['since']})" if "since" in info else ""
     return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}{since}"
 
 
@@ -73,9 +73,10 @@ class RunLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, output_dir: Path, where: str = "trainer.output_dir") -> RunLock:
+    def acquire(cls, output_dir: Path, where: str = "<config>") -> RunLock:
         """Take OUTPUT_DIR/.lock for this process. Held by a live run: ConfigError (exit 2) naming the holder's pid
-        and host. Left by a dead run: taken over, with a warning naming it. `where` is the config key's location."""
+        and host. Left by a dead run: taken over, with a warning naming it. `where`: the `file:line` of
+        trainer.output_dir, for the message."""
         path = Path(output_dir) / LOCK_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -85,10 +86,10 @@ class RunLock:
             info = _holder(_read(fd))
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"{where}: cannot lock {path}: {e.strerror} (the filesystem may not support "
+                raise ConfigError(f"{where}: trainer.output_dir: cannot lock {path}: {e.strerror} (the filesystem may not support "
                                   "file locks); put trainer.output_dir on a local or lock-capable filesystem") from None
             raise ConfigError(
-                f"{where}: {path.parent} is in use by another run: {_describe(info)} holds {path}. Two runs on one "
+                f"{where}: trainer.output_dir: {path.parent} is in use by another run: {_describe(info)} holds {path}. Two runs on one "
                 "directory overwrite each other's checkpoints and metrics: wait for it to finish (or stop it), or "
                 "give this run another trainer.output_dir"
             ) from None

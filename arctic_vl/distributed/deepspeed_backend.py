@@ -48,6 +48,8 @@ from arctic_vl.registry import DISTRIBUTED
 
 #: keys of `distributed.config` that would replace the engine's own components
 _OWNED_KEYS = {"optimizer": "optimizer", "scheduler": "scheduler"}
+#: sub-folder of a step-N checkpoint holding DeepSpeed's own (sharded) files
+DS_TAG = "deepspeed"
 
 _ZERO_KEYS = {
     "stage", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "use_multi_rank_bucket_allreduce",
@@ -107,52 +109,59 @@ _REFUSED: dict[str, str] = {
 }
 
 
-def check_pass_through(extra: dict[str, Any]) -> None:
-    """Refuse every `distributed.config` key outside PASS_THROUGH, naming it and why."""
+def pass_through_problems(extra: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """(key path under distributed.config, what is wrong) for every key outside PASS_THROUGH and every value
+    that is not plain data."""
+    problems: list[tuple[tuple[str, ...], str]] = []
     for key, value in extra.items():
         if key in _OWNED_KEYS:
-            raise ConfigError(
-                f"distributed.config.{key}: not allowed; the engine's own {key} (the `{key}:` section) is "
-                "used so that parameter groups, per-group learning rates and resume stay exact"
-            )
-        if key not in PASS_THROUGH:
-            why = _REFUSED.get(key, f"not a pass-through key; allowed: {', '.join(sorted(PASS_THROUGH))}")
-            raise ConfigError(f"distributed.config.{key}: refused: {why}")
-        allowed = PASS_THROUGH[key]
-        if allowed is None:
-            _plain(f"distributed.config.{key}", value)
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"distributed.config.{key}: must be a mapping of {', '.join(sorted(allowed))}")
-        for sub, sub_value in value.items():
-            name = f"{key}.{sub}"
-            if name in _REFUSED:
-                raise ConfigError(f"distributed.config.{name}: refused: {_REFUSED[name]}")
-            if sub not in allowed:
-                raise ConfigError(f"distributed.config.{name}: refused: not a pass-through key; allowed under "
-                                  f"{key}: {', '.join(sorted(allowed))}")
-            if name == "zero_optimization.leaf_module":
-                _leaf_module(sub_value)
-            else:
-                _plain(f"distributed.config.{name}", sub_value)
+            problems.append(((key,), f"not allowed; the engine's own {key} (the `{key}:` section) is used so that "
+                                     "parameter groups, per-group learning rates and resume stay exact"))
+        elif key not in PASS_THROUGH:
+            problems.append(((key,), "refused: " + _REFUSED.get(
+                key, f"not a pass-through key; allowed: {', '.join(sorted(PASS_THROUGH))}")))
+        elif PASS_THROUGH[key] is None:
+            problems.extend(((key,), p) for p in _plain(value))
+        elif not isinstance(value, dict):
+            problems.append(((key,), f"must be a mapping of {', '.join(sorted(PASS_THROUGH[key] or ()))}"))
+        else:
+            allowed = PASS_THROUGH[key] or set()
+            for sub, sub_value in value.items():
+                name = f"{key}.{sub}"
+                if name in _REFUSED:
+                    problems.append(((key, sub), f"refused: {_REFUSED[name]}"))
+                elif sub not in allowed:
+                    problems.append(((key, sub), f"refused: not a pass-through key; allowed under {key}: "
+                                                 f"{', '.join(sorted(allowed))}"))
+                else:
+                    check = _leaf_module if name == "zero_optimization.leaf_module" else _plain
+                    problems.extend(((key, sub), p) for p in check(sub_value))
+    return problems
 
 
-def _plain(name: str, value: Any) -> None:
+def check_pass_through(extra: dict[str, Any]) -> None:
+    """Refuse every `distributed.config` key outside PASS_THROUGH (ConfigError naming the first and why)."""
+    problems = pass_through_problems(extra)
+    if problems:
+        keys, why = problems[0]
+        raise ConfigError(f"distributed.config.{'.'.join(keys)}: {why}")
+
+
+def _plain(value: Any) -> list[str]:
     """A pass-through value is a scalar or a flat list of scalars: never a mapping DeepSpeed would interpret."""
     items = value if isinstance(value, list) else [value]
-    if not all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
-        raise ConfigError(f"{name}: must be a number, flag, string or a list of them, got {value!r}")
+    if all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
+        return []
+    return [f"must be a number, flag, string or a list of them, got {value!r}"]
 
 
-def _leaf_module(value: Any) -> None:
-    name = "distributed.config.zero_optimization.leaf_module"
+def _leaf_module(value: Any) -> list[str]:
     keys = {"classes", "names", "name_suffixes"}
-    if not isinstance(value, dict) or not set(value) <= keys or \
-            not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in value.values()):
-        raise ConfigError(f"{name}: must be a mapping of {', '.join(sorted(keys))} to lists of names "
-                          "(class names and module names, matched by name)")
-#: sub-folder of a step-N checkpoint holding DeepSpeed's own (sharded) files
-DS_TAG = "deepspeed"
+    if isinstance(value, dict) and set(value) <= keys and \
+            all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in value.values()):
+        return []
+    return [f"must be a mapping of {', '.join(sorted(keys))} to lists of names (class and module names, matched by "
+            "name)"]
 
 
 class DeepSpeedConfig(DistributedConfig):
@@ -425,12 +434,20 @@ class DeepSpeed(DDP):
 
 
 def _check_config(cfg: Any, located: Any) -> None:
-    """`arctic_vl validate` (and every start) derives the DeepSpeed config once, before any launcher runs."""
-    if isinstance(cfg.distributed, DeepSpeedConfig):
-        try:
-            derive_ds_config(cfg.distributed, cfg, None)
-        except ConfigError as e:
-            raise ConfigError(f"{located.where(('distributed',))}: {e}") from None
+    """`arctic_vl validate` (and every start) derives the DeepSpeed config once, before any launcher runs; every
+    refused pass-through key is reported at its own line."""
+    if not isinstance(cfg.distributed, DeepSpeedConfig):
+        return
+    problems = pass_through_problems(cfg.distributed.config)
+    if problems:
+        lines = [f"{located.where(('distributed', 'config', *keys))}: distributed.config.{'.'.join(keys)}: {why}"
+                 for keys, why in problems]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
+    try:
+        derive_ds_config(cfg.distributed, cfg, None)
+    except ConfigError as e:
+        keys = str(e).split(":", 1)[0].removeprefix("distributed.").split(".")
+        raise ConfigError(f"{located.where(('distributed', *keys))}: {e}") from None
 
 
 register_config_check(_check_config)
