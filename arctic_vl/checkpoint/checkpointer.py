@@ -104,9 +104,12 @@ class Checkpointer(Component):
         if not self.dir.is_dir():
             return []
         found = []
-        for p in self.dir.iterdir():
-            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file():
-                found.append(p)
+        try:
+            for p in self.dir.iterdir():
+                if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file():
+                    found.append(p)
+        except OSError as e:
+            raise CheckpointError(f"{self.dir}: cannot list the checkpoints: {e.strerror}") from None
         return sorted(found, key=lambda p: int(p.name[5:]))
 
     def verify(self, path: Path) -> list[str]:
@@ -118,7 +121,9 @@ class Checkpointer(Component):
         except CheckpointError as e:
             state, problems = None, [f"{STATE_FILE}: {str(e).split(': ', 1)[-1]}"]
         else:
-            problems = []
+            bad = [k for k in ("step", "epoch", "batch_in_epoch")
+                   if not (isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0)]
+            problems = [f"{STATE_FILE}: {k} is {state.get(k, 'missing')!r}, not a count" for k in bad]
         found, has_manifest = verify(path, state)
         if state is not None and not problems and not found and not has_manifest and _is_main_process():
             logger.warning(f"{path}: written before checkpoints carried a manifest: checked for truncation and "

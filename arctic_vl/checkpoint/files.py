@@ -42,7 +42,8 @@ def free_bytes(path: Path) -> int | None:
     return None
 
 
-def _disk_full(e: BaseException, path: Path, needed: int) -> bool:
+def disk_full(e: BaseException, path: Path, needed: int) -> bool:
+    """Whether the failed write `e` of `path` (`needed` bytes) ran out of room."""
     if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(e)
@@ -52,19 +53,20 @@ def _disk_full(e: BaseException, path: Path, needed: int) -> bool:
     return free is not None and free < needed
 
 
-def write_error(path: Path, e: BaseException, needed: int) -> CheckpointError:
-    """The error for a failed write of `path`; `needed`: the bytes the whole checkpoint needs (an estimate)."""
-    if _disk_full(e, path, needed):
+def write_error(path: Path, e: BaseException, needed: int, what: str = "checkpoint") -> CheckpointError:
+    """The error for a failed write of `path`; `needed`: the bytes the whole `what` needs (an estimate)."""
+    if disk_full(e, path, needed):
         free = free_bytes(path)
         room = f", {free:,} bytes ({human_bytes(free)}) are free" if free is not None else ""
+        after = ": the previous checkpoint is intact" if what == "checkpoint" else ""
         return CheckpointError(
-            f"{path}: the disk is full at {path.parent}: this checkpoint needs about {needed:,} bytes "
+            f"{path}: the disk is full at {path.parent}: this {what} needs about {needed:,} bytes "
             f"({human_bytes(needed)}){room}. Free space there (or lower checkpoint.keep_last) and run the same "
-            "command again: the previous checkpoint is intact"
+            f"command again{after}"
         )
     lines = str(e).strip().splitlines()
     reason = getattr(e, "strerror", None) or (lines[-1] if lines else type(e).__name__)
-    return CheckpointError(f"{path}: cannot write this checkpoint file: {reason}")
+    return CheckpointError(f"{path}: cannot write this {what} file: {reason}")
 
 
 def write_with(path: Path, write: Callable[[Path], None], needed: int) -> None:

@@ -160,10 +160,18 @@ class HFModelFactory(ModelFactory):
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """`out_dir`: an HF directory (safetensors + processor). A LoRA model is written merged, with the
         PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
-        if is_peft(model):
-            return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
-        if bundle.processor is not None:
-            bundle.processor.save_pretrained(out_dir)
+        try:
+            if is_peft(model):
+                return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+            if bundle.processor is not None:
+                bundle.processor.save_pretrained(out_dir)
+        except (OSError, RuntimeError) as e:  # a full disk, a read-only target: name it (and the bytes needed)
+            from arctic_vl.checkpoint.files import disk_full, write_error
+
+            needed = sum(p.numel() * p.element_size() for p in model.parameters())
+            if not isinstance(e, OSError) and not disk_full(e, out_dir, needed):
+                raise  # not an I/O failure: the traceback is the useful part
+            raise write_error(out_dir, e, needed, what="export") from None
         return out_dir
