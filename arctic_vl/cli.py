@@ -197,13 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         print("arctic_vl: interrupted", file=sys.stderr)
         code = 130
     except Exception as e:
-        from arctic_vl.errors import CheckpointError, UserError
+        from arctic_vl.errors import RunFailed, UserError
 
         if isinstance(e, UserError):
             print(f"arctic_vl: error: {_clean(str(e))}", file=sys.stderr)
             code = 2
-        elif isinstance(e, CheckpointError):  # names the file and why: a traceback adds nothing
-            print(f"arctic_vl: failed: {e}", file=sys.stderr)
+        elif isinstance(e, RunFailed):
+            print(f"arctic_vl: failed: {_clean(str(e))}", file=sys.stderr)
             code = 1
         else:
             import traceback

@@ -15,6 +15,7 @@ import yaml
 
 from arctic_vl.checkpoint.lock import RunLock
 from arctic_vl.config.schema import EngineConfig, load_config, where
+from arctic_vl.plugins import load_plugins, plugin_summary
 from arctic_vl.registry import (
     CALLBACKS,
     CHECKPOINTERS,
@@ -32,15 +33,18 @@ class Engine:
 
     def __init__(self, config: str | os.PathLike[str] | dict[str, Any] | EngineConfig,
                  overrides: list[str] | tuple[str, ...] = ()):
+        load_plugins()
         self.config = load_config(config, overrides)
         self.output_dir = Path(self.config.trainer.output_dir)
         self._lock: RunLock | None = None
 
     # ----------------------------------------------------------------------------------------- building
     def model_factory(self) -> Any:
+        """The run's model factory (nothing is loaded until its `build`)."""
         return MODELS.get(self.config.model.type)(self.config.model, self.config)
 
     def data_factory(self) -> Any:
+        """The run's data factory (nothing is read until its `build`)."""
         return DATA.get(self.config.data.type)(self.config.data, self.config)
 
     def describe_model(self) -> str:
@@ -48,9 +52,10 @@ class Engine:
         return self.model_factory().describe()
 
     def _build(self, model_dir: Path | None = None) -> Any:
+        """Every component from its registry, the trainer last with the others passed in."""
         c = self.config
         _quiet_transformers()
-        dist = DISTRIBUTED.get(c.distributed.type)(c.distributed)
+        dist = DISTRIBUTED.get(c.distributed.type)(c.distributed, c)
         dist.setup()
         seed = c.trainer.seed
         model_factory = self.model_factory()
@@ -59,26 +64,22 @@ class Engine:
             # the run directory is this run's until it ends: before anything is written into it
             if self._lock is None:  # (a second build of the same Engine keeps its lock)
                 self._lock = RunLock.acquire(self.output_dir, where(c, ("trainer", "output_dir")))
-            if hasattr(model_factory, "prepare"):
-                model_factory.prepare(self.output_dir, seed)
+            model_factory.prepare(self.output_dir, seed)
         dist.barrier()
         _seed_everything(seed)
-        build_kwargs: dict[str, Any] = {"device": dist.device, "output_dir": self.output_dir}
-        if model_dir is not None:
-            build_kwargs["path"] = model_dir
-        bundle = model_factory.build(**build_kwargs)
+        bundle = model_factory.build(device=dist.device, output_dir=self.output_dir, path=model_dir)
         data = self.data_factory().build(bundle, seed=seed)
         callbacks = [CALLBACKS.get(cb.type)(cb) for cb in c.callbacks]
         if not any(cb.type == "progress" for cb in c.callbacks):
             callbacks.insert(0, CALLBACKS.get("progress")(CALLBACKS.get("progress").config_class()))
         trainer_cls = TRAINERS.get(c.trainer.type)
         return trainer_cls(
-            c.trainer, c,
+            c.trainer,
             model_factory=model_factory, model_bundle=bundle, data_bundle=data,
-            optimizer=OPTIMIZERS.get(c.optimizer.type)(c.optimizer),
-            scheduler=SCHEDULERS.get(c.scheduler.type)(c.scheduler),
+            optimizer_factory=OPTIMIZERS.get(c.optimizer.type)(c.optimizer),
+            scheduler_factory=SCHEDULERS.get(c.scheduler.type)(c.scheduler),
             checkpointer=CHECKPOINTERS.get(c.checkpoint.type)(c.checkpoint, self.output_dir),
-            callbacks=callbacks, dist=dist,
+            callbacks=callbacks, dist=dist, eval_config=c.eval, run_config=c.to_dict(),
         )
 
     # -------------------------------------------------------------------------------------------- running
@@ -132,8 +133,6 @@ class Engine:
         info = {"versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
                 "config_source": self.config.source, "world_size": trainer.dist.world_size,
                 "data": trainer.data.stats}
-        from arctic_vl.plugins import plugin_summary
-
         info["plugins"] = plugin_summary()
         (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
 

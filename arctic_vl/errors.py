@@ -28,10 +28,17 @@ class DataError(UserError):
         self.reason = reason
 
 
+class RunFailed(Exception):
+    """A run that cannot go on, for a reason the message states in full (e.g. the NaN guard gave up, a
+    checkpoint no longer verifies). The CLI prints the message without a traceback and exits 1."""
+
+    exit_code = 1
+
+
 class PluginError(Exception):
     """A plugin that failed to load; reported, while the other plugins keep working."""
 
 
-class CheckpointError(Exception):
+class CheckpointError(RunFailed):
     """A checkpoint that cannot be written or read (full disk, corrupt or truncated files, a file that would
     need unpickling). The message names the file and why; the CLI prints it and exits 1."""

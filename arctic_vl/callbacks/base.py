@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from arctic_vl.registry import Component, ComponentConfig
+from arctic_vl.registry import CALLBACKS, Component, ComponentConfig
 
 
 @dataclass
@@ -19,7 +19,13 @@ class StepInfo:
 
 
 class Callback(Component):
-    """Override any of the `on_*` events. `trainer` is the running Trainer (read-only by convention)."""
+    """Observes a run; registered in `CALLBACKS`, listed in the config's `callbacks:`.
+
+    Override any of the `on_*` events; each is called on every rank (check `trainer.is_main` to write once).
+    `trainer` is the running Trainer: read it (`state`, `config`, `output_dir`, `total_steps`), never change
+    the math of a step. `on_step_end` gets a StepInfo whose `metrics` are the metrics.jsonl line of the step;
+    `on_evaluate` the evaluation results; `on_save` the checkpoint path; `on_train_end` the run's summary.
+    """
 
     config_class = ComponentConfig
 
@@ -37,6 +43,9 @@ class Callback(Component):
     def on_save(self, trainer: Any, path: str) -> None: ...
 
     def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None: ...
+
+
+CALLBACKS.bind_base(Callback)
 
 
 class CallbackList:

@@ -91,7 +91,12 @@ def _dir_bytes(path: Path) -> int:
 
 @CHECKPOINTERS.register("default")
 class Checkpointer(Component):
-    """Saves, verifies and finds resumable checkpoints under OUTPUT_DIR/checkpoints."""
+    """Saves, verifies and finds resumable checkpoints under OUTPUT_DIR/checkpoints (the base of `CHECKPOINTERS`).
+
+    The loop calls `latest()` (the newest checkpoint that verifies, or None), `read_state(path)` (its
+    trainer_state.json), `load(path, model=, optimizer=, scheduler=, dist=)` and `save(step=, model=,
+    optimizer=, scheduler=, trainer_state=, dist=)` on every rank; `save` writes atomically, manifest last.
+    """
 
     config_class = CheckpointConfig
 
@@ -250,6 +255,9 @@ class Checkpointer(Component):
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{rng_file}: not an RNG state: {e}") from None
         return self.read_state(path)
+
+
+CHECKPOINTERS.bind_base(Checkpointer)
 
 
 #: `_StepModule` holds the model as `.model`: checkpoint names start with this

@@ -32,8 +32,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None 
     checkpointer = CHECKPOINTERS.get(c.checkpoint.type)(c.checkpoint, run_dir)
     ckpt = find_checkpoint(run_dir, checkpointer, checkpoint)
     factory = engine.model_factory()
-    if hasattr(factory, "prepare"):  # an inline tiny model: rebuilt (deterministically) if base_model is gone
-        factory.prepare(run_dir, c.trainer.seed)
+    factory.prepare(run_dir, c.trainer.seed)  # e.g. an inline tiny model, rebuilt (deterministically) if gone
     bundle = factory.build(device=torch.device("cpu"), output_dir=run_dir)
     load_trainable_weights(bundle.model, ckpt)
     out = Path(out_dir)

@@ -35,17 +35,11 @@ def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
     """Counts per split and skip reason, and the first `n` samples rendered with their labels."""
     from arctic_vl.data.sources import BadRecordReport
     from arctic_vl.data.vlm import scan
-    from arctic_vl.models.loading import family_of_dir, load_processor
 
     engine = Engine(config, overrides)
     model_factory = engine.model_factory()
-    if hasattr(model_factory, "prepare"):
-        model_factory.prepare(engine.output_dir, engine.config.trainer.seed)
-    model_dir = model_factory.model_dir(engine.output_dir) if hasattr(model_factory, "model_dir") else None
-    if model_dir is None:
-        raise NotImplementedError(f"inspect-data needs a model factory with a model directory ({engine.config.model.type})")
-    processor = load_processor(model_dir)
-    family = family_of_dir(model_dir)
+    model_factory.prepare(engine.output_dir, engine.config.trainer.seed)
+    processor, family = model_factory.load_processor(engine.output_dir)
     bundle = type("ProcessorOnly", (), {"processor": processor, "family": family})()
     factory = engine.data_factory()
     encoder = factory.encoder(bundle)

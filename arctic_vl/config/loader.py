@@ -342,44 +342,58 @@ def load_file(file: str | Path, _chain: tuple[Path, ...] = ()) -> LocatedConfig:
 # ---------------------------------------------------------------------------------------------- --set
 
 
+def _parse_override(arg: str) -> tuple[list[Any], Any]:
+    """`a.b.0.c=VALUE` -> (["a", "b", 0, "c"], the value parsed as YAML)."""
+    shown = f"--set {arg}"
+    key, sep, raw = arg.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{shown}: expected KEY=VALUE with a dotted key, e.g. --set trainer.max_steps=100")
+    parts: list[Any] = []
+    for piece in key.split("."):
+        if not piece:
+            raise ConfigError(f"{shown}: empty name in dotted key '{key}'")
+        parts.append(int(piece) if piece.isdigit() else piece)
+    try:
+        value = parse_value(raw, shown) if raw.strip() else ""
+    except ConfigError as e:  # the same rules as a file: plain types, bounded size and depth
+        problem = str(e).removeprefix(f"{shown}: ").removeprefix("<root>: ").removeprefix("invalid YAML: ")
+        raise ConfigError(f"{shown}: {key}: value is not valid YAML: {problem}") from None
+    return parts, value
+
+
+def _override_parent(cfg: LocatedConfig, parts: list[Any], shown: str) -> Any:
+    """The mapping or list that holds `parts[-1]`; missing mappings on the way are created (located at --set)."""
+    node: Any = cfg.data
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise ConfigError(f"{shown}: {dotted(tuple(parts[: depth + 1]))}: no such list item")
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{shown}: {dotted(tuple(parts[:depth]))} is not a mapping")
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+            cfg.locs[tuple(parts[: depth + 1])] = Loc(shown, Path.cwd())  # created by this --set
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise ConfigError(f"{shown}: {dotted(tuple(parts))}: no such list item")
+    elif not isinstance(node, dict):
+        raise ConfigError(f"{shown}: {dotted(tuple(parts[:-1]))} is not a mapping")
+    return node
+
+
 def apply_overrides(cfg: LocatedConfig, overrides: list[str] | tuple[str, ...]) -> LocatedConfig:
     """Apply `section.key=value` overrides; values are parsed as YAML (`3`, `true`, `[a, b]`, `{r: 8}`)."""
     for arg in overrides:
         shown = f"--set {arg}"
-        key, sep, raw = arg.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"{shown}: expected KEY=VALUE with a dotted key, e.g. --set trainer.max_steps=100")
-        parts: list[Any] = []
-        for piece in key.split("."):
-            if not piece:
-                raise ConfigError(f"{shown}: empty name in dotted key '{key}'")
-            parts.append(int(piece) if piece.isdigit() else piece)
-        try:
-            value = parse_value(raw, shown) if raw.strip() else ""
-        except ConfigError as e:  # the same rules as a file: plain types, bounded size and depth
-            problem = str(e).removeprefix(f"{shown}: ").removeprefix("<root>: ").removeprefix("invalid YAML: ")
-            raise ConfigError(f"{shown}: {key}: value is not valid YAML: {problem}") from None
-        node: Any = cfg.data
-        for depth, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                if not isinstance(part, int) or part >= len(node):
-                    raise ConfigError(f"{shown}: {dotted(tuple(parts[: depth + 1]))}: no such list item")
-                node = node[part]
-                continue
-            if not isinstance(node, dict):
-                raise ConfigError(f"{shown}: {dotted(tuple(parts[:depth]))} is not a mapping")
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-                cfg.locs[tuple(parts[: depth + 1])] = Loc(shown, Path.cwd())  # created by this --set
-            node = nxt
+        parts, value = _parse_override(arg)
+        node = _override_parent(cfg, parts, shown)
         last = parts[-1]
-        if isinstance(node, list):
-            if not isinstance(last, int) or last >= len(node):
-                raise ConfigError(f"{shown}: {dotted(tuple(parts))}: no such list item")
-        elif not isinstance(node, dict):
-            raise ConfigError(f"{shown}: {dotted(tuple(parts[:-1]))} is not a mapping")
         old = node[last] if isinstance(node, list) or last in node else None
         if isinstance(old, dict) and isinstance(value, dict):
             sub = merge(LocatedConfig(old), LocatedConfig(value))

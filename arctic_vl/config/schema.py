@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, 
 from arctic_vl.config.loader import KeyPath, LocatedConfig, apply_overrides, dotted, from_dict, load_file
 from arctic_vl.config.paths import PathField
 from arctic_vl.errors import ConfigError
+from arctic_vl.plugins import load_plugins, run_config_checks
 from arctic_vl.registry import REGISTRIES, ComponentConfig, non_finite_values
 
 #: the type a section gets when it names none
@@ -110,52 +111,31 @@ def build_config(located: LocatedConfig, writable_output: bool = True) -> Engine
 
     `writable_output`: also check that `trainer.output_dir` can be written (off for commands that only read
     a run directory, e.g. `export`)."""
-    from arctic_vl.plugins import load_plugins, run_config_checks
-
     load_plugins()
     data = located.data
-    errors: list[str] = []
-    for key in data:
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(str(key), SECTIONS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append(
-                f"{located.where((key,))}: {key}: unknown section{hint}. Allowed: {', '.join(SECTIONS)}, extends"
-            )
+    errors = [
+        f"{located.where((key,))}: {key}: unknown section{_did_you_mean(key, SECTIONS)}. "
+        f"Allowed: {', '.join(SECTIONS)}, extends"
+        for key in data if key not in SECTIONS
+    ]
     sections: dict[str, Any] = {}
     for section, registry in REGISTRIES.items():
         raw = data.get(section)
         if section == "callbacks":
-            raw = [] if raw is None else raw
-            if not isinstance(raw, list):
-                errors.append(f"{located.where((section,))}: callbacks: must be a list of {{type: ...}} mappings")
-                continue
-            items = []
-            for i, item in enumerate(raw):
-                cfg = _validate_section(located, (section, i), item, registry, None, errors)
-                if cfg is not None:
-                    items.append(cfg)
-            sections[section] = items
-            continue
-        if raw is None and section not in DEFAULT_TYPES:
-            continue
-        if raw is None and section in ("model", "data"):
+            sections[section] = _validate_callbacks(located, raw, registry, errors)
+        elif raw is None and section in ("model", "data"):
             errors.append(f"{located.where(())}: {section}: required section missing")
-            continue
-        cfg = _validate_section(located, (section,), raw or {}, registry, DEFAULT_TYPES.get(section), errors)
-        if cfg is not None:
-            sections[section] = cfg
+        elif raw is not None or section in DEFAULT_TYPES:
+            cfg = _validate_section(located, (section,), raw or {}, registry, DEFAULT_TYPES.get(section), errors)
+            if cfg is not None:
+                sections[section] = cfg
     if "eval" in data:
         raw_eval = data["eval"]
         try:
             sections["eval"] = EvalConfig.model_validate(raw_eval if raw_eval is not None else {})
         except ValidationError as e:
             errors.extend(format_validation_error(e, located, ("eval",), EvalConfig, raw_eval))
-    for section, value in sections.items():
-        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
-            prefix = (section,) if i is None else (section, i)
-            for path, bad in non_finite_values(item, prefix):
-                errors.append(f"{located.where(path)}: {dotted(path)}: must be a finite number (got {bad})")
+    errors.extend(_non_finite_errors(sections, located))
     if errors:
         raise ConfigError(_joined(errors))
     cfg = EngineConfig(**sections)
@@ -164,6 +144,17 @@ def build_config(located: LocatedConfig, writable_output: bool = True) -> Engine
         check_output_dir(cfg, located)
     run_config_checks(cfg, located)
     return cfg
+
+
+def _non_finite_errors(sections: dict[str, Any], located: LocatedConfig) -> list[str]:
+    """Every inf/nan float of the validated sections (nested models too), at its file and line."""
+    errors = []
+    for section, value in sections.items():
+        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            prefix = (section,) if i is None else (section, i)
+            errors.extend(f"{located.where(path)}: {dotted(path)}: must be a finite number (got {bad})"
+                          for path, bad in non_finite_values(item, prefix))
+    return errors
 
 
 def check_output_dir(cfg: EngineConfig, located: LocatedConfig) -> None:
@@ -191,6 +182,25 @@ def output_dir_problem(path: Path) -> str | None:
     except OSError as e:  # e.g. a parent without search permission, a symlink loop
         return f"{path} cannot be checked: {e.strerror or e}"
     return None
+
+
+def _did_you_mean(key: Any, allowed: Any) -> str:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _validate_callbacks(located: LocatedConfig, raw: Any, registry: Any, errors: list[str]) -> list[Any]:
+    """The `callbacks:` list, each item validated against its registered callback's config."""
+    raw = [] if raw is None else raw
+    if not isinstance(raw, list):
+        errors.append(f"{located.where(('callbacks',))}: callbacks: must be a list of {{type: ...}} mappings")
+        return []
+    items = []
+    for i, item in enumerate(raw):
+        cfg = _validate_section(located, ("callbacks", i), item, registry, None, errors)
+        if cfg is not None:
+            items.append(cfg)
+    return items
 
 
 def _validate_section(
@@ -423,8 +433,6 @@ def where(cfg: EngineConfig, path: KeyPath) -> str:
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema of the whole config: each section is a union of its registered types' schemas."""
-    from arctic_vl.plugins import load_plugins
-
     load_plugins()
     defs: dict[str, Any] = {}
     properties: dict[str, Any] = {"extends": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,12 +10,21 @@ from typing import Any
 import torch
 
 from arctic_vl.constants import epoch_seed
-from arctic_vl.registry import Component, ComponentConfig
+from arctic_vl.registry import DATA, Component, ComponentConfig
 
 
 @dataclass
 class DataBundle:
-    """What a data factory hands the trainer. `report` counts every record that was skipped, by reason."""
+    """What a data factory hands the trainer.
+
+    `train` / `eval`: map-style datasets whose items the `collate` function turns into a batch following
+    `arctic_vl.Batch` (index -1 asks for a padding sample that trains nothing). `report` counts every record
+    that was skipped, by reason (a `BadRecordReport`). `stats` go to run_info.json. `batcher(epoch,
+    world_size)`, when set, plans every rank's micro-batches of an epoch itself (packing); otherwise the loop
+    deals fixed `micro_batch_size` micro-batches in a seeded (`shuffle`) or file order. `num_workers`:
+    DataLoader workers. `fingerprint`: per training source, what identifies its content (record counts, a
+    cheap hash): saved with checkpoints, a resume with different data is refused.
+    """
 
     train: torch.utils.data.Dataset
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -23,10 +33,18 @@ class DataBundle:
     stats: dict[str, Any] = field(default_factory=dict)
     #: optional: groups train indices into micro-batches (packing); default is fixed-size micro-batches
     batcher: Any = None
+    micro_batch_size: int = 1
+    shuffle: bool = True
+    num_workers: int = 0
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
-class DataFactory(Component):
-    """Subclasses set `config_class` and implement `build`."""
+class DataFactory(Component, ABC):
+    """Builds a run's data from its `data:` section; registered in `DATA`.
+
+    `build(model_bundle, seed=...)` is called on every rank after the model is built (the processor and
+    family of `model_bundle` drive the encoding) and returns a DataBundle.
+    """
 
     config_class = ComponentConfig
 
@@ -34,8 +52,12 @@ class DataFactory(Component):
         self.config = config
         self.engine_config = engine_config
 
+    @abstractmethod
     def build(self, model_bundle: Any, *, seed: int) -> DataBundle:
-        raise NotImplementedError
+        """The datasets, collator and batching settings of the run."""
+
+
+DATA.bind_base(DataFactory)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):

@@ -188,8 +188,12 @@ class VLMDataFactory(DataFactory):
         stats = {"train_samples": len(train), "eval_samples": len(evaluation) if evaluation else 0,
                  "train_tokens": sum(train.lengths), "skipped": report.by_reason()}
         if self.config.packing:
-            return self._packed_bundle(model_bundle, encoder, train, evaluation, report, stats, seed)
-        return DataBundle(train=train, eval=evaluation, collate=Collator(encoder), report=report, stats=stats)
+            bundle = self._packed_bundle(model_bundle, encoder, train, evaluation, report, stats, seed)
+        else:
+            bundle = DataBundle(train=train, eval=evaluation, collate=Collator(encoder), report=report, stats=stats)
+        bundle.micro_batch_size, bundle.shuffle = self.config.micro_batch_size, self.config.shuffle
+        bundle.num_workers = self.config.num_workers
+        return bundle
 
     def _packed_bundle(self, model_bundle: Any, encoder: Any, train: VLMDataset, evaluation: VLMDataset | None,
                        report: Any, stats: dict[str, Any], seed: int) -> DataBundle:

@@ -23,12 +23,19 @@ class DistributedConfig(ComponentConfig):
 
 
 class DistributedBackend(Component):
-    """One process; subclasses add process groups. Owns backward, clipping and the optimizer step."""
+    """One process; subclasses add process groups. Owns backward, clipping and the optimizer step.
+
+    The loop calls `setup`, `prepare(step_module, optimizer, scheduler)`, then per step `no_sync`,
+    `backward`, `group_grad_norms`, `step`, and the collectives `all_reduce_sum` / `barrier`; checkpoints go
+    through `save_state` / `load_state` (engine-owned sharded state) and `full_state_dict` (export).
+    """
 
     config_class = DistributedConfig
 
-    def __init__(self, config: DistributedConfig):
+    def __init__(self, config: DistributedConfig, engine_config: Any = None):
         self.config = config
+        #: the whole run's config, for backends that derive their own settings from it (DeepSpeed)
+        self.engine_config = engine_config
         self.rank, self.world_size, self.local_rank = 0, 1, 0
         self.device = torch.device("cpu")
 
@@ -62,17 +69,36 @@ class DistributedBackend(Component):
     def backward(self, model: Any, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float | None) -> float:
-        """Clip, step, zero grads; returns the gradient norm before clipping."""
+    def step(self, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float | None, *,
+             skip_nonfinite: bool = False, loss_finite: bool = True) -> tuple[float, bool]:
+        """Clip, step the optimizer and the scheduler, zero grads; (gradient norm before clipping, stepped).
+
+        With `skip_nonfinite`, a step whose loss (`loss_finite`, the global loss) or gradient norm is not
+        finite leaves the weights and the optimizer state untouched: grads are dropped, the scheduler steps.
+        (Under DDP the gradients are already averaged, so every rank sees the same norm and decides alike.)
+        """
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        if max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        optimizer.step()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        finite = loss_finite and bool(torch.isfinite(norm))
+        stepped = finite or not skip_nonfinite
+        if stepped:
+            if max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float(norm), stepped
+
+    def group_grad_norms(self, model: Any, optimizer: Any) -> dict[str, float]:
+        """The gradient norm of each optimizer parameter group, by group name (decay and no-decay halves of a
+        configured group together), before clipping. Call between backward and `step`."""
+        squares: dict[str, float] = {}
+        for group in optimizer.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            name = str(group.get("name", "default")).split("/", 1)[0]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            squares[name] = squares.get(name, 0.0) + norm * norm
+        return {name: sq ** 0.5 for name, sq in squares.items()}
 
     def unwrap(self, model: Any) -> torch.nn.Module:
         return model
@@ -97,6 +123,9 @@ class DistributedBackend(Component):
     def full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 for export (ZeRO-3 gathers); None: use the module as is."""
         return None
+
+
+DISTRIBUTED.bind_base(DistributedBackend)
 
 
 @DISTRIBUTED.register("single")

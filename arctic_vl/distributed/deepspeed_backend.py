@@ -300,8 +300,8 @@ class _TupleLoss(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        out = self.inner(batch)
+    def forward(self, batch: dict[str, Any], counts: Any) -> tuple[torch.Tensor, Any]:
+        out = self.inner(batch, counts)
         return out.loss_sum, out
 
 
@@ -313,8 +313,8 @@ class DeepSpeedModel:
         self.engine = engine
         self.step_module = step_module
 
-    def __call__(self, batch: dict[str, Any]) -> Any:
-        _, out = self.engine(batch)
+    def __call__(self, batch: dict[str, Any], counts: Any) -> Any:
+        _, out = self.engine(batch, counts)
         return out
 
     def train(self, mode: bool = True) -> DeepSpeedModel:
@@ -332,9 +332,7 @@ class DeepSpeed(DDP):
     config_class = DeepSpeedConfig
 
     def __init__(self, config: DeepSpeedConfig, engine_config: Any = None):
-        super().__init__(config)
-        #: the run's EngineConfig; when not given here, `prepare` reads it from the loop's step module
-        self.engine_config = engine_config
+        super().__init__(config, engine_config)
         self.ds_config: dict[str, Any] = {}
 
     def setup(self) -> None:
@@ -360,10 +358,6 @@ class DeepSpeed(DDP):
         import deepspeed
 
         if self.engine_config is None:
-            # The Engine constructs backends from their own section only; the loop's step module knows its trainer.
-            trainer = getattr(model, "_trainer", [None])[0]
-            self.engine_config = getattr(trainer, "engine_config", None)
-        if self.engine_config is None:
             raise ConfigError("distributed.type deepspeed needs the engine config to derive the DeepSpeed config")
         self.ds_config = derive_ds_config(self.config, self.engine_config, self.world_size)
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=_TupleLoss(model), optimizer=optimizer,
@@ -383,7 +377,15 @@ class DeepSpeed(DDP):
         # The loop's loss is already normalised for the whole accumulated batch: no division by the accumulation.
         model.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, model: DeepSpeedModel, optimizer: Any, scheduler: Any, max_grad_norm: float | None) -> float:
+    def step(self, model: DeepSpeedModel, optimizer: Any, scheduler: Any, max_grad_norm: float | None, *,
+             skip_nonfinite: bool = False, loss_finite: bool = True) -> tuple[float, bool]:
+        """DeepSpeed's own step (clipping inside), then the engine's scheduler; (grad norm, stepped).
+
+        ZeRO 1-3 already skip a step whose gradient norm is not finite (their overflow check, which also
+        drops the reduced gradients); `stepped` is DeepSpeed's `was_step_applied()`, so the loop's NaN guard
+        counts such a step as skipped. (A non-finite step DeepSpeed applies anyway, e.g. ZeRO-0, is reported
+        by the loop as a failure.)
+        """
         engine = model.engine
         norm = None
         if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
@@ -395,7 +397,11 @@ class DeepSpeed(DDP):
         if norm is None:
             got = engine.get_global_grad_norm()
             norm = float(got) if got is not None else float("nan")
-        return norm
+        return norm, bool(engine.was_step_applied())
+
+    def group_grad_norms(self, model: DeepSpeedModel, optimizer: Any) -> dict[str, float]:
+        """Not available under ZeRO (gradients are partitioned and reduced inside DeepSpeed's step): {}."""
+        return {}
 
     def unwrap(self, model: Any) -> torch.nn.Module:
         return model.step_module if isinstance(model, DeepSpeedModel) else model

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from arctic_vl.constants import PARTS
 from arctic_vl.errors import ConfigError
-from arctic_vl.registry import OPTIMIZERS, Component, ComponentConfig
+from arctic_vl.plugins import register_config_check
+from arctic_vl.registry import MODELS, OPTIMIZERS, Component, ComponentConfig
 
 
 class ParamGroupConfig(BaseModel):
@@ -25,18 +26,12 @@ class ParamGroupConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    parts: list[str] = Field(default_factory=list, description="any of vision, aligner, llm")
+    parts: list[str] = Field(default_factory=list, description="any of vision, aligner, llm (and the model "
+                             "factory's own parts, e.g. bbu_detection's detection and adapter)")
     regex: str | None = Field(None, description="re.search on the parameter name")
     lr: float | None = Field(None, ge=0, description="0 freezes the group")
     weight_decay: float | None = Field(None, ge=0)
 
-    @field_validator("parts")
-    @classmethod
-    def _known_parts(cls, v: list[str]) -> list[str]:
-        bad = [p for p in v if p not in PARTS]
-        if bad:
-            raise ValueError(f"unknown part {bad[0]!r}; allowed: {', '.join(PARTS)}")
-        return v
 
     @field_validator("regex")
     @classmethod
@@ -126,6 +121,9 @@ class Optimizer(Component):
         raise NotImplementedError
 
 
+OPTIMIZERS.bind_base(Optimizer)
+
+
 @OPTIMIZERS.register("adamw")
 class AdamW(Optimizer):
     """torch.optim.AdamW."""
@@ -138,3 +136,20 @@ class AdamW(Optimizer):
         fused = c.fused if c.fused is not None else device_is_cuda
         return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
                                  fused=fused or None)
+
+
+def check_group_parts(cfg: Any, located: Any) -> None:
+    """Config check: every `optimizer.param_groups[].parts` entry is a part of the configured model factory."""
+    groups = getattr(cfg.optimizer, "param_groups", None) or []
+    factory = MODELS.get(cfg.model.type) if cfg.model.type in MODELS else None
+    allowed = tuple(getattr(factory, "parts", PARTS))
+    for i, group in enumerate(groups):
+        for j, part in enumerate(group.parts):
+            if part not in allowed:
+                path = ("optimizer", "param_groups", i, "parts", j)
+                raise ConfigError(f"invalid config: {located.where(path)}: optimizer.param_groups[{i}].parts[{j}]: "
+                                  f"unknown part {part!r}; allowed for model.type {cfg.model.type!r}: "
+                                  f"{', '.join(allowed)}")
+
+
+register_config_check(check_group_parts)

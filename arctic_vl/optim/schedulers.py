@@ -46,6 +46,9 @@ class Scheduler(Component):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.factor(s, total_steps))
 
 
+SCHEDULERS.bind_base(Scheduler)
+
+
 @SCHEDULERS.register("cosine")
 class Cosine(Scheduler):
     def decay(self, progress: float) -> float:

@@ -1,13 +1,18 @@
 """The training loop, top to bottom in one file.
 
-Components are passed in (model, data, optimizer and scheduler factories, checkpointer, callbacks,
-distributed backend); the loop only orders them. Subclasses change what a step computes by overriding
-`loss`; everything else (accumulation, normalisation, clipping, logging, checkpoints, resume) is here.
+Components are passed in (model bundle, data bundle, optimizer and scheduler factories, checkpointer,
+callbacks, distributed backend); the loop only orders them. A subclass changes what a step computes by
+overriding `loss` (and `count` / `step_counts` when it normalises by something else, `evaluate` for its own
+metrics); everything else (accumulation, normalisation, clipping, the NaN guard, logging, checkpoints,
+resume) is here.
 
-Loss normalisation: the loss of an optimizer step is the mean over ALL label tokens of the whole
-accumulated batch on all processes. Each micro-batch contributes sum(token losses) / N_global, where
-N_global is counted before the first backward; gradient all-reduce averages over processes, so each
-rank scales by world_size.
+    train -> for each step's micro-batches: train_step -> forward_backward -> optimizer_step -> log_step
+             -> maybe_evaluate -> maybe_save; then finish (save, export, evaluate)
+
+Loss normalisation (the batch contract, `arctic_vl.batch`): the loss of an optimizer step is the mean over
+ALL units (label tokens for the LM loss) of the whole accumulated batch on all processes. Each micro-batch
+contributes `loss_sum / counts.units`, with `counts` summed over processes before the first forward; the
+gradient all-reduce averages over processes, so each rank also scales by world_size.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,25 +30,39 @@ from typing import Any
 
 import torch
 from loguru import logger
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
 from arctic_vl.config.paths import ConfigPath
 from arctic_vl.config.types import Seed
 from arctic_vl.data.base import EpochBatchSampler
-from arctic_vl.errors import ConfigError
-from arctic_vl.registry import Component, ComponentConfig
+from arctic_vl.errors import ConfigError, DataError, RunFailed
+from arctic_vl.registry import TRAINERS, Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens
 
-#: settings that may differ on resume: they change neither the math nor the data order
+#: settings that may differ on resume: they change neither the math nor the data order (a run directory
+#: that was moved or copied resumes: its location is not part of the math)
 RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.log_every_n_steps",
-    "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm", "checkpoint.export_final",
-    "data.num_workers", "callbacks", "eval",
+    "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
+    "checkpoint.export_final", "data.num_workers", "callbacks", "eval",
 )
 
 
+class NanGuardConfig(BaseModel):
+    """A step whose loss or gradient is not finite is skipped: no weight changes, the LR is lowered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    lr_factor: float = Field(0.5, gt=0, le=1, description="multiply every group's LR by this after a skipped step")
+    max_consecutive: int = Field(3, ge=1, description="stop the run (exit 1) after this many skipped steps in a row")
+
+
 class TrainerConfig(ComponentConfig):
+    """The loop's settings (every trainer's config derives from it)."""
+
     type: str = "sft"
     output_dir: ConfigPath = Field("runs/run", description="relative to the config file unless absolute")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
@@ -54,11 +74,17 @@ class TrainerConfig(ComponentConfig):
     loss_chunk_size: int = Field(2048, ge=16, description="label positions per output-layer chunk (memory-lean loss)")
     log_every_n_steps: int = Field(1, ge=1, description="console log interval; metrics.jsonl gets every step")
     progress_bar: bool = True
+    nan_guard: NanGuardConfig = Field(default_factory=NanGuardConfig)
+    group_grad_norms: bool = Field(False, description="log each optimizer parameter group's gradient norm "
+                                   "(`grad_norm/<group>` in metrics.jsonl; single-process and ddp)")
 
 
 @dataclass
 class TrainState:
-    """Where the run is: optimizer steps done, epoch, and micro-batches of that epoch consumed."""
+    """Where the run is: optimizer steps done, epoch, and micro-batches of that epoch consumed.
+
+    `extra` is saved with every checkpoint; a trainer may keep its own resumable counters there.
+    """
 
     step: int = 0
     epoch: int = 0
@@ -68,11 +94,18 @@ class TrainState:
 
 @dataclass
 class LossOutput:
-    """What `Trainer.loss` returns for one micro-batch: a SUM over `count` units, plus summed side metrics."""
+    """What `Trainer.loss` returns for one micro-batch.
+
+    `loss_sum`: the SUM of the loss over this micro-batch's units (a scalar tensor with a graph); the loop
+    divides the step's total by the global `counts.units`, never by a per-micro-batch mean.
+    `count`: this micro-batch's units (equal to `Trainer.count(batch)`; reported, not used to normalise).
+    `metrics`: side metrics as name -> (sum, count); the loop sums both over micro-batches and processes and
+    logs sum / count (e.g. a KL term averaged over its own tokens).
+    """
 
     loss_sum: torch.Tensor
     count: int
-    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (sum, count)
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class _StepModule(torch.nn.Module):
@@ -83,39 +116,54 @@ class _StepModule(torch.nn.Module):
         self.model = model
         self._trainer = [trainer]  # a list: not a submodule
 
-    def forward(self, batch: dict[str, Any]) -> LossOutput:
-        return self._trainer[0].loss(self.model, batch)
+    def forward(self, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
+        return self._trainer[0].loss(self.model, batch, counts)
 
 
 class Trainer(Component):
-    """The loop. Subclasses override `loss` (and `count` when they normalise by something else)."""
+    """The loop. Subclasses override `loss` (and `count` / `step_counts` when they normalise by something else).
+
+    Built by the engine with every component passed in: `model_bundle` (ModelBundle), `data_bundle`
+    (DataBundle: datasets, collator, batching settings), `optimizer_factory` / `scheduler_factory` (the
+    registered Optimizer / Scheduler: they build the torch objects once the parameters are grouped),
+    `checkpointer`, `callbacks`, `dist` (the distributed backend), `eval_config` (the `eval:` section),
+    `run_config` (the resolved config as plain data: saved with checkpoints, compared on resume) and
+    `model_factory` (for the export).
+    """
 
     config_class = TrainerConfig
+    config: TrainerConfig
 
-    def __init__(self, config: TrainerConfig, engine_config: Any, *, model_factory: Any, model_bundle: Any,
-                 data_bundle: Any, optimizer: Any, scheduler: Any, checkpointer: Any, callbacks: list[Any], dist: Any):
+    def __init__(self, config: TrainerConfig, *, model_factory: Any, model_bundle: Any, data_bundle: Any,
+                 optimizer_factory: Any, scheduler_factory: Any, checkpointer: Any, callbacks: list[Any],
+                 dist: Any, eval_config: Any, run_config: dict[str, Any]):
         self.config = config
-        self.engine_config = engine_config
         self.model_factory = model_factory
         self.bundle = model_bundle
         self.data = data_bundle
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.optimizer_factory = optimizer_factory
+        self.scheduler_factory = scheduler_factory
         self.checkpointer = checkpointer
         self.callbacks = CallbackList(callbacks)
         self.dist = dist
+        self.eval_config = eval_config
+        self.run_config = run_config
         self.output_dir = Path(config.output_dir)
         self.state = TrainState()
         self.save_not_before = 0
         self._stop_signal: int | None = None
         self._last_results: dict[str, Any] | None = None
+        self._last_ckpt: Path | None = None
+        self._last_loss = math.nan
         self.device = dist.device
-        #: global normalisers of the step being computed ("units" + `step_counts`); empty outside a step
-        self.global_counts: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ what a step computes
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        """Sum of the loss over this micro-batch's units (label tokens for SFT)."""
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
+        """The SUM of the loss over this micro-batch's units (label tokens for SFT).
+
+        `batch` follows `arctic_vl.Batch`; `counts` are the step's global normalisers (in evaluation: this
+        batch's own), for a loss with a second normaliser (`counts["name"]` from `step_counts`).
+        """
         raise NotImplementedError
 
     def count(self, batch: dict[str, Any]) -> int:
@@ -125,12 +173,25 @@ class Trainer(Component):
     def step_counts(self, micro: list[dict[str, Any]]) -> dict[str, float]:
         """Extra normalisers of one optimizer step: name -> this process's count over its micro-batches.
 
-        The loop sums them over processes with `count` before the first forward and exposes the global values
-        in `self.global_counts` (with `units`, the global `count` sum) while the step's `loss` calls run, so a
-        loss with a second normaliser (e.g. an MSE over non-padding tokens next to a KL over label tokens) can
-        rescale its term to be exact over the whole accumulated batch.
+        The loop sums them over processes before the first forward and passes the global values to every
+        `loss(..., counts)` call of the step (`counts["name"]`), so a loss with a second normaliser (e.g. an
+        MSE over non-padding tokens next to a KL over label tokens) is exact over the whole accumulated batch.
         """
         return {}
+
+    def local_counts(self, micro: list[dict[str, Any]]) -> StepCounts:
+        """This process's counts of `micro` (what evaluation passes to `loss`, one batch at a time)."""
+        return StepCounts(float(sum(self.count(b) for b in micro)), dict(self.step_counts(micro)))
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Metrics on the eval data (default: eval loss, and exact match with `eval.generate`).
+
+        Every rank calls it; the returned numbers must already be reduced over processes. Override it for a
+        trainer's own metrics (call `super().evaluate(model)` to keep the loss).
+        """
+        from arctic_vl.trainers.evaluate import evaluate
+
+        return evaluate(self, model)
 
     # ------------------------------------------------------------------------------------------- helpers
     @property
@@ -141,13 +202,12 @@ class Trainer(Component):
     def micro_batches_per_epoch(self) -> int:
         return len(self.plan(0))
 
-    def plan(self, epoch: int) -> list[list[list[int]]]:
+    def plan(self, epoch: int) -> list[list[list[Any]]]:
         """Every rank's micro-batches of `epoch` (deterministic in seed and epoch)."""
-        d = self.engine_config.data
         if self.data.batcher is not None:
             return self.data.batcher(epoch, self.dist.world_size)
-        return EpochBatchSampler.plan(len(self.data.train), d.micro_batch_size, self.dist.world_size,
-                                      self.config.seed, epoch, getattr(d, "shuffle", True))
+        return EpochBatchSampler.plan(len(self.data.train), self.data.micro_batch_size, self.dist.world_size,
+                                      self.config.seed, epoch, self.data.shuffle)
 
     def steps_per_epoch(self) -> int:
         return math.ceil(self.micro_batches_per_epoch / self.config.gradient_accumulation_steps)
@@ -168,9 +228,9 @@ class Trainer(Component):
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(epoch)
         sampler = EpochBatchSampler(self.plan(epoch), self.dist.world_size, self.dist.rank, start)
-        workers = self.engine_config.data.num_workers if hasattr(self.engine_config.data, "num_workers") else 0
         return torch.utils.data.DataLoader(self.data.train, batch_sampler=sampler, collate_fn=self.data.collate,
-                                           num_workers=workers, pin_memory=self.device.type == "cuda")
+                                           num_workers=self.data.num_workers,
+                                           pin_memory=self.device.type == "cuda")
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -180,19 +240,224 @@ class Trainer(Component):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    # ---------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict[str, Any]:
+        """Train to the configured length, resuming from the latest checkpoint; returns a summary."""
+        latest = self.setup()
+        if latest is not None and self.state.step >= self.total_steps and (self.output_dir / "final" / "config.json").is_file():
+            if self.is_main:
+                logger.info(f"run already finished at step {self.state.step} (checkpoint {latest}); "
+                            f"outputs in {self.output_dir}")
+            return self.summary(latest, already_finished=True)
+        self.callbacks.on_train_start(self)
+        for micro, data_time in self.step_batches():
+            metrics = self.train_step(micro, data_time)
+            self.log_step(metrics)
+            self.maybe_evaluate()
+            self.maybe_save()
+        if self._stop_signal is not None:
+            return self.stop()
+        return self.finish()
+
+    def setup(self) -> Path | None:
+        """Group parameters, build optimizer and scheduler, wrap for the backend, resume; the checkpoint or None."""
+        torch.manual_seed(self.config.seed)
+        groups = self.optimizer_factory.param_groups(self.bundle.model, self.bundle.part_of)
+        optimizer = self.optimizer_factory.build(groups)
+        self.total_steps = self.compute_total_steps()
+        scheduler = self.scheduler_factory.build(optimizer, self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.dist.prepare(_StepModule(self.bundle.model, self),
+                                                                       optimizer, scheduler)
+        latest = self._resume_or_start()
+        if latest is not None:
+            saved = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, dist=self.dist)
+            self.state = TrainState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("extra", {}))
+            if self.is_main and self.state.step < self.total_steps:
+                logger.info(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch})")
+        self._last_ckpt = latest
+        if self.is_main:
+            _truncate_metrics(self.output_dir / "metrics.jsonl", self.state.step)
+        self._install_signal_handlers()
+        return latest
+
+    def step_batches(self) -> Iterator[tuple[list[dict[str, Any]], float]]:
+        """Each optimizer step's micro-batches (on the device) and the seconds spent waiting for them, epoch
+        after epoch from the resumed position, until the run's length or a stop signal."""
+        gas = self.config.gradient_accumulation_steps
+        while self.state.step < self.total_steps and self._stop_signal is None:
+            epoch, start = self.state.epoch, self.state.batch_in_epoch
+            self._per_epoch = len(self.plan(epoch))  # may differ by epoch with a batcher (packing)
+            if self._per_epoch == 0:
+                raise DataError(f"epoch {epoch} has no micro-batches: the training data is empty")
+            if start >= self._per_epoch:
+                raise DataError(f"epoch {epoch} has {self._per_epoch} micro-batches but the run is at micro-batch "
+                                f"{start} of it: the training data changed since the checkpoint")
+            batches = iter(self.loader(epoch, start))
+            while self.state.step < self.total_steps and self._stop_signal is None and self.state.epoch == epoch:
+                t_data = time.perf_counter()
+                micro = [self.to_device(b) for _, b in zip(range(gas), batches)]
+                if not micro:  # the plan promised more micro-batches than the loader gave: never spin on it
+                    raise RunFailed(f"epoch {epoch} yielded no micro-batch at position {self.state.batch_in_epoch} "
+                                    f"of {self._per_epoch}; the data loader ended early")
+                yield micro, time.perf_counter() - t_data
+
+    def train_step(self, micro: list[dict[str, Any]], data_time: float) -> dict[str, Any]:
+        """One optimizer step over `micro`: global counts, forward/backward, optimizer step; the metrics line."""
+        t_step = time.perf_counter()
+        epoch = self.state.epoch
+        local = [float(sum(b[NUM_TOKENS] for b in micro)), float(sum(b[NUM_SAMPLES] for b in micro)),
+                 float(sum(b.get(NUM_SLOTS, 0) for b in micro))]  # packed rows x max_length
+        own = self.local_counts(micro)
+        names = sorted(own.extra)
+        n_units, n_tokens, n_samples, n_slots, *n_extra = self.dist.all_reduce_sum(
+            [own.units, *local, *(own.extra[k] for k in names)])
+        counts = StepCounts(n_units, dict(zip(names, n_extra)))
+        loss_sum, side = self.forward_backward(micro, counts)
+        side_names = sorted(side)
+        reduced = self.dist.all_reduce_sum([loss_sum] + [v for k in side_names for v in side[k]])
+        loss = reduced[0] / max(n_units, 1.0)
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm, group_norms, skipped = self.optimizer_step(loss)
+        self._last_loss = loss
+        self.state.step += 1
+        self.state.batch_in_epoch += len(micro)
+        if self.state.batch_in_epoch >= self._per_epoch:
+            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        elapsed = time.perf_counter() - t_step + data_time
+        metrics = {
+            "step": self.state.step, "epoch": epoch, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+            "tokens": int(n_tokens), "label_tokens": int(n_units), "samples": int(n_samples),
+            "tokens_per_s": n_tokens / max(elapsed, 1e-9), "samples_per_s": n_samples / max(elapsed, 1e-9),
+            "step_time_s": elapsed - data_time, "data_time_s": data_time,
+        }
+        if n_slots:
+            metrics["packing_efficiency"] = n_tokens / n_slots
+        metrics.update({f"grad_norm/{k}": v for k, v in group_norms.items()})
+        if self.config.nan_guard.enabled:
+            metrics["nan_skips"] = int(self.state.extra.get("nan_skips", 0))
+            if skipped:
+                metrics["skipped"] = True
+        for j, k in enumerate(side_names):
+            s, c = reduced[1 + 2 * j], reduced[2 + 2 * j]
+            metrics[k] = s / c if c else None
+        return metrics
+
+    def forward_backward(self, micro: list[dict[str, Any]], counts: StepCounts) -> tuple[float, dict[str, tuple[float, float]]]:
+        """Forward and backward of every micro-batch, gradients scaled to the step's global mean; returns this
+        process's summed loss and side metrics (name -> (sum, count))."""
+        scale = self.dist.world_size / max(counts.units, 1.0)
+        self.model.train()
+        loss_sum, side = 0.0, {}
+        for i, batch in enumerate(micro):
+            with self.dist.no_sync(self.model, sync=i == len(micro) - 1), self.autocast():
+                out: LossOutput = self.model(batch, counts)
+                self.dist.backward(self.model, out.loss_sum * scale)
+            loss_sum += float(out.loss_sum.detach())
+            for k, (s, c) in out.metrics.items():
+                ps, pc = side.get(k, (0.0, 0.0))
+                side[k] = (ps + s, pc + c)
+        return loss_sum, side
+
+    def optimizer_step(self, loss: float) -> tuple[float, dict[str, float], bool]:
+        """Clip and step (or skip a non-finite step under the NaN guard); (grad norm, per-group norms, skipped)."""
+        guard = self.config.nan_guard
+        group_norms = self.dist.group_grad_norms(self.model, self.optimizer) if self.config.group_grad_norms else {}
+        grad_norm, stepped = self.dist.step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm,
+                                            skip_nonfinite=guard.enabled, loss_finite=math.isfinite(loss))
+        if not guard.enabled:
+            return grad_norm, group_norms, False
+        extra = self.state.extra
+        if stepped:
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise RunFailed(f"step {self.state.step + 1}: the loss ({loss}) or gradient norm ({grad_norm}) is "
+                                "not finite and the backend applied the step anyway; the weights are no longer "
+                                "finite. Resume from the last checkpoint with a lower optimizer.lr")
+            extra["nan_consecutive"] = 0
+            return grad_norm, group_norms, False
+        extra["nan_skips"] = int(extra.get("nan_skips", 0)) + 1
+        extra["nan_consecutive"] = int(extra.get("nan_consecutive", 0)) + 1
+        # Lower the LR for good: the scheduler's base LRs (saved with it, so resume is exact) and this step's.
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * guard.lr_factor for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= guard.lr_factor
+        if self.is_main:
+            logger.warning(f"step {self.state.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                           f"step skipped (weights unchanged), LR x{guard.lr_factor} "
+                           f"({extra['nan_consecutive']} in a row, {extra['nan_skips']} in all)")
+        if extra["nan_consecutive"] >= guard.max_consecutive:
+            raise RunFailed(
+                f"step {self.state.step + 1}: {extra['nan_consecutive']} consecutive steps had a non-finite loss or "
+                f"gradient (trainer.nan_guard.max_consecutive: {guard.max_consecutive}); stopping. Check the data "
+                "of these steps (inspect-data), lower optimizer.lr or raise warmup, set trainer.max_grad_norm, "
+                "or train in float32 instead of bf16. The latest checkpoint is intact")
+        return grad_norm, group_norms, True
+
+    def log_step(self, metrics: dict[str, Any]) -> None:
+        """One metrics.jsonl line (main process), the console line, and the step callbacks."""
+        if self.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            if self.state.step % self.config.log_every_n_steps == 0 and not self.config.progress_bar:
+                loss = metrics["loss"]
+                logger.info(f"step {self.state.step}/{self.total_steps} loss "
+                            f"{loss if loss is None else format(loss, '.4f')} lr {metrics['lr']:.2e}")
+        self.callbacks.on_step_end(self, StepInfo(self.state.step, self.total_steps, metrics["epoch"], metrics))
+        self.callbacks.on_log(self, metrics)
+
+    def maybe_evaluate(self) -> None:
+        """Evaluate every `eval.every_n_steps` steps (when there is eval data)."""
+        every = self.eval_config.every_n_steps
+        if every and self.state.step % every == 0 and self.data.eval is not None:
+            self.run_evaluation()
+
+    def maybe_save(self) -> None:
+        """Checkpoint every `checkpoint.every_n_steps` steps (not before `save_not_before`, not at the last step:
+        `finish` saves that one)."""
+        every = self.checkpointer.config.every_n_steps
+        step = self.state.step
+        if every and step % every == 0 and step >= self.save_not_before and step < self.total_steps:
+            self._last_ckpt = self.save()
+
+    def stop(self) -> dict[str, Any]:
+        """After a stop signal: save (unless disabled) and return a summary; rerunning the command resumes."""
+        if self.checkpointer.config.save_on_sigterm:
+            self._last_ckpt = self.save()
+        if self.is_main:
+            logger.warning(f"stopped by signal {self._stop_signal} at step {self.state.step}; "
+                           f"checkpoint {self._last_ckpt}. Run the same command to resume.")
+        summary = self.summary(self._last_ckpt, stopped=True, final_loss=self._last_loss)
+        self.callbacks.on_train_end(self, summary)
+        return summary
+
+    def finish(self) -> dict[str, Any]:
+        """The last checkpoint, the export, the final evaluation (unless the periodic one just ran), the summary."""
+        self._last_ckpt = self.save()
+        export = self.export()
+        every = self.eval_config.every_n_steps
+        just_done = every and self.state.step % every == 0 and self._last_results is not None
+        results = self._last_results if just_done else (self.run_evaluation() if self.data.eval is not None else None)
+        summary = self.summary(self._last_ckpt, final_loss=self._last_loss, export=export, eval=results)
+        self.callbacks.on_train_end(self, summary)
+        if self.is_main and self.data.report is not None and self.data.report.total:
+            logger.warning(f"skipped records in this run: {self.data.report.format()}")
+        return summary
+
     # -------------------------------------------------------------------------------------------- resume
     def _resume_or_start(self) -> Path | None:
         latest = self.checkpointer.latest()
         if latest is None:
             return None
         saved = self.checkpointer.read_state(latest)
-        changed = _config_changes(saved.get("config", {}), self.engine_config.to_dict())
+        changed = _config_changes(saved.get("config", {}), self.run_config)
         if changed:
             raise ConfigError(
                 f"{self.output_dir}: cannot resume from {latest.name}: these settings differ from the saved run: "
                 + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:10])
-                + ". Only the run length (trainer.max_steps, trainer.epochs) and logging/checkpoint cadence may change."
-                " Use a new trainer.output_dir for a new run."
+                + ". Only the run length (trainer.max_steps, trainer.epochs), the output location and "
+                "logging/checkpoint cadence may change. Use a new trainer.output_dir for a new run."
             )
         saved_ws = saved.get("world_size", self.dist.world_size)
         if saved_ws != self.dist.world_size:  # the data plan and global batch depend on it; ZeRO state is sharded
@@ -201,133 +466,13 @@ class Trainer(Component):
                 f"has {self.dist.world_size}. Resume with {saved_ws} processes, or start a new run (new "
                 "trainer.output_dir) from the exported weights."
             )
+        _check_data_fingerprint(latest.name, saved.get("data_fingerprint"), self.data.fingerprint)
         return latest
-
-    # ---------------------------------------------------------------------------------------------- loop
-    def train(self) -> dict[str, Any]:
-        """Train to the configured length, resuming from the latest checkpoint; returns a summary."""
-        cfg, dist = self.config, self.dist
-        torch.manual_seed(cfg.seed)
-        model = self.bundle.model
-        groups = self.optimizer_factory.param_groups(model, self.bundle.part_of)
-        optimizer = self.optimizer_factory.build(groups)
-        self.total_steps = self.compute_total_steps()
-        scheduler = self.scheduler_factory.build(optimizer, self.total_steps)
-        step_module = _StepModule(model, self)
-        step_module, optimizer, scheduler = dist.prepare(step_module, optimizer, scheduler)
-        self.model, self.optimizer, self.scheduler = step_module, optimizer, scheduler
-
-        latest = self._resume_or_start()
-        if latest is not None:
-            saved = self.checkpointer.load(latest, model=step_module, optimizer=optimizer, scheduler=scheduler, dist=dist)
-            self.state = TrainState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("extra", {}))
-            if self.state.step >= self.total_steps and (self.output_dir / "final" / "config.json").is_file():
-                msg = f"run already finished at step {self.state.step} (checkpoint {latest}); outputs in {self.output_dir}"
-                if self.is_main:
-                    logger.info(msg)
-                return self.summary(latest, already_finished=True)
-            if self.is_main:
-                logger.info(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch})")
-        metrics_file = self.output_dir / "metrics.jsonl"
-        if self.is_main:
-            _truncate_metrics(metrics_file, self.state.step)
-        self._install_signal_handlers()
-        self.callbacks.on_train_start(self)
-        last_loss, last_ckpt = math.nan, latest
-        gas = cfg.gradient_accumulation_steps
-        eval_every = self.engine_config.eval.every_n_steps
-
-        while self.state.step < self.total_steps and self._stop_signal is None:
-            per_epoch = len(self.plan(self.state.epoch))  # may differ by epoch with a batcher (packing)
-            batches = iter(self.loader(self.state.epoch, self.state.batch_in_epoch))
-            while self.state.step < self.total_steps and self._stop_signal is None:
-                t_data = time.perf_counter()
-                micro = [b for _, b in zip(range(gas), batches)]
-                if not micro:
-                    break
-                micro = [self.to_device(b) for b in micro]
-                data_time = time.perf_counter() - t_data
-                t_step = time.perf_counter()
-                epoch = self.state.epoch
-                local = [float(sum(self.count(b) for b in micro)),
-                         float(sum(b["_num_tokens"] for b in micro)), float(sum(b["_num_samples"] for b in micro)),
-                         float(sum(b.get("_num_slots", 0) for b in micro))]  # packed rows x max_length
-                extra = self.step_counts(micro)
-                n_units, n_tokens, n_samples, n_slots, *n_extra = dist.all_reduce_sum(
-                    local + [float(extra[k]) for k in sorted(extra)])
-                self.global_counts = {"units": n_units, **dict(zip(sorted(extra), n_extra))}
-                scale = dist.world_size / max(n_units, 1.0)
-                step_module.train()
-                loss_sum, side = 0.0, {}
-                for i, batch in enumerate(micro):
-                    with dist.no_sync(step_module, sync=i == len(micro) - 1), self.autocast():
-                        out: LossOutput = step_module(batch)
-                        dist.backward(step_module, out.loss_sum * scale)
-                    loss_sum += float(out.loss_sum.detach())
-                    for k, (s, c) in out.metrics.items():
-                        ps, pc = side.get(k, (0.0, 0.0))
-                        side[k] = (ps + s, pc + c)
-                self.global_counts = {}
-                lr = optimizer.param_groups[0]["lr"]
-                grad_norm = dist.step(step_module, optimizer, scheduler, cfg.max_grad_norm)
-                names = sorted(side)
-                reduced = dist.all_reduce_sum([loss_sum] + [v for k in names for v in side[k]])
-                last_loss = reduced[0] / max(n_units, 1.0)
-                self.state.step += 1
-                self.state.batch_in_epoch += len(micro)
-                if self.state.batch_in_epoch >= per_epoch:
-                    self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
-                step_time = time.perf_counter() - t_step
-                metrics = {
-                    "step": self.state.step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": int(n_tokens), "label_tokens": int(n_units), "samples": int(n_samples),
-                    "tokens_per_s": n_tokens / max(step_time + data_time, 1e-9),
-                    "samples_per_s": n_samples / max(step_time + data_time, 1e-9),
-                    "step_time_s": step_time, "data_time_s": data_time,
-                }
-                if n_slots:
-                    metrics["packing_efficiency"] = n_tokens / n_slots
-                for j, k in enumerate(names):
-                    s, c = reduced[1 + 2 * j], reduced[2 + 2 * j]
-                    metrics[k] = s / c if c else None
-                if self.is_main:
-                    with open(metrics_file, "a") as fh:
-                        fh.write(json.dumps(metrics) + "\n")
-                    if self.state.step % cfg.log_every_n_steps == 0 and not cfg.progress_bar:
-                        logger.info(f"step {self.state.step}/{self.total_steps} loss {last_loss:.4f} lr {lr:.2e}")
-                self.callbacks.on_step_end(self, StepInfo(self.state.step, self.total_steps, epoch, metrics))
-                self.callbacks.on_log(self, metrics)
-                if eval_every and self.state.step % eval_every == 0 and self.data.eval is not None:
-                    self.run_evaluation()
-                every = self.checkpointer.config.every_n_steps
-                if every and self.state.step % every == 0 and self.state.step >= self.save_not_before \
-                        and self.state.step < self.total_steps:
-                    last_ckpt = self.save()
-                if self.state.batch_in_epoch == 0:
-                    break  # epoch done: a fresh loader for the next one
-        if self._stop_signal is not None:
-            if self.checkpointer.config.save_on_sigterm:
-                last_ckpt = self.save()
-            if self.is_main:
-                logger.warning(f"stopped by signal {self._stop_signal} at step {self.state.step}; "
-                               f"checkpoint {last_ckpt}. Run the same command to resume.")
-            summary = self.summary(last_ckpt, stopped=True, final_loss=last_loss)
-            self.callbacks.on_train_end(self, summary)
-            return summary
-        last_ckpt = self.save()
-        export = self.export()
-        # always evaluate at the end, unless the periodic evaluation just did at this very step
-        just_done = eval_every and self.state.step % eval_every == 0 and self._last_results is not None
-        results = self._last_results if just_done else (self.run_evaluation() if self.data.eval is not None else None)
-        summary = self.summary(last_ckpt, final_loss=last_loss, export=export, eval=results)
-        self.callbacks.on_train_end(self, summary)
-        if self.is_main and self.data.report is not None and self.data.report.total:
-            logger.warning(f"skipped records in this run: {self.data.report.format()}")
-        return summary
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        state = {**asdict(self.state), "config": self.engine_config.to_dict(), "world_size": self.dist.world_size}
+        state = {**asdict(self.state), "config": self.run_config, "world_size": self.dist.world_size,
+                 "data_fingerprint": self.data.fingerprint}
         path = self.checkpointer.save(step=self.state.step, model=self.model, optimizer=self.optimizer,
                                       scheduler=self.scheduler, trainer_state=state, dist=self.dist)
         self.callbacks.on_save(self, str(path))
@@ -363,10 +508,9 @@ class Trainer(Component):
 
     # ----------------------------------------------------------------------------------------- evaluation
     def run_evaluation(self) -> dict[str, Any]:
-        from arctic_vl.trainers.evaluate import evaluate
-
+        """`evaluate` on the unwrapped model, appended to eval.jsonl (main process) and sent to the callbacks."""
         module = self.dist.unwrap(self.model).model if hasattr(self, "model") else self.bundle.model
-        results = evaluate(self, module)
+        results = self.evaluate(module)
         if self.is_main:
             with open(self.output_dir / "eval.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": self.state.step, **results}) + "\n")
@@ -382,6 +526,9 @@ class Trainer(Component):
         # not the main thread (e.g. a notebook worker): no graceful stop, nothing else changes
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, handler)
+
+
+TRAINERS.bind_base(Trainer)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -404,11 +551,47 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str,
     return changes
 
 
+def _check_data_fingerprint(checkpoint: str, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a resume whose training data differ from the checkpoint's (the saved position would be wrong)."""
+    if not saved or not current:
+        return
+    for source in sorted(set(saved) | set(current)):
+        old, new = saved.get(source), current.get(source)
+        if old == new:
+            continue
+        if old is None or new is None:
+            what = "was added" if old is None else "is gone"
+            raise DataError(f"cannot resume from {checkpoint}: training source {source} {what} since the checkpoint; "
+                            "resume with the same data, or start a new run (new trainer.output_dir)", source=source)
+        diffs = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                          if old.get(k) != new.get(k))
+        raise DataError(f"cannot resume from {checkpoint}: training source {source} changed since the checkpoint "
+                        f"({diffs}); resume with the same data, or start a new run (new trainer.output_dir)",
+                        source=source)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep lines of steps <= `step` (a resumed run rewrites the steps after its checkpoint exactly once)."""
+    """Keep lines of steps <= `step` (a resumed run rewrites the steps after its checkpoint exactly once).
+
+    A torn last line (a kill in the middle of a write) is dropped with a warning; a corrupt line before it
+    is an error naming the line.
+    """
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    raw = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    kept = []
+    for i, line in enumerate(raw):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(raw) - 1:
+                logger.warning(f"{path}: dropping a torn last line (line {i + 1}: a kill during its write)")
+                break
+            raise RunFailed(f"{path}: line {i + 1} is not a JSON object; fix or remove that line to resume") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+            raise RunFailed(f"{path}: line {i + 1} has no integer 'step'; fix or remove that line to resume")
+        if entry["step"] <= step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
+    tmp.write_text("".join(ln + "\n" for ln in kept))
     tmp.replace(path)

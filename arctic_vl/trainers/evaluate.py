@@ -43,19 +43,20 @@ def _stop_ids(processor: Any, model: torch.nn.Module) -> list[int]:
 def evaluate(trainer: Any, model: torch.nn.Module) -> dict[str, Any]:
     """Eval loss (mean over label tokens) and, if configured, exact match per question type (meta `qtype`)."""
     dataset, collate, dist = trainer.data.eval, trainer.data.collate, trainer.dist
-    cfg = trainer.engine_config.eval
+    cfg = trainer.eval_config
     was_training = model.training
     model.eval()
     n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     mine = list(range(dist.rank, n, dist.world_size))
-    bs = cfg.micro_batch_size or trainer.engine_config.data.micro_batch_size
+    bs = cfg.micro_batch_size or trainer.data.micro_batch_size
     loss_sum, units = 0.0, 0
     for s in range(0, len(mine), bs):
         batch = trainer.to_device(collate([dataset[i] for i in mine[s:s + bs]]))
+        counts = trainer.local_counts([batch])  # each batch is normalised on its own here
         with trainer.autocast():
-            out = trainer.loss(model, batch)
+            out = trainer.loss(model, batch, counts)
         loss_sum += float(out.loss_sum)
-        units += out.count
+        units += counts.units
     results: dict[str, Any] = {}
     correct: dict[str, float] = defaultdict(float)
     total: dict[str, float] = defaultdict(float)

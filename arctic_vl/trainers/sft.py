@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from arctic_vl.batch import StepCounts
 from arctic_vl.models.forward import final_hidden
 from arctic_vl.registry import TRAINERS
 from arctic_vl.trainers.base import LossOutput, Trainer, TrainerConfig
@@ -18,7 +19,7 @@ class SFTTrainer(Trainer):
 
     config_class = TrainerConfig
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
         hidden, head, _ = final_hidden(model, batch)
         loss_sum, n = lm_loss_sum(hidden, head, batch["labels"], self.config.loss_chunk_size)
         return LossOutput(loss_sum, n)

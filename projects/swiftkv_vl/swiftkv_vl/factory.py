@@ -182,6 +182,13 @@ class SwiftKVModelFactory(ModelFactory):
         }
         make_tiny_model(tiny.family, target, seed=tiny.seed if tiny.seed is not None else seed, **shape)
 
+    def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
+        """(processor, family) of the teacher, without its weights (for `arctic_vl inspect-data`)."""
+        from arctic_vl import family_of_dir, load_processor
+
+        teacher = self.teacher_dir(output_dir)
+        return load_processor(teacher), family_of_dir(teacher)
+
     def build(self, device: torch.device | None = None, output_dir: Path | None = None,
               path: Path | None = None) -> ModelBundle:
         """The SwiftKV student (SwiftKV on, all but the SwiftKV parameters frozen).

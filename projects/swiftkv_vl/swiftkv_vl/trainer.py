@@ -8,7 +8,7 @@ with w_s = vision_loss_weight for a sample with an image, text_loss_weight other
 label tokens of the whole accumulated batch (all micro-batches of the step, all processes), the MSE over its
 non-padding tokens. The core loop divides `loss_sum` by the global `count` (label tokens); the MSE sum is
 rescaled by (global label tokens / global non-padding tokens), both summed over the step before the first
-forward by the loop's `step_counts` hook, so both averages are exact.
+forward by the loop (`step_counts` -> the `counts` argument of `loss`), so both averages are exact.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from arctic_vl import TRAINERS, LossOutput, Trainer, TrainerConfig, final_hidden, unwrap_peft
+from arctic_vl import TRAINERS, LossOutput, StepCounts, Trainer, TrainerConfig, final_hidden, unwrap_peft
 
 #: the step_counts name of the MSE normaliser
 HIDDEN_TOKENS = "hidden_tokens"
@@ -88,7 +88,7 @@ class SwiftKVTrainer(Trainer):
             t_mid, s_mid = t_out.hidden_states[layer], s_out.hidden_states[layer]
         return s_hidden, t_hidden.detach(), head, s_mid, t_mid
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
         from .loss import swiftkv_distill_loss_sums
 
         cfg = self.config
@@ -104,10 +104,8 @@ class SwiftKVTrainer(Trainer):
         label_tokens = float(sums["label_tokens"])
         loss_sum = sums["kl_sum"]
         if want_mid:
-            if HIDDEN_TOKENS in self.global_counts:  # a training step: the loop's global counts of the step
-                labels_all, hidden_all = self.global_counts["units"], self.global_counts[HIDDEN_TOKENS]
-            else:  # evaluation, batch by batch: this batch's own ratio
-                labels_all, hidden_all = label_tokens, float(sums["hidden_tokens"])
+            # the step's global label and non-padding tokens (in evaluation: this batch's own)
+            labels_all, hidden_all = counts.units, counts[HIDDEN_TOKENS]
             loss_sum = loss_sum + cfg.hidden_loss_mult * sums["mse_sum"] * (labels_all / max(hidden_all, 1.0))
         metrics: dict[str, tuple[float, float]] = {}
         for split in ("", "_image", "_text"):
