@@ -265,7 +265,7 @@ class Toy(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
-    def forward(self, batch):
+    def forward(self, batch, counts=None):
         return types.SimpleNamespace(loss_sum=self.b(torch.tanh(self.a(batch["x"]))).pow(2).sum())
 
 class Planted:
@@ -284,19 +284,19 @@ for stage in (2, 3):
     opt = torch.optim.AdamW(toy.parameters(), lr=1e-2)
     model, opt, sched = dist.prepare(toy, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
     def step():
-        dist.backward(model, model(x).loss_sum)
+        dist.backward(model, model(x, None).loss_sum)
         dist.step(model, opt, sched, 1.0)
     step()
     ckpt = root / f"ck{stage}"
     dist.save_state(model, opt, str(ckpt))
-    saved = float(model(x).loss_sum)
+    saved = float(model(x, None).loss_sum)
     step()
-    after = float(model(x).loss_sum)
+    after = float(model(x, None).loss_sum)
     step()
     dist.load_state(model, opt, str(ckpt))  # weights-only, with DeepSpeed's own types allowed
-    back = float(model(x).loss_sum)
+    back = float(model(x, None).loss_sum)
     step()
-    again = float(model(x).loss_sum)
+    again = float(model(x, None).loss_sum)
     name = "mp_rank_00_model_states.pt" if stage == 2 else "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     target = ckpt / "deepspeed" / name
     torch.save({"module": Planted()}, target)
