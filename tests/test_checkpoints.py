@@ -242,6 +242,36 @@ def test_write_failure_other_than_a_full_disk_names_file(run, monkeypatch):
                 dist=dist, trainer_state={"step": 5, "epoch": 0, "batch_in_epoch": 5, "config": {}})
 
 
+def test_engine_shard_write_failure_names_the_shard(run, monkeypatch):
+    """DeepSpeed writes its shards itself (torch.save, whose full-disk error names no file): the message names
+    the shard and says the disk is full."""
+    from arctic_vl.checkpoint import files
+    from arctic_vl.distributed.deepspeed_backend import _saves_name_their_file
+
+    ck, model = run["ck"], run["model"]
+
+    class ShardingBackend(Single):
+        def save_state(self, model, optimizer, path):
+            with _saves_name_their_file():
+                (Path(path) / "deepspeed").mkdir()
+                torch.save({"w": torch.zeros(3)}, Path(path) / "deepspeed" / "mp_rank_00_model_states.pt")
+            return True
+
+    def enforce_fail(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024")
+
+    monkeypatch.setattr(torch, "save", enforce_fail)
+    monkeypatch.setattr(files, "free_bytes", lambda path: 100)
+    from arctic_vl.checkpoint import checkpointer
+
+    monkeypatch.setattr(checkpointer, "save_torch", lambda obj, path, needed: None)  # the core's own files fit
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(CheckpointError, match=r"\.tmp-step-4/deepspeed/mp_rank_00_model_states.pt: the disk is full"):
+        ck.save(step=4, model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                dist=ShardingBackend(DistributedConfig()), trainer_state={"step": 4, "epoch": 0, "batch_in_epoch": 4})
+    assert not (ck.dir / ".tmp-step-4").exists()
+
+
 # ----------------------------------------------------------------------------------------------- DeepSpeed
 DS_CHILD = r"""
 import json, sys, types

@@ -180,8 +180,8 @@ class Checkpointer(Component):
             save_torch(rng_state(), tmp / f"rng-rank{dist.rank}.pt", needed)
             try:
                 engine_saved = dist.save_state(model, optimizer, str(tmp))
-            except (OSError, RuntimeError) as e:
-                raise write_error(tmp / "deepspeed", e, needed) from None
+            except (OSError, RuntimeError) as e:  # an engine's own shard (its `filename` when it says)
+                raise write_error(Path(getattr(e, "filename", None) or tmp), e, needed) from None
             if dist.is_main:
                 if not engine_saved:
                     save_tensors(trainable_state(dist.unwrap(model)), tmp / "model.safetensors", needed)

@@ -285,6 +285,27 @@ def weights_only_loads() -> Iterator[None]:
             torch.load = real
 
 
+@contextlib.contextmanager
+def _saves_name_their_file() -> Iterator[None]:
+    """While active, a failing `torch.save` (DeepSpeed writing a shard) carries the file it was writing as the
+    exception's `filename`, so the checkpointer's message names it (torch's own message does not)."""
+    real = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real(obj, f, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            if isinstance(f, (str, os.PathLike)) and not getattr(e, "filename", None):
+                e.filename = os.fspath(f)  # type: ignore[attr-defined]
+            raise
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = real
+
+
 def free_port() -> int:
     """A TCP port free right now on this host (for one-process runs started without a launcher)."""
     with socket.socket() as s:
@@ -409,7 +430,8 @@ class DeepSpeed(DDP):
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_state(self, model: DeepSpeedModel, optimizer: Any, path: str) -> bool:
         """Every rank writes its shard under `path/deepspeed/` (trainable weights and optimizer state)."""
-        model.engine.save_checkpoint(path, tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+        with _saves_name_their_file():
+            model.engine.save_checkpoint(path, tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         return True
 
     def load_state(self, model: DeepSpeedModel, optimizer: Any, path: str) -> bool:
