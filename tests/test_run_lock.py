@@ -6,6 +6,7 @@ holder's lock; the lock file still names it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -26,12 +27,26 @@ from pathlib import Path
 from arctic_vl.checkpoint.lock import RunLock
 lock = RunLock.acquire(Path(sys.argv[1]))
 child = 0
-if sys.argv[2] == "fork":  # a forked child (as a DataLoader worker is) must not keep the lock alive
+if sys.argv[2] == "orphan":  # a child that keeps the lock open a moment after its parent dies
     import os
+    from arctic_vl.checkpoint import lock as lock_module
+    lock_module._HELD.clear()  # (as if it had been forked before its at-fork hook could run)
+    r, w = os.pipe()
     child = os.fork()
     if child == 0:
+        os.write(w, b"up")
+        time.sleep(1.5)
+        os._exit(0)
+    os.read(r, 2)
+if sys.argv[2] == "fork":  # a forked child (as a DataLoader worker is) must not keep the lock alive
+    import os
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(w, b"up")  # (the at-fork hooks have run by now)
         time.sleep(60)
         os._exit(0)
+    os.read(r, 2)
 print(f"held {child}", flush=True)
 sys.stdin.read()
 """
@@ -89,3 +104,17 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, warnings):
     finally:
         lock.release()
         os.kill(child, signal.SIGKILL)
+
+
+def test_lock_left_open_by_a_dead_runs_child_is_taken_over_once_it_closes(tmp_path, warnings):
+    """The holder is dead but a process it forked still has the file open for a moment: wait, then take over."""
+    holder, child = _hold(tmp_path, "orphan")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    lock = RunLock.acquire(tmp_path)  # waits (up to DEAD_HOLDER_GRACE_S) for the child's copy to close
+    try:
+        assert f"taking over the lock left by pid {holder.pid}" in "\n".join(warnings)
+    finally:
+        lock.release()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

@@ -81,7 +81,7 @@ class RunLock:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd)
         except OSError as e:
             info = _holder(_read(fd))
             os.close(fd)
@@ -128,6 +128,27 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+#: how long a lock whose recorded holder is dead may stay held (a child it forked that has not closed its copy yet)
+DEAD_HOLDER_GRACE_S = 10.0
+
+
+def _flock(fd: int) -> None:
+    """flock(LOCK_EX | LOCK_NB); while the file names a dead process of this host, retry for a few seconds."""
+    deadline = time.monotonic() + DEAD_HOLDER_GRACE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() > deadline:
+                raise
+            info = _holder(_read(fd))
+            pid = info.get("pid", "")
+            if info.get("host") != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+                raise
+            time.sleep(0.2)
 
 
 def _read(fd: int) -> str:
