@@ -20,7 +20,7 @@ def test_recipe_config_is_a_plain_llava_next_with_a_llama():
 
     cfg = load_config(RECIPE)
     assert cfg.model.type == "hf_vlm" and cfg.model.family == "llava_next"
-    text = tiny_config("llava_next", **cfg.model.tiny).text_config
+    text = tiny_config("llava_next", **cfg.model.tiny.given()).text_config
     assert text.model_type == "llama"  # swiftkv_vl distils a teacher trained with this recipe
     sources = [Path(getattr(s, "path", s)) for s in cfg.data.sources + cfg.data.eval_sources]
     assert all(p.is_relative_to(REPO / "data") for p in sources), "sources point at data/ next to the configs"

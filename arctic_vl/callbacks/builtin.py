@@ -9,6 +9,7 @@ from loguru import logger
 from pydantic import Field
 
 from arctic_vl.callbacks.base import Callback, StepInfo
+from arctic_vl.config.paths import ConfigPath
 from arctic_vl.registry import CALLBACKS, ComponentConfig
 
 
@@ -42,7 +43,7 @@ class Progress(Callback):
 
 class TensorBoardConfig(ComponentConfig):
     type: str = "tensorboard"
-    log_dir: str | None = Field(None, description="default: OUTPUT_DIR/tensorboard")
+    log_dir: ConfigPath | None = Field(None, description="relative to the config file; default: OUTPUT_DIR/tensorboard")
 
 
 @CALLBACKS.register("tensorboard")
