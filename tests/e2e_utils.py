@@ -18,10 +18,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1"})
-    # DeepSpeed JIT-builds its CPU shared-memory comm op into TORCH_EXTENSIONS_DIR; the default (~/.cache) is
-    # shared by every virtualenv on the machine and its build file names this one's paths, so each venv rebuilt
-    # it on every launch (100 s under load). One cache per virtualenv builds it once.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env.update(extra)
     return env
 
