@@ -13,7 +13,6 @@ ZeRO-2 (deepspeed launcher), and ZeRO-3 (torchrun) killed with SIGKILL at step 3
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -38,24 +37,14 @@ sys.exit(main(["train", sys.argv[1], "--set", "callbacks=[{type: kill_at, step: 
 """
 
 
-def _mix_permutation(n: int, seed: int) -> list[int]:
-    # data.sources mixes its records with this seeded shuffle; the test checks the resulting order below
-    order = list(range(n))
-    random.Random(f"{seed}:mix").shuffle(order)
-    return order
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     records = json.loads((synthetic_data / "train.llava.json").read_text())
     images = [r for r in records if r.get("image")]
     texts = [r for r in records if not r.get("image")]
-    wanted = [texts.pop(0) if i in TEXT_POSITIONS else images.pop(0) for i in range(N)]
-    arranged: list[dict] = [{}] * N
-    for position, source_index in enumerate(_mix_permutation(N, SEED)):
-        arranged[source_index] = wanted[position]
+    arranged = [texts.pop(0) if i in TEXT_POSITIONS else images.pop(0) for i in range(N)]
     data_file = synthetic_data / "distributed_mixed.json"  # next to images/ (relative image paths)
-    data_file.write_text(json.dumps(arranged))
+    data_file.write_text(json.dumps(arranged))  # data.shuffle: false trains it in file order
     root = tmp_path_factory.mktemp("distributed")
 
     def config(name: str, distributed: dict, micro: int, **trainer: object) -> Path:

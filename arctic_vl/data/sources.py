@@ -462,7 +462,8 @@ def _read_file(file: RecordFile, sample: str, rng: random.Random, on_bad_record:
 
 
 def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) -> list[Conversation]:
-    """round(weight * n) records: whole copies for weight >= 1 plus a seeded random remainder."""
+    """round(weight * n) records: whole copies of the list for weight >= 1, then a seeded random remainder kept
+    in file order (so without the mix shuffle, weight 2.5 reads: the records twice in order, then half of them)."""
     n = len(convs)
     k = math.floor(weight * n + 0.5)  # half up: round() would send 2.5 to 2 but 3.5 to 4
     full, rest = divmod(k, n)
@@ -504,7 +505,8 @@ def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: O
 
 def read_sources(specs: list[SourceSpec], *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
                  report: BadRecordReport, shuffle: bool = True, check_images: bool = True) -> list[Conversation]:
-    """Read all sources and mix them: concatenated by weight, then a seeded shuffle (deterministic)."""
+    """Read all sources and mix them: concatenated by weight in the order listed, then (`shuffle`) a seeded
+    shuffle; without it every record stays in file order."""
     if not specs:
         raise ConfigError("no data sources given")
     out: list[Conversation] = []
