@@ -27,7 +27,7 @@ from arctic_vl.data.bad_records import (
     OnBadRecord,
     reject_record,
 )
-from arctic_vl.data.images import image_size
+from arctic_vl.data.images import UNREADABLE_IMAGE, image_size
 from arctic_vl.data.records import IMAGE_TOKEN, ROLES, Conversation
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.models.families import FamilySpec
@@ -260,7 +260,11 @@ class SampleEncoder:
         if not images:
             return {}
         # Nested: one sample holding all its images (OneVision switches to multi-image mode on it).
-        out = self.processor(images=[list(images)], return_tensors="pt")
+        try:
+            out = self.processor(images=[list(images)], return_tensors="pt")
+        except ValueError as e:  # e.g. Qwen's resize refuses an aspect ratio over 200
+            raise DataError(f"the image processor cannot use the image(s) of sizes {[im.size for im in images]} "
+                            f"({e})", reason=UNREADABLE_IMAGE) from e
         return {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
 
 

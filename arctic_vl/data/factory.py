@@ -19,12 +19,19 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from arctic_vl.config.paths import ConfigPath
-from arctic_vl.constants import IGNORE_INDEX
 from arctic_vl.data.bad_records import BadRecordReport, OnBadRecord
 from arctic_vl.data.base import DataBundle, DataFactory
-from arctic_vl.data.collate import ITEM_INDEX, ITEM_ROW, Collator, PackedCollator, RopeIndex
+from arctic_vl.data.collate import (
+    ITEM_BAD,
+    ITEM_INDEX,
+    ITEM_ROW,
+    Collator,
+    PackedCollator,
+    RopeIndex,
+    padding_sample,
+)
 from arctic_vl.data.encoding import EncodedText, SampleEncoder, encode_conversations
-from arctic_vl.data.images import image_size, open_image
+from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE_IMAGE, image_size, open_image
 from arctic_vl.data.records import Conversation
 from arctic_vl.data.sampling import PADDING_INDEX, PackingPlanner
 from arctic_vl.data.sources import SourceSpec, read_sources
@@ -46,6 +53,9 @@ class VLMDataConfig(ComponentConfig):
         "drop", description="a sample whose cut would fall inside an image: drop it (counted) or keep it whole"
     )
     on_bad_record: OnBadRecord = "error"
+    max_image_pixels: int | None = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="an image with more pixels (width x height, from its header) "
+        "is a bad record, image_too_large (a decompression bomb); default: where PIL refuses; null: no limit")
     num_workers: int = Field(0, ge=0)
     shuffle: bool = Field(
         True, description="seeded shuffle of the sources' mix and of every epoch; false keeps file order: sources "
@@ -69,15 +79,20 @@ class VLMDataConfig(ComponentConfig):
 class VLMDataset(torch.utils.data.Dataset):
     """Pre-tokenized samples; `__getitem__` decodes this sample's images only.
 
-    An index is a sample index (-1: a padding sample, no labels) or a packing plan's (row, sample) key.
+    An index is a sample index (-1: a padding sample, no labels) or a packing plan's (row, sample) key. A sample
+    whose pixels turn out bad here (in a DataLoader worker) comes back tagged `ITEM_BAD` with its source, record
+    and reason: the collator drops it from the batch and the main process applies `on_bad_record`
+    (`DataBundle.accept`). Decoding is a function of the file, so the same samples are dropped in every epoch,
+    on every rank and in a resumed run.
     """
 
     def __init__(self, conversations: list[Conversation], encoded: list[EncodedText], encoder: SampleEncoder,
-                 blank_images: bool = False):
+                 blank_images: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.conversations = conversations
         self.encoded = encoded
         self.encoder = encoder
         self.blank_images = blank_images
+        self.max_image_pixels = max_image_pixels
         self.lengths = [len(e.input_ids) for e in encoded]
 
     def __len__(self) -> int:
@@ -87,25 +102,32 @@ class VLMDataset(torch.utils.data.Dataset):
         row = None
         if isinstance(index, tuple):  # a packing plan's (row, sample) key, see arctic_vl.data.sampling
             row, index = index
-        padding = index == PADDING_INDEX
-        i = 0 if padding else index
-        enc, conv = self.encoded[i], self.conversations[i]
-        item: dict[str, Any] = {
-            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-            "labels": torch.full((len(enc.labels),), IGNORE_INDEX, dtype=torch.long) if padding
-            else torch.tensor(enc.labels, dtype=torch.long),
-        }
-        if conv.images:
-            if self.blank_images:
-                sizes = conv.image_sizes if conv.image_sizes is not None else [image_size(r) for r in conv.images]
-                images = [Image.new("RGB", size, (127, 127, 127)) for size in sizes]
-            else:
-                images = [open_image(ref) for ref in conv.images]
-            item.update(self.encoder.encode_images(images))
-        item[ITEM_INDEX] = index
+        if index == PADDING_INDEX:
+            item = padding_sample(self.encoder)
+        else:
+            item = self._sample(index)
         if row is not None:
             item[ITEM_ROW] = row
         return item
+
+    def _sample(self, index: int) -> dict[str, Any]:
+        enc, conv = self.encoded[index], self.conversations[index]
+        item: dict[str, Any] = {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                                "labels": torch.tensor(enc.labels, dtype=torch.long), ITEM_INDEX: index}
+        if conv.images:
+            try:
+                item.update(self.encoder.encode_images(self._images(conv)))
+            except DataError as e:
+                reason = e.reason or UNREADABLE_IMAGE
+                item[ITEM_BAD] = (conv.source, conv.index, reason,
+                                  f"{conv.source}: {conv.where}: {e} [reason: {reason}; found when loading the sample]")
+        return item
+
+    def _images(self, conv: Conversation) -> list[Image.Image]:
+        if self.blank_images:
+            sizes = conv.image_sizes if conv.image_sizes is not None else [image_size(r) for r in conv.images]
+            return [Image.new("RGB", size, (127, 127, 127)) for size in sizes]
+        return [open_image(ref, self.max_image_pixels) for ref in conv.images]
 
 
 @DATA.register("vlm")
@@ -130,7 +152,8 @@ class VLMDataFactory(DataFactory):
         """
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs]
         return read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record,
-                            report=report, shuffle=self.config.shuffle if shuffle is None else shuffle)
+                            report=report, shuffle=self.config.shuffle if shuffle is None else shuffle,
+                            max_image_pixels=self.config.max_image_pixels)
 
     def encode(self, conversations: list[Conversation], encoder: SampleEncoder,
                report: BadRecordReport) -> tuple[list[Conversation], list[EncodedText]]:
@@ -145,7 +168,7 @@ class VLMDataFactory(DataFactory):
         if not encoded:
             raise DataError(f"no usable samples in {', '.join(str(getattr(s, 'path', s)) for s in specs)}"
                             f"{': ' + report.format() if report.total else ''}")
-        return VLMDataset(convs, encoded, encoder, self.config.blank_images)
+        return VLMDataset(convs, encoded, encoder, self.config.blank_images, self.config.max_image_pixels)
 
     def build(self, model_bundle: Any, *, seed: int) -> DataBundle:
         """Train (and eval) datasets, the collator, the bad-record report and stats; a packing batcher if asked."""
@@ -165,6 +188,7 @@ class VLMDataFactory(DataFactory):
             bundle = DataBundle(train=train, eval=evaluation, collate=Collator(encoder), report=report, stats=stats)
         bundle.micro_batch_size, bundle.shuffle = self.config.micro_batch_size, self.config.shuffle
         bundle.num_workers = self.config.num_workers
+        bundle.on_bad_record = self.config.on_bad_record
         return bundle
 
     def _packed_bundle(self, model_bundle: Any, encoder: SampleEncoder, train: VLMDataset,

@@ -33,7 +33,7 @@ from arctic_vl.data.bad_records import (
     reject_record,
 )
 from arctic_vl.data.encoding import prepare_messages
-from arctic_vl.data.images import DatasetImage, ImageBytes, ImageRef, image_size
+from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, DatasetImage, ImageBytes, ImageRef, image_size
 from arctic_vl.data.records import (
     Conversation,
     RecordFormat,
@@ -110,13 +110,15 @@ class RawRecord:
     """A record as stored: `text` for a not-yet-parsed JSONL line, else the parsed `value`.
 
     `index` counts the file's records from 0 (what messages and `Conversation.index` call the record);
-    `line` is its 1-based line in a text file (None where records have no lines).
+    `line` is its 1-based line in a text file (None where records have no lines). `invalid` says why the stored
+    bytes are no record at all (a line that is not UTF-8): the reader reports it as a bad record.
     """
 
     index: int
     line: int | None = None
     text: str | None = None
     value: Any = None
+    invalid: str | None = None
 
 
 @dataclass
@@ -199,6 +201,8 @@ def _resolve_path(path: str, base: Path) -> Path:
 
 
 def _parse(raw: RawRecord) -> Any:
+    if raw.invalid is not None:
+        raise BadRecord(INVALID_JSON, "<line>", raw.invalid)
     if raw.text is None:
         return raw.value
     try:
@@ -207,12 +211,29 @@ def _parse(raw: RawRecord) -> Any:
         raise BadRecord(INVALID_JSON, "<line>", f"not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _jsonl_raws(text: str) -> list[RawRecord]:
+def _jsonl_raws(data: bytes) -> list[RawRecord]:
+    """One record per non-blank line, each decoded on its own: a line that is not UTF-8 is a bad record
+    (`invalid`), not a bad file. Lines end at \\n only (JSON text may hold U+2028 and other separators)."""
     raws = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():  # blank lines are not records (trailing newlines, hand-edited files)
-            raws.append(RawRecord(index=len(raws), line=lineno, text=line))
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():  # blank lines are not records (trailing newlines, hand-edited files)
+            continue
+        try:
+            raws.append(RawRecord(index=len(raws), line=lineno, text=line.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raws.append(RawRecord(index=len(raws), line=lineno,
+                                  invalid=f"not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1})"))
     return raws
+
+
+def _lines_of_json(data: bytes) -> bool:
+    """Whether a .json file that is not UTF-8 as a whole is JSON Lines: its first line is a JSON value."""
+    first = next((ln for ln in data.split(b"\n") if ln.strip()), b"")
+    try:
+        json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def _parsed(raws: list[RawRecord]) -> list[Any]:
@@ -250,12 +271,18 @@ class JsonFile(DataSource):
 
     def load(self, path: Path, record_format: str, image_root: Path | None) -> list[RecordFile]:
         """The file's records; images resolve against `image_root` or the file's directory."""
+        data = path.read_bytes()
         try:
-            text = path.read_text(encoding="utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e})", source=str(path), reason=INVALID_JSON) from e
-        if path.suffix == ".jsonl":
-            raws = _jsonl_raws(text)
+            if path.suffix != ".jsonl" and not _lines_of_json(data):
+                line = data[:e.start].count(b"\n") + 1
+                raise DataError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x}); a .json file "
+                                "holding one list must be UTF-8 throughout", source=str(path),
+                                reason=INVALID_JSON) from None
+            text = None
+        if text is None or path.suffix == ".jsonl":
+            raws = _jsonl_raws(data)
         else:
             try:
                 data = json.loads(text)
@@ -263,7 +290,7 @@ class JsonFile(DataSource):
                 if e.msg != "Extra data":  # "Extra data" after the first value: a JSONL file named .json
                     raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
                                     source=str(path), reason=INVALID_JSON) from None
-                raws = _jsonl_raws(text)
+                raws = _jsonl_raws(data)
             else:
                 if isinstance(data, dict):
                     data = [data]  # a single record
@@ -359,8 +386,12 @@ class FileList(DataSource):
     @staticmethod
     def _entries(path: Path) -> list[tuple[str, Path, str]]:
         """(where, file, sampling_strategy) of each entry."""
+        data = path.read_bytes()
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            doc = yaml.safe_load(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("datasets"), list):
@@ -399,18 +430,20 @@ def _to_ref(value: Any, field: str, image_dir: Path) -> ImageRef:
     return str(_resolve_path(value, image_dir))
 
 
-def _image_sizes(images: list[ImageRef], fields: dict[ImageRef, str]) -> list[tuple[int, int]]:
+def _image_sizes(images: list[ImageRef], fields: dict[ImageRef, str],
+                 max_pixels: int | None) -> list[tuple[int, int]]:
     """(width, height) of each image from its header, the one header read of the data path."""
     sizes = []
     for i, ref in enumerate(images):
         try:
-            sizes.append(image_size(ref))
+            sizes.append(image_size(ref, max_pixels))
         except DataError as e:
             raise BadRecord(e.reason or MALFORMED_RECORD, fields.get(ref, f"<image {i}>"), str(e)) from None
     return sizes
 
 
-def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_images: bool) -> Conversation:
+def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_images: bool,
+                  max_pixels: int | None) -> Conversation:
     """One record through its format, the shared conversation rules and the image header check."""
     fields: dict[ImageRef, str] = {}
 
@@ -428,13 +461,13 @@ def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_ima
                             f"with reason {e.reason!r}, which it does not declare in `reasons`") from e
         raise
     messages = prepare_messages(messages, len(images), fmt.messages_field)
-    sizes = _image_sizes(images, fields) if check_images else None
+    sizes = _image_sizes(images, fields, max_pixels) if check_images else None
     return Conversation(messages=messages, images=list(images), source=str(file.path), index=raw.index, meta=meta,
-                        image_sizes=sizes)
+                        image_sizes=sizes, line=raw.line)
 
 
 def _read_file(file: RecordFile, sample: str, rng: random.Random, on_bad_record: OnBadRecord,
-               report: BadRecordReport, check_images: bool) -> list[Conversation]:
+               report: BadRecordReport, check_images: bool, max_pixels: int | None) -> list[Conversation]:
     """Convert the sampled records. Sampling picks good records: `first:N` converts records in file
     order until N are good, `random:N` in a seeded random order; records never picked are never checked.
     A bad record is counted or raised per `on_bad_record`."""
@@ -450,7 +483,7 @@ def _read_file(file: RecordFile, sample: str, rng: random.Random, on_bad_record:
             break
         raw = file.raws[i]
         try:
-            out.append(_conversation(file, fmt, raw, check_images))
+            out.append(_conversation(file, fmt, raw, check_images, max_pixels))
         except BadRecord as e:
             where = f"record {raw.index}" + (f" (line {raw.line})" if raw.line is not None else "")
             message = (f"{file.path}: {where}: field {e.field}: {e.detail} "
@@ -472,21 +505,24 @@ def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) 
 
 
 def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
-                report: BadRecordReport, check_images: bool = True) -> list[Conversation]:
+                report: BadRecordReport, check_images: bool = True,
+                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Conversation]:
     """Read, sample and weight one source. Relative paths resolve against `base_dir` (the config's
-    directory). `check_images=False` skips the image header check (for huge, trusted datasets)."""
+    directory). `check_images=False` skips the image header check (for huge, trusted datasets); an image
+    whose header claims more than `max_image_pixels` pixels is a bad record (`image_too_large`)."""
     path = _resolve_path(spec.path, Path(base_dir))
     image_root = _resolve_path(spec.image_root, Path(base_dir)) if spec.image_root else None
     salt = f"{seed}:{spec.path}"
     files = source_kind(path, spec.format).load(path, spec.format, image_root)
     if len(files) == 1 and files[0].sample is None:
         convs = _read_file(files[0], spec.sample, random.Random(f"{salt}:sample"), on_bad_record, report,
-                           check_images)
+                           check_images, max_image_pixels)
     else:  # a list of files, each sampled by its own strategy; the source's `sample` applies to them all
         convs = []
         for file in files:
             rng = random.Random(f"{salt}:{file.salt or file.path.name}")
-            convs += _read_file(file, file.sample or "all", rng, on_bad_record, report, check_images)
+            convs += _read_file(file, file.sample or "all", rng, on_bad_record, report, check_images,
+                                max_image_pixels)
         mode, n = parse_sample(spec.sample)
         if mode == "first":
             convs = convs[:n]
@@ -504,7 +540,8 @@ def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: O
 
 
 def read_sources(specs: list[SourceSpec], *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
-                 report: BadRecordReport, shuffle: bool = True, check_images: bool = True) -> list[Conversation]:
+                 report: BadRecordReport, shuffle: bool = True, check_images: bool = True,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Conversation]:
     """Read all sources and mix them: concatenated by weight in the order listed, then (`shuffle`) a seeded
     shuffle; without it every record stays in file order."""
     if not specs:
@@ -512,7 +549,7 @@ def read_sources(specs: list[SourceSpec], *, base_dir: Path, seed: int, on_bad_r
     out: list[Conversation] = []
     for spec in specs:
         out += read_source(spec, base_dir=base_dir, seed=seed, on_bad_record=on_bad_record, report=report,
-                           check_images=check_images)
+                           check_images=check_images, max_image_pixels=max_image_pixels)
     if shuffle:
         random.Random(f"{seed}:mix").shuffle(out)
     return out
