@@ -143,17 +143,17 @@ class VLMDataFactory(DataFactory):
                              max_pixels=c.max_pixels, image_grid_pinpoints=c.image_grid_pinpoints,
                              system_prompt=c.system_prompt)
 
-    def read(self, specs: list[Any], *, seed: int, report: BadRecordReport,
-             shuffle: bool | None = None) -> list[Conversation]:
+    def read(self, specs: list[Any], *, seed: int, report: BadRecordReport, shuffle: bool | None = None,
+             fingerprints: dict[str, Any] | None = None) -> list[Conversation]:
         """The sources' conversations, sampled, weighted and mixed (paths resolved by the config already).
 
         `shuffle` (default: `data.shuffle`) mixes the sources with a seeded shuffle; without it they stay in
-        the order listed and each source's records in file order.
+        the order listed and each source's records in file order. `fingerprints` gets each source's.
         """
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs]
         return read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record,
                             report=report, shuffle=self.config.shuffle if shuffle is None else shuffle,
-                            max_image_pixels=self.config.max_image_pixels)
+                            max_image_pixels=self.config.max_image_pixels, fingerprints=fingerprints)
 
     def encode(self, conversations: list[Conversation], encoder: SampleEncoder,
                report: BadRecordReport) -> tuple[list[Conversation], list[EncodedText]]:
@@ -162,9 +162,11 @@ class VLMDataFactory(DataFactory):
         return encode_conversations(conversations, encoder, report, max_length=c.max_length,
                                     on_image_truncation=c.on_image_truncation, on_bad_record=c.on_bad_record)
 
-    def dataset(self, specs: list[Any], encoder: SampleEncoder, *, seed: int, report: BadRecordReport) -> VLMDataset:
+    def dataset(self, specs: list[Any], encoder: SampleEncoder, *, seed: int, report: BadRecordReport,
+                fingerprints: dict[str, Any] | None = None) -> VLMDataset:
         """The dataset of `specs`: read, encoded; DataError when no sample is left."""
-        convs, encoded = self.encode(self.read(specs, seed=seed, report=report), encoder, report)
+        convs, encoded = self.encode(self.read(specs, seed=seed, report=report, fingerprints=fingerprints),
+                                     encoder, report)
         if not encoded:
             raise DataError(f"no usable samples in {', '.join(str(getattr(s, 'path', s)) for s in specs)}"
                             f"{': ' + report.format() if report.total else ''}")
@@ -174,7 +176,8 @@ class VLMDataFactory(DataFactory):
         """Train (and eval) datasets, the collator, the bad-record report and stats; a packing batcher if asked."""
         report = BadRecordReport()
         encoder = self.encoder(model_bundle)
-        train = self.dataset(self.config.sources, encoder, seed=seed, report=report)
+        fingerprint: dict[str, Any] = {}  # saved with checkpoints: a resume on changed data is refused
+        train = self.dataset(self.config.sources, encoder, seed=seed, report=report, fingerprints=fingerprint)
         evaluation = None
         if self.config.eval_sources:
             evaluation = self.dataset(self.config.eval_sources, encoder, seed=seed, report=report)
@@ -188,7 +191,7 @@ class VLMDataFactory(DataFactory):
             bundle = DataBundle(train=train, eval=evaluation, collate=Collator(encoder), report=report, stats=stats)
         bundle.micro_batch_size, bundle.shuffle = self.config.micro_batch_size, self.config.shuffle
         bundle.num_workers = self.config.num_workers
-        bundle.on_bad_record = self.config.on_bad_record
+        bundle.on_bad_record, bundle.fingerprint = self.config.on_bad_record, fingerprint
         return bundle
 
     def _packed_bundle(self, model_bundle: Any, encoder: SampleEncoder, train: VLMDataset,

@@ -12,6 +12,7 @@ source contributes.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import random
@@ -47,6 +48,8 @@ from arctic_vl.registry import DATA_SOURCES
 YAML_SUFFIXES = (".yaml", ".yml")
 YAML_ENTRY_KEYS = ("json_path", "sampling_strategy")
 _DETECT_SCAN = 100  # records looked at to auto-detect a format (the first ones may be bad records)
+#: bytes hashed at each end of a file for a source's fingerprint (saved with checkpoints, checked on resume)
+FINGERPRINT_SPAN = 64 * 1024
 
 
 def parse_sample(s: str) -> tuple[str, int | None]:
@@ -504,16 +507,46 @@ def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) 
     return convs * full + [convs[i] for i in picked]
 
 
+def _files_under(paths: list[Path]) -> list[Path]:
+    """The files of `paths`, a directory standing for every file under it (sorted)."""
+    out: list[Path] = []
+    for p in paths:
+        out += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return out
+
+
+def content_fingerprint(paths: list[Path], span: int = FINGERPRINT_SPAN) -> dict[str, Any]:
+    """What identifies the content of some files cheaply, whatever their size: their total `bytes` and a `hash`
+    of each file's name, size and first and last `span` bytes (no mtime: a copied file keeps it)."""
+    h = hashlib.blake2b(digest_size=16)
+    total = 0
+    for f in _files_under(paths):
+        size = f.stat().st_size
+        total += size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(span))
+            if size > span:
+                fh.seek(max(span, size - span))
+                h.update(fh.read())
+    return {"bytes": total, "hash": h.hexdigest()}
+
+
 def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
                 report: BadRecordReport, check_images: bool = True,
-                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Conversation]:
+                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                fingerprints: dict[str, Any] | None = None) -> list[Conversation]:
     """Read, sample and weight one source. Relative paths resolve against `base_dir` (the config's
     directory). `check_images=False` skips the image header check (for huge, trusted datasets); an image
-    whose header claims more than `max_image_pixels` pixels is a bad record (`image_too_large`)."""
+    whose header claims more than `max_image_pixels` pixels is a bad record (`image_too_large`). `fingerprints`,
+    when given, gets the source's entry: its path -> records in its files and their `content_fingerprint`."""
     path = _resolve_path(spec.path, Path(base_dir))
     image_root = _resolve_path(spec.image_root, Path(base_dir)) if spec.image_root else None
     salt = f"{seed}:{spec.path}"
     files = source_kind(path, spec.format).load(path, spec.format, image_root)
+    if fingerprints is not None:
+        listed = [path] + [f.path for f in files if f.path != path]  # a YAML list and the files it names
+        fingerprints[str(path)] = {"records": sum(len(f.raws) for f in files), **content_fingerprint(listed)}
     if len(files) == 1 and files[0].sample is None:
         convs = _read_file(files[0], spec.sample, random.Random(f"{salt}:sample"), on_bad_record, report,
                            check_images, max_image_pixels)
@@ -541,15 +574,17 @@ def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: O
 
 def read_sources(specs: list[SourceSpec], *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
                  report: BadRecordReport, shuffle: bool = True, check_images: bool = True,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Conversation]:
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 fingerprints: dict[str, Any] | None = None) -> list[Conversation]:
     """Read all sources and mix them: concatenated by weight in the order listed, then (`shuffle`) a seeded
-    shuffle; without it every record stays in file order."""
+    shuffle; without it every record stays in file order. `fingerprints`: see `read_source`."""
     if not specs:
         raise ConfigError("no data sources given")
     out: list[Conversation] = []
     for spec in specs:
         out += read_source(spec, base_dir=base_dir, seed=seed, on_bad_record=on_bad_record, report=report,
-                           check_images=check_images, max_image_pixels=max_image_pixels)
+                           check_images=check_images, max_image_pixels=max_image_pixels,
+                           fingerprints=fingerprints)
     if shuffle:
         random.Random(f"{seed}:mix").shuffle(out)
     return out
