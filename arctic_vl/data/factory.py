@@ -30,7 +30,7 @@ from arctic_vl.data.collate import (
     RopeIndex,
     padding_sample,
 )
-from arctic_vl.data.encoding import EncodedText, SampleEncoder, encode_conversations
+from arctic_vl.data.encoding import EncodedText, SampleEncoder, encode_conversations, unended_warning
 from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE_IMAGE, image_size, open_image
 from arctic_vl.data.records import Conversation
 from arctic_vl.data.sampling import PADDING_INDEX, PackingPlanner
@@ -183,6 +183,9 @@ class VLMDataFactory(DataFactory):
             evaluation = self.dataset(self.config.eval_sources, encoder, seed=seed, report=report)
         if report.total:
             logger.warning(f"skipped {report.total} records: {report.format()}")
+        warning = unended_warning(encoder, train.conversations, train.encoded)
+        if warning:
+            logger.warning(warning)
         stats = {"train_samples": len(train), "eval_samples": len(evaluation) if evaluation else 0,
                  "train_tokens": sum(train.lengths), "skipped": report.by_reason()}
         if self.config.packing:

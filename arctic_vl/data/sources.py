@@ -28,12 +28,13 @@ from arctic_vl.data.bad_records import (
     BAD_RECORD_REASONS,
     INVALID_JSON,
     MALFORMED_RECORD,
+    UNSUPPORTED_VIDEO,
     BadRecord,
     BadRecordReport,
     OnBadRecord,
     reject_record,
 )
-from arctic_vl.data.encoding import prepare_messages
+from arctic_vl.data.encoding import VIDEO_UNSUPPORTED, prepare_messages
 from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, DatasetImage, ImageBytes, ImageRef, image_size
 from arctic_vl.data.records import (
     Conversation,
@@ -46,6 +47,8 @@ from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.registry import DATA_SOURCES
 
 YAML_SUFFIXES = (".yaml", ".yml")
+#: record fields that carry video (ms-swift `videos`, LLaVA-Video `video`): such a record is unsupported_video
+VIDEO_FIELDS = ("videos", "video")
 YAML_ENTRY_KEYS = ("json_path", "sampling_strategy")
 _DETECT_SCAN = 100  # records looked at to auto-detect a format (the first ones may be bad records)
 #: bytes hashed at each end of a file for a source's fingerprint (saved with checkpoints, checked on resume)
@@ -463,6 +466,9 @@ def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_ima
             raise TypeError(f"record format {file.record_format!r} ({type(fmt).__qualname__}) raised BadRecord "
                             f"with reason {e.reason!r}, which it does not declare in `reasons`") from e
         raise
+    for key in VIDEO_FIELDS:
+        if meta.get(key):  # e.g. an ms-swift record's `videos`: never trained as text-only, silently
+            raise BadRecord(UNSUPPORTED_VIDEO, key, VIDEO_UNSUPPORTED)
     messages = prepare_messages(messages, len(images), fmt.messages_field)
     sizes = _image_sizes(images, fields, max_pixels) if check_images else None
     return Conversation(messages=messages, images=list(images), source=str(file.path), index=raw.index, meta=meta,
