@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +20,12 @@ from tests.e2e_utils import synthetic_data, tiny_llava  # noqa: F401
 
 # Two cores shared by several engineers: one thread per test process.
 torch.set_num_threads(1)
+
+# The encoded-records cache of a test run (its xdist workers and subprocesses too) lives in a fresh directory,
+# removed at the end, not in ~/.cache.
+if "ARCTIC_VL_CACHE_DIR" not in os.environ:
+    os.environ["ARCTIC_VL_CACHE_DIR"] = tempfile.mkdtemp(prefix="arctic_vl_cache_")
+    atexit.register(shutil.rmtree, os.environ["ARCTIC_VL_CACHE_DIR"], ignore_errors=True)
 
 #: a minimal valid config: needs nothing on disk but `train.json` next to it
 GOOD_CONFIG = """\

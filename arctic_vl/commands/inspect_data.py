@@ -52,8 +52,7 @@ def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
             continue
         report = BadRecordReport()
         # file order: the first samples shown are the first records of the first source
-        convs = factory.read(specs, seed=engine.config.trainer.seed, report=report, shuffle=False)
-        kept, encoded = factory.encode(convs, encoder, report)
+        kept, encoded = factory.load(specs, encoder, seed=engine.config.trainer.seed, report=report, shuffle=False)
         tokens = sum(len(e.input_ids) for e in encoded)
         trained = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in encoded)
         with_images = sum(1 for c in kept if c.images)

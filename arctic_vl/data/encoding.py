@@ -31,6 +31,7 @@ from arctic_vl.data.bad_records import (
     reject_record,
 )
 from arctic_vl.data.images import UNREADABLE_IMAGE, image_size
+from arctic_vl.data.parallel import ordered_map
 from arctic_vl.data.records import IMAGE_TOKEN, ROLES, Conversation
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.models.families import FamilySpec
@@ -399,9 +400,52 @@ def unended_warning(encoder: SampleEncoder, conversations: list[Conversation],
             "after every assistant turn")
 
 
+def _encode_one(conv: Conversation, encoder: SampleEncoder, max_length: int | None,
+                on_image_truncation: Literal["drop", "keep"]) -> EncodedText | tuple[bool, str, str]:
+    """One conversation's encoding under the `max_length` policy, or (is a bad record, reason, message)."""
+    try:
+        sizes = conv.image_sizes if conv.image_sizes is not None else [image_size(r) for r in conv.images]
+        enc = encoder.encode_text(conv.messages, sizes)
+    except DataError as e:
+        return True, e.reason or "invalid_record", f"{conv.source}: {conv.where}: {e}"
+    if max_length is not None and len(enc.input_ids) > max_length:
+        cut = max_length
+        if any(start < cut < end or start >= cut for start, end in enc.image_spans):
+            if on_image_truncation == "drop":
+                return False, "too_long_image_cut", (f"{conv.source}: {conv.where}: {len(enc.input_ids)} tokens > "
+                                                     f"max_length {cut} and the cut would drop image tokens")
+        else:
+            enc.input_ids, enc.labels = enc.input_ids[:cut], enc.labels[:cut]
+    if all(label == IGNORE_INDEX for label in enc.labels[1:]):
+        return False, "no_trained_tokens", f"{conv.source}: {conv.where}: no assistant tokens left to train on"
+    return enc
+
+
+def encode_each(conversations: list[Conversation], encoder: SampleEncoder, report: BadRecordReport, *,
+                max_length: int | None, on_image_truncation: Literal["drop", "keep"] = "drop",
+                on_bad_record: OnBadRecord = "error", workers: int | None = 1) -> list[EncodedText | None]:
+    """Each conversation's encoding, or None where it is dropped (counted in `report`); see
+    `encode_conversations`. `workers` processes tokenize (the result does not depend on how many: the policy is
+    applied in conversation order)."""
+    out: list[EncodedText | None] = []
+    results = ordered_map(lambda c: _encode_one(c, encoder, max_length, on_image_truncation), conversations, workers)
+    for conv, result in zip(conversations, results):
+        if isinstance(result, EncodedText):
+            out.append(result)
+            continue
+        bad, reason, message = result
+        if bad:
+            reject_record(on_bad_record, report, conv.source, conv.index, reason, message)
+        else:
+            report.add(conv.source, conv.index, reason, message)
+        out.append(None)
+    return out
+
+
 def encode_conversations(conversations: list[Conversation], encoder: SampleEncoder, report: BadRecordReport, *,
                          max_length: int | None, on_image_truncation: Literal["drop", "keep"] = "drop",
-                         on_bad_record: OnBadRecord = "error") -> tuple[list[Conversation], list[EncodedText]]:
+                         on_bad_record: OnBadRecord = "error",
+                         workers: int | None = 1) -> tuple[list[Conversation], list[EncodedText]]:
     """Tokenize every conversation and apply `max_length`; returns the kept (conversations, encodings).
 
     Image sizes come from the headers the reader already read (`Conversation.image_sizes`), else from the
@@ -410,27 +454,7 @@ def encode_conversations(conversations: list[Conversation], encoder: SampleEncod
     kept whole. A sample left with no trained token is dropped (`no_trained_tokens`, counted). A sample
     the encoder rejects follows `on_bad_record`.
     """
-    kept_c, kept_e = [], []
-    for conv in conversations:
-        try:
-            sizes = conv.image_sizes if conv.image_sizes is not None else [image_size(r) for r in conv.images]
-            enc = encoder.encode_text(conv.messages, sizes)
-        except DataError as e:
-            reject_record(on_bad_record, report, conv.source, conv.index, e.reason or "invalid_record",
-                          f"{conv.source}: record {conv.index}: {e}")
-            continue
-        if max_length is not None and len(enc.input_ids) > max_length:
-            cut = max_length
-            if any(start < cut < end or start >= cut for start, end in enc.image_spans):
-                if on_image_truncation == "drop":
-                    report.add(conv.source, conv.index, "too_long_image_cut",
-                               f"{len(enc.input_ids)} tokens > max_length {cut} and the cut would drop image tokens")
-                    continue
-            else:
-                enc.input_ids, enc.labels = enc.input_ids[:cut], enc.labels[:cut]
-        if all(label == IGNORE_INDEX for label in enc.labels[1:]):
-            report.add(conv.source, conv.index, "no_trained_tokens", "no assistant tokens left to train on")
-            continue
-        kept_c.append(conv)
-        kept_e.append(enc)
-    return kept_c, kept_e
+    encoded = encode_each(conversations, encoder, report, max_length=max_length,
+                          on_image_truncation=on_image_truncation, on_bad_record=on_bad_record, workers=workers)
+    kept = [(c, e) for c, e in zip(conversations, encoded) if e is not None]
+    return [c for c, _ in kept], [e for _, e in kept]

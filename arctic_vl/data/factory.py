@@ -21,6 +21,9 @@ from pydantic import Field, model_validator
 from arctic_vl.config.paths import ConfigPath
 from arctic_vl.data.bad_records import BadRecordReport, OnBadRecord
 from arctic_vl.data.base import DataBundle, DataFactory
+from arctic_vl.data.cache import CachedSource, default_cache_dir, encoder_identity, entry_key
+from arctic_vl.data.cache import load as load_entry
+from arctic_vl.data.cache import save as save_entry
 from arctic_vl.data.collate import (
     ITEM_BAD,
     ITEM_INDEX,
@@ -30,11 +33,17 @@ from arctic_vl.data.collate import (
     RopeIndex,
     padding_sample,
 )
-from arctic_vl.data.encoding import EncodedText, SampleEncoder, encode_conversations, unended_warning
+from arctic_vl.data.encoding import (
+    EncodedText,
+    SampleEncoder,
+    encode_conversations,
+    encode_each,
+    unended_warning,
+)
 from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE_IMAGE, image_size, open_image
 from arctic_vl.data.records import Conversation
 from arctic_vl.data.sampling import PADDING_INDEX, PackingPlanner
-from arctic_vl.data.sources import SourceSpec, read_sources
+from arctic_vl.data.sources import SourceSpec, mix, read_source_records, read_sources, source_kind, weigh
 from arctic_vl.errors import DataError
 from arctic_vl.registry import DATA, ComponentConfig
 
@@ -68,6 +77,12 @@ class VLMDataConfig(ComponentConfig):
     blank_images: bool = Field(False, description="replace every image by a blank one of the same size (blind baseline)")
     packing: bool = Field(False, description="pack whole samples into rows of up to max_length tokens "
                           "(best-fit, padding-free; micro_batch_size counts rows)")
+    cache: bool = Field(True, description="keep each source's encoded records on disk, keyed by everything they "
+                        "depend on (data bytes, tokenizer, chat template, settings, code): a second run loads them")
+    cache_dir: ConfigPath | None = Field(None, description="where (default $ARCTIC_VL_CACHE_DIR, else "
+                                         "~/.cache/arctic_vl/encoded)")
+    preprocess_workers: int | None = Field(None, ge=1, description="processes that read and tokenize the records "
+                                           "up front (default: the cores, shared by the ranks of a machine)")
 
     @model_validator(mode="after")
     def _packing_needs_length(self) -> VLMDataConfig:
@@ -135,6 +150,7 @@ class VLMDataFactory(DataFactory):
     """LLaVA json/jsonl, messages JSONL, dense-caption JSONL and `save_to_disk` datasets, mixed by weight."""
 
     config_class = VLMDataConfig
+    _encoder_id: str | None = None  # the encoder's part of the cache key, computed once
 
     def encoder(self, model_bundle: Any) -> SampleEncoder:
         """The sample encoder for the bundle's processor and family, with this config's image budget."""
@@ -162,11 +178,60 @@ class VLMDataFactory(DataFactory):
         return encode_conversations(conversations, encoder, report, max_length=c.max_length,
                                     on_image_truncation=c.on_image_truncation, on_bad_record=c.on_bad_record)
 
+    def load(self, specs: list[Any], encoder: SampleEncoder, *, seed: int, report: BadRecordReport,
+             shuffle: bool | None = None, fingerprints: dict[str, Any] | None = None,
+             cache_stats: dict[str, str] | None = None) -> tuple[list[Conversation], list[EncodedText]]:
+        """The kept (conversations, encodings) of `specs`, in training order: each source read and encoded once
+        (or loaded from the encoded-records cache), then weighted and mixed like `read` (`shuffle`: default
+        `data.shuffle`). `fingerprints` gets each source's; `cache_stats` whether it was a cache hit."""
+        c = self.config
+        pairs: list[tuple[Conversation, EncodedText | None]] = []
+        for spec in (s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs):
+            entry, state = self._source(spec, encoder, seed)
+            report.merge(entry.report)
+            if fingerprints is not None:
+                fingerprints[str(spec.path)] = entry.fingerprint
+            if cache_stats is not None:
+                cache_stats[str(spec.path)] = state
+            pairs += weigh(list(zip(entry.conversations, entry.encoded)), spec, seed)
+        kept = [(conv, enc) for conv, enc in mix(pairs, seed, c.shuffle if shuffle is None else shuffle) if enc]
+        return [conv for conv, _ in kept], [enc for _, enc in kept]
+
+    def _source(self, spec: SourceSpec, encoder: SampleEncoder, seed: int) -> tuple[CachedSource, str]:
+        """One source's distinct records and encodings, from the cache ("hit") or read and encoded now ("miss",
+        then saved; "off" without the cache; "unsaved" when its records do not serialise)."""
+        c = self.config
+        path = Path(spec.path)
+        key = directory = None
+        if c.cache:
+            directory = Path(c.cache_dir) if c.cache_dir else default_cache_dir()
+            if self._encoder_id is None:
+                self._encoder_id = encoder_identity(encoder)
+            settings = {"source": spec.model_dump(), "seed": seed, "on_bad_record": c.on_bad_record,
+                        "max_image_pixels": c.max_image_pixels, "max_length": c.max_length,
+                        "on_image_truncation": c.on_image_truncation}
+            key = entry_key(source_kind(path, spec.format).files(path), self._encoder_id, settings)
+            hit = load_entry(directory, key)
+            if hit is not None:
+                return hit, "hit"
+        report, fingerprint = BadRecordReport(), {}
+        workers = c.preprocess_workers
+        convs = read_source_records(spec, base_dir=Path.cwd(), seed=seed, on_bad_record=c.on_bad_record,
+                                    report=report, max_image_pixels=c.max_image_pixels, fingerprints=fingerprint,
+                                    workers=workers)
+        encoded = encode_each(convs, encoder, report, max_length=c.max_length, workers=workers,
+                              on_image_truncation=c.on_image_truncation, on_bad_record=c.on_bad_record)
+        entry = CachedSource(convs, encoded, report, next(iter(fingerprint.values())))
+        if directory is None or key is None:
+            return entry, "off"
+        return entry, "miss" if save_entry(directory, key, entry) is not None else "unsaved"
+
     def dataset(self, specs: list[Any], encoder: SampleEncoder, *, seed: int, report: BadRecordReport,
-                fingerprints: dict[str, Any] | None = None) -> VLMDataset:
-        """The dataset of `specs`: read, encoded; DataError when no sample is left."""
-        convs, encoded = self.encode(self.read(specs, seed=seed, report=report, fingerprints=fingerprints),
-                                     encoder, report)
+                fingerprints: dict[str, Any] | None = None,
+                cache_stats: dict[str, str] | None = None) -> VLMDataset:
+        """The dataset of `specs`: read, encoded (or loaded from the cache); DataError when no sample is left."""
+        convs, encoded = self.load(specs, encoder, seed=seed, report=report, fingerprints=fingerprints,
+                                   cache_stats=cache_stats)
         if not encoded:
             raise DataError(f"no usable samples in {', '.join(str(getattr(s, 'path', s)) for s in specs)}"
                             f"{': ' + report.format() if report.total else ''}")
@@ -177,17 +242,21 @@ class VLMDataFactory(DataFactory):
         report = BadRecordReport()
         encoder = self.encoder(model_bundle)
         fingerprint: dict[str, Any] = {}  # saved with checkpoints: a resume on changed data is refused
-        train = self.dataset(self.config.sources, encoder, seed=seed, report=report, fingerprints=fingerprint)
+        cache: dict[str, str] = {}
+        train = self.dataset(self.config.sources, encoder, seed=seed, report=report, fingerprints=fingerprint,
+                             cache_stats=cache)
         evaluation = None
         if self.config.eval_sources:
-            evaluation = self.dataset(self.config.eval_sources, encoder, seed=seed, report=report)
+            evaluation = self.dataset(self.config.eval_sources, encoder, seed=seed, report=report, cache_stats=cache)
         if report.total:
             logger.warning(f"skipped {report.total} records: {report.format()}")
         warning = unended_warning(encoder, train.conversations, train.encoded)
         if warning:
             logger.warning(warning)
         stats = {"train_samples": len(train), "eval_samples": len(evaluation) if evaluation else 0,
-                 "train_tokens": sum(train.lengths), "skipped": report.by_reason()}
+                 "train_tokens": sum(train.lengths), "skipped": report.by_reason(),
+                 "cache": {"dir": str(self.config.cache_dir or default_cache_dir()) if self.config.cache else None,
+                           "sources": cache}}
         if self.config.packing:
             bundle = self._packed_bundle(model_bundle, encoder, train, evaluation, report, stats, seed)
         else:

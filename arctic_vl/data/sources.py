@@ -15,10 +15,11 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pydantic
 import yaml
@@ -36,6 +37,7 @@ from arctic_vl.data.bad_records import (
 )
 from arctic_vl.data.encoding import VIDEO_UNSUPPORTED, prepare_messages
 from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, DatasetImage, ImageBytes, ImageRef, image_size
+from arctic_vl.data.parallel import ordered_map
 from arctic_vl.data.records import (
     Conversation,
     RecordFormat,
@@ -46,6 +48,7 @@ from arctic_vl.data.records import (
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.registry import DATA_SOURCES
 
+T = TypeVar("T")
 YAML_SUFFIXES = (".yaml", ".yml")
 #: record fields that carry video (ms-swift `videos`, LLaVA-Video `video`): such a record is unsupported_video
 VIDEO_FIELDS = ("videos", "video")
@@ -171,6 +174,10 @@ class DataSource:
     def load(self, path: Path, record_format: str, image_root: Path | None) -> list[RecordFile]:
         """The record files of the source at `path`."""
         raise NotImplementedError
+
+    def files(self, path: Path) -> list[Path]:
+        """The files (or directories) whose bytes make the source: what the encoded-records cache hashes."""
+        return [path]
 
     def resolve_format(self, path: Path, raws: list[RawRecord], record_format: str) -> str:
         """`record_format` as a registered record format: detected from the first records for `auto` (or this
@@ -377,6 +384,10 @@ class FileList(DataSource):
         """A .yaml / .yml file."""
         return path.is_file() and path.suffix in YAML_SUFFIXES
 
+    def files(self, path: Path) -> list[Path]:
+        """The list and every file it names."""
+        return [path, *(child for _, child, _ in self._entries(path))]
+
     def load(self, path: Path, record_format: str, image_root: Path | None) -> list[RecordFile]:
         """One RecordFile per entry, each read by the kind that claims it (not another list)."""
         files = []
@@ -433,7 +444,8 @@ def _to_ref(value: Any, field: str, image_dir: Path) -> ImageRef:
         value = value.get("path")
     if not isinstance(value, str) or not value:
         raise BadRecord(MALFORMED_RECORD, field, f"an image must be a non-empty path string, got {value!r}")
-    return str(_resolve_path(value, image_dir))
+    # normpath, not Path.resolve(): no system call per image (image_dir is resolved already)
+    return os.path.normpath(os.path.join(image_dir, os.path.expanduser(value)))
 
 
 def _image_sizes(images: list[ImageRef], fields: dict[ImageRef, str],
@@ -476,34 +488,45 @@ def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_ima
 
 
 def _read_file(file: RecordFile, sample: str, rng: random.Random, on_bad_record: OnBadRecord,
-               report: BadRecordReport, check_images: bool, max_pixels: int | None) -> list[Conversation]:
+               report: BadRecordReport, check_images: bool, max_pixels: int | None,
+               workers: int | None = 1) -> list[Conversation]:
     """Convert the sampled records. Sampling picks good records: `first:N` converts records in file
     order until N are good, `random:N` in a seeded random order; records never picked are never checked.
-    A bad record is counted or raised per `on_bad_record`."""
+    A bad record is counted or raised per `on_bad_record`. `sample: all` converts (and reads the image
+    headers) in `workers` processes; the policy is applied in record order, so the result does not depend on it."""
     mode, n = parse_sample(sample)
     order: list[int] | range = range(len(file.raws))
     if mode == "random":
         order = rng.sample(range(len(file.raws)), len(file.raws))
     want = len(file.raws) if n is None else n
     fmt = record_format(file.record_format)
-    out = []
-    for i in order:
-        if len(out) >= want:
-            break
+
+    def convert(i: int) -> Conversation | tuple[int, str, str]:
         raw = file.raws[i]
         try:
-            out.append(_conversation(file, fmt, raw, check_images, max_pixels))
+            return _conversation(file, fmt, raw, check_images, max_pixels)
         except BadRecord as e:
             where = f"record {raw.index}" + (f" (line {raw.line})" if raw.line is not None else "")
-            message = (f"{file.path}: {where}: field {e.field}: {e.detail} "
-                       f"[reason: {e.reason}; format: {file.record_format}]")
-            reject_record(on_bad_record, report, str(file.path), raw.index, e.reason, message)
+            return raw.index, e.reason, (f"{file.path}: {where}: field {e.field}: {e.detail} "
+                                         f"[reason: {e.reason}; format: {file.record_format}]")
+
+    # all records: convert them all at once (in parallel); a sample: one by one until it has enough
+    results = ordered_map(convert, order, workers) if n is None else (convert(i) for i in order)
+    out = []
+    for result in results:
+        if len(out) >= want:
+            break
+        if isinstance(result, Conversation):
+            out.append(result)
+        else:
+            index, reason, message = result
+            reject_record(on_bad_record, report, str(file.path), index, reason, message)
     if mode == "random":
         out.sort(key=lambda c: c.index)  # a subset in file order: easier to inspect, same content
     return out
 
 
-def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) -> list[Conversation]:
+def _apply_weight(convs: list[T], weight: float, rng: random.Random) -> list[T]:
     """round(weight * n) records: whole copies of the list for weight >= 1, then a seeded random remainder kept
     in file order (so without the mix shuffle, weight 2.5 reads: the records twice in order, then half of them)."""
     n = len(convs)
@@ -538,14 +561,12 @@ def content_fingerprint(paths: list[Path], span: int = FINGERPRINT_SPAN) -> dict
     return {"bytes": total, "hash": h.hexdigest()}
 
 
-def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
-                report: BadRecordReport, check_images: bool = True,
-                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                fingerprints: dict[str, Any] | None = None) -> list[Conversation]:
-    """Read, sample and weight one source. Relative paths resolve against `base_dir` (the config's
-    directory). `check_images=False` skips the image header check (for huge, trusted datasets); an image
-    whose header claims more than `max_image_pixels` pixels is a bad record (`image_too_large`). `fingerprints`,
-    when given, gets the source's entry: its path -> records in its files and their `content_fingerprint`."""
+def read_source_records(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
+                        report: BadRecordReport, check_images: bool = True,
+                        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                        fingerprints: dict[str, Any] | None = None, workers: int | None = 1) -> list[Conversation]:
+    """Read and sample one source, before its weight: each picked record once, in file order (see
+    `read_source`). `workers`: processes converting the records of a `sample: all` file."""
     path = _resolve_path(spec.path, Path(base_dir))
     image_root = _resolve_path(spec.image_root, Path(base_dir)) if spec.image_root else None
     salt = f"{seed}:{spec.path}"
@@ -555,13 +576,13 @@ def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: O
         fingerprints[str(path)] = {"records": sum(len(f.raws) for f in files), **content_fingerprint(listed)}
     if len(files) == 1 and files[0].sample is None:
         convs = _read_file(files[0], spec.sample, random.Random(f"{salt}:sample"), on_bad_record, report,
-                           check_images, max_image_pixels)
+                           check_images, max_image_pixels, workers)
     else:  # a list of files, each sampled by its own strategy; the source's `sample` applies to them all
         convs = []
         for file in files:
             rng = random.Random(f"{salt}:{file.salt or file.path.name}")
             convs += _read_file(file, file.sample or "all", rng, on_bad_record, report, check_images,
-                                max_image_pixels)
+                                max_image_pixels, workers)
         mode, n = parse_sample(spec.sample)
         if mode == "first":
             convs = convs[:n]
@@ -571,17 +592,43 @@ def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: O
     if not convs:
         raise DataError(f"{path}: no usable records ({report.total} bad records skipped in all sources so far)",
                         source=str(path), reason="empty_source")
-    convs = _apply_weight(convs, spec.weight, random.Random(f"{salt}:weight"))
-    if not convs:
-        raise DataError(f"{path}: weight {spec.weight} leaves no records; raise the weight or drop the source",
-                        source=str(path), reason="empty_source")
     return convs
+
+
+def weigh(items: list[T], spec: SourceSpec, seed: int) -> list[T]:
+    """A source's items (its records, or anything made of them one to one) repeated / subsampled by its weight."""
+    out = _apply_weight(items, spec.weight, random.Random(f"{seed}:{spec.path}:weight"))
+    if not out:
+        raise DataError(f"{spec.path}: weight {spec.weight} leaves no records; raise the weight or drop the source",
+                        source=str(spec.path), reason="empty_source")
+    return out
+
+
+def mix(items: list[T], seed: int, shuffle: bool) -> list[T]:
+    """The sources' weighted items concatenated in the order listed, and (`shuffle`) shuffled by the seed."""
+    if shuffle:
+        random.Random(f"{seed}:mix").shuffle(items)
+    return items
+
+
+def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
+                report: BadRecordReport, check_images: bool = True,
+                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                fingerprints: dict[str, Any] | None = None, workers: int | None = 1) -> list[Conversation]:
+    """Read, sample and weight one source. Relative paths resolve against `base_dir` (the config's
+    directory). `check_images=False` skips the image header check (for huge, trusted datasets); an image
+    whose header claims more than `max_image_pixels` pixels is a bad record (`image_too_large`). `fingerprints`,
+    when given, gets the source's entry: its path -> records in its files and their `content_fingerprint`."""
+    convs = read_source_records(spec, base_dir=base_dir, seed=seed, on_bad_record=on_bad_record, report=report,
+                                check_images=check_images, max_image_pixels=max_image_pixels,
+                                fingerprints=fingerprints, workers=workers)
+    return weigh(convs, spec, seed)
 
 
 def read_sources(specs: list[SourceSpec], *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
                  report: BadRecordReport, shuffle: bool = True, check_images: bool = True,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                 fingerprints: dict[str, Any] | None = None) -> list[Conversation]:
+                 fingerprints: dict[str, Any] | None = None, workers: int | None = 1) -> list[Conversation]:
     """Read all sources and mix them: concatenated by weight in the order listed, then (`shuffle`) a seeded
     shuffle; without it every record stays in file order. `fingerprints`: see `read_source`."""
     if not specs:
@@ -590,8 +637,5 @@ def read_sources(specs: list[SourceSpec], *, base_dir: Path, seed: int, on_bad_r
     for spec in specs:
         out += read_source(spec, base_dir=base_dir, seed=seed, on_bad_record=on_bad_record, report=report,
                            check_images=check_images, max_image_pixels=max_image_pixels,
-                           fingerprints=fingerprints)
-    if shuffle:
-        random.Random(f"{seed}:mix").shuffle(out)
-    return out
-
+                           fingerprints=fingerprints, workers=workers)
+    return mix(out, seed, shuffle)

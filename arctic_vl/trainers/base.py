@@ -45,7 +45,8 @@ from arctic_vl.trainers.loss import count_label_tokens
 RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
-    "checkpoint.export_final", "data.num_workers", "callbacks", "eval",
+    "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
+    "callbacks", "eval",
 )
 
 

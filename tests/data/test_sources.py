@@ -137,7 +137,7 @@ def test_image_headers_are_read_once(synthetic_dir, tiny_llava, monkeypatch):
     opened: list[str] = []
     real_open = PIL.Image.open
     monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
-    config = VLMDataConfig(sources=[str(synthetic_dir / "train.llava.json")], max_length=None)
+    config = VLMDataConfig(sources=[str(synthetic_dir / "train.llava.json")], max_length=None, cache=False)
     data = VLMDataFactory(config).build(bundle, seed=0)
     images = [str(ref) for conv in data.train.conversations for ref in conv.images]
     assert len(images) == 34 and sorted(opened) == sorted(images)
