@@ -42,7 +42,7 @@ from arctic_vl.data.encoding import (
 )
 from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE_IMAGE, image_size, open_image
 from arctic_vl.data.records import Conversation
-from arctic_vl.data.sampling import PADDING_INDEX, PackingPlanner
+from arctic_vl.data.sampling import PADDING_INDEX, BalancedBatcher, PackingPlanner
 from arctic_vl.data.sources import SourceSpec, mix, read_source_records, read_sources, source_kind, weigh
 from arctic_vl.errors import DataError
 from arctic_vl.registry import DATA, ComponentConfig
@@ -77,6 +77,8 @@ class VLMDataConfig(ComponentConfig):
     blank_images: bool = Field(False, description="replace every image by a blank one of the same size (blind baseline)")
     packing: bool = Field(False, description="pack whole samples into rows of up to max_length tokens "
                           "(best-fit, padding-free; micro_batch_size counts rows)")
+    balance_ranks: bool = Field(True, description="share each global batch's samples (packed rows) out so every "
+                                "process gets about the same number of tokens; the same samples per global batch")
     cache: bool = Field(True, description="keep each source's encoded records on disk, keyed by everything they "
                         "depend on (data bytes, tokenizer, chat template, settings, code): a second run loads them")
     cache_dir: ConfigPath | None = Field(None, description="where (default $ARCTIC_VL_CACHE_DIR, else "
@@ -260,7 +262,11 @@ class VLMDataFactory(DataFactory):
         if self.config.packing:
             bundle = self._packed_bundle(model_bundle, encoder, train, evaluation, report, stats, seed)
         else:
-            bundle = DataBundle(train=train, eval=evaluation, collate=Collator(encoder), report=report, stats=stats)
+            batcher = None
+            if self.config.balance_ranks:  # the plain plan on one process; token-balanced ranks on several
+                batcher = BalancedBatcher(train.lengths, self.config.micro_batch_size, seed, self.config.shuffle)
+            bundle = DataBundle(train=train, eval=evaluation, collate=Collator(encoder), report=report, stats=stats,
+                                batcher=batcher)
         bundle.micro_batch_size, bundle.shuffle = self.config.micro_batch_size, self.config.shuffle
         bundle.num_workers = self.config.num_workers
         bundle.on_bad_record, bundle.fingerprint = self.config.on_bad_record, fingerprint
@@ -280,7 +286,7 @@ class VLMDataFactory(DataFactory):
                 f"data.max_length {c.max_length} ({len(too_long)} such samples, kept whole by on_image_truncation: "
                 "keep); with packing use on_image_truncation: drop or raise max_length",
                 source=conv.source, index=conv.index, reason="too_long_for_packing")
-        planner = PackingPlanner(train.lengths, c.max_length, c.micro_batch_size, seed, c.shuffle)
+        planner = PackingPlanner(train.lengths, c.max_length, c.micro_batch_size, seed, c.shuffle, c.balance_ranks)
         stats["packing"] = planner.stats(0)
         p = stats["packing"]
         logger.info(f"packing: {p['samples']} samples into {p['rows']} rows of <= {c.max_length} tokens "
