@@ -194,19 +194,19 @@ def load(directory: Path, key: str) -> CachedSource | None:
                           index=c["index"], meta=c["meta"], line=c["line"],
                           image_sizes=None if c["image_sizes"] is None else [tuple(s) for s in c["image_sizes"]])
              for c in meta["conversations"]]
-    ends = np.cumsum(lengths)
-    labels_all = np.where(trained, ids, IGNORE_INDEX)
+    # one conversion of the whole arrays, then list slices: a numpy call per record costs more than its work
+    ids_all, labels_all = ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist()
     encoded: list[EncodedText | None] = []
-    k = 0
+    start, k = 0, 0
+    sizes = lengths.tolist()
     for e in meta["encoded"]:
         if e is None:
             encoded.append(None)
             continue
-        start = int(ends[k] - lengths[k])
-        end = int(ends[k])
-        encoded.append(EncodedText(ids[start:end].tolist(), labels_all[start:end].tolist(),
+        end = start + sizes[k]
+        encoded.append(EncodedText(ids_all[start:end], labels_all[start:end],
                                    [tuple(s) for s in e["image_spans"]], e["unended"]))
-        k += 1
+        start, k = end, k + 1
     report = BadRecordReport()
     for source, reason, n in meta["report"]["counts"]:
         report.counts[(source, reason)] = n

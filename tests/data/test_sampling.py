@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from arctic_vl.data.sampling import PADDING_INDEX, BalancedBatcher, EpochBatchSampler, PackingPlanner, epoch_order
+from arctic_vl.data.sampling import (
+    PADDING_INDEX,
+    BalancedBatcher,
+    EpochBatchSampler,
+    PackingPlanner,
+    epoch_order,
+)
 
 
 def _tokens(part: list[int], lengths: list[int]) -> int:
