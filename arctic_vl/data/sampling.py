@@ -135,10 +135,16 @@ class BalancedBatcher:
     def __init__(self, lengths: Sequence[int], micro_batch_size: int, seed: int, shuffle: bool = True):
         self.lengths = list(lengths)
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
+        self._cache: dict[tuple[int, int], list[list[list[int]]]] = {}  # the loop asks for a plan more than once
 
     def __call__(self, epoch: int, world_size: int) -> list[list[list[int]]]:
-        return EpochBatchSampler.plan(len(self.lengths), self.micro_batch_size, world_size, self.seed, epoch,
-                                      self.shuffle, self.lengths)
+        key = (epoch, world_size)
+        if key not in self._cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = EpochBatchSampler.plan(len(self.lengths), self.micro_batch_size, world_size, self.seed,
+                                                      epoch, self.shuffle, self.lengths)
+        return self._cache[key]
 
 def best_fit_decreasing(lengths: Sequence[int], order: Sequence[int], capacity: int) -> list[list[int]]:
     """Pack the samples in `order` into rows of at most `capacity` tokens, best-fit decreasing.
