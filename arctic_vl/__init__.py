@@ -23,7 +23,7 @@ Groups:
     record formats and data sources (a plugin's own `format:` or file kind):
                   RecordFormat, DataSource, RecordFile, RawRecord, IMAGE_TOKEN, BAD_RECORD_REASONS,
                   INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
-                  MISSING_IMAGE, UNREADABLE_IMAGE
+                  MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_VIDEO
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
@@ -129,6 +129,8 @@ _LAZY: dict[str, str] = {
     "IMAGE_TOKEN_MISMATCH": "arctic_vl.data.bad_records",
     "MISSING_IMAGE": "arctic_vl.data.bad_records",
     "UNREADABLE_IMAGE": "arctic_vl.data.bad_records",
+    "IMAGE_TOO_LARGE": "arctic_vl.data.bad_records",
+    "UNSUPPORTED_VIDEO": "arctic_vl.data.bad_records",
     # training
     "Trainer": "arctic_vl.trainers.base",
     "TrainerConfig": "arctic_vl.trainers.base",
@@ -167,6 +169,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
     "IMAGE_TOKEN_MISMATCH",
+    "IMAGE_TOO_LARGE",
     "INVALID_JSON",
     "MALFORMED_RECORD",
     "MALFORMED_TURNS",
@@ -179,6 +182,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "SCHEDULERS",
     "TRAINERS",
     "UNREADABLE_IMAGE",
+    "UNSUPPORTED_VIDEO",
     "AdamWConfig",
     "BadRecord",
     "BadRecordReport",
@@ -271,12 +275,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.data.bad_records import (
         BAD_RECORD_REASONS,
         IMAGE_TOKEN_MISMATCH,
+        IMAGE_TOO_LARGE,
         INVALID_JSON,
         MALFORMED_RECORD,
         MALFORMED_TURNS,
         MISSING_FIELD,
         MISSING_IMAGE,
         UNREADABLE_IMAGE,
+        UNSUPPORTED_VIDEO,
         BadRecord,
         BadRecordReport,
     )

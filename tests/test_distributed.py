@@ -1,10 +1,12 @@
 """DDP and DeepSpeed ZeRO across 2 CPU processes (gloo): same losses as one process, text-only ranks, resume, export.
 
 One data file of 24 samples (LLaVA json, mixed image and text-only, different lengths), read without
-shuffling: micro-batch k of a 2-process run at micro-batch 2 holds samples [4k, 4k+4), rank 0 the first
-two, exactly the samples of micro-batch k of a 1-process run at micro-batch 4. The file is arranged so
-that on step 2 (micro-batches 2 and 3) rank 1 holds only text-only samples while rank 0 holds images:
-the ZeRO-3 trap of a vision tower that runs on one rank only.
+shuffling: micro-batch k of a 2-process run at micro-batch 2 holds samples [4k, 4k+4), shared out between
+the ranks by tokens (`data.balance_ranks`: each rank about the same number), exactly the samples of
+micro-batch k of a 1-process run at micro-batch 4, so the losses are equal whichever rank holds which. The
+file is arranged so that on step 2 (micro-batches 2 and 3: one image and three text-only samples each) the
+balanced split leaves rank 1 only text-only samples while rank 0 holds the image: the ZeRO-3 trap of a vision
+tower that runs on one rank only.
 
 Launches are few (about 12 s each): the 1-process reference runs in this process; then ddp (torchrun),
 ZeRO-2 (deepspeed launcher), and ZeRO-3 (torchrun) killed with SIGKILL at step 3 and rerun to the end.
@@ -13,7 +15,6 @@ ZeRO-2 (deepspeed launcher), and ZeRO-3 (torchrun) killed with SIGKILL at step 3
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_cli, subprocess_
 BIN = Path(sys.executable).parent
 SEED = 7
 N = 24
-#: dataset positions that hold text-only samples: rank 1's samples of step 2 (10, 11, 14, 15) and two more
-TEXT_POSITIONS = {3, 10, 11, 14, 15, 21}
+#: dataset positions that hold text-only samples: three of each micro-batch of step 2 (8-11, 12-15) and two more
+TEXT_POSITIONS = {3, 9, 10, 11, 13, 14, 15, 21}
 MAX_STEPS = 5  # 3 steps an epoch: crosses an epoch
 
 # Rank 0 kills itself (SIGKILL) at the end of a step; the launcher then stops the other rank.
@@ -38,24 +39,14 @@ sys.exit(main(["train", sys.argv[1], "--set", "callbacks=[{type: kill_at, step: 
 """
 
 
-def _mix_permutation(n: int, seed: int) -> list[int]:
-    # data.sources mixes its records with this seeded shuffle; the test checks the resulting order below
-    order = list(range(n))
-    random.Random(f"{seed}:mix").shuffle(order)
-    return order
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     records = json.loads((synthetic_data / "train.llava.json").read_text())
     images = [r for r in records if r.get("image")]
     texts = [r for r in records if not r.get("image")]
-    wanted = [texts.pop(0) if i in TEXT_POSITIONS else images.pop(0) for i in range(N)]
-    arranged: list[dict] = [{}] * N
-    for position, source_index in enumerate(_mix_permutation(N, SEED)):
-        arranged[source_index] = wanted[position]
+    arranged = [texts.pop(0) if i in TEXT_POSITIONS else images.pop(0) for i in range(N)]
     data_file = synthetic_data / "distributed_mixed.json"  # next to images/ (relative image paths)
-    data_file.write_text(json.dumps(arranged))
+    data_file.write_text(json.dumps(arranged))  # data.shuffle: false trains it in file order
     root = tmp_path_factory.mktemp("distributed")
 
     def config(name: str, distributed: dict, micro: int, **trainer: object) -> Path:
@@ -84,6 +75,16 @@ def reference(setup: dict) -> list[dict]:
     assert [not c.images for c in trainer.data.train.conversations] == [i in TEXT_POSITIONS for i in range(N)]
     lengths = trainer.data.train.lengths
     assert len(set(lengths)) > 5, "samples of different lengths"
+    # the 2-process plan: token-balanced (not the plain halves), and rank 1 holds only text on step 2
+    from arctic_vl.data.sampling import BalancedBatcher, EpochBatchSampler
+
+    plan = BalancedBatcher(lengths, 2, SEED, shuffle=False)(0, 2)
+    assert plan != EpochBatchSampler.plan(N, 2, 2, SEED, 0, False)
+    assert all(set(plan[b][1]) <= TEXT_POSITIONS and not set(plan[b][0]) <= TEXT_POSITIONS for b in (2, 3))
+    for b, step in enumerate(plan):
+        tokens = [sum(lengths[i] for i in part) for part in step]
+        halves = [sum(lengths[i] for i in range(4 * b + 2 * r, 4 * b + 2 * r + 2)) for r in (0, 1)]
+        assert max(tokens) <= max(halves), (b, tokens, halves)  # never worse than the plain split
     trainer.train()
     trainer.dist.teardown()
     return read_metrics(setup["root"] / "single")

@@ -120,3 +120,32 @@ def test_corrupt_latest_checkpoint_falls_back_and_stays_exact(run_config, refere
     assert "falling back to step-6" in proc.stderr and "resuming from" in proc.stderr
     assert "taking over the lock left by pid" in proc.stderr
     _assert_same_losses(config.parent / "out", reference)
+
+
+def test_resume_on_changed_data_refuses_naming_the_source(tiny_llava, synthetic_data, tmp_path, cli):
+    """The data shrank from 48 to 16 records between a stop and a resume: exit 2 naming the source, before the
+    loop starts (the loop itself refuses an epoch that yields nothing, so nothing can hang)."""
+    import json
+
+    from arctic_vl.engine import Engine
+
+    records = json.loads((synthetic_data / "train.llava.json").read_text())[:48]
+    for r in records:
+        if r.get("image"):
+            r["image"] = str(synthetic_data / r["image"])
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    config = write_yaml(tmp_path / "run.yaml", {
+        "model": {"name_or_path": str(tiny_llava)},
+        "data": {"sources": [str(data)], "micro_batch_size": 4, "max_length": 256},
+        "trainer": {"output_dir": "out", "max_steps": 2, "progress_bar": False},
+        "checkpoint": {"every_n_steps": 1, "export_final": False},
+    })
+    Engine(config).train()
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert saved["data_fingerprint"][str(data)]["records"] == 48
+    data.write_text(json.dumps(records[:16]))
+    rc, _, err = cli("train", str(config), "--set", "trainer.max_steps=4")
+    assert rc == 2, err[-2000:]
+    assert f"training source {data} changed since the checkpoint" in err
+    assert "records 48 -> 16" in err and "Traceback" not in err

@@ -8,9 +8,9 @@ source in a `BadRecordReport`, which the run prints and writes to its summary. N
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
+from typing import Any, Literal
 
-from arctic_vl.data.images import MISSING_IMAGE, UNREADABLE_IMAGE
+from arctic_vl.data.images import IMAGE_TOO_LARGE, MISSING_IMAGE, UNREADABLE_IMAGE
 from arctic_vl.errors import DataError
 
 OnBadRecord = Literal["error", "skip"]
@@ -21,8 +21,10 @@ MISSING_FIELD = "missing_field"
 MALFORMED_RECORD = "malformed_record"
 MALFORMED_TURNS = "malformed_turns"
 IMAGE_TOKEN_MISMATCH = "image_token_mismatch"
+#: a record with video (a `videos` / `video` field, a `<video>` placeholder): only images are supported
+UNSUPPORTED_VIDEO = "unsupported_video"
 BAD_RECORD_REASONS = (INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
-                      MISSING_IMAGE, UNREADABLE_IMAGE)
+                      MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_VIDEO)
 #: the dense_caption format's own reason (declared in its `reasons`)
 GEOMETRY_OUT_OF_RANGE = "geometry_out_of_range"
 
@@ -43,18 +45,42 @@ class BadRecord(Exception):
 
 
 class BadRecordReport:
-    """Counts records skipped under on_bad_record="skip", by reason and by source, with a few examples."""
+    """Counts records skipped under on_bad_record="skip", by reason and by source, with a few examples.
+
+    Most bad records are found when the data is read; a few only when a sample is loaded for a batch (pixels that
+    do not decode, in a DataLoader worker). Those are `add_late`: counted once per record however often it is
+    loaded (every epoch), kept as `late` entries that the loop gathers from every process and saves with its
+    checkpoints, so a resumed run reports what an uninterrupted one does.
+    """
 
     def __init__(self, max_examples: int = 3):
         self.max_examples = max_examples  # per reason
         self.counts: Counter[tuple[str, str]] = Counter()  # (source, reason) -> count
         self.examples: list[tuple[str, int | None, str, str]] = []  # (source, index, reason, message)
+        self.late: dict[tuple[str, int | None], tuple[str, str]] = {}  # (source, index) -> (reason, message)
 
     def add(self, source: str, index: int | None, reason: str, message: str) -> None:
         """Count one skipped record; keep its message if its reason has few examples yet."""
         self.counts[(source, reason)] += 1
         if sum(1 for e in self.examples if e[2] == reason) < self.max_examples:
             self.examples.append((source, index, reason, message))
+
+    def add_late(self, source: str, index: int | None, reason: str, message: str) -> bool:
+        """Count a record found bad when loaded for a batch, once per record; True when it is new."""
+        if (source, index) in self.late:
+            return False
+        self.late[(source, index)] = (reason, message)
+        self.add(source, index, reason, message)
+        return True
+
+    def late_entries(self) -> list[list[Any]]:
+        """The late records as JSON-ready [source, index, reason, message] lists (saved with checkpoints)."""
+        return [[source, index, reason, message] for (source, index), (reason, message) in self.late.items()]
+
+    def add_late_entries(self, entries: list[list[Any]]) -> None:
+        """Add `late_entries()` of a checkpoint or of another process (records already counted stay once)."""
+        for source, index, reason, message in entries:
+            self.add_late(source, index, reason, message)
 
     @property
     def total(self) -> int:

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from loguru import logger
 
+from arctic_vl.batch import DROPPED
+from arctic_vl.errors import DataError
 from arctic_vl.registry import DATA, Component, ComponentConfig
 
 
@@ -22,7 +25,8 @@ class DataBundle:
     world_size)`, when set, plans every rank's micro-batches of an epoch itself (packing); otherwise the loop
     deals fixed `micro_batch_size` micro-batches in a seeded (`shuffle`) or file order. `num_workers`:
     DataLoader workers. `fingerprint`: per training source, what identifies its content (record counts, a
-    cheap hash): saved with checkpoints, a resume with different data is refused.
+    cheap hash): saved with checkpoints, a resume with different data is refused. `on_bad_record`: the policy for
+    samples a batch lost when they were loaded (`accept`).
     """
 
     train: torch.utils.data.Dataset
@@ -36,6 +40,34 @@ class DataBundle:
     shuffle: bool = True
     num_workers: int = 0
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    on_bad_record: str = "error"
+    #: the message of a bad sample found under on_bad_record "error", until the loop raises it (`raise_pending`)
+    pending_error: str | None = None
+
+    def accept(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Apply `on_bad_record` to the samples `batch` lost when they were loaded (its `_dropped` entries, e.g.
+        pixels that did not decode in a DataLoader worker); returns the batch without that key.
+
+        `skip`: each such record is counted once in `report` (however many epochs drop it) and logged the first
+        time. `error`: the first one is kept as `pending_error`; the loop raises it on every process at once
+        (`raise_pending`) so no process is left waiting in a collective.
+        """
+        dropped = batch.pop(DROPPED, None)
+        for source, index, reason, message in dropped or ():
+            if self.on_bad_record == "error":
+                self.pending_error = self.pending_error or message
+            elif self.report is not None and self.report.add_late(source, index, reason, message):
+                logger.warning(f"skipping {message}")
+        return batch
+
+    def raise_pending(self, processes_with_errors: float = 1) -> None:
+        """Raise the DataError of a bad sample found under `error` (here or, when `processes_with_errors` says
+        so, on another process)."""
+        if self.pending_error is not None:
+            raise DataError(self.pending_error + " (on_bad_record='skip' drops such records and counts them)")
+        if processes_with_errors:
+            raise DataError("another process found a bad record under on_bad_record='error'; its message above "
+                            "names the file, the record and the reason")
 
 
 class DataFactory(Component, ABC):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl.batch import INDICES, NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS
+from arctic_vl.batch import DROPPED, INDICES, NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS
 from arctic_vl.constants import IGNORE_INDEX
 from arctic_vl.data.encoding import TEXT_KEYS, SampleEncoder
 from arctic_vl.data.sampling import PADDING_INDEX
@@ -23,6 +23,9 @@ from arctic_vl.data.sampling import PADDING_INDEX
 ITEM_INDEX = "_index"
 #: the key of an item's row within a packed micro-batch (packing plans only)
 ITEM_ROW = "_row"
+#: the key of an item that turned out bad when loaded (pixels that do not decode): (source, index, reason,
+#: message). The collators drop such items from the batch and list them under the batch's `_dropped`.
+ITEM_BAD = "_bad"
 #: per-sample mRoPE: (input_ids (1, L), mm_token_type_ids (1, L), image_grid_thw (images, 3)) -> (3, 1, L)
 RopeIndexFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -115,6 +118,19 @@ def _sample_mrope(encoder: SampleEncoder, ids: torch.Tensor, sample: dict,
     return positions[:, 0].to(torch.long)
 
 
+def padding_sample(encoder: SampleEncoder) -> dict[str, Any]:
+    """A sample that trains nothing and needs no image: one pad token, no label (what a rank gets for a padding
+    index, or for a micro-batch whose samples were all dropped, so every rank still runs its forward)."""
+    return {"input_ids": torch.tensor([encoder.pad_token_id], dtype=torch.long),
+            "labels": torch.tensor([IGNORE_INDEX], dtype=torch.long), ITEM_INDEX: PADDING_INDEX}
+
+
+def drop_bad(samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, int, str, str]]]:
+    """The samples that loaded, and what the bad ones carry under `ITEM_BAD` (dropped, in batch order)."""
+    good = [s for s in samples if ITEM_BAD not in s]
+    return good, [s[ITEM_BAD] for s in samples if ITEM_BAD in s]
+
+
 def merge_vision(samples: list[dict]) -> dict[str, torch.Tensor]:
     """The vision tensors of `samples` (those with images), merged in sample order."""
     vision = [s for s in samples if "pixel_values" in s]
@@ -150,8 +166,13 @@ class Collator:
         self.encoder = encoder
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        samples, dropped = drop_bad(samples)
+        samples = samples or [padding_sample(self.encoder)]
         indices = [s.pop(ITEM_INDEX) for s in samples]
-        return _bookkeeping(pad_collate(self.encoder, samples), samples, indices)
+        batch = _bookkeeping(pad_collate(self.encoder, samples), samples, indices)
+        if dropped:
+            batch[DROPPED] = dropped
+        return batch
 
 
 class RopeIndex:
@@ -207,15 +228,19 @@ class PackedCollator:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         if not any(ITEM_ROW in s for s in samples):
             return self.fallback(samples)
+        n_rows = len({s.get(ITEM_ROW, 0) for s in samples})  # as planned, before any sample is dropped
+        samples, dropped = drop_bad(samples)
+        samples = samples or [{**padding_sample(self.encoder), ITEM_ROW: 0}]
         rows: dict[int, list[dict[str, Any]]] = {}
         indices = []
         for s in samples:
             indices.append(s.pop(ITEM_INDEX))
             rows.setdefault(s.pop(ITEM_ROW, 0), []).append(s)
         grouped = [rows[r] for r in sorted(rows)]
-        n_rows = len(grouped)
         if self.single_row:
             grouped = [[s for row in grouped for s in row]]
         batch = _bookkeeping(pack_collate(self.encoder, grouped, self.rope_index), samples, indices)
         batch[NUM_SLOTS] = n_rows * self.max_length
+        if dropped:
+            batch[DROPPED] = dropped
         return batch

@@ -43,8 +43,9 @@ class Conversation:
 
     `messages` are {role: system|user|assistant, content: str}, with exactly one `IMAGE_TOKEN` per image, in
     order. `image_sizes` are the (width, height) of the images, read from their headers when the source was
-    read (None when the reader did not check images). Records may be shared between repeats of a weighted
-    source: treat them as read-only.
+    read (None when the reader did not check images). `index` is the record's index in its file, `line` its
+    1-based line where the file has lines. Records may be shared between repeats of a weighted source: treat
+    them as read-only.
     """
 
     messages: list[dict[str, str]]
@@ -53,6 +54,12 @@ class Conversation:
     index: int
     meta: dict[str, Any] = field(default_factory=dict)
     image_sizes: list[tuple[int, int]] | None = None
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        """`record N` or `record N (line L)`: how messages name the record within its source."""
+        return f"record {self.index}" + (f" (line {self.line})" if self.line is not None else "")
 
     @property
     def has_image(self) -> bool:

@@ -7,7 +7,8 @@ the epoch's short last batch: units spread round-robin over the ranks, and a ran
 padding unit (sample index -1: it carries no labels, so it changes no loss or gradient). Resume starts at
 a micro-batch position; it never iterates over skipped batches.
 
-- `EpochBatchSampler.plan`: fixed-size micro-batches of samples (the default).
+- `EpochBatchSampler.plan`: fixed-size micro-batches of samples (the default); `BalancedBatcher` the same with
+  each global batch's samples shared out token-balanced over the ranks (`balance`).
 - `PackingPlanner`, a `DataBundle.batcher`: padding-free packing. For (seed, epoch) it orders the samples,
   packs them best-fit decreasing into rows of up to `max_length` tokens (never splitting a sample, so
   never an image), shuffles the rows and deals `micro_batch_size` rows per micro-batch to each rank. Best-
@@ -24,7 +25,7 @@ collator adds `_num_slots` to each batch, so the loop logs it per step.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -55,18 +56,42 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, generator: torch.G
     return torch.randperm(n, generator=g).tolist()
 
 
-def deal(units: Sequence[U], per_rank: int, world_size: int, padding: U) -> list[list[list[U]]]:
+def balance(chunk: Sequence[U], capacities: Sequence[int], cost: Callable[[U], float]) -> list[list[U]]:
+    """`chunk` split into one part per rank of `capacities[r]` units each, with about equal total cost.
+
+    Longest-processing-time first: units by decreasing cost (ties: their place in `chunk`) each go to the
+    rank with the least cost so far among those with room (ties: the lowest rank). A part keeps its units in
+    `chunk` order. Deterministic: a function of `chunk` and the costs only.
+    """
+    parts: list[list[int]] = [[] for _ in capacities]
+    loads = [0.0] * len(capacities)
+    for k in sorted(range(len(chunk)), key=lambda k: -cost(chunk[k])):
+        r = min((r for r in range(len(capacities)) if len(parts[r]) < capacities[r]), key=lambda r: (loads[r], r))
+        parts[r].append(k)
+        loads[r] += cost(chunk[k])
+    return [[chunk[k] for k in sorted(part)] for part in parts]
+
+
+def deal(units: Sequence[U], per_rank: int, world_size: int, padding: U,
+         cost: Callable[[U], float] | None = None) -> list[list[list[U]]]:
     """Every rank's micro-batches: plan[b][r] is rank r's units of global batch b, in `units` order.
 
-    A full global batch gives rank r the r-th run of `per_rank` consecutive units. The short last batch is
-    spread round-robin (ranks differ by at most one unit) and a rank left with none gets `[padding]`, so
-    every rank runs the same number of micro-batches.
+    A full global batch gives each rank `per_rank` units: the r-th run of consecutive units, or with `cost`
+    (a unit's tokens) a `balance`d share, so every rank gets about the same number of tokens and none waits
+    for another at the step's gradient all-reduce. The short last batch gives ranks at most one unit more
+    than another (round-robin, or balanced likewise) and a rank left with none gets `[padding]`, so every
+    rank runs the same number of micro-batches. Either way the global batch holds the same units: the loss,
+    normalised by the global token count, is the same.
     """
     per_global = per_rank * world_size
     plan = []
     for s in range(0, len(units), per_global):
         chunk = list(units[s:s + per_global])
-        if len(chunk) == per_global:
+        full = len(chunk) == per_global
+        if cost is not None and world_size > 1:
+            capacities = [per_rank if full else len(chunk[r::world_size]) for r in range(world_size)]
+            plan.append([part or [padding] for part in balance(chunk, capacities, cost)])
+        elif full:
             plan.append([chunk[r * per_rank:(r + 1) * per_rank] for r in range(world_size)])
         else:
             plan.append([chunk[r::world_size] or [padding] for r in range(world_size)])
@@ -86,9 +111,13 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.world_size, self.rank, self.start = world_size, rank, start
 
     @staticmethod
-    def plan(n: int, micro_batch_size: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> list[list[list[int]]]:
-        """All ranks' micro-batches of `n` samples for an epoch: plan[b][r] is rank r's b-th micro-batch."""
-        return deal(epoch_order(n, seed, epoch, shuffle), micro_batch_size, world_size, PADDING_INDEX)
+    def plan(n: int, micro_batch_size: int, world_size: int, seed: int, epoch: int, shuffle: bool,
+             lengths: Sequence[int] | None = None) -> list[list[list[int]]]:
+        """All ranks' micro-batches of `n` samples for an epoch: plan[b][r] is rank r's b-th micro-batch;
+        with `lengths` (tokens per sample) each global batch is shared out token-balanced (`deal`)."""
+        cost = None if lengths is None else lengths.__getitem__
+        return deal(epoch_order(n, seed, epoch, shuffle), micro_batch_size, world_size, PADDING_INDEX, cost)
+
 
     def __iter__(self) -> Iterator[list[Any]]:
         for b in range(self.start, len(self.batches)):
@@ -97,6 +126,25 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, len(self.batches) - self.start)
 
+
+class BalancedBatcher:
+    """`DataBundle.batcher` without packing: `EpochBatchSampler.plan` with every global batch's samples shared
+    out so each rank gets about the same number of tokens (the same samples per global batch as the plain
+    plan: one process trains exactly what it would)."""
+
+    def __init__(self, lengths: Sequence[int], micro_batch_size: int, seed: int, shuffle: bool = True):
+        self.lengths = list(lengths)
+        self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
+        self._cache: dict[tuple[int, int], list[list[list[int]]]] = {}  # the loop asks for a plan more than once
+
+    def __call__(self, epoch: int, world_size: int) -> list[list[list[int]]]:
+        key = (epoch, world_size)
+        if key not in self._cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = EpochBatchSampler.plan(len(self.lengths), self.micro_batch_size, world_size, self.seed,
+                                                      epoch, self.shuffle, self.lengths)
+        return self._cache[key]
 
 def best_fit_decreasing(lengths: Sequence[int], order: Sequence[int], capacity: int) -> list[list[int]]:
     """Pack the samples in `order` into rows of at most `capacity` tokens, best-fit decreasing.
@@ -137,7 +185,7 @@ class PackingPlanner:
     """
 
     def __init__(self, lengths: Sequence[int], max_length: int, micro_batch_size: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, balance_ranks: bool = True):
         if max_length < 1 or micro_batch_size < 1:
             raise ValueError(f"max_length and micro_batch_size must be >= 1, got {max_length}, {micro_batch_size}")
         self.lengths = list(lengths)
@@ -145,6 +193,7 @@ class PackingPlanner:
         self.micro_batch_size = micro_batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.balance_ranks = balance_ranks
         self._cache: dict[int, list[list[int]]] = {}  # the loop asks for an epoch's plan more than once
 
     def rows(self, epoch: int) -> list[list[int]]:
@@ -165,7 +214,11 @@ class PackingPlanner:
         def keys(part: list[list[int]]) -> list[PackKey]:
             return [(r, i) for r, row in enumerate(part) for i in row]
 
-        plan = deal(self.rows(epoch), self.micro_batch_size, world_size, [PADDING_INDEX])
+        def tokens(row: list[int]) -> float:
+            return float(sum(self.lengths[i] for i in row if i != PADDING_INDEX))
+
+        plan = deal(self.rows(epoch), self.micro_batch_size, world_size, [PADDING_INDEX],
+                    tokens if self.balance_ranks else None)
         return [[keys(part) for part in step] for step in plan]
 
     def stats(self, epoch: int = 0) -> dict[str, Any]:

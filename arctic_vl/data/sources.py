@@ -12,12 +12,14 @@ source contributes.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pydantic
 import yaml
@@ -27,13 +29,15 @@ from arctic_vl.data.bad_records import (
     BAD_RECORD_REASONS,
     INVALID_JSON,
     MALFORMED_RECORD,
+    UNSUPPORTED_VIDEO,
     BadRecord,
     BadRecordReport,
     OnBadRecord,
     reject_record,
 )
-from arctic_vl.data.encoding import prepare_messages
-from arctic_vl.data.images import DatasetImage, ImageBytes, ImageRef, image_size
+from arctic_vl.data.encoding import VIDEO_UNSUPPORTED, prepare_messages
+from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, DatasetImage, ImageBytes, ImageRef, image_size
+from arctic_vl.data.parallel import ordered_map
 from arctic_vl.data.records import (
     Conversation,
     RecordFormat,
@@ -44,9 +48,14 @@ from arctic_vl.data.records import (
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.registry import DATA_SOURCES
 
+T = TypeVar("T")
 YAML_SUFFIXES = (".yaml", ".yml")
+#: record fields that carry video (ms-swift `videos`, LLaVA-Video `video`): such a record is unsupported_video
+VIDEO_FIELDS = ("videos", "video")
 YAML_ENTRY_KEYS = ("json_path", "sampling_strategy")
 _DETECT_SCAN = 100  # records looked at to auto-detect a format (the first ones may be bad records)
+#: bytes hashed at each end of a file for a source's fingerprint (saved with checkpoints, checked on resume)
+FINGERPRINT_SPAN = 64 * 1024
 
 
 def parse_sample(s: str) -> tuple[str, int | None]:
@@ -110,13 +119,15 @@ class RawRecord:
     """A record as stored: `text` for a not-yet-parsed JSONL line, else the parsed `value`.
 
     `index` counts the file's records from 0 (what messages and `Conversation.index` call the record);
-    `line` is its 1-based line in a text file (None where records have no lines).
+    `line` is its 1-based line in a text file (None where records have no lines). `invalid` says why the stored
+    bytes are no record at all (a line that is not UTF-8): the reader reports it as a bad record.
     """
 
     index: int
     line: int | None = None
     text: str | None = None
     value: Any = None
+    invalid: str | None = None
 
 
 @dataclass
@@ -164,6 +175,10 @@ class DataSource:
         """The record files of the source at `path`."""
         raise NotImplementedError
 
+    def files(self, path: Path) -> list[Path]:
+        """The files (or directories) whose bytes make the source: what the encoded-records cache hashes."""
+        return [path]
+
     def resolve_format(self, path: Path, raws: list[RawRecord], record_format: str) -> str:
         """`record_format` as a registered record format: detected from the first records for `auto` (or this
         kind's `format_name`), else as given."""
@@ -199,6 +214,8 @@ def _resolve_path(path: str, base: Path) -> Path:
 
 
 def _parse(raw: RawRecord) -> Any:
+    if raw.invalid is not None:
+        raise BadRecord(INVALID_JSON, "<line>", raw.invalid)
     if raw.text is None:
         return raw.value
     try:
@@ -207,12 +224,29 @@ def _parse(raw: RawRecord) -> Any:
         raise BadRecord(INVALID_JSON, "<line>", f"not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _jsonl_raws(text: str) -> list[RawRecord]:
+def _jsonl_raws(data: bytes) -> list[RawRecord]:
+    """One record per non-blank line, each decoded on its own: a line that is not UTF-8 is a bad record
+    (`invalid`), not a bad file. Lines end at \\n only (JSON text may hold U+2028 and other separators)."""
     raws = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():  # blank lines are not records (trailing newlines, hand-edited files)
-            raws.append(RawRecord(index=len(raws), line=lineno, text=line))
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():  # blank lines are not records (trailing newlines, hand-edited files)
+            continue
+        try:
+            raws.append(RawRecord(index=len(raws), line=lineno, text=line.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raws.append(RawRecord(index=len(raws), line=lineno,
+                                  invalid=f"not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1})"))
     return raws
+
+
+def _lines_of_json(data: bytes) -> bool:
+    """Whether a .json file that is not UTF-8 as a whole is JSON Lines: its first line is a JSON value."""
+    first = next((ln for ln in data.split(b"\n") if ln.strip()), b"")
+    try:
+        json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def _parsed(raws: list[RawRecord]) -> list[Any]:
@@ -250,12 +284,18 @@ class JsonFile(DataSource):
 
     def load(self, path: Path, record_format: str, image_root: Path | None) -> list[RecordFile]:
         """The file's records; images resolve against `image_root` or the file's directory."""
+        data = path.read_bytes()
         try:
-            text = path.read_text(encoding="utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e})", source=str(path), reason=INVALID_JSON) from e
-        if path.suffix == ".jsonl":
-            raws = _jsonl_raws(text)
+            if path.suffix != ".jsonl" and not _lines_of_json(data):
+                line = data[:e.start].count(b"\n") + 1
+                raise DataError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x}); a .json file "
+                                "holding one list must be UTF-8 throughout", source=str(path),
+                                reason=INVALID_JSON) from None
+            text = None
+        if text is None or path.suffix == ".jsonl":
+            raws = _jsonl_raws(data)
         else:
             try:
                 data = json.loads(text)
@@ -263,7 +303,7 @@ class JsonFile(DataSource):
                 if e.msg != "Extra data":  # "Extra data" after the first value: a JSONL file named .json
                     raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
                                     source=str(path), reason=INVALID_JSON) from None
-                raws = _jsonl_raws(text)
+                raws = _jsonl_raws(data)
             else:
                 if isinstance(data, dict):
                     data = [data]  # a single record
@@ -344,6 +384,10 @@ class FileList(DataSource):
         """A .yaml / .yml file."""
         return path.is_file() and path.suffix in YAML_SUFFIXES
 
+    def files(self, path: Path) -> list[Path]:
+        """The list and every file it names."""
+        return [path, *(child for _, child, _ in self._entries(path))]
+
     def load(self, path: Path, record_format: str, image_root: Path | None) -> list[RecordFile]:
         """One RecordFile per entry, each read by the kind that claims it (not another list)."""
         files = []
@@ -359,8 +403,12 @@ class FileList(DataSource):
     @staticmethod
     def _entries(path: Path) -> list[tuple[str, Path, str]]:
         """(where, file, sampling_strategy) of each entry."""
+        data = path.read_bytes()
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            doc = yaml.safe_load(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("datasets"), list):
@@ -396,21 +444,24 @@ def _to_ref(value: Any, field: str, image_dir: Path) -> ImageRef:
         value = value.get("path")
     if not isinstance(value, str) or not value:
         raise BadRecord(MALFORMED_RECORD, field, f"an image must be a non-empty path string, got {value!r}")
-    return str(_resolve_path(value, image_dir))
+    # normpath, not Path.resolve(): no system call per image (image_dir is resolved already)
+    return os.path.normpath(os.path.join(image_dir, os.path.expanduser(value)))
 
 
-def _image_sizes(images: list[ImageRef], fields: dict[ImageRef, str]) -> list[tuple[int, int]]:
+def _image_sizes(images: list[ImageRef], fields: dict[ImageRef, str],
+                 max_pixels: int | None) -> list[tuple[int, int]]:
     """(width, height) of each image from its header, the one header read of the data path."""
     sizes = []
     for i, ref in enumerate(images):
         try:
-            sizes.append(image_size(ref))
+            sizes.append(image_size(ref, max_pixels))
         except DataError as e:
             raise BadRecord(e.reason or MALFORMED_RECORD, fields.get(ref, f"<image {i}>"), str(e)) from None
     return sizes
 
 
-def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_images: bool) -> Conversation:
+def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_images: bool,
+                  max_pixels: int | None) -> Conversation:
     """One record through its format, the shared conversation rules and the image header check."""
     fields: dict[ImageRef, str] = {}
 
@@ -427,42 +478,57 @@ def _conversation(file: RecordFile, fmt: RecordFormat, raw: RawRecord, check_ima
             raise TypeError(f"record format {file.record_format!r} ({type(fmt).__qualname__}) raised BadRecord "
                             f"with reason {e.reason!r}, which it does not declare in `reasons`") from e
         raise
+    for key in VIDEO_FIELDS:
+        if meta.get(key):  # e.g. an ms-swift record's `videos`: never trained as text-only, silently
+            raise BadRecord(UNSUPPORTED_VIDEO, key, VIDEO_UNSUPPORTED)
     messages = prepare_messages(messages, len(images), fmt.messages_field)
-    sizes = _image_sizes(images, fields) if check_images else None
+    sizes = _image_sizes(images, fields, max_pixels) if check_images else None
     return Conversation(messages=messages, images=list(images), source=str(file.path), index=raw.index, meta=meta,
-                        image_sizes=sizes)
+                        image_sizes=sizes, line=raw.line)
 
 
 def _read_file(file: RecordFile, sample: str, rng: random.Random, on_bad_record: OnBadRecord,
-               report: BadRecordReport, check_images: bool) -> list[Conversation]:
+               report: BadRecordReport, check_images: bool, max_pixels: int | None,
+               workers: int | None = 1) -> list[Conversation]:
     """Convert the sampled records. Sampling picks good records: `first:N` converts records in file
     order until N are good, `random:N` in a seeded random order; records never picked are never checked.
-    A bad record is counted or raised per `on_bad_record`."""
+    A bad record is counted or raised per `on_bad_record`. `sample: all` converts (and reads the image
+    headers) in `workers` processes; the policy is applied in record order, so the result does not depend on it."""
     mode, n = parse_sample(sample)
     order: list[int] | range = range(len(file.raws))
     if mode == "random":
         order = rng.sample(range(len(file.raws)), len(file.raws))
     want = len(file.raws) if n is None else n
     fmt = record_format(file.record_format)
-    out = []
-    for i in order:
-        if len(out) >= want:
-            break
+
+    def convert(i: int) -> Conversation | tuple[int, str, str]:
         raw = file.raws[i]
         try:
-            out.append(_conversation(file, fmt, raw, check_images))
+            return _conversation(file, fmt, raw, check_images, max_pixels)
         except BadRecord as e:
             where = f"record {raw.index}" + (f" (line {raw.line})" if raw.line is not None else "")
-            message = (f"{file.path}: {where}: field {e.field}: {e.detail} "
-                       f"[reason: {e.reason}; format: {file.record_format}]")
-            reject_record(on_bad_record, report, str(file.path), raw.index, e.reason, message)
+            return raw.index, e.reason, (f"{file.path}: {where}: field {e.field}: {e.detail} "
+                                         f"[reason: {e.reason}; format: {file.record_format}]")
+
+    # all records: convert them all at once (in parallel); a sample: one by one until it has enough
+    results = ordered_map(convert, order, workers) if n is None else (convert(i) for i in order)
+    out = []
+    for result in results:
+        if len(out) >= want:
+            break
+        if isinstance(result, Conversation):
+            out.append(result)
+        else:
+            index, reason, message = result
+            reject_record(on_bad_record, report, str(file.path), index, reason, message)
     if mode == "random":
         out.sort(key=lambda c: c.index)  # a subset in file order: easier to inspect, same content
     return out
 
 
-def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) -> list[Conversation]:
-    """round(weight * n) records: whole copies for weight >= 1 plus a seeded random remainder."""
+def _apply_weight(convs: list[T], weight: float, rng: random.Random) -> list[T]:
+    """round(weight * n) records: whole copies of the list for weight >= 1, then a seeded random remainder kept
+    in file order (so without the mix shuffle, weight 2.5 reads: the records twice in order, then half of them)."""
     n = len(convs)
     k = math.floor(weight * n + 0.5)  # half up: round() would send 2.5 to 2 but 3.5 to 4
     full, rest = divmod(k, n)
@@ -470,22 +536,53 @@ def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) 
     return convs * full + [convs[i] for i in picked]
 
 
-def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
-                report: BadRecordReport, check_images: bool = True) -> list[Conversation]:
-    """Read, sample and weight one source. Relative paths resolve against `base_dir` (the config's
-    directory). `check_images=False` skips the image header check (for huge, trusted datasets)."""
+def _files_under(paths: list[Path]) -> list[Path]:
+    """The files of `paths`, a directory standing for every file under it (sorted)."""
+    out: list[Path] = []
+    for p in paths:
+        out += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return out
+
+
+def content_fingerprint(paths: list[Path], span: int = FINGERPRINT_SPAN) -> dict[str, Any]:
+    """What identifies the content of some files cheaply, whatever their size: their total `bytes` and a `hash`
+    of each file's name, size and first and last `span` bytes (no mtime: a copied file keeps it)."""
+    h = hashlib.blake2b(digest_size=16)
+    total = 0
+    for f in _files_under(paths):
+        size = f.stat().st_size
+        total += size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(span))
+            if size > span:
+                fh.seek(max(span, size - span))
+                h.update(fh.read())
+    return {"bytes": total, "hash": h.hexdigest()}
+
+
+def read_source_records(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
+                        report: BadRecordReport, check_images: bool = True,
+                        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                        fingerprints: dict[str, Any] | None = None, workers: int | None = 1) -> list[Conversation]:
+    """Read and sample one source, before its weight: each picked record once, in file order (see
+    `read_source`). `workers`: processes converting the records of a `sample: all` file."""
     path = _resolve_path(spec.path, Path(base_dir))
     image_root = _resolve_path(spec.image_root, Path(base_dir)) if spec.image_root else None
     salt = f"{seed}:{spec.path}"
     files = source_kind(path, spec.format).load(path, spec.format, image_root)
+    if fingerprints is not None:
+        listed = [path] + [f.path for f in files if f.path != path]  # a YAML list and the files it names
+        fingerprints[str(path)] = {"records": sum(len(f.raws) for f in files), **content_fingerprint(listed)}
     if len(files) == 1 and files[0].sample is None:
         convs = _read_file(files[0], spec.sample, random.Random(f"{salt}:sample"), on_bad_record, report,
-                           check_images)
+                           check_images, max_image_pixels, workers)
     else:  # a list of files, each sampled by its own strategy; the source's `sample` applies to them all
         convs = []
         for file in files:
             rng = random.Random(f"{salt}:{file.salt or file.path.name}")
-            convs += _read_file(file, file.sample or "all", rng, on_bad_record, report, check_images)
+            convs += _read_file(file, file.sample or "all", rng, on_bad_record, report, check_images,
+                                max_image_pixels, workers)
         mode, n = parse_sample(spec.sample)
         if mode == "first":
             convs = convs[:n]
@@ -495,23 +592,50 @@ def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: O
     if not convs:
         raise DataError(f"{path}: no usable records ({report.total} bad records skipped in all sources so far)",
                         source=str(path), reason="empty_source")
-    convs = _apply_weight(convs, spec.weight, random.Random(f"{salt}:weight"))
-    if not convs:
-        raise DataError(f"{path}: weight {spec.weight} leaves no records; raise the weight or drop the source",
-                        source=str(path), reason="empty_source")
     return convs
 
 
+def weigh(items: list[T], spec: SourceSpec, seed: int) -> list[T]:
+    """A source's items (its records, or anything made of them one to one) repeated / subsampled by its weight."""
+    out = _apply_weight(items, spec.weight, random.Random(f"{seed}:{spec.path}:weight"))
+    if not out:
+        raise DataError(f"{spec.path}: weight {spec.weight} leaves no records; raise the weight or drop the source",
+                        source=str(spec.path), reason="empty_source")
+    return out
+
+
+def mix(items: list[T], seed: int, shuffle: bool) -> list[T]:
+    """The sources' weighted items concatenated in the order listed, and (`shuffle`) shuffled by the seed."""
+    if shuffle:
+        random.Random(f"{seed}:mix").shuffle(items)
+    return items
+
+
+def read_source(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
+                report: BadRecordReport, check_images: bool = True,
+                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                fingerprints: dict[str, Any] | None = None, workers: int | None = 1) -> list[Conversation]:
+    """Read, sample and weight one source. Relative paths resolve against `base_dir` (the config's
+    directory). `check_images=False` skips the image header check (for huge, trusted datasets); an image
+    whose header claims more than `max_image_pixels` pixels is a bad record (`image_too_large`). `fingerprints`,
+    when given, gets the source's entry: its path -> records in its files and their `content_fingerprint`."""
+    convs = read_source_records(spec, base_dir=base_dir, seed=seed, on_bad_record=on_bad_record, report=report,
+                                check_images=check_images, max_image_pixels=max_image_pixels,
+                                fingerprints=fingerprints, workers=workers)
+    return weigh(convs, spec, seed)
+
+
 def read_sources(specs: list[SourceSpec], *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
-                 report: BadRecordReport, shuffle: bool = True, check_images: bool = True) -> list[Conversation]:
-    """Read all sources and mix them: concatenated by weight, then a seeded shuffle (deterministic)."""
+                 report: BadRecordReport, shuffle: bool = True, check_images: bool = True,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 fingerprints: dict[str, Any] | None = None, workers: int | None = 1) -> list[Conversation]:
+    """Read all sources and mix them: concatenated by weight in the order listed, then (`shuffle`) a seeded
+    shuffle; without it every record stays in file order. `fingerprints`: see `read_source`."""
     if not specs:
         raise ConfigError("no data sources given")
     out: list[Conversation] = []
     for spec in specs:
         out += read_source(spec, base_dir=base_dir, seed=seed, on_bad_record=on_bad_record, report=report,
-                           check_images=check_images)
-    if shuffle:
-        random.Random(f"{seed}:mix").shuffle(out)
-    return out
-
+                           check_images=check_images, max_image_pixels=max_image_pixels,
+                           fingerprints=fingerprints, workers=workers)
+    return mix(out, seed, shuffle)

@@ -112,6 +112,10 @@ class DistributedBackend(Component):
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every process's `obj` (picklable), in rank order, on every process."""
+        return [obj]
+
     # -- checkpoint hooks (DeepSpeed keeps its own sharded state) ---------------------------------------
     def save_state(self, model: Any, optimizer: Any, path: str) -> bool:
         """Save engine-owned state under `path`; False means the checkpointer saves model/optimizer itself."""
@@ -208,6 +212,15 @@ class DDP(DistributedBackend):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def teardown(self) -> None:
         import torch.distributed as dist

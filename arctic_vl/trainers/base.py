@@ -46,7 +46,8 @@ from arctic_vl.trainers.loss import count_label_tokens
 RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
-    "checkpoint.export_final", "data.num_workers", "callbacks", "eval",
+    "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
+    "callbacks", "eval",
 )
 
 
@@ -273,6 +274,8 @@ class Trainer(Component):
             saved = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer,
                                            scheduler=self.scheduler, dist=self.dist)
             self.state = TrainState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("extra", {}))
+            if self.data.report is not None:  # records found bad while loading batches before the checkpoint
+                self.data.report.add_late_entries(self.state.extra.get("bad_records", []))
             if self.is_main and self.state.step < self.total_steps:
                 logger.info(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch})")
         self._last_ckpt = latest
@@ -296,7 +299,8 @@ class Trainer(Component):
             batches = iter(self.loader(epoch, start))
             while self.state.step < self.total_steps and self._stop_signal is None and self.state.epoch == epoch:
                 t_data = time.perf_counter()
-                micro = [self.to_device(b) for _, b in zip(range(gas), batches)]
+                # samples that turned out bad as they loaded are counted (skip) or kept to raise (error) here
+                micro = [self.to_device(self.data.accept(b)) for _, b in zip(range(gas), batches)]
                 if not micro:  # the plan promised more micro-batches than the loader gave: never spin on it
                     raise RunFailed(f"epoch {epoch} yielded no micro-batch at position {self.state.batch_in_epoch} "
                                     f"of {self._per_epoch}; the data loader ended early")
@@ -307,11 +311,14 @@ class Trainer(Component):
         t_step = time.perf_counter()
         epoch = self.state.epoch
         local = [float(sum(b[NUM_TOKENS] for b in micro)), float(sum(b[NUM_SAMPLES] for b in micro)),
-                 float(sum(b.get(NUM_SLOTS, 0) for b in micro))]  # packed rows x max_length
+                 float(sum(b.get(NUM_SLOTS, 0) for b in micro)),  # packed rows x max_length
+                 float(self.data.pending_error is not None)]  # a bad sample under on_bad_record: error
         own = self.local_counts(micro)
         names = sorted(own.extra)
-        n_units, n_tokens, n_samples, n_slots, *n_extra = self.dist.all_reduce_sum(
+        n_units, n_tokens, n_samples, n_slots, n_bad, *n_extra = self.dist.all_reduce_sum(
             [own.units, *local, *(own.extra[k] for k in names)])
+        if n_bad:  # every process stops together (exit 2), none waits in a collective
+            self.data.raise_pending(n_bad)
         counts = StepCounts(n_units, dict(zip(names, n_extra)))
         loss_sum, side = self.forward_backward(micro, counts)
         side_names = sorted(side)
@@ -471,6 +478,7 @@ class Trainer(Component):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
+        self._gather_bad_records()
         state = {**asdict(self.state), "config": self.run_config, "world_size": self.dist.world_size,
                  "data_fingerprint": self.data.fingerprint}
         path = self.checkpointer.save(step=self.state.step, model=self.model, optimizer=self.optimizer,
@@ -497,7 +505,18 @@ class Trainer(Component):
         self.dist.barrier()
         return out
 
+    def _gather_bad_records(self) -> None:
+        """Every process's records found bad while loading batches, on every process and in the saved state."""
+        report = self.data.report
+        if not hasattr(report, "late_entries"):  # None, or a plugin's own report
+            return
+        for entries in self.dist.all_gather_object(report.late_entries()):
+            report.add_late_entries(entries)
+        if report.late:
+            self.state.extra["bad_records"] = report.late_entries()
+
     def summary(self, checkpoint: Path | None, **extra: Any) -> dict[str, Any]:
+        self._gather_bad_records()
         out = {"steps": self.state.step, "epoch": self.state.epoch, "output_dir": str(self.output_dir),
                "checkpoint": str(checkpoint) if checkpoint else None,
                "skipped_records": self.data.report.by_reason() if self.data.report is not None else {}}

@@ -51,7 +51,8 @@ def evaluate(trainer: Any, model: torch.nn.Module) -> dict[str, Any]:
     bs = cfg.micro_batch_size or trainer.data.micro_batch_size
     loss_sum, units = 0.0, 0
     for s in range(0, len(mine), bs):
-        batch = trainer.to_device(collate([dataset[i] for i in mine[s:s + bs]]))
+        batch = trainer.to_device(trainer.data.accept(collate([dataset[i] for i in mine[s:s + bs]])))
+        trainer.data.raise_pending(0)  # a sample whose pixels did not decode, under on_bad_record: error
         counts = trainer.local_counts([batch])  # each batch is normalised on its own here
         with trainer.autocast():
             out = trainer.loss(model, batch, counts)
@@ -65,7 +66,10 @@ def evaluate(trainer: Any, model: torch.nn.Module) -> dict[str, Any]:
         tok = getattr(trainer.bundle.processor, "tokenizer", trainer.bundle.processor)
         for i in mine:
             qtype = str(dataset.conversations[i].meta.get("qtype", "all"))
-            pred, answer = generate_answer(trainer, model, dataset, i, stop, tok, cfg.max_new_tokens)
+            answered = generate_answer(trainer, model, dataset, i, stop, tok, cfg.max_new_tokens)
+            if answered is None:  # the sample was dropped as it loaded (counted in the report)
+                continue
+            pred, answer = answered
             ok = float(normalize_answer(pred) == normalize_answer(answer))
             correct[qtype] += ok
             total[qtype] += 1
@@ -85,8 +89,9 @@ def evaluate(trainer: Any, model: torch.nn.Module) -> dict[str, Any]:
 
 
 def generate_answer(trainer: Any, model: torch.nn.Module, dataset: Any, index: int, stop: list[int], tok: Any,
-                    max_new_tokens: int) -> tuple[str, str]:
-    """Greedy answer to the sample's last user turn, and the reference answer (the last assistant turn)."""
+                    max_new_tokens: int) -> tuple[str, str] | None:
+    """Greedy answer to the sample's last user turn, and the reference answer (the last assistant turn); None
+    for a sample dropped as it loaded (its pixels did not decode)."""
     enc = dataset.encoded[index]
     span = _last_label_span(enc.labels)
     if span is None:
@@ -96,7 +101,10 @@ def generate_answer(trainer: Any, model: torch.nn.Module, dataset: Any, index: i
     item = dataset[index]
     item["input_ids"] = item["input_ids"][:start]
     item["labels"] = item["labels"][:start]
-    batch = trainer.to_device(trainer.data.collate([item]))
+    batch = trainer.to_device(trainer.data.accept(trainer.data.collate([item])))
+    trainer.data.raise_pending(0)
+    if not batch["_num_samples"]:
+        return None
     inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
     with trainer.autocast():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
