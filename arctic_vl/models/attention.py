@@ -116,18 +116,35 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    bounds = None
     # A mask (padding, or a model's own dense pattern) or a cache (q and k lengths differ) is sdpa's business.
-    if attention_mask is None and causal and query.shape[2] == key.shape[2] > 1:
-        batch, length = query.shape[0], query.shape[2]
-        if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None:
-            if not torch.equal(kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]):
-                raise ValueError("arctic_varlen attention needs cu_seq_lens_q == cu_seq_lens_k (self-attention)")
-            bounds = _bounds_from_cu(kwargs["cu_seq_lens_q"], batch, length)
-        elif isinstance(kwargs.get("position_ids"), torch.Tensor):
-            bounds = segment_bounds(kwargs["position_ids"], batch)
-    if bounds is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+    maybe_packed = (attention_mask is None and causal and query.shape[2] == key.shape[2] > 1
+                    and (kwargs.get("cu_seq_lens_q") is not None or isinstance(kwargs.get("position_ids"), torch.Tensor)))
+    if maybe_packed:
+        return _packed_attention(module, query, key, value, dropout, scaling, is_causal, kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+@torch.compiler.disable
+def _packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      dropout: float, scaling: float | None, is_causal: bool | None,
+                      kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    """Segments from cu_seq_lens or the position restarts, then flash varlen or sdpa per segment.
+
+    Kept out of torch.compile graphs (`trainer.compile`): the segments are host-side lists that change every
+    batch; tracing them would recompile each step. The layers around it stay compiled.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, length = query.shape[0], query.shape[2]
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None:
+        if not torch.equal(kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]):
+            raise ValueError("arctic_varlen attention needs cu_seq_lens_q == cu_seq_lens_k (self-attention)")
+        bounds = _bounds_from_cu(kwargs["cu_seq_lens_q"], batch, length)
+    else:
+        bounds = segment_bounds(kwargs["position_ids"], batch)
+    if bounds is None:  # one sequence a row: plain causal sdpa
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     flash = _flash_varlen()
     if flash is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
