@@ -13,7 +13,7 @@ Same model, same samples, one process, two mixes:
   assistant half trained), where padding wastes two thirds of every batch: ``--micro-batch-size`` samples
   padded to the longest vs ``--micro-batch-size`` rows of up to ``--max-length`` tokens.
 
-Padding uses `EpochBatchSampler.plan` (seeded order) and the padding collator, packing `PackingPlanner` and
+Padding uses `EpochBatchSampler.plan` (seeded order) and `pad_collate`, packing `PackingPlanner` and
 `PackedCollator`: the engine's two paths, with its default attention (sdpa; packed rows attend per sample,
 `arctic_vl.models.attention`). A side's pass = collate + forward + backward (the engine's lean SFT loss) over
 all samples (items are read once up front: image decoding is not timed). The two sides alternate each round;
@@ -101,7 +101,7 @@ def build(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Module, Any
 def realistic_side(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Module, Any, Any, dict[int, dict]]:
     """The recipe model (vision frozen) and the shapes data through the engine's data factory, padded and packed:
     (model, padded bundle, packed bundle, every sample's item by index)."""
-    from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.models.base import ModelBundle
     from arctic_vl.models.loading import family_of_dir, load_model, load_processor
     from arctic_vl.models.tiny import make_tiny_model
@@ -127,13 +127,13 @@ def realistic_side(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Mo
 
 def padded_batches(samples: list[dict], mbs: int, seed: int) -> list[list[int]]:
     """The engine's unpacked plan: a seeded order cut into micro-batches of `mbs` samples."""
-    from arctic_vl.data.base import EpochBatchSampler
+    from arctic_vl.data.sampling import EpochBatchSampler
 
     return [step[0] for step in EpochBatchSampler.plan(len(samples), mbs, 1, seed, 0, True)]
 
 
 def packed_batches(samples: list[dict], max_length: int, mbs: int, seed: int) -> tuple[list[list[tuple[int, int]]], Any]:
-    from arctic_vl.data.packing import PackingPlanner
+    from arctic_vl.data.sampling import PackingPlanner
 
     planner = PackingPlanner([len(s["input_ids"]) for s in samples], max_length, mbs, seed)
     return [step[0] for step in planner(0, 1)], planner
@@ -176,7 +176,7 @@ def compare(name: str, model: torch.nn.Module, sides: dict[str, tuple[list[Any],
 
 
 def skewed(args: argparse.Namespace) -> float:
-    from arctic_vl.data.packing import PackedCollator, RopeIndex
+    from arctic_vl.data.collate import PackedCollator, RopeIndex, pad_collate
 
     with tempfile.TemporaryDirectory() as tmp:
         model, encoder, _ = build(args, Path(tmp))
@@ -188,7 +188,7 @@ def skewed(args: argparse.Namespace) -> float:
 
     def padded(keys: list[int]) -> tuple[dict, int]:
         chosen = [samples[i] for i in keys]
-        return encoder.collate(chosen), sum(len(s["input_ids"]) for s in chosen)
+        return pad_collate(encoder, chosen), sum(len(s["input_ids"]) for s in chosen)
 
     def packed(keys: list[tuple[int, int]]) -> tuple[dict, int]:
         batch = packer([{**samples[i], "_row": r, "_index": i} for r, i in keys])
@@ -208,7 +208,7 @@ def skewed(args: argparse.Namespace) -> float:
 
 
 def realistic(args: argparse.Namespace) -> float:
-    from arctic_vl.data.base import EpochBatchSampler
+    from arctic_vl.data.sampling import EpochBatchSampler
 
     with tempfile.TemporaryDirectory() as tmp:
         model, pad_data, pack_data, items = realistic_side(args, Path(tmp))

@@ -162,7 +162,7 @@ def hf_side(root: Path, model_dir: Path, dataset: Any, collate: Any, args: argpa
 
 def shared_data(root: Path, model_dir: Path, sources: list[str], args: argparse.Namespace) -> tuple[Any, Any]:
     """The engine's encoded training set and padding collator (what the HF side trains on)."""
-    from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.models.base import ModelBundle
     from arctic_vl.models.loading import family_of_dir, load_processor
 

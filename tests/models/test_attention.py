@@ -133,7 +133,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def test_packed_training_step_equals_the_dense_mask_path(family, models, synthetic_data, monkeypatch):
     """Same hidden states and same gradients as sdpa with transformers' block-diagonal mask; no mask is built."""
     from arctic_vl import final_hidden, lm_loss_sum
-    from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.models.base import ModelBundle
     from arctic_vl.models.loading import family_of_dir, load_model, load_processor
 
