@@ -13,6 +13,8 @@ until the end.
   the HF side, so the final losses must agree to 4 decimals).
 * ``packed``: the same with `data.packing: true`, ``--pack-rows`` rows of ``--pack-length`` tokens a micro-batch
   (other batches, so another loss trajectory; same samples per epoch).
+* ``padded_compiled`` / ``packed_compiled``: the same with `trainer.compile: true` (the first steps compile: they
+  fall in the untimed warm-up; raise ``--warmup`` if a cold compile cache makes later steps recompile).
 
 Throughput is timed the same way on every side: wall time from the end of step ``--warmup`` to the end of the
 last step (a step-end callback on both sides), so start-up, the first steps and the final save are excluded.
@@ -20,7 +22,8 @@ Real tokens are the non-padding tokens of the timed steps' samples. Sides altern
 rotates); the median of the rounds is reported with min and max, and the ratios to the HF side.
 
     python bench/peers.py                              # 256 records, batch 8, 3 rounds (a few minutes)
-    python bench/peers.py --samples 24 --micro-batch-size 4 --rounds 1 --warmup 1 --pack-length 256   # smoke
+    python bench/peers.py --samples 24 --micro-batch-size 4 --rounds 1 --warmup 1 --pack-length 256 \
+        --sides hf padded packed                       # smoke (no compile)
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without arctic_vl installed
 
-SIDES = ("hf", "padded", "packed")
+SIDES = ("hf", "padded", "packed", "padded_compiled", "packed_compiled")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,12 +93,12 @@ def _register_clock() -> str:
     return "bench_step_clock"
 
 
-def arctic_side(root: Path, model_dir: Path, sources: list[str], args: argparse.Namespace, packed: bool) -> dict:
+def arctic_side(root: Path, model_dir: Path, sources: list[str], args: argparse.Namespace, packed: bool,
+                compiled: bool = False) -> dict:
     """One arctic-vl run; (seconds, samples, real tokens) of the timed steps and the final loss."""
     from arctic_vl import Engine
 
-    name = "packed" if packed else "padded"
-    out = root / f"run-{name}-{time.monotonic_ns()}"
+    out = root / f"run-{'packed' if packed else 'padded'}-{time.monotonic_ns()}"
     data: dict[str, Any] = {"sources": sources, "max_length": args.max_length, "shuffle": False,
                             "num_workers": args.workers, "micro_batch_size": args.micro_batch_size}
     if packed:
@@ -104,7 +107,8 @@ def arctic_side(root: Path, model_dir: Path, sources: list[str], args: argparse.
         "model": {"name_or_path": str(model_dir)},
         "data": data,
         "trainer": {"output_dir": str(out), "epochs": 1, "seed": args.seed, "progress_bar": False,
-                    "log_every_n_steps": 10_000, "max_grad_norm": 1.0, "nan_guard": {"enabled": False}},
+                    "log_every_n_steps": 10_000, "max_grad_norm": 1.0, "nan_guard": {"enabled": False},
+                    "compile": compiled},
         "optimizer": {"type": "adamw", "lr": args.lr, "weight_decay": 0.0},
         "scheduler": {"type": "constant"},
         "checkpoint": {"every_n_steps": None, "export_final": False},
@@ -196,10 +200,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if side == "hf":
                 res = hf_side(root, model_dir, dataset, collate, args)
             else:
-                res = arctic_side(root, model_dir, sources, args, packed=side == "packed")
+                res = arctic_side(root, model_dir, sources, args, packed=side.startswith("packed"),
+                                  compiled=side.endswith("_compiled"))
             res["samples_per_s"], res["tokens_per_s"] = res["samples"] / res["seconds"], res["tokens"] / res["seconds"]
             runs[side].append(res)
-            print(f"round {r} {side:>6}: {res['steps']} steps, {res['samples_per_s']:.1f} samples/s, "
+            print(f"round {r} {side:>15}: {res['steps']} steps, {res['samples_per_s']:.1f} samples/s, "
                   f"{res['tokens_per_s']:,.0f} real tokens/s, final loss {res['final_loss']:.6f}")
     summary: dict[str, Any] = {}
     for side, rs in runs.items():
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tps = [x["tokens_per_s"] for x in rs]
         summary[side] = {"samples_per_s": statistics.median(sps), "tokens_per_s": statistics.median(tps),
                          "final_loss": rs[-1]["final_loss"], "min": min(sps), "max": max(sps)}
-        print(f"{side:>6}: samples/s median {statistics.median(sps):.1f} (min {min(sps):.1f}, max {max(sps):.1f}), "
+        print(f"{side:>15}: samples/s median {statistics.median(sps):.1f} (min {min(sps):.1f}, max {max(sps):.1f}), "
               f"real tokens/s {statistics.median(tps):,.0f}, final loss {rs[-1]['final_loss']:.6f}")
     if "hf" in summary:
         base = summary["hf"]

@@ -12,7 +12,8 @@ from tests.e2e_utils import REPO, subprocess_env
 
 def test_bench_peers_toy_same_batches_same_final_loss():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "peers.py"), "--samples", "24", "--micro-batch-size",
-                           "4", "--rounds", "1", "--warmup", "1", "--pack-length", "256"],
+                           "4", "--rounds", "1", "--warmup", "1", "--pack-length", "256", "--sides", "hf", "padded",
+                           "packed"],
                           capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
