@@ -127,11 +127,12 @@ def test_single_row_mode_for_flash_attention(family, tiny_models, synthetic_data
 
 
 def test_isolation_is_what_makes_losses_equal(tiny_models, synthetic_data):
-    """Control: the same packed row with a plain causal mask (samples see each other) changes the losses."""
+    """Control: the same packed row as ONE sequence (positions 0..T-1: plain causal attention, samples see each
+    other) changes the losses. RoPE sees only relative positions, so within a sample nothing else differs."""
     model, data, _ = _data(tiny_models["llava_next"], synthetic_data, "sdpa")
     rows = [[0, 1, 2]]
     batch = data.collate([data.train[(0, i)] for i in rows[0]])
-    leaky = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))  # a 2-D mask turns packing detection off
+    leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
     isolated = _token_ce(model, batch)
     seen = _token_ce(model, leaky)
     n0 = data.train.lengths[0]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from arctic_vl.errors import ConfigError
+from arctic_vl.models.attention import use_varlen_attention
 from arctic_vl.models.families import FAMILIES, FamilySpec, family_for_model_type
 
 
@@ -57,7 +58,11 @@ def default_attn_implementation() -> str:
 def load_model(
     path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
 ):
-    """Load the VLM in `path` with its family's class (Auto class for plugin model types)."""
+    """Load the VLM in `path` with its family's class (Auto class for plugin model types).
+
+    With sdpa (the default) the language model runs `arctic_varlen` attention: sdpa for ordinary batches,
+    attention per sample for packed ones (see `arctic_vl.models.attention`); the vision tower keeps sdpa.
+    """
     import transformers
     from transformers import AutoModelForImageTextToText
 
@@ -68,10 +73,12 @@ def load_model(
     model_type = json.loads(_config_path(path).read_text())["model_type"]
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn, "trust_remote_code": False}
     if model_type == spec.model_type:
-        cls = getattr(transformers, spec.model_class)
-        return cls.from_pretrained(path, **kwargs)
-    # A plugin's composite type: it registered its class with the Auto mapping.
-    return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = getattr(transformers, spec.model_class).from_pretrained(path, **kwargs)
+    else:  # a plugin's composite type: it registered its class with the Auto mapping
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if attn == "sdpa":  # packed batches then attend per sample, without a dense block mask (models/attention.py)
+        use_varlen_attention(model)
+    return model
 
 
 def load_processor(path: str | Path):

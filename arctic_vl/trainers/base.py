@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
@@ -40,6 +40,7 @@ from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import ConfigError, DataError, RunFailed
 from arctic_vl.registry import TRAINERS, Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens
+from arctic_vl.trainers.prefetch import Prefetcher
 
 #: settings that may differ on resume: they change neither the math nor the data order (a run directory
 #: that was moved or copied resumes: its location is not part of the math)
@@ -47,7 +48,7 @@ RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
     "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
-    "callbacks", "eval",
+    "trainer.prefetch", "trainer.compile", "callbacks", "eval",
 )
 
 
@@ -59,6 +60,18 @@ class NanGuardConfig(BaseModel):
     enabled: bool = True
     lr_factor: float = Field(0.5, gt=0, le=1, description="multiply every group's LR by this after a skipped step")
     max_consecutive: int = Field(3, ge=1, description="stop the run (exit 1) after this many skipped steps in a row")
+
+
+class CompileConfig(BaseModel):
+    """torch.compile of the step's decoder layers (regional compilation, see `arctic_vl.models.compile`);
+    `trainer.compile: true` is `{enabled: true}`. Single process, DDP and ZeRO-1/2."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    dynamic: bool | None = Field(True, description="symbolic sequence lengths from the first step: padded and packed "
+                                 "batches change length every step (None: torch decides after a recompile)")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
 class TrainerConfig(ComponentConfig):
@@ -78,6 +91,14 @@ class TrainerConfig(ComponentConfig):
     nan_guard: NanGuardConfig = Field(default_factory=NanGuardConfig)
     group_grad_norms: bool = Field(False, description="log each optimizer parameter group's gradient norm "
                                    "(`grad_norm/<group>` in metrics.jsonl; single-process and ddp)")
+    prefetch: bool = Field(True, description="read and collate the next step's micro-batches in a background "
+                           "thread while this step computes (the same batches in the same order)")
+    compile: CompileConfig = Field(default_factory=CompileConfig, description="torch.compile the step")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
 
 @dataclass
@@ -233,6 +254,11 @@ class Trainer(Component):
                                            num_workers=self.data.num_workers,
                                            pin_memory=self.device.type == "cuda")
 
+    def prefetched(self, batches: Iterator[dict[str, Any]]) -> Prefetcher:
+        """`batches`, read one step (`gradient_accumulation_steps` micro-batches) ahead in a background thread
+        unless `prefetch` is off: the next step's data is made while this step computes. Same batches, same order."""
+        return Prefetcher(batches, depth=self.config.gradient_accumulation_steps if self.config.prefetch else 0)
+
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -267,8 +293,7 @@ class Trainer(Component):
         optimizer = self.optimizer_factory.build(groups)
         self.total_steps = self.compute_total_steps()
         scheduler = self.scheduler_factory.build(optimizer, self.total_steps)
-        self.model, self.optimizer, self.scheduler = self.dist.prepare(_StepModule(self.bundle.model, self),
-                                                                       optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = self.dist.prepare(self.step_module(), optimizer, scheduler)
         latest = self._resume_or_start()
         if latest is not None:
             saved = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer,
@@ -284,6 +309,22 @@ class Trainer(Component):
         self._install_signal_handlers()
         return latest
 
+    def step_module(self) -> torch.nn.Module:
+        """Model + loss as one module for the backend to wrap; with `compile`, the language model's decoder layers
+        are compiled in place first (`arctic_vl.models.compile`: parameter names and checkpoints do not change)."""
+        c = self.config.compile
+        if c.enabled:
+            from arctic_vl.models.compile import compile_decoder_layers
+
+            if getattr(self.dist.config, "zero_stage", 0) == 3:
+                raise ConfigError("trainer.compile does not work with DeepSpeed ZeRO-3 (its parameter gathering "
+                                  "hooks cannot be compiled); use zero_stage 2 or trainer.compile: false")
+            n = compile_decoder_layers(self.bundle.model, dynamic=c.dynamic, mode=None if c.mode == "default" else c.mode)
+            if self.is_main:
+                logger.info(f"trainer.compile: {n} decoder layers compiled (dynamic={c.dynamic}); the first step "
+                            "compiles them (tens of seconds on CPU)")
+        return _StepModule(self.bundle.model, self)
+
     def step_batches(self) -> Iterator[tuple[list[dict[str, Any]], float]]:
         """Each optimizer step's micro-batches (on the device) and the seconds spent waiting for them, epoch
         after epoch from the resumed position, until the run's length or a stop signal."""
@@ -296,15 +337,16 @@ class Trainer(Component):
             if start >= self._per_epoch:
                 raise DataError(f"epoch {epoch} has {self._per_epoch} micro-batches but the run is at micro-batch "
                                 f"{start} of it: the training data changed since the checkpoint")
-            batches = iter(self.loader(epoch, start))
-            while self.state.step < self.total_steps and self._stop_signal is None and self.state.epoch == epoch:
-                t_data = time.perf_counter()
-                # samples that turned out bad as they loaded are counted (skip) or kept to raise (error) here
-                micro = [self.to_device(self.data.accept(b)) for _, b in zip(range(gas), batches)]
-                if not micro:  # the plan promised more micro-batches than the loader gave: never spin on it
-                    raise RunFailed(f"epoch {epoch} yielded no micro-batch at position {self.state.batch_in_epoch} "
-                                    f"of {self._per_epoch}; the data loader ended early")
-                yield micro, time.perf_counter() - t_data
+            with self.prefetched(iter(self.loader(epoch, start))) as batches:
+                while self.state.step < self.total_steps and self._stop_signal is None and self.state.epoch == epoch:
+                    t_data = time.perf_counter()
+                    # samples that turned out bad as they loaded are counted (skip) or kept to raise (error) here,
+                    # in the loop's thread, so the counts saved with a checkpoint match the steps taken
+                    micro = [self.to_device(self.data.accept(b)) for _, b in zip(range(gas), batches)]
+                    if not micro:  # the plan promised more micro-batches than the loader gave: never spin on it
+                        raise RunFailed(f"epoch {epoch} yielded no micro-batch at position "
+                                        f"{self.state.batch_in_epoch} of {self._per_epoch}; the data loader ended early")
+                    yield micro, time.perf_counter() - t_data
 
     def train_step(self, micro: list[dict[str, Any]], data_time: float) -> dict[str, Any]:
         """One optimizer step over `micro`: global counts, forward/backward, optimizer step; the metrics line."""
