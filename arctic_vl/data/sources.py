@@ -21,7 +21,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from arctic_vl.config.paths import ConfigPath
+from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
 from arctic_vl.data.images import DatasetImage, ImageBytes, ImageRef, image_size
 from arctic_vl.data.records import (
     CONVERTERS,

@@ -14,7 +14,7 @@ import torch
 from loguru import logger
 from pydantic import Field, model_validator
 
-from arctic_vl.config.paths import ConfigPath
+from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
 from arctic_vl.data.base import DataBundle, DataFactory
 from arctic_vl.errors import DataError
 from arctic_vl.registry import DATA, ComponentConfig

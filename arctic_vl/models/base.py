@@ -19,7 +19,7 @@ class ModelBundle:
 
     `model`: the torch module to train (a PEFT wrapper under LoRA). `processor`: the HF processor (its
     `tokenizer`, image processor and chat template drive the encoding). `family`: the `FamilySpec` of the
-    five VLM families the model belongs to (None for a plain language model). `extras`: whatever the
+    six VLM families the model belongs to (None for a plain language model). `extras`: whatever the
     factory wants to hand its trainer (e.g. a detection head, a teacher). `part_names` lists every part
     `part_of` may return (the three VLM parts, plus a factory's own, e.g. `detection`).
     """

@@ -85,7 +85,9 @@ def dummy_image_inputs(backbone: torch.nn.Module) -> dict[str, Any] | None:
         size = int(vcfg.image_size)
         count = getattr(sys.modules[type(backbone).__module__], "image_size_to_num_patches", None)
         pinpoints = getattr(backbone.config, "image_grid_pinpoints", None)
-        n = count(image_size=(size, size), grid_pinpoints=pinpoints, patch_size=size) if count and pinpoints else 1
+        if count is None:  # LLaVA-1.5: no any-res tiles, one crop per image (images, C, H, W)
+            return {"pixel_values": torch.zeros(1, channels, size, size, dtype=dtype, device=device)}
+        n = count(image_size=(size, size), grid_pinpoints=pinpoints, patch_size=size) if pinpoints else 1
         pixels = torch.zeros(1, n, channels, size, size, dtype=dtype, device=device)
         return {"pixel_values": pixels, "image_sizes": torch.tensor([[size, size]], device=device)}
     return None

@@ -1,4 +1,4 @@
-"""`hf_vlm`: a Hugging Face VLM of one of the five families, from a local directory or an inline tiny config."""
+"""`hf_vlm`: a Hugging Face VLM of one of the six families, from a local directory or an inline tiny config."""
 
 from __future__ import annotations
 
@@ -54,7 +54,20 @@ class HFModelConfig(ComponentConfig):
             if path.is_absolute() and not (path / "config.json").is_file():
                 what = "does not exist" if not path.exists() else "has no config.json"
                 raise ValueError(f"model directory {self.name_or_path} {what}")
+            if path.is_absolute():  # refuse a model type no family trains now, not after loading the weights
+                from arctic_vl.models.families import family_for_model_type, unsupported_model_type
+
+                model_type = _config_model_type(path / "config.json")
+                if family_for_model_type(str(model_type)) is None:
+                    raise ValueError(unsupported_model_type(model_type, str(path / "config.json")))
         return self
+
+
+def _config_model_type(config_file: Path) -> str | None:
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_file} is not a valid HF config ({e})") from None
 
 
 def read_model_type(path: str | Path) -> str:
