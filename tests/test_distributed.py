@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_cli, subprocess_env, write_yaml
+from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_cli, subprocess_env, write_eval_file, write_yaml
 
 BIN = Path(sys.executable).parent
 SEED = 7
@@ -58,16 +58,23 @@ def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempP
     data_file.write_text(json.dumps(arranged))
     root = tmp_path_factory.mktemp("distributed")
 
-    def config(name: str, distributed: dict, micro: int, **trainer: object) -> Path:
+    def config(name: str, distributed: dict, micro: int, evaluate: bool = False, **trainer: object) -> Path:
+        """`evaluate`: a final evaluation with generation on uneven question types (see write_eval_file)."""
+        data = {"sources": [str(data_file)], "micro_batch_size": micro, "max_length": 4096, "shuffle": False}
+        extra = {}
+        if evaluate:
+            data["eval_sources"] = [str(write_eval_file(synthetic_data))]
+            extra["eval"] = {"generate": True, "max_new_tokens": 4}
         return write_yaml(root / f"{name}.yaml", {
             "model": {"name_or_path": str(tiny_llava)},
-            "data": {"sources": [str(data_file)], "micro_batch_size": micro, "max_length": 4096, "shuffle": False},
+            "data": data,
             "trainer": {"output_dir": str(root / name), "max_steps": MAX_STEPS, "gradient_accumulation_steps": 2,
                         "progress_bar": False, "seed": SEED, **trainer},
             "optimizer": {"lr": 3e-3},
             "scheduler": {"type": "cosine", "warmup_steps": 1},
             "checkpoint": {"every_n_steps": 2, "keep_last": 2},
             "distributed": distributed,
+            **extra,
         })
 
     return {"root": root, "config": config, "tiny": tiny_llava}
@@ -141,7 +148,7 @@ def test_zero2_two_processes_equal_one(setup, reference):
 
 
 def test_zero3_sigkill_resume_and_export(setup, reference, tmp_path):
-    config = setup["config"]("zero3", {"type": "deepspeed", "zero_stage": 3}, 2)
+    config = setup["config"]("zero3", {"type": "deepspeed", "zero_stage": 3}, 2, evaluate=True)
     child = tmp_path / "kill_child.py"
     child.write_text(KILL_CHILD)
     proc = _launch("torchrun", [str(child), str(config), "3"])
@@ -169,6 +176,17 @@ def test_zero3_sigkill_resume_and_export(setup, reference, tmp_path):
     moved = max(float((exported[k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-3, "the export holds trained weights, not the initial ones"
     assert all(v.numel() > 0 for v in exported.values()), "no partitioned (empty) tensors"
+
+    # the final evaluation under ZeRO-3 (every forward a collective; ranks with other question types, one
+    # answering a text-only question while the other encodes an image) equals one process on the export
+    (two,) = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    from arctic_vl.engine import Engine
+
+    one = Engine(config, ["distributed={type: single}"]).evaluate()
+    assert two["eval_questions_by_type"] == one["eval_questions_by_type"] == {"colour": 3, "count": 1, "text": 1}
+    for key in ("eval_label_tokens", "exact_match", "exact_match_by_type"):
+        assert two[key] == one[key], key
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5, abs=0)
     shutil.rmtree(out / "checkpoints")
 
 
@@ -195,7 +213,7 @@ def test_deepspeed_config_is_derived_and_checked(tmp_path):
         assert says in str(err.value) and "bad.yaml:" in str(err.value), str(err.value)  # names file and line
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_text_only_batch_runs_the_vision_tower(family, tmp_path):
     """The keep-alive touches every vision/aligner parameter an image batch touches, with zero effect."""
     from arctic_vl import final_hidden, lm_loss_sum

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from arctic_vl.config.paths import ModelPath
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.base import ModelBundle, ModelFactory
+from arctic_vl.models.export_dtype import cast_state_dict, checkpoint_dtype, stamp_config_dtype
 from arctic_vl.models.lora import LoraConfig, apply_lora, is_peft, save_lora_export
 from arctic_vl.registry import MODELS, ComponentConfig
 
@@ -23,7 +24,13 @@ class HFModelConfig(ComponentConfig):
     name_or_path: ModelPath | None = Field(None, description="a local HF model directory (config.json, safetensors, processor)")
     family: str | None = Field(None, description="with no name_or_path: build a tiny random model of this family")
     tiny: dict[str, int] = Field(default_factory=dict, description="shape of the tiny model (layers, hidden, ...)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the weights train in (float32: fp32 master weights, with trainer.bf16 autocast)"
+    )
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the exported weights (final/, `arctic_vl export`); auto: the source "
+        "checkpoint's (its config.json `dtype` / `torch_dtype`), else model.dtype"
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="default: flash_attention_2 when it imports, else sdpa"
     )
@@ -86,6 +93,8 @@ class HFModelFactory(ModelFactory):
     """Loads with the real `from_pretrained` path; never `trust_remote_code`."""
 
     config_class = HFModelConfig
+    #: the dtype the loaded source checkpoint's config.json names (what `export_dtype: auto` writes)
+    source_dtype: str | None = None
 
     def model_dir(self, output_dir: Path | None = None) -> Path:
         """The directory the model is loaded from (an inline tiny model is written under OUTPUT_DIR/base_model)."""
@@ -121,8 +130,16 @@ class HFModelFactory(ModelFactory):
         """
         from arctic_vl.models.loading import family_of_dir, load_model, load_processor
 
+        if not exported:
+            self.source_dtype = checkpoint_dtype(path)
         model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
         return model, load_processor(path), family_of_dir(path)
+
+    def export_dtype(self) -> str:
+        """The dtype name `export` writes: `model.export_dtype`, or for `auto` the source checkpoint's."""
+        if self.config.export_dtype != "auto":
+            return self.config.export_dtype
+        return self.source_dtype or self.config.dtype
 
     def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
         """(processor, family) of the configured model directory, without its weights."""
@@ -161,12 +178,15 @@ class HFModelFactory(ModelFactory):
 
     def export(self, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """`out_dir`: an HF directory (safetensors + processor). A LoRA model is written merged, with the
-        PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
+        """`out_dir`: an HF directory (safetensors + processor) in `export_dtype()`. A LoRA model is written
+        merged, with the PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
+        dtype_name = self.export_dtype()
         if is_peft(model):
-            return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict)
+            return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict, dtype=DTYPES[dtype_name])
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+        state = state_dict if state_dict is not None else model.state_dict()
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=cast_state_dict(state, DTYPES[dtype_name]))
+        stamp_config_dtype(out_dir, dtype_name)
         if bundle.processor is not None:
             bundle.processor.save_pretrained(out_dir)
         return out_dir

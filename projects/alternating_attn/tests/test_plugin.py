@@ -222,8 +222,10 @@ def test_plot_curves_smoke(tmp_path, capsys):
         run.mkdir()
         (run / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "loss": 3.0 / s + i}) + "\n" for s in range(1, 31)))
-        (run / "eval.jsonl").write_text(json.dumps({"step": 30, "eval_loss": 0.5 + i, "exact_match": 0.6,
-                                                    "exact_match_by_type": {"colour": 0.7 - i / 10}}) + "\n")
+        final = {"step": 30, "eval_loss": 0.5 + i, "exact_match": 0.6, "exact_match_by_type": {"colour": 0.7 - i / 10}}
+        # after it: a standalone evaluation, and an unmarked step-0 line as `evaluate` appended before it was marked
+        later = [{**final, "standalone": True, "eval_loss": 9.0}, {**final, "step": 0, "eval_loss": 8.0}]
+        (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [final, *later]))
         runs += ["--run", f"{name}={run}"]
     out = tmp_path / "docs" / "curves.png"
     assert script.main([*runs, "--out", str(out), "--window", "5"]) == 0
