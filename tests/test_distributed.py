@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_cli, subprocess_env, write_eval_file, write_yaml
+from tests.e2e_utils import (
+    KILL_AT_CALLBACK,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+    write_eval_file,
+    write_yaml,
+)
 
 BIN = Path(sys.executable).parent
 SEED = 7
@@ -244,3 +251,47 @@ def test_text_only_batch_runs_the_vision_tower(family, tmp_path):
     assert all("post_layernorm" in n for n in missing), sorted(missing)
     assert len(grads[1]) >= len(vision) - 2
     assert all(float(g.abs().max()) == 0.0 for g in grads[1].values())
+
+
+def test_unused_parameters_name_the_config_key(tiny_llava, tmp_path):
+    """find_unused_parameters: false on a model whose step leaves weights out (CLIP's post_layernorm with
+    vision_feature_layer -1): PyTorch's raw DDP error becomes a ConfigError naming the key and the weights."""
+    import torch.distributed as dist
+    from PIL import Image
+    from torch.nn.parallel import DistributedDataParallel
+
+    from arctic_vl import final_hidden, lm_loss_sum
+    from arctic_vl.distributed.backends import DDP, DDPConfig
+    from arctic_vl.errors import ConfigError
+    from arctic_vl.models.loading import load_model, load_processor
+
+    model, processor = load_model(tiny_llava), load_processor(tiny_llava)
+    text = "<|im_start|>user\n<image>\nWhat colour?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+    batch = dict(processor(images=[Image.new("RGB", (40, 40), (200, 0, 0))], text=[text], return_tensors="pt"))
+    batch["labels"] = batch["input_ids"].clone()
+
+    class Step(torch.nn.Module):  # the loop's model + loss module, as DDP wraps it
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, b):
+            hidden, head, _ = final_hidden(self.model, b, dummy_vision=False)
+            return lm_loss_sum(hidden, head, b["labels"])[0]
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(Step(), find_unused_parameters=False)
+        backend = DDP(DDPConfig(type="ddp", find_unused_parameters=False))
+        with pytest.raises(ConfigError) as err:
+            for _ in range(2):  # DDP notices on the step after the one that left weights out
+                with backend.no_sync(wrapped, sync=True):
+                    wrapped(batch).backward()
+        with pytest.raises(RuntimeError, match="something else"), backend.no_sync(wrapped, sync=True):
+            raise RuntimeError("something else")  # other errors pass through as they are
+    finally:
+        dist.destroy_process_group()
+    msg = str(err.value)
+    assert msg.startswith("distributed.find_unused_parameters is false, but some trainable parameters got no gradient")
+    assert "Set distributed.find_unused_parameters: true" in msg
+    assert "post_layernorm.weight" in msg and "(2 of them" in msg

@@ -168,9 +168,9 @@ def unused_parameters_error(error: RuntimeError, model: Any, config: Any) -> Exc
         "distributed.find_unused_parameters is false, but ")
     return ConfigError(
         f"{hint}some trainable parameters got no gradient in a step{which}: DDP waits for every parameter "
-        "it was given. Set distributed.find_unused_parameters: true (the default; needed e.g. for text-only "
-        "batches or vision_feature_layer=-1, which leaves the vision tower's last layer unused), or freeze "
-        "the unused parameters (model.freeze)")
+        "it was given. Set distributed.find_unused_parameters: true (the default; needed whenever a step leaves "
+        "some weights out, e.g. CLIP's post_layernorm with vision_feature_layer -1), or freeze the unused "
+        "parameters (model.freeze)")
 
 
 @DISTRIBUTED.register("ddp")
