@@ -180,14 +180,15 @@ def _validate_section(
     config_class = registry.get(type_name).config_class
     missing: list[tuple[KeyPath, str]] = []
     resolve_raw_paths(config_class, raw, path, located, missing)
-    errors.extend(missing_path_error(located, at, value) for at, value in missing)
+    cfg, lines = None, []
     try:
         cfg = config_class.model_validate(raw)
     except ValidationError as e:
-        # a validator that reads the missing path (e.g. a model's config.json) would repeat the error above
         lines = format_validation_error(e, located, path, config_class, raw)
-        errors.extend(line for line in lines if not any(value in line for _, value in missing))
-        return None
+    # A validator that read the missing path already said so (often with a hint of its own): no second line.
+    errors.extend(missing_path_error(located, at, value) for at, value in missing
+                  if not any(value in line for line in lines))
+    errors.extend(lines)
     return None if missing else cfg
 
 

@@ -235,9 +235,12 @@ def test_plot_curves_smoke(tmp_path, capsys):
     assert script.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
-def test_shipped_backbone_config_validates_and_describes_the_copy(cli, tiny_onevision_other):
+def test_shipped_backbone_config_validates_and_describes_the_copy(cli, tiny_onevision_other, tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "from_backbone.yaml"
-    code, out, err = cli("validate", config, "--set", f"model.init_from_backbone={tiny_onevision_other}")
+    (tmp_path / "data.json").write_text("[]\n")  # the data a config names must exist to validate
+    data = f"[{tmp_path / 'data.json'}]"
+    code, out, err = cli("validate", config, "--set", f"model.init_from_backbone={tiny_onevision_other}",
+                         "--set", f"data.sources={data}", "--set", f"data.eval_sources={data}")
     assert code == 0, err
     assert (f"# model: llava_qwen_with_alternating_attn (variant alternating) from a tiny llava_onevision "
             f"(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128) written to OUTPUT_DIR/base_model; "
