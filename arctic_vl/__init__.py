@@ -9,7 +9,7 @@ The names are imported lazily so `arctic_vl --help` does not pay for torch and t
 Groups:
     running:      Engine, EngineConfig, EvalConfig, load_config, load_plugins
     registries:   Registry, Component, ComponentConfig, MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS,
-                  CHECKPOINTERS, CALLBACKS, DISTRIBUTED
+                  CHECKPOINTERS, CALLBACKS, DISTRIBUTED, RECORD_FORMATS, DATA_SOURCES
     extending:    register_cli_verb, register_config_check, register_model_type
     config:       ConfigPath, ModelPath, ExistingPath, LocatedConfig, where
     contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, IGNORE_INDEX, PARTS, epoch_seed
@@ -20,6 +20,10 @@ Groups:
                   count_label_tokens
     data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Conversation, BadRecord,
                   BadRecordReport, SourceSpec, ImageRef, image_size, open_image, make_synthetic_data
+    record formats and data sources (a plugin's own `format:` or file kind):
+                  RecordFormat, DataSource, RecordFile, RawRecord, IMAGE_TOKEN, BAD_RECORD_REASONS,
+                  INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
+                  MISSING_IMAGE, UNREADABLE_IMAGE
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
@@ -53,6 +57,8 @@ _LAZY: dict[str, str] = {
     "CHECKPOINTERS": "arctic_vl.registry",
     "CALLBACKS": "arctic_vl.registry",
     "DISTRIBUTED": "arctic_vl.registry",
+    "RECORD_FORMATS": "arctic_vl.registry",
+    "DATA_SOURCES": "arctic_vl.registry",
     # extending
     "register_cli_verb": "arctic_vl.plugins",
     "register_config_check": "arctic_vl.plugins",
@@ -97,16 +103,30 @@ _LAZY: dict[str, str] = {
     # data
     "DataFactory": "arctic_vl.data.base",
     "DataBundle": "arctic_vl.data.base",
-    "VLMDataFactory": "arctic_vl.data.vlm",
-    "VLMDataConfig": "arctic_vl.data.vlm",
+    "VLMDataFactory": "arctic_vl.data.factory",
+    "VLMDataConfig": "arctic_vl.data.factory",
     "Conversation": "arctic_vl.data.records",
-    "BadRecord": "arctic_vl.data.records",
-    "BadRecordReport": "arctic_vl.data.sources",
+    "BadRecord": "arctic_vl.data.bad_records",
+    "BadRecordReport": "arctic_vl.data.bad_records",
     "SourceSpec": "arctic_vl.data.sources",
     "ImageRef": "arctic_vl.data.images",
     "image_size": "arctic_vl.data.images",
     "open_image": "arctic_vl.data.images",
     "make_synthetic_data": "arctic_vl.data.synthetic",
+    # record formats and data sources
+    "RecordFormat": "arctic_vl.data.records",
+    "IMAGE_TOKEN": "arctic_vl.data.records",
+    "DataSource": "arctic_vl.data.sources",
+    "RecordFile": "arctic_vl.data.sources",
+    "RawRecord": "arctic_vl.data.sources",
+    "BAD_RECORD_REASONS": "arctic_vl.data.bad_records",
+    "INVALID_JSON": "arctic_vl.data.bad_records",
+    "MISSING_FIELD": "arctic_vl.data.bad_records",
+    "MALFORMED_RECORD": "arctic_vl.data.bad_records",
+    "MALFORMED_TURNS": "arctic_vl.data.bad_records",
+    "IMAGE_TOKEN_MISMATCH": "arctic_vl.data.bad_records",
+    "MISSING_IMAGE": "arctic_vl.data.bad_records",
+    "UNREADABLE_IMAGE": "arctic_vl.data.bad_records",
     # training
     "Trainer": "arctic_vl.trainers.base",
     "TrainerConfig": "arctic_vl.trainers.base",
@@ -132,19 +152,30 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [  # every public name; tests/test_api.py checks it equals the keys of _LAZY
+    "BAD_RECORD_REASONS",
     "BOOKKEEPING_KEYS",
     "CALLBACKS",
     "CHECKPOINTERS",
     "DATA",
+    "DATA_SOURCES",
     "DISTRIBUTED",
     "DTYPES",
     "FAMILIES",
     "IGNORE_INDEX",
+    "IMAGE_TOKEN",
+    "IMAGE_TOKEN_MISMATCH",
+    "INVALID_JSON",
+    "MALFORMED_RECORD",
+    "MALFORMED_TURNS",
+    "MISSING_FIELD",
+    "MISSING_IMAGE",
     "MODELS",
     "OPTIMIZERS",
     "PARTS",
+    "RECORD_FORMATS",
     "SCHEDULERS",
     "TRAINERS",
+    "UNREADABLE_IMAGE",
     "AdamWConfig",
     "BadRecord",
     "BadRecordReport",
@@ -160,6 +191,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "DataBundle",
     "DataError",
     "DataFactory",
+    "DataSource",
     "DistributedBackend",
     "DistributedConfig",
     "Engine",
@@ -178,6 +210,9 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "ModelPath",
     "Optimizer",
     "ParamGroupConfig",
+    "RawRecord",
+    "RecordFile",
+    "RecordFormat",
     "Registry",
     "SFTTrainer",
     "Scheduler",
@@ -226,12 +261,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.config.paths import ConfigPath, ExistingPath, ModelPath
     from arctic_vl.config.schema import EngineConfig, EvalConfig, load_config, where
     from arctic_vl.constants import IGNORE_INDEX, PARTS, epoch_seed
+    from arctic_vl.data.bad_records import (
+        BAD_RECORD_REASONS,
+        IMAGE_TOKEN_MISMATCH,
+        INVALID_JSON,
+        MALFORMED_RECORD,
+        MALFORMED_TURNS,
+        MISSING_FIELD,
+        MISSING_IMAGE,
+        UNREADABLE_IMAGE,
+        BadRecord,
+        BadRecordReport,
+    )
     from arctic_vl.data.base import DataBundle, DataFactory
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.data.images import ImageRef, image_size, open_image
-    from arctic_vl.data.records import BadRecord, Conversation
-    from arctic_vl.data.sources import BadRecordReport, SourceSpec
+    from arctic_vl.data.records import IMAGE_TOKEN, Conversation, RecordFormat
+    from arctic_vl.data.sources import DataSource, RawRecord, RecordFile, SourceSpec
     from arctic_vl.data.synthetic import make_synthetic_data
-    from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine
     from arctic_vl.errors import ConfigError, DataError, UserError
@@ -249,9 +296,11 @@ if TYPE_CHECKING:  # pragma: no cover
         CALLBACKS,
         CHECKPOINTERS,
         DATA,
+        DATA_SOURCES,
         DISTRIBUTED,
         MODELS,
         OPTIMIZERS,
+        RECORD_FORMATS,
         SCHEDULERS,
         TRAINERS,
         Component,

@@ -1,7 +1,9 @@
 """Typed registries: one mechanism for every kind of component.
 
-Every registered class declares a pydantic config class (`config_class`); the YAML section for the
-component is validated against it. Names map to classes, never to import paths from a config.
+Every registered component class declares a pydantic config class (`config_class`); the YAML section for
+the component is validated against it. Names map to classes, never to import paths from a config. Two
+registries hold classes that take no config section of their own (`needs_config=False`): the record
+formats and the data-source kinds that a data config's `sources` name.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ class Registry(Generic[T]):
 
     `register` is a class decorator. Registering the same class twice is harmless (plugins may be
     imported more than once); a different class under a taken name is an error naming both.
+    `needs_config=False`: the registered classes are chosen by name inside another section (no `config_class`).
     """
 
-    def __init__(self, kind: str, section: str, base: type | None = None):
+    def __init__(self, kind: str, section: str, base: type | None = None, *, needs_config: bool = True):
         self.kind = kind
         self.section = section
+        #: whether a registered class must declare `config_class` (a ComponentConfig subclass)
+        self.needs_config = needs_config
         #: the class every registered class must subclass; bound by the module that defines it (`bind_base`)
         self.base: type | None = base
         self._classes: dict[str, type[T]] = {}
@@ -49,11 +54,12 @@ class Registry(Generic[T]):
         return base
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
-        """Class decorator: register the class as `name` (it must set `config_class` and subclass `base`)."""
+        """Class decorator: register the class as `name` (it must subclass `base` and, unless the registry was
+        made with `needs_config=False`, set `config_class`)."""
 
         def decorator(cls: type[T]) -> type[T]:
             config_class = getattr(cls, "config_class", None)
-            if not (isinstance(config_class, type) and issubclass(config_class, ComponentConfig)):
+            if self.needs_config and not (isinstance(config_class, type) and issubclass(config_class, ComponentConfig)):
                 raise TypeError(f"{self.kind} '{name}' ({_qualname(cls)}) must set config_class to a ComponentConfig subclass")
             if self.base is not None and not (isinstance(cls, type) and issubclass(cls, self.base)):
                 raise TypeError(f"{self.kind} '{name}': {_qualname(cls)} is not a subclass of {_qualname(self.base)}; "
@@ -130,6 +136,13 @@ DISTRIBUTED: Registry[Any] = Registry("distributed backend", "distributed")
 REGISTRIES: dict[str, Registry[Any]] = {
     r.section: r for r in (MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS, CHECKPOINTERS, CALLBACKS, DISTRIBUTED)
 }
+
+# Registries of the data path, chosen by name inside `data.sources` (`format:`, the path's kind): no section.
+RECORD_FORMATS: Registry[Any] = Registry("record format", "record_formats", needs_config=False)
+DATA_SOURCES: Registry[Any] = Registry("data source kind", "data_sources", needs_config=False)
+
+#: every registry, for plugin bookkeeping (`arctic_vl plugins` lists what each plugin registered in each)
+ALL_REGISTRIES: dict[str, Registry[Any]] = {**REGISTRIES, **{r.section: r for r in (RECORD_FORMATS, DATA_SOURCES)}}
 
 
 class Component:

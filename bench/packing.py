@@ -2,7 +2,7 @@
 
 Same model, same samples, one process. The samples mix 80% short (32-96 tokens) and 20% long (384-512 tokens)
 conversations (random token ids, the assistant half trained). Padding: the samples in a seeded order, micro-batches
-of ``--micro-batch-size`` samples each padded to its longest (`SampleEncoder.collate`, the engine's unpacked path).
+of ``--micro-batch-size`` samples each padded to its longest (`pad_collate`, the engine's unpacked path).
 Packing: `PackingPlanner` rows of up to ``--max-length`` tokens, ``--micro-batch-size`` rows a micro-batch
 (`PackedCollator`, the engine's packed path). Both micro-batches hold at most micro_batch_size x max_length slots.
 A side's pass = collate + forward + backward (the engine's lean SFT loss) over all samples; the two sides alternate
@@ -80,13 +80,13 @@ def build(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Module, Any
 
 def padded_batches(samples: list[dict], mbs: int, seed: int) -> list[list[int]]:
     """The engine's unpacked plan: a seeded order cut into micro-batches of `mbs` samples."""
-    from arctic_vl.data.base import EpochBatchSampler
+    from arctic_vl.data.sampling import EpochBatchSampler
 
     return [step[0] for step in EpochBatchSampler.plan(len(samples), mbs, 1, seed, 0, True)]
 
 
 def packed_batches(samples: list[dict], max_length: int, mbs: int, seed: int) -> tuple[list[list[tuple[int, int]]], Any]:
-    from arctic_vl.data.packing import PackingPlanner
+    from arctic_vl.data.sampling import PackingPlanner
 
     planner = PackingPlanner([len(s["input_ids"]) for s in samples], max_length, mbs, seed)
     return [step[0] for step in planner(0, 1)], planner
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.long[1] > args.max_length:
         print(f"--max-length {args.max_length} must be >= the longest sample ({args.long[1]})", file=sys.stderr)
         return 2
-    from arctic_vl.data.packing import PackedCollator, RopeIndex
+    from arctic_vl.data.collate import PackedCollator, RopeIndex, pad_collate
 
     with tempfile.TemporaryDirectory() as tmp:
         model, encoder, _ = build(args, Path(tmp))
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def padded(keys: list[int]) -> tuple[dict, int]:
         chosen = [samples[i] for i in keys]
-        return encoder.collate(chosen), sum(len(s["input_ids"]) for s in chosen)
+        return pad_collate(encoder, chosen), sum(len(s["input_ids"]) for s in chosen)
 
     def packed(keys: list[tuple[int, int]]) -> tuple[dict, int]:
         batch = packer([{**samples[i], "_row": r, "_index": i} for r, i in keys])

@@ -225,6 +225,7 @@ def test_registry_requires_a_config_class():
 
 def test_config_check_and_verb_registration_in_process():
     """register_config_check / register_cli_verb are idempotent for the same function (plugins may re-import)."""
+    import arctic_vl.cli  # noqa: F401  (the CLI owns the core verbs: importing it reserves them)
     from arctic_vl import plugins
 
     def check(cfg, located):  # pragma: no cover - never run

@@ -33,8 +33,7 @@ def render_tokens(tokenizer: Any, input_ids: list[int], labels: list[int], image
 
 def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
     """Counts per split and skip reason, and the first `n` samples rendered with their labels."""
-    from arctic_vl.data.sources import BadRecordReport
-    from arctic_vl.data.vlm import scan
+    from arctic_vl.data.bad_records import BadRecordReport
 
     engine = Engine(config, overrides)
     model_factory = engine.model_factory()
@@ -51,7 +50,7 @@ def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
             continue
         report = BadRecordReport()
         convs = factory.read(specs, seed=engine.config.trainer.seed, report=report)
-        kept, encoded = scan(convs, encoder, factory.config, report)
+        kept, encoded = factory.encode(convs, encoder, report)
         tokens = sum(len(e.input_ids) for e in encoded)
         trained = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in encoded)
         with_images = sum(1 for c in kept if c.images)

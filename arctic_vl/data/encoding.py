@@ -1,31 +1,72 @@
-"""Sample encoding: text once (knowing only image sizes), pixels lazily, and batch collation.
+"""Encoding: the one place that checks a conversation, places its image tokens and sets its labels.
 
-`SampleEncoder.encode_text` renders a conversation with the family's chat template, expands each
-image placeholder to the token count the processor itself would produce for that image size, and
-masks labels to the assistant turns (content + end-of-turn token). `encode_images` runs the
-processor's image path on decoded pixels (in DataLoader workers), and `collate` merges samples into
-the batch layout the family's model expects. The result equals what `processor(text, images)` gives.
+`prepare_messages` is the conversation rule every record format and every caller of the encoder shares
+(roles, turns, one `<image>` per image, placed LLaVA-style when the text has none). `SampleEncoder.encode_text`
+renders a conversation with the family's chat template, expands each image placeholder to the token count
+the processor itself would produce for that image size, and masks labels to the assistant turns (content +
+end-of-turn token); `encode_images` runs the processor's image path on decoded pixels (in DataLoader
+workers). `encode_conversations` tokenizes a dataset up front and applies `max_length`. The result equals
+what `processor(text, images)` gives; batches are assembled in `arctic_vl.data.collate`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from arctic_vl.constants import IGNORE_INDEX
+from arctic_vl.data.bad_records import (
+    IMAGE_TOKEN_MISMATCH,
+    MALFORMED_TURNS,
+    BadRecord,
+    BadRecordReport,
+    OnBadRecord,
+    reject_record,
+)
+from arctic_vl.data.images import image_size
+from arctic_vl.data.records import IMAGE_TOKEN, ROLES, Conversation
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.models.families import FamilySpec
 
-IMAGE_MARKER = "<image>"  # how a record marks an image's position in its text
-ROLES = ("system", "user", "assistant")
-# Keys of a processor output that belong to the text side; everything else is a vision tensor.
-_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels"})
-#: per-sample mRoPE: (input_ids (1, L), mm_token_type_ids (1, L), image_grid_thw (images, 3)) -> (3, 1, L)
-RopeIndexFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: keys of a processor output that belong to the text side; everything else is a vision tensor
+TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels"})
+
+
+def prepare_messages(messages: Any, n_images: int, field: str = "messages") -> list[dict[str, str]]:
+    """The checked conversation with exactly one `<image>` per image; BadRecord naming `field` otherwise.
+
+    Rules: a list of {role: system|user|assistant, content: str} with at least one user and one assistant
+    turn (`malformed_turns`); the `<image>` count equals `n_images`, or is 0 and then one `<image>` line per
+    image is put at the start of the first user turn, the LLaVA convention (else `image_token_mismatch`).
+    Returns a new list (the caller's messages are not changed).
+    """
+    if not isinstance(messages, list):
+        raise BadRecord(MALFORMED_TURNS, field, f"must be a list of turns, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRecord(MALFORMED_TURNS, f"{field}[{i}]", f"must be {{role, content}}, got {m!r:.120}")
+        if m["role"] not in ROLES:
+            raise BadRecord(MALFORMED_TURNS, f"{field}[{i}]", f"unknown role {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise BadRecord(MALFORMED_TURNS, f"{field}[{i}]",
+                            f"content must be a string, got {type(m['content']).__name__}")
+    roles = {m["role"] for m in messages}
+    for needed in ("user", "assistant"):
+        if needed not in roles:
+            raise BadRecord(MALFORMED_TURNS, field, f"needs at least one {needed} turn")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    count = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if count == n_images:
+        return messages
+    if count == 0:
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = f"{IMAGE_TOKEN}\n" * n_images + first_user["content"]
+        return messages
+    raise BadRecord(IMAGE_TOKEN_MISMATCH, field, f"{count} {IMAGE_TOKEN} placeholders for {n_images} images")
 
 
 @dataclass
@@ -76,7 +117,7 @@ def _apply_budget(processor: Any, family: FamilySpec, min_pixels: int | None, ma
 def _split_parts(content: str) -> list[dict[str, str]]:
     """`"<image>\\nWhat?"` -> [{type: image}, {type: text, text: "\\nWhat?"}] (HF's multimodal message format)."""
     parts: list[dict[str, str]] = []
-    for i, chunk in enumerate(content.split(IMAGE_MARKER)):
+    for i, chunk in enumerate(content.split(IMAGE_TOKEN)):
         if i > 0:
             parts.append({"type": "image"})
         if chunk:
@@ -85,7 +126,7 @@ def _split_parts(content: str) -> list[dict[str, str]]:
 
 
 class SampleEncoder:
-    """Tokenize conversations once, encode images lazily, collate batches for one VLM family."""
+    """Tokenize conversations once and encode images lazily, for one VLM family."""
 
     def __init__(self, processor: Any, family: FamilySpec, *, min_pixels: int | None = None,
                  max_pixels: int | None = None, image_grid_pinpoints: list[list[int]] | None = None,
@@ -119,25 +160,6 @@ class SampleEncoder:
         return int(data.num_image_tokens[0])
 
     # ------------------------------------------------------------------------------------------- text
-    def _check_messages(self, messages: list[dict], n_images: int) -> list[dict]:
-        if not isinstance(messages, list) or not messages:
-            raise DataError("a sample needs a non-empty list of messages", reason="malformed_turns")
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
-                raise DataError(
-                    f"message {i} must be {{role: {'|'.join(ROLES)}, content: str}}, got {msg!r:.120}",
-                    reason="malformed_turns",
-                )
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError("a sample needs at least one assistant turn to train on", reason="malformed_turns")
-        found = sum(m["content"].count(IMAGE_MARKER) for m in messages)
-        if found != n_images:
-            raise DataError(f"the text has {found} {IMAGE_MARKER} markers but the sample has {n_images} images",
-                            reason="image_token_mismatch")
-        if self.system_prompt is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return messages
-
     def _render(self, conversation: list[dict], add_generation_prompt: bool) -> str:
         # The processor's template is the VLM one; the tokenizer's may be text-only.
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
@@ -176,8 +198,17 @@ class SampleEncoder:
         return spans
 
     def encode_text(self, messages: list[dict], image_sizes: Sequence[tuple[int, int]]) -> EncodedText:
-        """Tokenize one conversation; `image_sizes` are (width, height) of its images, in order."""
-        messages = self._check_messages(messages, len(image_sizes))
+        """Tokenize one conversation; `image_sizes` are (width, height) of its images, in order.
+
+        The conversation is checked by `prepare_messages` (DataError with its reason otherwise) and the
+        encoder's `system_prompt` is put first when the conversation has no system turn of its own.
+        """
+        try:
+            messages = prepare_messages(messages, len(image_sizes))
+        except BadRecord as e:
+            raise DataError(str(e), reason=e.reason) from None
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         conversation = [{"role": m["role"], "content": _split_parts(m["content"])} for m in messages]
         full = self._render(conversation, add_generation_prompt=False)
         label_spans = self._label_spans(messages, conversation, full)
@@ -230,106 +261,41 @@ class SampleEncoder:
             return {}
         # Nested: one sample holding all its images (OneVision switches to multi-image mode on it).
         out = self.processor(images=[list(images)], return_tensors="pt")
-        return {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
-
-    # ---------------------------------------------------------------------------------------- collate
-    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-pad text, merge vision tensors in the family's layout, add attention_mask (and mm_token_type_ids)."""
-        if not samples:
-            raise ValueError("collate needs at least one sample")
-        length = max(len(s["input_ids"]) for s in samples)
-        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n = len(sample["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if self.family.is_qwen:
-            # transformers 5 builds Qwen's mRoPE positions from it; the processor returns it too.
-            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
-        batch.update(_merge_vision(samples))
-        return batch
-
-    def collate_packed(self, rows: list[list[dict]], rope_index: RopeIndexFn | None = None) -> dict[str, torch.Tensor]:
-        """Pack each row's samples into one sequence, padding-free within a row; rows are right-padded.
-
-        Each sample keeps its own positions: 1-D positions restart at 0 per sample and, for the Qwen
-        families, the 3-D mRoPE positions come from `rope_index` run on that sample ALONE (positions of
-        the whole concatenation would be wrong: every image after the first would be placed relative to
-        the other samples' tokens). The batch carries `position_ids` and NO `attention_mask`: from the
-        restarts in the (text) positions transformers builds a block-diagonal causal mask for sdpa/eager
-        and variable-length attention for flash_attention_2, so samples never see each other. Qwen
-        position_ids are (4, rows, T): row 0 the per-sample text positions (what the mask is built
-        from), rows 1-3 mRoPE t/h/w, the layout transformers 5 reads for packed Qwen-VL inputs.
-
-        The first label of every sample is -100: with the causal shift it would be predicted from the
-        previous sample's last token. (Alone, a sample's first label is never used either, so per-sample
-        losses are unchanged.) Row padding is a segment of its own (positions from 0, labels -100).
-        """
-        if not rows or not all(rows):
-            raise ValueError("collate_packed needs at least one row and no empty row")
-        if self.family.is_qwen and rope_index is None:
-            raise ValueError(f"packing {self.family.name} needs the model's get_rope_index (per-sample mRoPE)")
-        lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
-        length = max(lengths)
-        shape = (len(rows), length)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        text_pos = torch.zeros(shape, dtype=torch.long)
-        mrope = torch.zeros((3, *shape), dtype=torch.long) if self.family.is_qwen else None
-        for r, row in enumerate(rows):
-            at = 0
-            for sample in row:
-                ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-                n = len(ids)
-                input_ids[r, at:at + n] = ids
-                labels[r, at + 1:at + n] = torch.as_tensor(sample["labels"], dtype=torch.long)[1:]
-                text_pos[r, at:at + n] = torch.arange(n)
-                if mrope is not None:
-                    mrope[:, r, at:at + n] = self._sample_mrope(ids, sample, rope_index)
-                at += n
-            # Row padding restarts its positions too, so it forms its own block in the mask.
-            text_pos[r, at:] = torch.arange(length - at)
-            if mrope is not None:
-                mrope[:, r, at:] = torch.arange(length - at)
-        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels}
-        if mrope is not None:
-            batch["position_ids"] = torch.cat([text_pos[None], mrope], dim=0)
-            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
-        else:
-            batch["position_ids"] = text_pos
-        # Vision tensors in row-major sample order: the order of the image tokens in the batch.
-        batch.update(_merge_vision([s for row in rows for s in row]))
-        return batch
-
-    def _sample_mrope(self, ids: torch.Tensor, sample: dict, rope_index: RopeIndexFn | None) -> torch.Tensor:
-        """(3, L) mRoPE positions of one sample on its own: what the model computes for it unpacked."""
-        if "image_grid_thw" not in sample:
-            # Text only: the model's own positions for such a sample are 0..L-1 on all three axes.
-            return torch.arange(len(ids)).expand(3, -1)
-        assert rope_index is not None  # checked by collate_packed
-        types = (ids == self.image_token_id).long()
-        positions = rope_index(ids[None], types[None], sample["image_grid_thw"])
-        return positions[:, 0].to(torch.long)
+        return {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
 
 
-def _merge_vision(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """The vision tensors of `samples` (those with images), merged in sample order."""
-    vision = [s for s in samples if "pixel_values" in s]
-    if not vision:
-        return {}
-    # Only tensors: callers may carry their own bookkeeping keys (e.g. "_index") through.
-    keys = [k for k, v in vision[0].items()
-            if k not in _TEXT_KEYS and not k.startswith("_") and isinstance(v, torch.Tensor)]
-    return {key: _merge(key, [s[key] for s in vision]) for key in keys}
+def encode_conversations(conversations: list[Conversation], encoder: SampleEncoder, report: BadRecordReport, *,
+                         max_length: int | None, on_image_truncation: Literal["drop", "keep"] = "drop",
+                         on_bad_record: OnBadRecord = "error") -> tuple[list[Conversation], list[EncodedText]]:
+    """Tokenize every conversation and apply `max_length`; returns the kept (conversations, encodings).
 
-
-def _merge(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate per-sample vision tensors; LLaVA's (images, tiles, C, H, W) pads the tile axis."""
-    if key == "pixel_values" and tensors[0].dim() == 5:
-        tiles = max(t.shape[1] for t in tensors)
-        tensors = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, tiles - t.shape[1])) for t in tensors]
-    return torch.cat(tensors, dim=0)
+    Image sizes come from the headers the reader already read (`Conversation.image_sizes`), else from the
+    headers now. A sample longer than `max_length` is cut there unless the cut would fall inside or before
+    an image: then it is dropped (`too_long_image_cut`, counted) or, with `on_image_truncation: keep`,
+    kept whole. A sample left with no trained token is dropped (`no_trained_tokens`, counted). A sample
+    the encoder rejects follows `on_bad_record`.
+    """
+    kept_c, kept_e = [], []
+    for conv in conversations:
+        try:
+            sizes = conv.image_sizes if conv.image_sizes is not None else [image_size(r) for r in conv.images]
+            enc = encoder.encode_text(conv.messages, sizes)
+        except DataError as e:
+            reject_record(on_bad_record, report, conv.source, conv.index, e.reason or "invalid_record",
+                          f"{conv.source}: record {conv.index}: {e}")
+            continue
+        if max_length is not None and len(enc.input_ids) > max_length:
+            cut = max_length
+            if any(start < cut < end or start >= cut for start, end in enc.image_spans):
+                if on_image_truncation == "drop":
+                    report.add(conv.source, conv.index, "too_long_image_cut",
+                               f"{len(enc.input_ids)} tokens > max_length {cut} and the cut would drop image tokens")
+                    continue
+            else:
+                enc.input_ids, enc.labels = enc.input_ids[:cut], enc.labels[:cut]
+        if all(label == IGNORE_INDEX for label in enc.labels[1:]):
+            report.add(conv.source, conv.index, "no_trained_tokens", "no assistant tokens left to train on")
+            continue
+        kept_c.append(conv)
+        kept_e.append(enc)
+    return kept_c, kept_e

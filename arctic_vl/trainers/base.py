@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
 from arctic_vl.config.paths import ConfigPath
-from arctic_vl.data.base import EpochBatchSampler
+from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import ConfigError, DataError, RunFailed
 from arctic_vl.registry import TRAINERS, Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens

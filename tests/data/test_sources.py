@@ -10,9 +10,10 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from arctic_vl.data.bad_records import BadRecordReport
 from arctic_vl.data.images import DatasetImage, ImageBytes, image_size, open_image
 from arctic_vl.data.records import Conversation, render_dense_answer, to_norm1000
-from arctic_vl.data.sources import BadRecordReport, SourceSpec, parse_sample, read_source, read_sources
+from arctic_vl.data.sources import SourceSpec, parse_sample, read_source, read_sources
 from arctic_vl.errors import ConfigError, DataError
 
 
@@ -121,6 +122,26 @@ def test_image_refs_size_open_and_errors(tmp_path, png):
     with pytest.raises(DataError) as e:
         open_image(str(tmp_path / "bad.png"))
     assert e.value.reason == "unreadable_image"
+
+
+def test_image_headers_are_read_once(synthetic_dir, tiny_llava, monkeypatch):
+    """Building the data opens each image once (its header, when the source is read); no pixel decode."""
+    from types import SimpleNamespace
+
+    import PIL.Image
+
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
+    from arctic_vl.models.loading import family_of_dir, load_processor
+
+    bundle = SimpleNamespace(processor=load_processor(tiny_llava), family=family_of_dir(tiny_llava), model=None)
+    opened: list[str] = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    config = VLMDataConfig(sources=[str(synthetic_dir / "train.llava.json")], max_length=None)
+    data = VLMDataFactory(config).build(bundle, seed=0)
+    images = [str(ref) for conv in data.train.conversations for ref in conv.images]
+    assert len(images) == 34 and sorted(opened) == sorted(images)
+    assert all(conv.image_sizes == [(64, 64)] * len(conv.images) for conv in data.train.conversations)
 
 
 def test_hf_disk_round_trip_with_image_features(tmp_path, synthetic_dir):

@@ -1,8 +1,11 @@
-"""`vlm`: conversations with images, tokenized once up front, pixels decoded lazily in the workers.
+"""The `vlm` data factory: conversations with images, tokenized once up front, pixels decoded lazily.
 
-Up front (cheap): read the sources, read each image's size from its header, tokenize the text with
-image placeholders expanded, apply `max_length`. Per item (in DataLoader workers): decode pixels and
-run the image processor. Bad records follow `on_bad_record`; every skip is counted by reason.
+The walk of one sample: the sources' record files (`sources`, through the registered source kinds and
+record formats of `records`) -> `Conversation` (image headers read once, there) -> `encoding` (checked,
+image tokens placed, labels set, `max_length` applied) -> `sampling` (the epoch's micro-batches, plain
+or packed) -> `collate` (the batch). Up front (cheap): everything but pixels. Per item (in DataLoader
+workers): decode pixels and run the image processor. Bad records follow `on_bad_record`; every skip is
+counted by reason.
 """
 
 from __future__ import annotations
@@ -12,32 +15,37 @@ from typing import Any, Literal
 
 import torch
 from loguru import logger
+from PIL import Image
 from pydantic import Field, model_validator
 
 from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
+from arctic_vl.constants import IGNORE_INDEX
+from arctic_vl.data.bad_records import BadRecordReport, OnBadRecord
 from arctic_vl.data.base import DataBundle, DataFactory
+from arctic_vl.data.collate import ITEM_INDEX, ITEM_ROW, Collator, PackedCollator, RopeIndex
+from arctic_vl.data.encoding import EncodedText, SampleEncoder, encode_conversations
+from arctic_vl.data.images import image_size, open_image
+from arctic_vl.data.records import Conversation
+from arctic_vl.data.sampling import PADDING_INDEX, PackingPlanner
+from arctic_vl.data.sources import SourceSpec, read_sources
 from arctic_vl.errors import DataError
 from arctic_vl.registry import DATA, ComponentConfig
 
 
-def _source_spec_type() -> Any:
-    from arctic_vl.data.sources import SourceSpec
-
-    return SourceSpec
-
-
 class VLMDataConfig(ComponentConfig):
+    """The `vlm` data section: sources (mixed by weight), lengths, the bad-record policy, images, packing."""
+
     type: str = "vlm"
-    sources: list[ConfigPath | _source_spec_type()] = Field(  # type: ignore[valid-type]
+    sources: list[ConfigPath | SourceSpec] = Field(
         ..., min_length=1, description="data files: a path, or {path, format, sample, weight, image_root}"
     )
-    eval_sources: list[ConfigPath | _source_spec_type()] = Field(default_factory=list)  # type: ignore[valid-type]
+    eval_sources: list[ConfigPath | SourceSpec] = Field(default_factory=list)
     micro_batch_size: int = Field(1, ge=1, description="samples per process per forward; with packing: packed rows")
     max_length: int | None = Field(2048, ge=8, description="tokens per sample; longer samples are truncated")
     on_image_truncation: Literal["drop", "keep"] = Field(
         "drop", description="a sample whose cut would fall inside an image: drop it (counted) or keep it whole"
     )
-    on_bad_record: Literal["error", "skip"] = "error"
+    on_bad_record: OnBadRecord = "error"
     num_workers: int = Field(0, ge=0)
     shuffle: bool = True
     system_prompt: str | None = None
@@ -56,9 +64,13 @@ class VLMDataConfig(ComponentConfig):
 
 
 class VLMDataset(torch.utils.data.Dataset):
-    """Pre-tokenized samples; `__getitem__` decodes this sample's images only."""
+    """Pre-tokenized samples; `__getitem__` decodes this sample's images only.
 
-    def __init__(self, conversations: list[Any], encoded: list[Any], encoder: Any, blank_images: bool = False):
+    An index is a sample index (-1: a padding sample, no labels) or a packing plan's (row, sample) key.
+    """
+
+    def __init__(self, conversations: list[Conversation], encoded: list[EncodedText], encoder: SampleEncoder,
+                 blank_images: bool = False):
         self.conversations = conversations
         self.encoded = encoded
         self.encoder = encoder
@@ -69,82 +81,28 @@ class VLMDataset(torch.utils.data.Dataset):
         return len(self.encoded)
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        from arctic_vl.data.images import image_size, open_image
-
         row = None
-        if isinstance(index, tuple):  # a packing plan's (row, sample) key, see arctic_vl.data.packing
+        if isinstance(index, tuple):  # a packing plan's (row, sample) key, see arctic_vl.data.sampling
             row, index = index
-        padding = index == -1  # see EpochBatchSampler: a sample that trains nothing
+        padding = index == PADDING_INDEX
         i = 0 if padding else index
         enc, conv = self.encoded[i], self.conversations[i]
         item: dict[str, Any] = {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-            "labels": torch.full((len(enc.labels),), -100, dtype=torch.long) if padding
+            "labels": torch.full((len(enc.labels),), IGNORE_INDEX, dtype=torch.long) if padding
             else torch.tensor(enc.labels, dtype=torch.long),
         }
         if conv.images:
             if self.blank_images:
-                from PIL import Image
-
-                images = [Image.new("RGB", image_size(ref), (127, 127, 127)) for ref in conv.images]
+                sizes = conv.image_sizes if conv.image_sizes is not None else [image_size(r) for r in conv.images]
+                images = [Image.new("RGB", size, (127, 127, 127)) for size in sizes]
             else:
                 images = [open_image(ref) for ref in conv.images]
             item.update(self.encoder.encode_images(images))
-        item["_index"] = index
+        item[ITEM_INDEX] = index
         if row is not None:
-            item["_row"] = row
+            item[ITEM_ROW] = row
         return item
-
-
-class Collator:
-    """The family's collate plus bookkeeping the loop needs (sample indices, real-token counts)."""
-
-    def __init__(self, encoder: Any):
-        self.encoder = encoder
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        indices = [s.pop("_index") for s in samples]
-        batch = self.encoder.collate(samples)
-        batch["_indices"] = indices
-        real = [i != -1 for i in indices]
-        batch["_num_samples"] = sum(real)
-        batch["_num_tokens"] = int(sum(len(s["input_ids"]) for s, r in zip(samples, real) if r))
-        return batch
-
-
-def scan(conversations: list[Any], encoder: Any, cfg: VLMDataConfig, report: Any) -> tuple[list[Any], list[Any]]:
-    """Tokenize every conversation (image sizes from headers) and apply max_length; returns kept (convs, encoded)."""
-    from arctic_vl.data.images import image_size
-
-    kept_c, kept_e = [], []
-    for conv in conversations:
-        try:
-            sizes = [image_size(ref) for ref in conv.images]
-            enc = encoder.encode_text(conv.messages, sizes)
-        except DataError as e:
-            _bad(cfg, report, conv, e.reason or "invalid_record", str(e))
-            continue
-        if cfg.max_length is not None and len(enc.input_ids) > cfg.max_length:
-            cut = cfg.max_length
-            if any(start < cut < end for start, end in enc.image_spans) or any(start >= cut for start, _ in enc.image_spans):
-                if cfg.on_image_truncation == "drop":
-                    report.add(conv.source, conv.index, "too_long_image_cut",
-                               f"{len(enc.input_ids)} tokens > max_length {cut} and the cut would drop image tokens")
-                    continue
-            else:
-                enc.input_ids, enc.labels = enc.input_ids[:cut], enc.labels[:cut]
-        if all(label == -100 for label in enc.labels[1:]):
-            report.add(conv.source, conv.index, "no_trained_tokens", "no assistant tokens left to train on")
-            continue
-        kept_c.append(conv)
-        kept_e.append(enc)
-    return kept_c, kept_e
-
-
-def _bad(cfg: VLMDataConfig, report: Any, conv: Any, reason: str, message: str) -> None:
-    if cfg.on_bad_record == "error":
-        raise DataError(f"{conv.source}: record {conv.index}: {message}", source=conv.source, index=conv.index, reason=reason)
-    report.add(conv.source, conv.index, reason, message)
 
 
 @DATA.register("vlm")
@@ -153,30 +111,35 @@ class VLMDataFactory(DataFactory):
 
     config_class = VLMDataConfig
 
-    def encoder(self, model_bundle: Any) -> Any:
-        from arctic_vl.data.encoding import SampleEncoder
-
+    def encoder(self, model_bundle: Any) -> SampleEncoder:
+        """The sample encoder for the bundle's processor and family, with this config's image budget."""
         c = self.config
         return SampleEncoder(model_bundle.processor, model_bundle.family, min_pixels=c.min_pixels,
                              max_pixels=c.max_pixels, image_grid_pinpoints=c.image_grid_pinpoints,
                              system_prompt=c.system_prompt)
 
-    def read(self, specs: list[Any], *, seed: int, report: Any) -> list[Any]:
-        from arctic_vl.data.sources import SourceSpec, read_sources
-
+    def read(self, specs: list[Any], *, seed: int, report: BadRecordReport) -> list[Conversation]:
+        """The sources' conversations, sampled, weighted and mixed (paths resolved by the config already)."""
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs]
         return read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record, report=report)
 
-    def dataset(self, specs: list[Any], encoder: Any, *, seed: int, report: Any) -> VLMDataset:
-        convs, encoded = scan(self.read(specs, seed=seed, report=report), encoder, self.config, report)
+    def encode(self, conversations: list[Conversation], encoder: SampleEncoder,
+               report: BadRecordReport) -> tuple[list[Conversation], list[EncodedText]]:
+        """Tokenize the conversations and apply this config's max_length policy; the kept (convs, encodings)."""
+        c = self.config
+        return encode_conversations(conversations, encoder, report, max_length=c.max_length,
+                                    on_image_truncation=c.on_image_truncation, on_bad_record=c.on_bad_record)
+
+    def dataset(self, specs: list[Any], encoder: SampleEncoder, *, seed: int, report: BadRecordReport) -> VLMDataset:
+        """The dataset of `specs`: read, encoded; DataError when no sample is left."""
+        convs, encoded = self.encode(self.read(specs, seed=seed, report=report), encoder, report)
         if not encoded:
             raise DataError(f"no usable samples in {', '.join(str(getattr(s, 'path', s)) for s in specs)}"
                             f"{': ' + report.format() if report.total else ''}")
         return VLMDataset(convs, encoded, encoder, self.config.blank_images)
 
     def build(self, model_bundle: Any, *, seed: int) -> DataBundle:
-        from arctic_vl.data.sources import BadRecordReport
-
+        """Train (and eval) datasets, the collator, the bad-record report and stats; a packing batcher if asked."""
         report = BadRecordReport()
         encoder = self.encoder(model_bundle)
         train = self.dataset(self.config.sources, encoder, seed=seed, report=report)
@@ -195,11 +158,10 @@ class VLMDataFactory(DataFactory):
         bundle.num_workers = self.config.num_workers
         return bundle
 
-    def _packed_bundle(self, model_bundle: Any, encoder: Any, train: VLMDataset, evaluation: VLMDataset | None,
-                       report: Any, stats: dict[str, Any], seed: int) -> DataBundle:
+    def _packed_bundle(self, model_bundle: Any, encoder: SampleEncoder, train: VLMDataset,
+                       evaluation: VLMDataset | None, report: BadRecordReport, stats: dict[str, Any],
+                       seed: int) -> DataBundle:
         """Packing: a best-fit planner as the bundle's batcher and the packed collator."""
-        from arctic_vl.data.packing import PackedCollator, PackingPlanner, RopeIndex
-
         c = self.config
         assert c.max_length is not None  # the config validator guarantees it
         too_long = [k for k, n in enumerate(train.lengths) if n > c.max_length]
