@@ -203,7 +203,8 @@ def test_deepspeed_config_is_derived_and_checked(tmp_path):
     from arctic_vl.distributed.deepspeed_backend import derive_ds_config
     from arctic_vl.errors import ConfigError
 
-    base = {"model": {"family": "llava_next"}, "data": {"sources": ["x.json"], "micro_batch_size": 3},
+    (tmp_path / "x.json").write_text("[]\n")  # the data a config names must exist to validate
+    base = {"model": {"family": "llava_next"}, "data": {"sources": [str(tmp_path / "x.json")], "micro_batch_size": 3},
             "trainer": {"gradient_accumulation_steps": 4, "max_grad_norm": 0.5, "bf16": True}}
     cfg = load_config({**base, "distributed": {"type": "deepspeed", "zero_stage": 3, "offload_param": "cpu",
                                                "config": {"zero_optimization": {"reduce_bucket_size": 1000}}}})
