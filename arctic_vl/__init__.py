@@ -11,11 +11,11 @@ Groups:
     registries:   Registry, Component, ComponentConfig, MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS,
                   CHECKPOINTERS, CALLBACKS, DISTRIBUTED, RECORD_FORMATS, DATA_SOURCES
     extending:    register_cli_verb, register_config_check, register_model_type
-    config:       ConfigPath, ModelPath, ExistingPath, LocatedConfig, where
+    config:       ConfigPath, ModelPath, ExistingPath, Seed, LocatedConfig, where
     contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, IGNORE_INDEX, PARTS, epoch_seed
     models:       ModelFactory, ModelBundle, HFModelFactory, HFModelConfig, LoraConfig, DTYPES, FamilySpec,
                   FAMILIES, get_family, family_of_dir, read_model_type, load_model, load_processor,
-                  make_tiny_model, tiny_config
+                  make_tiny_model, tiny_config, TinyModelConfig
     forward/loss: final_hidden, model_inputs, unwrap_peft, vision_keepalive, lm_loss_sum, label_positions,
                   count_label_tokens
     data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Conversation, BadRecord,
@@ -27,7 +27,7 @@ Groups:
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
-    errors:       UserError, ConfigError, DataError
+    errors:       UserError, ConfigError, DataError, CheckpointError
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ _LAZY: dict[str, str] = {
     "ConfigPath": "arctic_vl.config.paths",
     "ModelPath": "arctic_vl.config.paths",
     "ExistingPath": "arctic_vl.config.paths",
+    "Seed": "arctic_vl.config.types",
     "LocatedConfig": "arctic_vl.config.loader",
     "where": "arctic_vl.config.schema",
     # contracts
@@ -92,6 +93,7 @@ _LAZY: dict[str, str] = {
     "load_processor": "arctic_vl.models.loading",
     "make_tiny_model": "arctic_vl.models.tiny",
     "tiny_config": "arctic_vl.models.tiny",
+    "TinyModelConfig": "arctic_vl.models.tiny",
     # forward and loss helpers
     "final_hidden": "arctic_vl.models.forward",
     "model_inputs": "arctic_vl.models.forward",
@@ -149,6 +151,7 @@ _LAZY: dict[str, str] = {
     "UserError": "arctic_vl.errors",
     "ConfigError": "arctic_vl.errors",
     "DataError": "arctic_vl.errors",
+    "CheckpointError": "arctic_vl.errors",
 }
 
 __all__ = [  # every public name; tests/test_api.py checks it equals the keys of _LAZY
@@ -182,6 +185,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "Batch",
     "Callback",
     "CheckpointConfig",
+    "CheckpointError",
     "Checkpointer",
     "Component",
     "ComponentConfig",
@@ -217,9 +221,11 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "SFTTrainer",
     "Scheduler",
     "SchedulerConfig",
+    "Seed",
     "SourceSpec",
     "StepCounts",
     "StepInfo",
+    "TinyModelConfig",
     "TrainState",
     "Trainer",
     "TrainerConfig",
@@ -260,6 +266,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.config.loader import LocatedConfig
     from arctic_vl.config.paths import ConfigPath, ExistingPath, ModelPath
     from arctic_vl.config.schema import EngineConfig, EvalConfig, load_config, where
+    from arctic_vl.config.types import Seed
     from arctic_vl.constants import IGNORE_INDEX, PARTS, epoch_seed
     from arctic_vl.data.bad_records import (
         BAD_RECORD_REASONS,
@@ -281,14 +288,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.data.synthetic import make_synthetic_data
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine
-    from arctic_vl.errors import ConfigError, DataError, UserError
+    from arctic_vl.errors import CheckpointError, ConfigError, DataError, UserError
     from arctic_vl.models.base import ModelBundle, ModelFactory
     from arctic_vl.models.families import FAMILIES, FamilySpec, get_family, register_model_type
     from arctic_vl.models.forward import final_hidden, model_inputs, unwrap_peft, vision_keepalive
     from arctic_vl.models.hf import DTYPES, HFModelConfig, HFModelFactory, read_model_type
     from arctic_vl.models.loading import family_of_dir, load_model, load_processor
     from arctic_vl.models.lora import LoraConfig
-    from arctic_vl.models.tiny import make_tiny_model, tiny_config
+    from arctic_vl.models.tiny import TinyModelConfig, make_tiny_model, tiny_config
     from arctic_vl.optim.optimizers import AdamWConfig, Optimizer, ParamGroupConfig
     from arctic_vl.optim.schedulers import Scheduler, SchedulerConfig
     from arctic_vl.plugins import load_plugins, register_cli_verb, register_config_check

@@ -9,6 +9,7 @@ formats and the data-source kinds that a data config's `sources` name.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -18,11 +19,42 @@ from arctic_vl.errors import ConfigError
 
 
 class ComponentConfig(BaseModel):
-    """Base of every component's config: a `type` that names the registered class, no unknown keys."""
+    """Base of every component's config: a `type` that names the registered class, no unknown keys.
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), arbitrary_types_allowed=False)
+    Every float is finite unless its field says otherwise (`Field(allow_inf_nan=True)`): an `lr` of `.inf`
+    validates in plain pydantic and turns the run into NaNs. Nested models (parameter groups, LoRA, a
+    plugin's own sub-configs) follow the same rule: `non_finite_values` finds them, and config validation
+    reports each with its file and line.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), arbitrary_types_allowed=False,
+                              allow_inf_nan=False)
 
     type: str
+
+
+def non_finite_values(model: BaseModel, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], float]]:
+    """(key path, value) of every inf/nan float in `model`, nested models, lists and dicts included, except in
+    fields declared with `allow_inf_nan=True`."""
+    found: list[tuple[tuple[Any, ...], float]] = []
+    for name, info in type(model).model_fields.items():
+        allowed = any(getattr(m, "allow_inf_nan", False) is True for m in info.metadata)
+        _collect_non_finite(getattr(model, name, None), (*path, info.alias or name), allowed, found)
+    return found
+
+
+def _collect_non_finite(value: Any, path: tuple[Any, ...], allowed: bool, found: list[Any]) -> None:
+    if isinstance(value, float):
+        if not allowed and not math.isfinite(value):
+            found.append((path, value))
+    elif isinstance(value, BaseModel):
+        found.extend(non_finite_values(value, path))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _collect_non_finite(item, (*path, i), allowed, found)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _collect_non_finite(item, (*path, key), allowed, found)
 
 
 T = TypeVar("T")

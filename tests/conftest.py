@@ -17,6 +17,10 @@ from tests.e2e_utils import synthetic_data, tiny_llava  # noqa: F401
 
 # Two cores shared by several engineers: one thread per test process.
 torch.set_num_threads(1)
+# DeepSpeed JIT-compiles a C++ op at every process-group start; torch caches it under a directory keyed by
+# nothing but the name, so virtualenvs on one machine rebuild it in turn (minutes each under load). One cache
+# per virtualenv: every launch after the first reuses this one's build. Child processes inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 #: a minimal valid config: needs nothing on disk but `train.json` next to it
 GOOD_CONFIG = """\

@@ -76,7 +76,7 @@ def test_extends_deep_merge_and_replacement(tree, write, monkeypatch):
     monkeypatch.chdir(tree / "cwd")
     cfg = load_config(child)
     # mappings merge deeply
-    assert cfg.model.tiny == {"layers": 4, "hidden": 64}
+    assert cfg.model.tiny.given() == {"layers": 4, "hidden": 64}
     assert cfg.model.family == "llava_next" and cfg.model.freeze == ["vision"]
     assert (cfg.trainer.max_steps, cfg.trainer.seed) == (7, 1)
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (0.5, 0.1)
@@ -143,7 +143,7 @@ def test_set_overrides(tmp_path, write, monkeypatch):
         "model.freeze=[]",
     ])
     assert cfg.trainer.max_steps == 9
-    assert cfg.model.tiny == {"layers": 3, "hidden": 64}
+    assert cfg.model.tiny.given() == {"layers": 3, "hidden": 64}
     assert cfg.data.sources == [str(work / "a.json"), str(work / "sub" / "b.json")]
     assert cfg.trainer.max_grad_norm == 0.5
     assert cfg.scheduler.type == "linear"

@@ -26,7 +26,7 @@ def test_recipe_config_is_a_plain_llava_next_with_a_llama(synthetic_data: Path):
     cfg = load_config(RECIPE, [f"data.sources=[{synthetic_data / 'train.llava.json'}]",
                                f"data.eval_sources=[{synthetic_data / 'heldout.llava.json'}]"])
     assert cfg.model.type == "hf_vlm" and cfg.model.family == "llava_next"
-    text = tiny_config("llava_next", **cfg.model.tiny).text_config
+    text = tiny_config("llava_next", **cfg.model.tiny.given()).text_config
     assert text.model_type == "llama"  # swiftkv_vl distils a teacher trained with this recipe
     assert cfg.eval.generate and cfg.eval.max_samples is None  # final figures on the whole held-out split
 

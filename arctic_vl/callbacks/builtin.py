@@ -48,7 +48,7 @@ class Progress(Callback):
 
 class TensorBoardConfig(ComponentConfig):
     type: str = "tensorboard"
-    log_dir: ConfigPath | None = Field(None, description="default: OUTPUT_DIR/tensorboard (relative to the config file)")
+    log_dir: ConfigPath | None = Field(None, description="relative to the config file; default: OUTPUT_DIR/tensorboard")
 
 
 @CALLBACKS.register("tensorboard")

@@ -150,7 +150,7 @@ class DDPConfig(DistributedConfig):
     find_unused_parameters: bool = Field(
         True, description="needed when some parameters get no grad on a step (e.g. text-only batches, vision_feature_layer=-1)"
     )
-    timeout_minutes: int = Field(30, ge=1)
+    timeout_minutes: int = Field(30, ge=1, le=525_600, description="collective timeout (at most a year)")
 
 
 def unused_parameters_error(error: RuntimeError, model: Any, config: Any) -> Exception:

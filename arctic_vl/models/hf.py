@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_serializer, model_validator
 
 from arctic_vl.config.paths import ModelPath
+from arctic_vl.config.types import Seed
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.base import ModelBundle, ModelFactory
 from arctic_vl.models.export_dtype import cast_state_dict, checkpoint_dtype, stamp_config_dtype
 from arctic_vl.models.lora import LoraConfig, apply_lora, is_peft, save_lora_export
+from arctic_vl.models.tiny import TinyModelConfig, check_tiny_shape
 from arctic_vl.registry import MODELS, ComponentConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,7 +25,8 @@ class HFModelConfig(ComponentConfig):
     type: str = "hf_vlm"
     name_or_path: ModelPath | None = Field(None, description="a local HF model directory (config.json, safetensors, processor)")
     family: str | None = Field(None, description="with no name_or_path: build a tiny random model of this family")
-    tiny: dict[str, int] = Field(default_factory=dict, description="shape of the tiny model (layers, hidden, ...)")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig,
+                                  description="shape of the tiny model (layers, hidden, heads, ...); with family")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the weights train in (float32: fp32 master weights, with trainer.bf16 autocast)"
     )
@@ -41,7 +44,12 @@ class HFModelConfig(ComponentConfig):
     lora: LoraConfig | None = Field(
         None, description="LoRA (PEFT) on some parts; parts neither frozen nor LoRA'd train fully (modules_to_save)"
     )
-    seed: int | None = Field(None, description="seed for the tiny model's random weights (default: trainer seed)")
+    seed: Seed | None = Field(None, description="seed for the tiny model's random weights (default: trainer seed)")
+
+    @field_serializer("tiny")
+    def _tiny_as_given(self, tiny: TinyModelConfig) -> dict[str, int]:
+        # the keys the config set, as before this was a model: saved runs compare equal on resume
+        return tiny.given()
 
     @model_validator(mode="after")
     def _source(self) -> HFModelConfig:
@@ -49,13 +57,14 @@ class HFModelConfig(ComponentConfig):
             raise ValueError("give name_or_path (a local HF directory) or family (to build a tiny model)")
         if self.name_or_path is not None and self.family is not None:
             raise ValueError("give name_or_path or family, not both")
-        if self.name_or_path is not None and self.tiny:
+        if self.name_or_path is not None and self.tiny.given():
             raise ValueError("tiny: only applies with family (an inline tiny model)")
         if self.family is not None:
             from arctic_vl.models.families import FAMILIES
 
             if self.family not in FAMILIES:
                 raise ValueError(f"unknown family {self.family!r}; allowed: {', '.join(FAMILIES)}")
+            check_tiny_shape(self.family, self.tiny.given())
         if self.name_or_path is not None:
             path = Path(self.name_or_path)
             if path.is_absolute() and not (path / "config.json").is_file():
@@ -107,7 +116,8 @@ class HFModelFactory(ModelFactory):
     def describe(self) -> str:
         if self.config.name_or_path is not None:
             return f"{read_model_type(self.config.name_or_path)} from {self.config.name_or_path}"
-        return f"tiny {self.config.family} ({', '.join(f'{k}={v}' for k, v in self.config.tiny.items()) or 'default shape'})"
+        shape = self.config.tiny.given()
+        return f"tiny {self.config.family} ({', '.join(f'{k}={v}' for k, v in shape.items()) or 'default shape'})"
 
     def prepare(self, output_dir: Path, seed: int) -> None:
         """On the main process, before any rank builds: write the inline tiny model if the config asks for one."""
@@ -119,7 +129,7 @@ class HFModelFactory(ModelFactory):
         from arctic_vl.models.tiny import make_tiny_model
 
         make_tiny_model(self.config.family, target, seed=self.config.seed if self.config.seed is not None else seed,
-                        **self.config.tiny)
+                        **self.config.tiny.given())
 
     def load(self, path: Path, *, exported: bool = False) -> tuple[torch.nn.Module, Any, Any]:
         """(model, processor, family) from a local directory; `build` then freezes, applies LoRA and moves it.
@@ -180,13 +190,21 @@ class HFModelFactory(ModelFactory):
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """`out_dir`: an HF directory (safetensors + processor) in `export_dtype()`. A LoRA model is written
         merged, with the PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
-        dtype_name = self.export_dtype()
-        if is_peft(model):
-            return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict, dtype=DTYPES[dtype_name])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = state_dict if state_dict is not None else model.state_dict()
-        model.save_pretrained(out_dir, safe_serialization=True, state_dict=cast_state_dict(state, DTYPES[dtype_name]))
-        stamp_config_dtype(out_dir, dtype_name)
-        if bundle.processor is not None:
-            bundle.processor.save_pretrained(out_dir)
+        dtype = DTYPES[self.export_dtype()]
+        try:
+            if is_peft(model):
+                return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict, dtype=dtype)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            state = state_dict if state_dict is not None else model.state_dict()
+            model.save_pretrained(out_dir, safe_serialization=True, state_dict=cast_state_dict(state, dtype))
+            stamp_config_dtype(out_dir, self.export_dtype())
+            if bundle.processor is not None:
+                bundle.processor.save_pretrained(out_dir)
+        except (OSError, RuntimeError) as e:  # a full disk, a read-only target: name it (and the bytes needed)
+            from arctic_vl.checkpoint.files import disk_full, write_error
+
+            needed = sum(p.numel() * dtype.itemsize for p in model.parameters())
+            if not isinstance(e, OSError) and not disk_full(e, out_dir, needed):
+                raise  # not an I/O failure: the traceback is the useful part
+            raise write_error(out_dir, e, needed, what="export") from None
         return out_dir

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
 from arctic_vl.config.paths import ConfigPath
+from arctic_vl.config.types import Seed
 from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import ConfigError, DataError, RunFailed
 from arctic_vl.registry import TRAINERS, Component, ComponentConfig
@@ -76,7 +77,7 @@ class TrainerConfig(ComponentConfig):
     epochs: float = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     bf16: bool = Field(False, description="bf16 autocast (where the device supports it)")
     loss_chunk_size: int = Field(2048, ge=16, description="label positions per output-layer chunk (memory-lean loss)")
     log_every_n_steps: int = Field(1, ge=1, description="console log interval; metrics.jsonl gets every step")

@@ -144,7 +144,7 @@ class AlternatingModelFactory(HFModelFactory):
         target = VARIANT_MODEL_TYPES[variant]
         source_type = c.checkpoint_model_type()
         if source_type is None:
-            shape = ", ".join(f"{k}={v}" for k, v in c.tiny.items()) or "default shape"
+            shape = ", ".join(f"{k}={v}" for k, v in c.tiny.given().items()) or "default shape"
             text = f"{target} (variant {variant}) from a tiny {FAMILY} ({shape}) written to OUTPUT_DIR/base_model"
         else:
             text = f"{target} (variant {variant}) from {c.name_or_path}"

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from arctic_vl import MODELS, ComponentConfig, ExistingPath, ModelBundle, ModelFactory
+from arctic_vl import MODELS, ComponentConfig, ExistingPath, ModelBundle, ModelFactory, Seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +51,7 @@ class TeacherTinyConfig(BaseModel):
     vision_hidden: int = Field(64, ge=16)
     image_size: int | None = Field(None, ge=16)
     patch_size: int | None = Field(None, ge=2)
-    seed: int | None = Field(None, description="seed of the random weights (default: trainer.seed)")
+    seed: Seed | None = Field(None, description="seed of the random weights (default: trainer.seed)")
 
     @model_validator(mode="after")
     def _heads(self) -> TeacherTinyConfig:
