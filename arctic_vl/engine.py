@@ -111,28 +111,43 @@ class Engine:
 
     def evaluate(self) -> dict[str, Any]:
         """Eval loss (and exact match with `eval.generate`) on `data.eval_sources`, for the trained
-        model in OUTPUT_DIR/final when it exists, else the configured model."""
+        model in OUTPUT_DIR/final when it exists, else the configured model (step 0).
+
+        Recorded in OUTPUT_DIR/eval_standalone.jsonl at the step of the weights evaluated (never in the
+        training-time eval.jsonl); the callbacks see it as a standalone evaluation."""
         final = self.output_dir / "final"
+        exported = (final / "config.json").is_file()
         try:
-            trainer = self._build(final if (final / "config.json").is_file() else None)
+            trainer = self._build(final if exported else None)
             try:
                 if trainer.data.eval is None:
                     from arctic_vl.errors import ConfigError
 
                     raise ConfigError("evaluate: data.eval_sources is empty; name the held-out data files there")
-                results = trainer.run_evaluation()
+                results = trainer.evaluate_standalone(self._exported_step(trainer) if exported else 0)
             finally:
                 trainer.dist.teardown()
         finally:
             self.release_lock()
-        results["model"] = str(final) if (final / "config.json").is_file() else self.describe_model()
+        results["model"] = str(final) if exported else self.describe_model()
+        results["step"] = trainer.state.step
         return results
+
+    def _exported_step(self, trainer: Any) -> int:
+        """The step of the weights in OUTPUT_DIR/final: from its export info, else the latest checkpoint's."""
+        from arctic_vl.trainers.base import EXPORT_INFO_FILE
+
+        info = self.output_dir / "final" / EXPORT_INFO_FILE
+        if info.is_file():
+            return int(json.loads(info.read_text())["step"])
+        latest = trainer.checkpointer.latest()  # an export written before export info existed
+        return int(trainer.checkpointer.read_state(latest)["step"]) if latest is not None else 0
 
     def _write_run_files(self, trainer: Any) -> None:
         (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         info = {"versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
                 "config_source": self.config.source, "world_size": trainer.dist.world_size,
-                "data": trainer.data.stats}
+                "data": trainer.data.stats, "parameters": trainer.bundle.parameter_counts()}
         info["plugins"] = plugin_summary()
         (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
 

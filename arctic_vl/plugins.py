@@ -38,6 +38,7 @@ BUILTIN_MODULES = (
     "arctic_vl.optim.schedulers",
     "arctic_vl.checkpoint.checkpointer",
     "arctic_vl.callbacks.builtin",
+    "arctic_vl.callbacks.trackers",
     "arctic_vl.distributed.backends",
     "arctic_vl.distributed.deepspeed_backend",
 )

@@ -270,6 +270,24 @@ CASES = [
         "config.json: not found", "model.name_or_path must be a local HF model directory"),
     bad("name_or_path_and_family", "model:\n  family: llava_next\n  name_or_path: x\n" + D, 3,
         "model.name_or_path", "give name_or_path or family, not both"),
+    bad("model_type_unsupported", "model:\n  name_or_path: m\n" + D, 2, "model.name_or_path",
+        "has model_type 'idefics3', which arctic_vl cannot train; supported model types: llava, llava_next,",
+        "qwen3_vl", extra={"m/config.json": '{"model_type": "idefics3"}'}),
+    bad("model_config_json_broken", "model:\n  name_or_path: m\n" + D, 2, "model.name_or_path",
+        "config.json is not a valid HF config", extra={"m/config.json": '{"model_type": '}),
+    # ---------------------------------------------------------------- files the config names must exist
+    bad("data_source_missing", M + "data:\n  sources:\n    - train.json\n    - nope.json\n", 6, "data.sources[1]",
+        "nope.json does not exist", "relative to the file that sets it"),
+    bad("data_source_spec_missing", M + "data:\n  sources:\n    - {path: gone/x.jsonl, weight: 2}\n", 5,
+        "data.sources[0].path", "gone/x.jsonl does not exist (nor does its folder"),
+    bad("eval_source_missing", M + D + "  eval_sources: [heldout.json]\n", 6, "data.eval_sources[0]",
+        "heldout.json does not exist"),
+    bad("image_root_missing", M + "data:\n  sources:\n    - path: train.json\n      image_root: imgs\n", 6,
+        "data.sources[0].image_root", "imgs does not exist"),
+    bad("data_source_missing_by_set", M + D, None, "data.sources[0]", "x.json does not exist",
+        args=("--set", "data.sources=[x.json]"), where="--set data.sources=[x.json]"),
+    bad("data_source_missing_in_base", "extends: base/base.yaml\n" + M, 3, "data.sources[0]",
+        "base/train.json does not exist", where="base.yaml:3", extra={"base/base.yaml": D}),
 ]
 
 
@@ -367,6 +385,23 @@ def test_engine_rejects_a_non_mapping():
 
     with pytest.raises(ConfigError, match="mapping of sections, got list"):
         Engine(["model"])  # type: ignore[arg-type]
+
+
+def test_paths_a_run_creates_need_not_exist(in_tmp, cli):
+    """output_dir (and an inline tiny model, written under it) are created by the run: validation passes."""
+    (in_tmp / "ok.yaml").write_text(M + D + "trainer:\n  output_dir: runs/not/yet/there\n"
+                                    "callbacks:\n  - {type: tensorboard, log_dir: tb/new}\n")
+    rc, out, err = cli("validate", "ok.yaml")
+    assert rc == 0, err
+    assert "# config OK" in out and not (in_tmp / "runs").exists()
+
+
+def test_missing_data_file_found_by_every_entry_point(in_tmp):
+    """The same check runs wherever a config is loaded (train, evaluate, Engine(dict)), before any work."""
+    from arctic_vl import Engine
+
+    with pytest.raises(ConfigError, match=r"config\[data.sources\[0\]\]: data.sources\[0\]: .*nope.json does not exist"):
+        Engine({"model": {"family": "llava_next"}, "data": {"sources": ["nope.json"]}})
 
 
 # ------------------------------------------------------------------------ encodings, unwritable dirs, dicts

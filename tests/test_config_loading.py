@@ -38,10 +38,22 @@ callbacks:
 """
 
 
+def touch(root: Path, *names: str) -> None:
+    """Create the files (and, for names ending in /, folders) a config names: they must exist to validate."""
+    for name in names:
+        path = root / name
+        if name.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("[]\n")
+
+
 @pytest.fixture
 def tree(tmp_path: Path, write) -> Path:
     """tmp/base/base.yaml (paths under base/), tmp/exp/ for children; cwd is elsewhere (tmp/cwd)."""
     write("base/base.yaml", BASE)
+    touch(tmp_path / "base", "data/train.json", "data/eval.json", "images/")
     return tmp_path
 
 
@@ -60,6 +72,7 @@ def test_extends_deep_merge_and_replacement(tree, write, monkeypatch):
           - type: progress
         """)
     (tree / "cwd").mkdir()
+    touch(tree, "exp/mine.json")
     monkeypatch.chdir(tree / "cwd")
     cfg = load_config(child)
     # mappings merge deeply
@@ -117,7 +130,7 @@ def test_multi_level_and_list_extends(tmp_path, write):
 def test_set_overrides(tmp_path, write, monkeypatch):
     cfg_file = write("exp/run.yaml", BASE.replace("model:\n", "model:\n  seed: 5\n"))
     work = tmp_path / "work"
-    work.mkdir()
+    touch(tmp_path, "exp/data/train.json", "exp/data/eval.json", "exp/images/", "work/a.json", "work/sub/b.json")
     monkeypatch.chdir(work)
     cfg = load_config(cfg_file, [
         "trainer.max_steps=9",              # scalar

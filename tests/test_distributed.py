@@ -23,7 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_cli, subprocess_env, write_yaml
+from tests.e2e_utils import (
+    KILL_AT_CALLBACK,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+    write_eval_file,
+    write_yaml,
+)
 
 BIN = Path(sys.executable).parent
 SEED = 7
@@ -49,16 +56,23 @@ def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempP
     data_file.write_text(json.dumps(arranged))  # data.shuffle: false trains it in file order
     root = tmp_path_factory.mktemp("distributed")
 
-    def config(name: str, distributed: dict, micro: int, **trainer: object) -> Path:
+    def config(name: str, distributed: dict, micro: int, evaluate: bool = False, **trainer: object) -> Path:
+        """`evaluate`: a final evaluation with generation on uneven question types (see write_eval_file)."""
+        data = {"sources": [str(data_file)], "micro_batch_size": micro, "max_length": 4096, "shuffle": False}
+        extra = {}
+        if evaluate:
+            data["eval_sources"] = [str(write_eval_file(synthetic_data))]
+            extra["eval"] = {"generate": True, "max_new_tokens": 4}
         return write_yaml(root / f"{name}.yaml", {
             "model": {"name_or_path": str(tiny_llava)},
-            "data": {"sources": [str(data_file)], "micro_batch_size": micro, "max_length": 4096, "shuffle": False},
+            "data": data,
             "trainer": {"output_dir": str(root / name), "max_steps": MAX_STEPS, "gradient_accumulation_steps": 2,
                         "progress_bar": False, "seed": SEED, **trainer},
             "optimizer": {"lr": 3e-3},
             "scheduler": {"type": "cosine", "warmup_steps": 1},
             "checkpoint": {"every_n_steps": 2, "keep_last": 2},
             "distributed": distributed,
+            **extra,
         })
 
     return {"root": root, "config": config, "tiny": tiny_llava}
@@ -142,7 +156,7 @@ def test_zero2_two_processes_equal_one(setup, reference):
 
 
 def test_zero3_sigkill_resume_and_export(setup, reference, tmp_path):
-    config = setup["config"]("zero3", {"type": "deepspeed", "zero_stage": 3}, 2)
+    config = setup["config"]("zero3", {"type": "deepspeed", "zero_stage": 3}, 2, evaluate=True)
     child = tmp_path / "kill_child.py"
     child.write_text(KILL_CHILD)
     proc = _launch("torchrun", [str(child), str(config), "3"])
@@ -170,6 +184,17 @@ def test_zero3_sigkill_resume_and_export(setup, reference, tmp_path):
     moved = max(float((exported[k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-3, "the export holds trained weights, not the initial ones"
     assert all(v.numel() > 0 for v in exported.values()), "no partitioned (empty) tensors"
+
+    # the final evaluation under ZeRO-3 (every forward a collective; ranks with other question types, one
+    # answering a text-only question while the other encodes an image) equals one process on the export
+    (two,) = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    from arctic_vl.engine import Engine
+
+    one = Engine(config, ["distributed={type: single}"]).evaluate()
+    assert two["eval_questions_by_type"] == one["eval_questions_by_type"] == {"colour": 3, "count": 1, "text": 1}
+    for key in ("eval_label_tokens", "exact_match", "exact_match_by_type"):
+        assert two[key] == one[key], key
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5, abs=0)
     shutil.rmtree(out / "checkpoints")
 
 
@@ -179,7 +204,8 @@ def test_deepspeed_config_is_derived_and_checked(tmp_path):
     from arctic_vl.distributed.deepspeed_backend import derive_ds_config
     from arctic_vl.errors import ConfigError
 
-    base = {"model": {"family": "llava_next"}, "data": {"sources": ["x.json"], "micro_batch_size": 3},
+    (tmp_path / "x.json").write_text("[]\n")  # the data a config names must exist to validate
+    base = {"model": {"family": "llava_next"}, "data": {"sources": [str(tmp_path / "x.json")], "micro_batch_size": 3},
             "trainer": {"gradient_accumulation_steps": 4, "max_grad_norm": 0.5, "bf16": True}}
     cfg = load_config({**base, "distributed": {"type": "deepspeed", "zero_stage": 3, "offload_param": "cpu",
                                                "config": {"zero_optimization": {"reduce_bucket_size": 1000}}}})
@@ -196,7 +222,7 @@ def test_deepspeed_config_is_derived_and_checked(tmp_path):
         assert says in str(err.value) and "bad.yaml:" in str(err.value), str(err.value)  # names file and line
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_text_only_batch_runs_the_vision_tower(family, tmp_path):
     """The keep-alive touches every vision/aligner parameter an image batch touches, with zero effect."""
     from arctic_vl import final_hidden, lm_loss_sum
@@ -227,3 +253,47 @@ def test_text_only_batch_runs_the_vision_tower(family, tmp_path):
     assert all("post_layernorm" in n for n in missing), sorted(missing)
     assert len(grads[1]) >= len(vision) - 2
     assert all(float(g.abs().max()) == 0.0 for g in grads[1].values())
+
+
+def test_unused_parameters_name_the_config_key(tiny_llava, tmp_path):
+    """find_unused_parameters: false on a model whose step leaves weights out (CLIP's post_layernorm with
+    vision_feature_layer -1): PyTorch's raw DDP error becomes a ConfigError naming the key and the weights."""
+    import torch.distributed as dist
+    from PIL import Image
+    from torch.nn.parallel import DistributedDataParallel
+
+    from arctic_vl import final_hidden, lm_loss_sum
+    from arctic_vl.distributed.backends import DDP, DDPConfig
+    from arctic_vl.errors import ConfigError
+    from arctic_vl.models.loading import load_model, load_processor
+
+    model, processor = load_model(tiny_llava), load_processor(tiny_llava)
+    text = "<|im_start|>user\n<image>\nWhat colour?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+    batch = dict(processor(images=[Image.new("RGB", (40, 40), (200, 0, 0))], text=[text], return_tensors="pt"))
+    batch["labels"] = batch["input_ids"].clone()
+
+    class Step(torch.nn.Module):  # the loop's model + loss module, as DDP wraps it
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, b):
+            hidden, head, _ = final_hidden(self.model, b, dummy_vision=False)
+            return lm_loss_sum(hidden, head, b["labels"])[0]
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(Step(), find_unused_parameters=False)
+        backend = DDP(DDPConfig(type="ddp", find_unused_parameters=False))
+        with pytest.raises(ConfigError) as err:
+            for _ in range(2):  # DDP notices on the step after the one that left weights out
+                with backend.no_sync(wrapped, sync=True):
+                    wrapped(batch).backward()
+        with pytest.raises(RuntimeError, match="something else"), backend.no_sync(wrapped, sync=True):
+            raise RuntimeError("something else")  # other errors pass through as they are
+    finally:
+        dist.destroy_process_group()
+    msg = str(err.value)
+    assert msg.startswith("distributed.find_unused_parameters is false, but some trainable parameters got no gradient")
+    assert "Set distributed.find_unused_parameters: true" in msg
+    assert "post_layernorm.weight" in msg and "(2 of them" in msg

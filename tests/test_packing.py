@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from arctic_vl.data.sampling import PackingPlanner, best_fit_decreasing
 from tests.e2e_utils import TRAIN_CHILD, read_metrics, run_python, train_child, write_yaml
 
-FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IGNORE = -100
 
 

@@ -8,7 +8,6 @@ whatever the current directory is.
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 from pydantic import AfterValidator
@@ -19,7 +18,8 @@ class PathField:
 
     `hub_ok`: if the resolved path does not exist and the value looks like `org/name`, keep it as given
     (transformers may resolve it from its cache); nothing in our tests or examples relies on that.
-    `must_exist`: `arctic_vl validate` (and every start) checks the resolved path exists.
+    `must_exist`: config validation (`arctic_vl validate` and every start) checks the resolved path exists:
+    a missing one is an error naming the file and line that set it (exit 2).
     """
 
     def __init__(self, hub_ok: bool = False, must_exist: bool = False):
@@ -35,15 +35,12 @@ def _usable(value: str) -> str:
     return value
 
 
-def _existing(value: str) -> str:
-    if not os.path.exists(value):
-        raise ValueError(f"{value} does not exist")
-    return value
-
-
 #: a path relative to the config file that names it (output directories, files a run may create)
 ConfigPath = Annotated[str, PathField(), AfterValidator(_usable)]
-#: a local model directory (or, where allowed, a hub id kept as given)
-ModelPath = Annotated[str, PathField(hub_ok=True), AfterValidator(_usable)]
-#: a file or folder that must exist when the config is validated (data files, teacher checkpoints)
-ExistingPath = Annotated[str, PathField(must_exist=True), AfterValidator(_usable), AfterValidator(_existing)]
+#: a local model directory that must exist (or a value of the form `org/name` naming nothing on disk: a hub
+#: id, kept as given and not checked)
+ModelPath = Annotated[str, PathField(hub_ok=True, must_exist=True), AfterValidator(_usable)]
+#: a file or folder that must exist when the config is validated (data files, teacher checkpoints). The config
+#: layer checks it (`arctic_vl.config.schema`), where the file and line that set it are known; a model built
+#: in code (e.g. a data source a YAML list names) is not checked here but where it is read.
+ExistingPath = Annotated[str, PathField(must_exist=True), AfterValidator(_usable)]

@@ -3,7 +3,7 @@
 Every section (model, data, trainer, optimizer, scheduler, checkpoint, callbacks, distributed) names a
 registered `type`; the section is validated against that class's own pydantic config. Errors name the
 file and line, the field path and what is allowed. Validation is pure: no network, no weights, no
-process group.
+process group; but the files and folders a config names (`ExistingPath` / `ModelPath` fields) must exist.
 """
 
 from __future__ import annotations
@@ -225,12 +225,26 @@ def _validate_section(
         errors.append(f"{located.where((*path, 'type'))}: {dotted((*path, 'type'))}: {registry.unknown_message(type_name)}")
         return None
     config_class = registry.get(type_name).config_class
-    resolve_raw_paths(config_class, raw, path, located)
+    missing: list[tuple[KeyPath, str]] = []
+    resolve_raw_paths(config_class, raw, path, located, missing)
+    cfg, lines = None, []
     try:
-        return config_class.model_validate(raw)
+        cfg = config_class.model_validate(raw)
     except ValidationError as e:
-        errors.extend(format_validation_error(e, located, path, config_class, raw))
-        return None
+        lines = format_validation_error(e, located, path, config_class, raw)
+    # A validator that read the missing path already said so (often with a hint of its own): no second line.
+    errors.extend(missing_path_error(located, at, value) for at, value in missing
+                  if not any(value in line for line in lines))
+    errors.extend(lines)
+    return None if missing else cfg
+
+
+def missing_path_error(located: LocatedConfig, path: KeyPath, value: str) -> str:
+    """`file:line: dotted.path: PATH does not exist`, for a path the config names that must exist."""
+    parent = Path(value).parent
+    hint = "" if parent.is_dir() else f" (nor does its folder {parent})"
+    return (f"{located.where(path)}: {dotted(path)}: {value} does not exist{hint}; the files and folders a config "
+            "names must exist (a relative path is relative to the file that sets it; for --set, the current directory)")
 
 
 def _joined(errors: list[str]) -> str:
@@ -379,39 +393,49 @@ def _path_marker(annotation: Any, metadata: list[Any]) -> PathField | None:
     return None
 
 
-def _resolve_value(annotation: Any, metadata: list[Any], value: Any, path: KeyPath, located: LocatedConfig) -> Any:
+def _resolve_value(annotation: Any, metadata: list[Any], value: Any, path: KeyPath, located: LocatedConfig,
+                   missing: list[tuple[KeyPath, str]]) -> Any:
     marker = _path_marker(annotation, metadata)
     if marker is not None and isinstance(value, str) and value.strip() and "\x00" not in value:
-        return resolve_path(value, located.base_dir(path), marker.hub_ok)
+        resolved = resolve_path(value, located.base_dir(path), marker.hub_ok)
+        kept_hub_id = marker.hub_ok and resolved == value and not Path(value).is_absolute()
+        if marker.must_exist and not kept_hub_id and not Path(resolved).exists():
+            missing.append((path, resolved))
+        return resolved
     origin = typing.get_origin(annotation)
     if origin is Annotated:
-        return _resolve_value(typing.get_args(annotation)[0], list(typing.get_args(annotation)[1:]), value, path, located)
+        args = typing.get_args(annotation)
+        return _resolve_value(args[0], list(args[1:]), value, path, located, missing)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(annotation):
             if isinstance(value, str) and _path_marker(arg, []) is not None:
-                return _resolve_value(arg, [], value, path, located)
+                return _resolve_value(arg, [], value, path, located, missing)
             if isinstance(value, dict) and isinstance(arg, type) and issubclass(arg, BaseModel):
-                return _resolve_value(arg, [], value, path, located)
+                return _resolve_value(arg, [], value, path, located, missing)
             if isinstance(value, list) and typing.get_origin(arg) is list:
-                return _resolve_value(arg, [], value, path, located)
+                return _resolve_value(arg, [], value, path, located, missing)
         return value
     if origin is list and isinstance(value, list):
         (inner,) = typing.get_args(annotation) or (Any,)
-        return [_resolve_value(inner, [], v, (*path, i), located) for i, v in enumerate(value)]
+        return [_resolve_value(inner, [], v, (*path, i), located, missing) for i, v in enumerate(value)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
-        resolve_raw_paths(annotation, value, path, located)
+        resolve_raw_paths(annotation, value, path, located, missing)
     return value
 
 
-def resolve_raw_paths(model: type[BaseModel], raw: dict[str, Any], path: KeyPath, located: LocatedConfig) -> None:
+def resolve_raw_paths(model: type[BaseModel], raw: dict[str, Any], path: KeyPath, located: LocatedConfig,
+                      missing: list[tuple[KeyPath, str]] | None = None) -> None:
     """Make every path-typed value in `raw` absolute, against the file (or cwd for --set) that set it.
 
     Done before validation so validators that read files (e.g. a checkpoint's config.json) see real paths.
+    A value of an `ExistingPath` (or `ModelPath`, unless kept as a hub id) field that names nothing on disk
+    is appended to `missing` as (its key path, the resolved path).
     """
+    missing = [] if missing is None else missing
     for name, info in model.model_fields.items():
         key = info.alias or name
         if key in raw:
-            raw[key] = _resolve_value(info.annotation, list(info.metadata), raw[key], (*path, key), located)
+            raw[key] = _resolve_value(info.annotation, list(info.metadata), raw[key], (*path, key), located, missing)
         elif isinstance(info.default, str) and info.default:
             # a path default (e.g. trainer.output_dir) is relative to the run's config file, like a written one
             marker = _path_marker(info.annotation, list(info.metadata))

@@ -18,7 +18,7 @@ from loguru import logger
 from PIL import Image
 from pydantic import Field, model_validator
 
-from arctic_vl.config.paths import ConfigPath
+from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
 from arctic_vl.data.bad_records import BadRecordReport, OnBadRecord
 from arctic_vl.data.base import DataBundle, DataFactory
 from arctic_vl.data.cache import CachedSource, default_cache_dir, encoder_identity, entry_key

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 import pydantic
 import yaml
 
-from arctic_vl.config.paths import ConfigPath
+from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
 from arctic_vl.data.bad_records import (
     BAD_RECORD_REASONS,
     INVALID_JSON,

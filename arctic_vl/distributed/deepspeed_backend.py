@@ -427,6 +427,11 @@ class DeepSpeed(DDP):
     def unwrap(self, model: Any) -> torch.nn.Module:
         return model.step_module if isinstance(model, DeepSpeedModel) else model
 
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 once `prepare` has partitioned the model."""
+        return bool(self.ds_config) and self.config.zero_stage == 3
+
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_state(self, model: DeepSpeedModel, optimizer: Any, path: str) -> bool:
         """Every rank writes its shard under `path/deepspeed/` (trainable weights and optimizer state)."""

@@ -1,4 +1,4 @@
-"""`hf_vlm`: a Hugging Face VLM of one of the five families, from a local directory or an inline tiny config."""
+"""`hf_vlm`: a Hugging Face VLM of one of the six families, from a local directory or an inline tiny config."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from arctic_vl.config.paths import ModelPath
 from arctic_vl.config.types import Seed
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.base import ModelBundle, ModelFactory
+from arctic_vl.models.export_dtype import cast_state_dict, checkpoint_dtype, stamp_config_dtype
 from arctic_vl.models.lora import LoraConfig, apply_lora, is_peft, save_lora_export
 from arctic_vl.models.tiny import TinyModelConfig, check_tiny_shape
 from arctic_vl.registry import MODELS, ComponentConfig
@@ -26,7 +27,13 @@ class HFModelConfig(ComponentConfig):
     family: str | None = Field(None, description="with no name_or_path: build a tiny random model of this family")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig,
                                   description="shape of the tiny model (layers, hidden, heads, ...); with family")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the weights train in (float32: fp32 master weights, with trainer.bf16 autocast)"
+    )
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the exported weights (final/, `arctic_vl export`); auto: the source "
+        "checkpoint's (its config.json `dtype` / `torch_dtype`), else model.dtype"
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="default: flash_attention_2 when it imports, else sdpa"
     )
@@ -63,7 +70,20 @@ class HFModelConfig(ComponentConfig):
             if path.is_absolute() and not (path / "config.json").is_file():
                 what = "does not exist" if not path.exists() else "has no config.json"
                 raise ValueError(f"model directory {self.name_or_path} {what}")
+            if path.is_absolute():  # refuse a model type no family trains now, not after loading the weights
+                from arctic_vl.models.families import family_for_model_type, unsupported_model_type
+
+                model_type = _config_model_type(path / "config.json")
+                if family_for_model_type(str(model_type)) is None:
+                    raise ValueError(unsupported_model_type(model_type, str(path / "config.json")))
         return self
+
+
+def _config_model_type(config_file: Path) -> str | None:
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_file} is not a valid HF config ({e})") from None
 
 
 def read_model_type(path: str | Path) -> str:
@@ -82,6 +102,8 @@ class HFModelFactory(ModelFactory):
     """Loads with the real `from_pretrained` path; never `trust_remote_code`."""
 
     config_class = HFModelConfig
+    #: the dtype the loaded source checkpoint's config.json names (what `export_dtype: auto` writes)
+    source_dtype: str | None = None
 
     def model_dir(self, output_dir: Path | None = None) -> Path:
         """The directory the model is loaded from (an inline tiny model is written under OUTPUT_DIR/base_model)."""
@@ -118,8 +140,16 @@ class HFModelFactory(ModelFactory):
         """
         from arctic_vl.models.loading import family_of_dir, load_model, load_processor
 
+        if not exported:
+            self.source_dtype = checkpoint_dtype(path)
         model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
         return model, load_processor(path), family_of_dir(path)
+
+    def export_dtype(self) -> str:
+        """The dtype name `export` writes: `model.export_dtype`, or for `auto` the source checkpoint's."""
+        if self.config.export_dtype != "auto":
+            return self.config.export_dtype
+        return self.source_dtype or self.config.dtype
 
     def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
         """(processor, family) of the configured model directory, without its weights."""
@@ -158,19 +188,22 @@ class HFModelFactory(ModelFactory):
 
     def export(self, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """`out_dir`: an HF directory (safetensors + processor). A LoRA model is written merged, with the
-        PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
+        """`out_dir`: an HF directory (safetensors + processor) in `export_dtype()`. A LoRA model is written
+        merged, with the PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
+        dtype = DTYPES[self.export_dtype()]
         try:
             if is_peft(model):
-                return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict)
+                return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict, dtype=dtype)
             out_dir.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+            state = state_dict if state_dict is not None else model.state_dict()
+            model.save_pretrained(out_dir, safe_serialization=True, state_dict=cast_state_dict(state, dtype))
+            stamp_config_dtype(out_dir, self.export_dtype())
             if bundle.processor is not None:
                 bundle.processor.save_pretrained(out_dir)
         except (OSError, RuntimeError) as e:  # a full disk, a read-only target: name it (and the bytes needed)
             from arctic_vl.checkpoint.files import disk_full, write_error
 
-            needed = sum(p.numel() * p.element_size() for p in model.parameters())
+            needed = sum(p.numel() * dtype.itemsize for p in model.parameters())
             if not isinstance(e, OSError) and not disk_full(e, out_dir, needed):
                 raise  # not an I/O failure: the traceback is the useful part
             raise write_error(out_dir, e, needed, what="export") from None

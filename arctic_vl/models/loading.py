@@ -15,7 +15,7 @@ import torch
 
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.attention import use_varlen_attention
-from arctic_vl.models.families import FAMILIES, FamilySpec, family_for_model_type
+from arctic_vl.models.families import FamilySpec, family_for_model_type, unsupported_model_type
 
 
 def _config_path(path: str | Path) -> Path:
@@ -37,10 +37,7 @@ def family_of_dir(path: str | Path) -> FamilySpec:
         raise ConfigError(f"cannot read {str(config_file)!r}: {exc}") from exc
     spec = family_for_model_type(model_type or "")
     if spec is None:
-        raise ConfigError(
-            f"{str(config_file)!r} has model_type {model_type!r}, which belongs to no known family; "
-            f"known families: {', '.join(sorted(FAMILIES))} (plugins add model types with register_model_type)"
-        )
+        raise ConfigError(unsupported_model_type(model_type, str(config_file)))
     return spec
 
 

@@ -291,63 +291,74 @@ def tiny_config(
         "eos_token_id": ids[EOT],
         "pad_token_id": ids[PAD],
     }
-    if spec.name in ("llava_next", "llava_onevision"):
-        size = image_size or 32
-        patch = patch_size or 8
-        if spec.name == "llava_next":
-            text = {"model_type": "llama", **text_common}
-            vision = {"model_type": "clip_vision_model", "projection_dim": vision_hidden}
-            extra = {"image_token_index": ids["<image>"], "vision_feature_select_strategy": "default"}
-        else:
-            text = {"model_type": "qwen2", **text_common}
-            vision = {"model_type": "siglip_vision_model", "vision_use_head": False}
-            extra = {
-                "image_token_index": ids["<image>"],
-                "video_token_index": ids["<video>"],
-                "vision_feature_select_strategy": "full",
-                "vision_aspect_ratio": "anyres_max_9",
-            }
-        vision.update(
-            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-            num_attention_heads=max(1, vision_hidden // 16), image_size=size, patch_size=patch,
-        )
-        kwargs = {
-            "text_config": text,
-            "vision_config": vision,
-            "vision_feature_layer": -1,
-            "image_grid_pinpoints": _llava_pinpoints(size, anyres_grid),
-            "image_seq_length": (size // patch) ** 2,
-            **extra,
-        }
+    if spec.is_qwen:
+        kwargs = _qwen_kwargs(spec, ids, text_common, head_dim, patch_size, vision_layers, vision_hidden, hidden)
     else:
-        patch = patch_size or (16 if spec.name == "qwen3_vl" else 14)
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
-        vision = {
-            "depth": vision_layers, "hidden_size": vision_hidden, "num_heads": max(1, vision_hidden // 16),
-            "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2,
-        }
-        if spec.name == "qwen2_vl":
-            vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
-        elif spec.name == "qwen2_5_vl":
-            vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                          fullatt_block_indexes=[vision_layers - 1], window_size=4 * patch * 2)
-        else:
-            rope["mrope_interleaved"] = True
-            vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                          num_position_embeddings=64, deepstack_visual_indexes=[0])
-        text = {**text_common, "rope_parameters": rope}
-        if spec.name == "qwen3_vl":
-            text["head_dim"] = head_dim
-        kwargs = {
-            "text_config": text,
-            "vision_config": vision,
-            "image_token_id": ids["<|image_pad|>"],
-            "video_token_id": ids["<|video_pad|>"],
-            "vision_start_token_id": ids["<|vision_start|>"],
-            "vision_end_token_id": ids["<|vision_end|>"],
-        }
+        kwargs = _llava_kwargs(spec, ids, text_common, image_size or 32, patch_size or 8, vision_layers,
+                               vision_hidden, anyres_grid)
     kwargs.update(overrides)
     return AutoConfig.for_model(spec.model_type, **kwargs)
+
+
+def _llava_kwargs(spec: FamilySpec, ids: dict[str, int], text_common: dict[str, Any], size: int, patch: int,
+                  vision_layers: int, vision_hidden: int, anyres_grid: int | None) -> dict[str, Any]:
+    """Config kwargs of a tiny LLaVA-1.5 / LLaVA-NeXT (Llama + CLIP) or LLaVA-OneVision (Qwen2 + SigLIP)."""
+    if spec.name == "llava_onevision":
+        text = {"model_type": "qwen2", **text_common}
+        vision = {"model_type": "siglip_vision_model", "vision_use_head": False}
+        extra: dict[str, Any] = {
+            "image_token_index": ids["<image>"],
+            "video_token_index": ids["<video>"],
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+        }
+    else:
+        text = {"model_type": "llama", **text_common}
+        vision = {"model_type": "clip_vision_model", "projection_dim": vision_hidden}
+        extra = {"image_token_index": ids["<image>"], "vision_feature_select_strategy": "default"}
+    vision.update(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 16), image_size=size, patch_size=patch,
+    )
+    kwargs = {"text_config": text, "vision_config": vision, "vision_feature_layer": -1,
+              "image_seq_length": (size // patch) ** 2, **extra}
+    if spec.name == "llava":
+        if anyres_grid is not None:
+            raise ValueError("anyres_grid applies to llava_next and llava_onevision; llava (1.5) has no any-res tiles")
+    else:
+        kwargs["image_grid_pinpoints"] = _llava_pinpoints(size, anyres_grid)
+    return kwargs
+
+
+def _qwen_kwargs(spec: FamilySpec, ids: dict[str, int], text_common: dict[str, Any], head_dim: int,
+                 patch_size: int | None, vision_layers: int, vision_hidden: int, hidden: int) -> dict[str, Any]:
+    """Config kwargs of a tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL."""
+    patch = patch_size or (16 if spec.name == "qwen3_vl" else 14)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+    vision = {
+        "depth": vision_layers, "hidden_size": vision_hidden, "num_heads": max(1, vision_hidden // 16),
+        "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    }
+    if spec.name == "qwen2_vl":
+        vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+    elif spec.name == "qwen2_5_vl":
+        vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      fullatt_block_indexes=[vision_layers - 1], window_size=4 * patch * 2)
+    else:
+        rope["mrope_interleaved"] = True
+        vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0])
+    text = {**text_common, "rope_parameters": rope}
+    if spec.name == "qwen3_vl":
+        text["head_dim"] = head_dim
+    return {
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
 
 
 def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0, **shape: Any) -> Path:

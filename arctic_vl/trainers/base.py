@@ -41,6 +41,14 @@ from arctic_vl.errors import ConfigError, DataError, RunFailed
 from arctic_vl.registry import TRAINERS, Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens
 from arctic_vl.trainers.prefetch import Prefetcher
+from arctic_vl.trainers.report import format_parameter_counts, format_results
+
+#: evaluations during training (one line per evaluation, `step` the step after which it ran)
+EVAL_FILE = "eval.jsonl"
+#: `arctic_vl evaluate` results, each marked `"standalone": true`, `step` the step of the weights evaluated
+STANDALONE_EVAL_FILE = "eval_standalone.jsonl"
+#: written into final/ by the export: the step (and epoch) of the weights it holds
+EXPORT_INFO_FILE = "export_info.json"
 
 #: settings that may differ on resume: they change neither the math nor the data order (a run directory
 #: that was moved or copied resumes: its location is not part of the math)
@@ -178,6 +186,8 @@ class Trainer(Component):
         self._last_ckpt: Path | None = None
         self._last_loss = math.nan
         self.device = dist.device
+        #: True while `evaluate_standalone` runs (`arctic_vl evaluate`): callbacks keep it apart from training
+        self.standalone_evaluation = False
 
     # ------------------------------------------------------------------------------ what a step computes
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
@@ -276,19 +286,41 @@ class Trainer(Component):
                 logger.info(f"run already finished at step {self.state.step} (checkpoint {latest}); "
                             f"outputs in {self.output_dir}")
             return self.summary(latest, already_finished=True)
-        self.callbacks.on_train_start(self)
-        for micro, data_time in self.step_batches():
-            metrics = self.train_step(micro, data_time)
-            self.log_step(metrics)
-            self.maybe_evaluate()
-            self.maybe_save()
-        if self._stop_signal is not None:
-            return self.stop()
-        return self.finish()
+        with self.run_events():
+            self.callbacks.on_train_start(self)
+            for micro, data_time in self.step_batches():
+                metrics = self.train_step(micro, data_time)
+                self.log_step(metrics)
+                self.maybe_evaluate()
+                self.maybe_save()
+            if self._stop_signal is not None:
+                return self.stop()
+            return self.finish()
+
+    @contextlib.contextmanager
+    def run_events(self) -> Iterator[None]:
+        """`on_run_start` ... `on_run_end(failed)` around a training run or a standalone evaluation."""
+        self.callbacks.on_run_start(self)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            self.callbacks.on_run_end(self, failed)
+
+    def evaluate_standalone(self, step: int) -> dict[str, Any]:
+        """`arctic_vl evaluate`: one evaluation outside training of the weights of `step` (the run's export),
+        written to eval_standalone.jsonl (marked `"standalone": true`), never to the training-time eval.jsonl."""
+        self.state.step = step
+        self.standalone_evaluation = True
+        with self.run_events():
+            return self.run_evaluation()
 
     def setup(self) -> Path | None:
         """Group parameters, build optimizer and scheduler, wrap for the backend, resume; the checkpoint or None."""
         torch.manual_seed(self.config.seed)
+        if self.is_main:  # before the backend wraps (ZeRO-3 partitions) the model
+            logger.info(format_parameter_counts(self.bundle.parameter_counts()))
         groups = self.optimizer_factory.param_groups(self.bundle.model, self.bundle.part_of)
         optimizer = self.optimizer_factory.build(groups)
         self.total_steps = self.compute_total_steps()
@@ -542,6 +574,8 @@ class Trainer(Component):
             if full is not None:
                 full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             self.model_factory.export(self.bundle, module, tmp, state_dict=full)
+            # which weights these are: what a standalone evaluation of final/ records as its step
+            (tmp / EXPORT_INFO_FILE).write_text(json.dumps({"step": self.state.step, "epoch": self.state.epoch}))
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
         self.dist.barrier()
@@ -569,12 +603,17 @@ class Trainer(Component):
 
     # ----------------------------------------------------------------------------------------- evaluation
     def run_evaluation(self) -> dict[str, Any]:
-        """`evaluate` on the unwrapped model, appended to eval.jsonl (main process) and sent to the callbacks."""
+        """`evaluate` on the unwrapped model, appended to eval.jsonl (eval_standalone.jsonl outside training) and
+        printed (main process), and sent to the callbacks."""
         module = self.dist.unwrap(self.model).model if hasattr(self, "model") else self.bundle.model
         results = self.evaluate(module)
         if self.is_main:
-            with open(self.output_dir / "eval.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": self.state.step, **results}) + "\n")
+            line = {"step": self.state.step, **({"standalone": True} if self.standalone_evaluation else {}), **results}
+            name = STANDALONE_EVAL_FILE if self.standalone_evaluation else EVAL_FILE
+            with open(self.output_dir / name, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+            what = "standalone evaluation" if self.standalone_evaluation else "evaluation"
+            logger.info(f"{what} at step {self.state.step}: {format_results(results)}")
         self.callbacks.on_evaluate(self, results)
         self._last_results = results
         return results

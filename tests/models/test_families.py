@@ -64,6 +64,11 @@ def test_every_parameter_has_exactly_one_part(family, tiny_dirs):
     if spec.is_qwen:
         merger = [n for n, _ in model.named_parameters() if ".merger." in n]
         assert merger and all(part_of(spec, n) == "aligner" for n in merger)
+    elif family == "llava":  # LLaVA-1.5: no any-res tiles, so no image newline; the projector is the aligner
+        names = dict(model.named_parameters())
+        assert "model.image_newline" not in names
+        projector = [n for n in names if n.startswith("model.multi_modal_projector.")]
+        assert projector and all(part_of(spec, n) == "aligner" for n in projector)
     else:
         assert part_of(spec, "model.image_newline") == "aligner"
         assert "model.image_newline" in dict(model.named_parameters())

@@ -29,7 +29,7 @@ from arctic_vl import (
     DTYPES,
     MODELS,
     ConfigError,
-    ConfigPath,
+    ExistingPath,
     HFModelConfig,
     HFModelFactory,
     ModelBundle,
@@ -77,7 +77,7 @@ class AlternatingModelConfig(HFModelConfig):
         "auto", description="attention variant; `auto` follows the checkpoint's model_type"
     )
     force: bool = Field(False, description="build `variant` even when the checkpoint is another variant")
-    init_from_backbone: ConfigPath | None = Field(
+    init_from_backbone: ExistingPath | None = Field(
         None, description="a Qwen2 causal LM or LLaVA-OneVision directory: copy params whose name and shape match"
     )
     skip_parts: list[Literal["vision", "aligner", "llm"]] = Field(
