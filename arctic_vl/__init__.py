@@ -9,22 +9,26 @@ The names are imported lazily so `arctic_vl --help` does not pay for torch and t
 Groups:
     running:      Engine, EngineConfig, EvalConfig, load_config, load_plugins
     registries:   Registry, Component, ComponentConfig, MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS,
-                  CHECKPOINTERS, CALLBACKS, DISTRIBUTED
+                  CHECKPOINTERS, CALLBACKS, DISTRIBUTED, RECORD_FORMATS, DATA_SOURCES
     extending:    register_cli_verb, register_config_check, register_model_type
-    config:       ConfigPath, ModelPath, ExistingPath, LocatedConfig, where
+    config:       ConfigPath, ModelPath, ExistingPath, Seed, LocatedConfig, where
     contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, IGNORE_INDEX, PARTS, epoch_seed
     models:       ModelFactory, ModelBundle, HFModelFactory, HFModelConfig, LoraConfig, DTYPES, FamilySpec,
                   FAMILIES, get_family, family_of_dir, read_model_type, load_model, load_processor,
-                  make_tiny_model, tiny_config
+                  make_tiny_model, tiny_config, TinyModelConfig
     forward/loss: final_hidden, model_inputs, unwrap_peft, vision_keepalive, lm_loss_sum, label_positions,
                   count_label_tokens
     data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Collator, Conversation, BadRecord,
                   BadRecordReport, SourceSpec, ImageRef, image_size, open_image, make_synthetic_data,
-                  IMAGE_TOKEN, to_norm1000
+                  to_norm1000
+    record formats and data sources (a plugin's own `format:` or file kind):
+                  RecordFormat, DataSource, RecordFile, RawRecord, IMAGE_TOKEN, BAD_RECORD_REASONS,
+                  INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
+                  MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_VIDEO
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
-    errors:       UserError, ConfigError, DataError
+    errors:       UserError, ConfigError, DataError, CheckpointError
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ _LAZY: dict[str, str] = {
     "CHECKPOINTERS": "arctic_vl.registry",
     "CALLBACKS": "arctic_vl.registry",
     "DISTRIBUTED": "arctic_vl.registry",
+    "RECORD_FORMATS": "arctic_vl.registry",
+    "DATA_SOURCES": "arctic_vl.registry",
     # extending
     "register_cli_verb": "arctic_vl.plugins",
     "register_config_check": "arctic_vl.plugins",
@@ -62,6 +68,7 @@ _LAZY: dict[str, str] = {
     "ConfigPath": "arctic_vl.config.paths",
     "ModelPath": "arctic_vl.config.paths",
     "ExistingPath": "arctic_vl.config.paths",
+    "Seed": "arctic_vl.config.types",
     "LocatedConfig": "arctic_vl.config.loader",
     "where": "arctic_vl.config.schema",
     # contracts
@@ -87,6 +94,7 @@ _LAZY: dict[str, str] = {
     "load_processor": "arctic_vl.models.loading",
     "make_tiny_model": "arctic_vl.models.tiny",
     "tiny_config": "arctic_vl.models.tiny",
+    "TinyModelConfig": "arctic_vl.models.tiny",
     # forward and loss helpers
     "final_hidden": "arctic_vl.models.forward",
     "model_inputs": "arctic_vl.models.forward",
@@ -98,19 +106,34 @@ _LAZY: dict[str, str] = {
     # data
     "DataFactory": "arctic_vl.data.base",
     "DataBundle": "arctic_vl.data.base",
-    "VLMDataFactory": "arctic_vl.data.vlm",
-    "VLMDataConfig": "arctic_vl.data.vlm",
+    "VLMDataFactory": "arctic_vl.data.factory",
+    "VLMDataConfig": "arctic_vl.data.factory",
     "Conversation": "arctic_vl.data.records",
-    "BadRecord": "arctic_vl.data.records",
-    "IMAGE_TOKEN": "arctic_vl.data.records",
+    "BadRecord": "arctic_vl.data.bad_records",
+    "BadRecordReport": "arctic_vl.data.bad_records",
     "to_norm1000": "arctic_vl.data.records",
-    "Collator": "arctic_vl.data.vlm",
-    "BadRecordReport": "arctic_vl.data.sources",
+    "Collator": "arctic_vl.data.collate",
     "SourceSpec": "arctic_vl.data.sources",
     "ImageRef": "arctic_vl.data.images",
     "image_size": "arctic_vl.data.images",
     "open_image": "arctic_vl.data.images",
     "make_synthetic_data": "arctic_vl.data.synthetic",
+    # record formats and data sources
+    "RecordFormat": "arctic_vl.data.records",
+    "IMAGE_TOKEN": "arctic_vl.data.records",
+    "DataSource": "arctic_vl.data.sources",
+    "RecordFile": "arctic_vl.data.sources",
+    "RawRecord": "arctic_vl.data.sources",
+    "BAD_RECORD_REASONS": "arctic_vl.data.bad_records",
+    "INVALID_JSON": "arctic_vl.data.bad_records",
+    "MISSING_FIELD": "arctic_vl.data.bad_records",
+    "MALFORMED_RECORD": "arctic_vl.data.bad_records",
+    "MALFORMED_TURNS": "arctic_vl.data.bad_records",
+    "IMAGE_TOKEN_MISMATCH": "arctic_vl.data.bad_records",
+    "MISSING_IMAGE": "arctic_vl.data.bad_records",
+    "UNREADABLE_IMAGE": "arctic_vl.data.bad_records",
+    "IMAGE_TOO_LARGE": "arctic_vl.data.bad_records",
+    "UNSUPPORTED_VIDEO": "arctic_vl.data.bad_records",
     # training
     "Trainer": "arctic_vl.trainers.base",
     "TrainerConfig": "arctic_vl.trainers.base",
@@ -133,29 +156,43 @@ _LAZY: dict[str, str] = {
     "UserError": "arctic_vl.errors",
     "ConfigError": "arctic_vl.errors",
     "DataError": "arctic_vl.errors",
+    "CheckpointError": "arctic_vl.errors",
 }
 
 __all__ = [  # every public name; tests/test_api.py checks it equals the keys of _LAZY
+    "BAD_RECORD_REASONS",
     "BOOKKEEPING_KEYS",
     "CALLBACKS",
     "CHECKPOINTERS",
     "DATA",
+    "DATA_SOURCES",
     "DISTRIBUTED",
     "DTYPES",
     "FAMILIES",
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
+    "IMAGE_TOKEN_MISMATCH",
+    "IMAGE_TOO_LARGE",
+    "INVALID_JSON",
+    "MALFORMED_RECORD",
+    "MALFORMED_TURNS",
+    "MISSING_FIELD",
+    "MISSING_IMAGE",
     "MODELS",
     "OPTIMIZERS",
     "PARTS",
+    "RECORD_FORMATS",
     "SCHEDULERS",
     "TRAINERS",
+    "UNREADABLE_IMAGE",
+    "UNSUPPORTED_VIDEO",
     "AdamWConfig",
     "BadRecord",
     "BadRecordReport",
     "Batch",
     "Callback",
     "CheckpointConfig",
+    "CheckpointError",
     "Checkpointer",
     "Collator",
     "Component",
@@ -166,6 +203,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "DataBundle",
     "DataError",
     "DataFactory",
+    "DataSource",
     "DistributedBackend",
     "DistributedConfig",
     "Engine",
@@ -184,13 +222,18 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "ModelPath",
     "Optimizer",
     "ParamGroupConfig",
+    "RawRecord",
+    "RecordFile",
+    "RecordFormat",
     "Registry",
     "SFTTrainer",
     "Scheduler",
     "SchedulerConfig",
+    "Seed",
     "SourceSpec",
     "StepCounts",
     "StepInfo",
+    "TinyModelConfig",
     "TrainState",
     "Trainer",
     "TrainerConfig",
@@ -232,23 +275,39 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.config.loader import LocatedConfig
     from arctic_vl.config.paths import ConfigPath, ExistingPath, ModelPath
     from arctic_vl.config.schema import EngineConfig, EvalConfig, load_config, where
+    from arctic_vl.config.types import Seed
     from arctic_vl.constants import IGNORE_INDEX, PARTS, epoch_seed
+    from arctic_vl.data.bad_records import (
+        BAD_RECORD_REASONS,
+        IMAGE_TOKEN_MISMATCH,
+        IMAGE_TOO_LARGE,
+        INVALID_JSON,
+        MALFORMED_RECORD,
+        MALFORMED_TURNS,
+        MISSING_FIELD,
+        MISSING_IMAGE,
+        UNREADABLE_IMAGE,
+        UNSUPPORTED_VIDEO,
+        BadRecord,
+        BadRecordReport,
+    )
     from arctic_vl.data.base import DataBundle, DataFactory
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.data.images import ImageRef, image_size, open_image
-    from arctic_vl.data.records import IMAGE_TOKEN, BadRecord, Conversation, to_norm1000
-    from arctic_vl.data.sources import BadRecordReport, SourceSpec
+    from arctic_vl.data.records import IMAGE_TOKEN, Conversation, RecordFormat, to_norm1000
+    from arctic_vl.data.sources import DataSource, RawRecord, RecordFile, SourceSpec
     from arctic_vl.data.synthetic import make_synthetic_data
-    from arctic_vl.data.vlm import Collator, VLMDataConfig, VLMDataFactory
+    from arctic_vl.data.collate import Collator
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine
-    from arctic_vl.errors import ConfigError, DataError, UserError
+    from arctic_vl.errors import CheckpointError, ConfigError, DataError, UserError
     from arctic_vl.models.base import ModelBundle, ModelFactory
     from arctic_vl.models.families import FAMILIES, FamilySpec, get_family, register_model_type
     from arctic_vl.models.forward import final_hidden, model_inputs, unwrap_peft, vision_keepalive
     from arctic_vl.models.hf import DTYPES, HFModelConfig, HFModelFactory, read_model_type
     from arctic_vl.models.loading import family_of_dir, load_model, load_processor
     from arctic_vl.models.lora import LoraConfig
-    from arctic_vl.models.tiny import make_tiny_model, tiny_config
+    from arctic_vl.models.tiny import TinyModelConfig, make_tiny_model, tiny_config
     from arctic_vl.optim.optimizers import AdamWConfig, Optimizer, ParamGroupConfig
     from arctic_vl.optim.schedulers import Scheduler, SchedulerConfig
     from arctic_vl.plugins import load_plugins, register_cli_verb, register_config_check
@@ -256,9 +315,11 @@ if TYPE_CHECKING:  # pragma: no cover
         CALLBACKS,
         CHECKPOINTERS,
         DATA,
+        DATA_SOURCES,
         DISTRIBUTED,
         MODELS,
         OPTIMIZERS,
+        RECORD_FORMATS,
         SCHEDULERS,
         TRAINERS,
         Component,

@@ -23,7 +23,8 @@ INDICES = "_indices"
 NUM_SAMPLES = "_num_samples"
 NUM_TOKENS = "_num_tokens"
 NUM_SLOTS = "_num_slots"
-BOOKKEEPING_KEYS: tuple[str, ...] = (INDICES, NUM_SAMPLES, NUM_TOKENS, NUM_SLOTS)
+DROPPED = "_dropped"
+BOOKKEEPING_KEYS: tuple[str, ...] = (INDICES, NUM_SAMPLES, NUM_TOKENS, NUM_SLOTS, DROPPED)
 
 
 class Batch(TypedDict, total=False):
@@ -50,6 +51,10 @@ class Batch(TypedDict, total=False):
         _num_samples int: real samples in the batch.
         _num_tokens int: real (non-padding) tokens of real samples.
         _num_slots int: packed batches only: rows x max_length (for the packing efficiency).
+        _dropped list[tuple[str, int, str, str]]: only when samples of the batch turned out bad as they were
+            loaded (pixels that do not decode): (source, record index, reason, message) of each. They are not in
+            the batch (a batch that lost them all is one padding sample); `DataBundle.accept` applies
+            `on_bad_record` to them before the loop uses the batch.
     """
 
     input_ids: torch.Tensor
@@ -65,6 +70,7 @@ class Batch(TypedDict, total=False):
     _num_samples: int
     _num_tokens: int
     _num_slots: int
+    _dropped: list[tuple[str, int, str, str]]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from arctic_vl.config.schema import EngineConfig, load_config
+from arctic_vl.checkpoint.lock import RunLock
+from arctic_vl.config.schema import EngineConfig, load_config, where
 from arctic_vl.plugins import load_plugins, plugin_summary
 from arctic_vl.registry import (
     CALLBACKS,
@@ -35,6 +36,7 @@ class Engine:
         load_plugins()
         self.config = load_config(config, overrides)
         self.output_dir = Path(self.config.trainer.output_dir)
+        self._lock: RunLock | None = None
 
     # ----------------------------------------------------------------------------------------- building
     def model_factory(self) -> Any:
@@ -59,6 +61,9 @@ class Engine:
         model_factory = self.model_factory()
         if dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            # the run directory is this run's until it ends: before anything is written into it
+            if self._lock is None:  # (a second build of the same Engine keeps its lock)
+                self._lock = RunLock.acquire(self.output_dir, where(c, ("trainer", "output_dir")))
             model_factory.prepare(self.output_dir, seed)
         dist.barrier()
         _seed_everything(seed)
@@ -80,39 +85,69 @@ class Engine:
     # -------------------------------------------------------------------------------------------- running
     def train(self) -> dict[str, Any]:
         """Train (resuming from the latest checkpoint in the output dir); returns a summary dict:
-        steps, final_loss, checkpoint, export (the `final/` HF directory), skipped_records."""
-        trainer = self._build()
-        if trainer.is_main:
-            self._write_run_files(trainer)
+        steps, final_loss, checkpoint, export (the `final/` HF directory), skipped_records.
+
+        The main process holds OUTPUT_DIR/.lock from the start of the build to the end: a second run on the same
+        directory stops with exit code 2, naming this one."""
         try:
-            summary = trainer.train()
+            trainer = self._build()
+            if trainer.is_main:
+                self._write_run_files(trainer)
+            try:
+                summary = trainer.train()
+            finally:
+                trainer.dist.teardown()
+            if trainer.is_main:
+                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            return summary
         finally:
-            trainer.dist.teardown()
-        if trainer.is_main:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        return summary
+            self.release_lock()
+
+    def release_lock(self) -> None:
+        """Give back OUTPUT_DIR/.lock (taken by the build on the main process); harmless when not held."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def evaluate(self) -> dict[str, Any]:
         """Eval loss (and exact match with `eval.generate`) on `data.eval_sources`, for the trained
-        model in OUTPUT_DIR/final when it exists, else the configured model."""
-        final = self.output_dir / "final"
-        trainer = self._build(final if (final / "config.json").is_file() else None)
-        try:
-            if trainer.data.eval is None:
-                from arctic_vl.errors import ConfigError
+        model in OUTPUT_DIR/final when it exists, else the configured model (step 0).
 
-                raise ConfigError("evaluate: data.eval_sources is empty; name the held-out data files there")
-            results = trainer.run_evaluation()
+        Recorded in OUTPUT_DIR/eval_standalone.jsonl at the step of the weights evaluated (never in the
+        training-time eval.jsonl); the callbacks see it as a standalone evaluation."""
+        final = self.output_dir / "final"
+        exported = (final / "config.json").is_file()
+        try:
+            trainer = self._build(final if exported else None)
+            try:
+                if trainer.data.eval is None:
+                    from arctic_vl.errors import ConfigError
+
+                    raise ConfigError("evaluate: data.eval_sources is empty; name the held-out data files there")
+                results = trainer.evaluate_standalone(self._exported_step(trainer) if exported else 0)
+            finally:
+                trainer.dist.teardown()
         finally:
-            trainer.dist.teardown()
-        results["model"] = str(final) if (final / "config.json").is_file() else self.describe_model()
+            self.release_lock()
+        results["model"] = str(final) if exported else self.describe_model()
+        results["step"] = trainer.state.step
         return results
+
+    def _exported_step(self, trainer: Any) -> int:
+        """The step of the weights in OUTPUT_DIR/final: from its export info, else the latest checkpoint's."""
+        from arctic_vl.trainers.base import EXPORT_INFO_FILE
+
+        info = self.output_dir / "final" / EXPORT_INFO_FILE
+        if info.is_file():
+            return int(json.loads(info.read_text())["step"])
+        latest = trainer.checkpointer.latest()  # an export written before export info existed
+        return int(trainer.checkpointer.read_state(latest)["step"]) if latest is not None else 0
 
     def _write_run_files(self, trainer: Any) -> None:
         (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         info = {"versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
                 "config_source": self.config.source, "world_size": trainer.dist.world_size,
-                "data": trainer.data.stats}
+                "data": trainer.data.stats, "parameters": trainer.bundle.parameter_counts()}
         info["plugins"] = plugin_summary()
         (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
 

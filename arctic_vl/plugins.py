@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from arctic_vl.registry import REGISTRIES
+from arctic_vl.registry import ALL_REGISTRIES
 
 if TYPE_CHECKING:
     from arctic_vl.config.loader import LocatedConfig
@@ -32,12 +32,13 @@ GROUP = "arctic_vl.plugins"
 #: the core's own components, registered before any plugin
 BUILTIN_MODULES = (
     "arctic_vl.models.hf",
-    "arctic_vl.data.vlm",
+    "arctic_vl.data.factory",
     "arctic_vl.trainers.sft",
     "arctic_vl.optim.optimizers",
     "arctic_vl.optim.schedulers",
     "arctic_vl.checkpoint.checkpointer",
     "arctic_vl.callbacks.builtin",
+    "arctic_vl.callbacks.trackers",
     "arctic_vl.distributed.backends",
     "arctic_vl.distributed.deepspeed_backend",
 )
@@ -109,12 +110,12 @@ def run_config_checks(cfg: EngineConfig, located: LocatedConfig) -> None:
 
 
 def _snapshot() -> dict[str, set[str]]:
-    return {section: set(reg._classes) for section, reg in REGISTRIES.items()}
+    return {section: set(reg._classes) for section, reg in ALL_REGISTRIES.items()}
 
 
 def _set_origin(origin: str) -> None:
     _state["origin"] = origin
-    for reg in REGISTRIES.values():
+    for reg in ALL_REGISTRIES.values():
         reg.current_origin = origin
 
 
@@ -169,7 +170,7 @@ def describe() -> str:
     """The report of `arctic_vl plugins`: the core's components, then each plugin with what it registered."""
     load_plugins()
     lines = ["core (arctic_vl):"]
-    for section, reg in REGISTRIES.items():
+    for section, reg in ALL_REGISTRIES.items():
         names = [n for n in reg.names() if reg.origin(n) == "arctic_vl"]
         if names:
             lines.append(f"  {section}: {', '.join(names)}")

@@ -14,10 +14,12 @@ resident-set high-water mark (VmHWM), reset just before the measured step (``/pr
 RSS follow live tensor memory. One warm-up step runs first (one-time allocations are not the loss's).
 With ``--device cuda`` the peak is ``torch.cuda.max_memory_allocated`` instead.
 
-    /tmp/venv/bin/python bench/memory.py                                           # 150k vocab, 2048 tokens
-    /tmp/venv/bin/python bench/memory.py --vocab 4096 --tokens 128 --chunk 32      # smoke size
+    python bench/memory.py                                           # 150k vocab, 2048 tokens, chunks 256 and 2048
+    python bench/memory.py --vocab 4096 --tokens 128 --chunk 32 64   # smoke size
 
-Prints each side's peak (MiB above the state before the step), its loss, and ``ratio=lean/full``.
+The lean side runs at every ``--chunk`` (default: 256 and the trainer's default `trainer.loss_chunk_size`, what a
+run gets unless it sets one). Prints each side's peak (MiB above the state before the step), its loss, and
+``chunk N: ratio=lean/full`` per chunk size.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=2048, help="sequence length (one sequence)")
     p.add_argument("--label-frac", type=float, default=0.5,
                    help="fraction of positions with a label (the assistant's answer; the rest is prompt)")
-    p.add_argument("--chunk", type=int, default=256, help="label positions per output-layer chunk (trainer.loss_chunk_size)")
+    p.add_argument("--chunk", type=int, nargs="+", default=None,
+                   help="label positions per output-layer chunk (trainer.loss_chunk_size); default: 256 and the "
+                   "trainer's default")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -132,35 +136,49 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- both sides
-def child_argv(args: argparse.Namespace, side: str) -> list[str]:
+def default_chunk() -> int:
+    """`trainer.loss_chunk_size` when a config does not set it."""
+    from arctic_vl.trainers.base import TrainerConfig
+
+    return int(TrainerConfig.model_fields["loss_chunk_size"].default)
+
+
+def child_argv(args: argparse.Namespace, side: str, chunk: int) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--side", side, "--vocab", str(args.vocab),
-            "--tokens", str(args.tokens), "--label-frac", str(args.label_frac), "--chunk", str(args.chunk),
+            "--tokens", str(args.tokens), "--label-frac", str(args.label_frac), "--chunk", str(chunk),
             "--hidden", str(args.hidden), "--layers", str(args.layers), "--device", args.device]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.side is not None:
+        args.chunk = args.chunk[0]
         print(json.dumps(run_side(args)))
         return 0
+    chunks = args.chunk or sorted({256, default_chunk()})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            # a fixed mmap threshold: big tensors come from (and go back to) the OS directly, so RSS is live memory
            "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
     results = {}
     with tempfile.TemporaryDirectory() as cwd:
-        for side in ("full", "lean"):
-            proc = subprocess.run(child_argv(args, side), capture_output=True, text=True, env=env, cwd=cwd)
+        for side, chunk in [("full", chunks[0]), *(("lean", c) for c in chunks)]:
+            proc = subprocess.run(child_argv(args, side, chunk), capture_output=True, text=True, env=env, cwd=cwd)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
-            results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    full, lean = results["full"], results["lean"]
+            results[(side, chunk)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    full = results[("full", chunks[0])]
     label_tokens = int(args.tokens * args.label_frac)
     print(f"vocab {args.vocab}, {args.tokens} tokens ({label_tokens} labelled), hidden {args.hidden}, "
-          f"layers {args.layers}, chunk {args.chunk}, device {args.device}")
-    print(f"full logits + CE : peak {full['peak_mib']:.2f} MiB  loss {full['loss']:.6f}")
-    print(f"lean (sft loss)  : peak {lean['peak_mib']:.2f} MiB  loss {lean['loss']:.6f}")
-    print(f"ratio={lean['peak_mib'] / max(full['peak_mib'], 1e-9):.3f} (lean / full peak step memory)")
+          f"layers {args.layers}, device {args.device}")
+    print(f"full logits + CE          : peak {full['peak_mib']:.2f} MiB  loss {full['loss']:.6f}")
+    for c in chunks:
+        lean = results[("lean", c)]
+        note = " (trainer default)" if c == default_chunk() else ""
+        print(f"lean (sft loss) chunk {c:>5}: peak {lean['peak_mib']:.2f} MiB  loss {lean['loss']:.6f}{note}")
+    for c in chunks:
+        ratio = results[("lean", c)]["peak_mib"] / max(full["peak_mib"], 1e-9)
+        print(f"chunk {c}: ratio={ratio:.3f} (lean / full peak step memory)")
     return 0
 
 

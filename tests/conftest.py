@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +20,16 @@ from tests.e2e_utils import synthetic_data, tiny_llava  # noqa: F401
 
 # Two cores shared by several engineers: one thread per test process.
 torch.set_num_threads(1)
+# DeepSpeed JIT-compiles a C++ op at every process-group start; torch caches it under a directory keyed by
+# nothing but the name, so virtualenvs on one machine rebuild it in turn (minutes each under load). One cache
+# per virtualenv: every launch after the first reuses this one's build. Child processes inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+# The encoded-records cache of a test run (its xdist workers and subprocesses too) lives in a fresh directory,
+# removed at the end, not in ~/.cache.
+if "ARCTIC_VL_CACHE_DIR" not in os.environ:
+    os.environ["ARCTIC_VL_CACHE_DIR"] = tempfile.mkdtemp(prefix="arctic_vl_cache_")
+    atexit.register(shutil.rmtree, os.environ["ARCTIC_VL_CACHE_DIR"], ignore_errors=True)
 
 #: a minimal valid config: needs nothing on disk but `train.json` next to it
 GOOD_CONFIG = """\

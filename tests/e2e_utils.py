@@ -43,6 +43,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def write_eval_file(synthetic: Path) -> Path:
+    """Five held-out LLaVA records of uneven question types (colour x3, count, text-only), next to the synthetic
+    images: however they are ordered, two ranks see different types and a different number of samples, and
+    some rank answers a text-only question while another answers an image one."""
+    records = json.loads((synthetic / "heldout.llava.json").read_text())
+    wanted = {"colour": 3, "count": 1, "text": 1}
+    chosen = [r for q, k in wanted.items() for r in [r for r in records if r["qtype"] == q][:k]]
+    out = synthetic / "eval_uneven.llava.json"
+    out.write_text(json.dumps(chosen))
+    return out
+
+
 #: Registers a `kill_at` callback in a child process: the main process SIGKILLs itself at the end of step N.
 KILL_AT_CALLBACK = r"""
 import os, signal, sys

@@ -12,6 +12,7 @@ in-process; a few also in a subprocess). A case names:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +51,7 @@ CASES = [
         "unknown family 'llava_nxt'", "llava_next", "qwen2_5_vl"),
     # ---------------------------------------------------------------- typo keys (nested too)
     bad("typo_trainer_key", M + D + "trainer:\n  max_steps: 1\n  max_stesp: 3\n", 8, "trainer.max_stesp",
-        "unknown key (did you mean 'max_steps'?)", "Allowed: bf16, epochs,", "max_steps"),
+        "unknown key (did you mean 'max_steps'?)", "Allowed: bf16, compile, epochs,", "max_steps"),
     bad("typo_source_key", M + "data:\n  sources:\n    - path: train.json\n      formatt: llava\n", 6,
         "data.sources[0].formatt", "did you mean 'format'?", "Allowed: format, image_root, path, sample, weight"),
     bad("typo_model_key", "model:\n  family: llava_next\n  dtyp: float32\n" + D, 3, "model.dtyp",
@@ -130,10 +131,40 @@ CASES = [
         "invalid YAML value 'abc'"),
     bad("yaml_bad_date", "model:\n  family: llava_next\n  seed: 2020-13-45\n" + D, 3, "model.seed",
         "invalid YAML value '2020-13-45'"),
-    bad("yaml_python_tag", "model:\n  family: !!python/name:os.system\n" + D, 2, None, "invalid YAML"),
+    bad("yaml_python_tag", "model:\n  family: !!python/name:os.system\n" + D, 2, "model.family",
+        "YAML tag !!python/name:os.system is not allowed"),
     bad("yaml_merge_key", "defaults: &d\n  family: llava_next\nmodel:\n  <<: *d\n" + D, 4, "model",
         "merge keys (<<) are not supported", "extends"),
     bad("yaml_not_a_mapping", "- model\n- data\n", 1, None, "must be a mapping of sections"),
+    # ---------------------------------------------------------------- YAML that is not plain data (issue 12: 4, 5)
+    bad("yaml_tag_on_sequence", "model:\n  family: llava_next\n  lora: !!python/object/apply:os.system [\"echo hi\"]\n" + D,
+        3, "model.lora", "YAML tag !!python/object/apply:os.system is not allowed", "plain mappings, lists"),
+    bad("yaml_tag_on_mapping", "model: !!python/object/new:arctic_vl.Engine {family: llava_next}\n" + D, 1, "model",
+        "YAML tag !!python/object/new:arctic_vl.Engine is not allowed"),
+    bad("yaml_tag_on_nested_item", M + "data:\n  sources:\n    - !!python/object/apply:os.getcwd []\n", 5,
+        "data.sources[0]", "YAML tag !!python/object/apply:os.getcwd is not allowed"),
+    bad("yaml_tag_on_key", "model:\n  ? !!python/tuple [a, b]\n  : 1\n" + D, 2, "model.<key>",
+        "YAML tag !!python/tuple is not allowed"),
+    bad("yaml_local_tag", "model: !mine {family: llava_next}\n" + D, 1, "model", "YAML tag !mine is not allowed"),
+    bad("yaml_set", "model:\n  family: llava_next\n  freeze: !!set {vision, llm}\n" + D, 3, "model.freeze",
+        "YAML tag !!set is not allowed"),
+    bad("yaml_binary", "model:\n  family: !!binary bGxhdmFfbmV4dA==\n" + D, 2, "model.family",
+        "YAML tag !!binary is not allowed"),
+    bad("yaml_tag_in_base_config", "extends: base.yaml\n" + M + D, 2, "trainer", "YAML tag !!python/object/apply:os.system",
+        where="base.yaml:2", extra={"base.yaml": "trainer:\n  !!python/object/apply:os.system [ls]\n"}),
+    bad("yaml_alias_bomb", M + D + "x:\n  a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+        + "".join(f"  {chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8)),
+        7, None, "expands to more than 100000 values", "YAML anchors and aliases"),
+    bad("yaml_recursive_alias", "model:\n  family: llava_next\n  freeze: &a [vision, *a]\n" + D, 3, "model.freeze[1][1]",
+        "nested deeper than 64 levels", "a YAML alias that contains itself"),
+    bad("yaml_deep_nesting", "model:\n  family: llava_next\n  freeze: " + "[" * 3000 + "]" * 3000 + "\n" + D, 3, None,
+        "nested deeper than 64 levels"),
+    bad("yaml_control_character", M + D + "  system_prompt: a\x07b\n", 6, None, "character U+0007 is not allowed"),
+    bad("set_deep_nesting", M + D, None, "trainer.seed", "nested deeper than 64 levels",
+        args=("--set", "trainer.seed=" + "[" * 3000 + "]" * 3000), where="--set trainer.seed=" + "[" * 3000 + "]" * 3000),
+    bad("set_tagged_sequence", M + D, None, "trainer.seed", "YAML tag !!python/object/apply:os.system is not allowed",
+        args=("--set", "trainer.seed=!!python/object/apply:os.system [ls]"),
+        where="--set trainer.seed=!!python/object/apply:os.system [ls]"),
     bad("yaml_non_scalar_key", "model:\n  ? [a, b]\n  : 1\n" + D, 2, "model", "a key must be a plain scalar"),
     # ---------------------------------------------------------------- values out of range
     bad("empty_sources", M + "data:\n  sources: []\n", 4, "data.sources", "at least 1 item"),
@@ -142,7 +173,8 @@ CASES = [
     bad("bad_enum_list_item", "model:\n  family: llava_next\n  freeze: [vision, lm]\n" + D, 3, "model.freeze[1]",
         "'vision', 'aligner' or 'llm'"),
     bad("bad_enum_source_format", M + "data:\n  sources:\n    - path: train.json\n      format: csv\n", 6,
-        "data.sources[0].format", "'auto', 'llava', 'messages', 'dense_caption' or 'hf_disk'"),
+        # installed plugins' record formats come between the core's and the source kinds'
+        "data.sources[0].format", "'auto', 'llava', 'messages', 'dense_caption', ", " or 'hf_disk'"),
     bad("bad_enum_on_bad_record", M + D + "  on_bad_record: ignore\n", 6, "data.on_bad_record", "'error' or 'skip'"),
     bad("negative_max_steps", M + D + "trainer:\n  max_steps: -1\n", 7, "trainer.max_steps",
         "greater than or equal to 1"),
@@ -152,6 +184,81 @@ CASES = [
     bad("zero_source_weight", M + "data:\n  sources:\n    - path: train.json\n      weight: 0\n", 6,
         "data.sources[0].weight", "greater than 0"),
     bad("eval_zero_tokens", M + D + "eval:\n  max_new_tokens: 0\n", 7, "eval.max_new_tokens", "greater than or equal to 1"),
+    # ---------------------------------------------------------------- meaningless values (issue 12: 6)
+    bad("empty_output_dir", M + D + "trainer:\n  output_dir: ''\n", 7, "trainer.output_dir", "a path must not be empty"),
+    bad("blank_output_dir", M + D + "trainer:\n  output_dir: '   '\n", 7, "trainer.output_dir", "must not be empty"),
+    bad("nul_in_path", M + "data:\n  sources: [\"train\\0.json\"]\n", 4, "data.sources[0]", "NUL byte"),
+    bad("empty_source_path", M + "data:\n  sources:\n    - path: ''\n", 5, "data.sources[0].path", "must not be empty"),
+    bad("infinite_lr", M + D + "optimizer:\n  lr: .inf\n", 7, "optimizer.lr", "finite number"),
+    bad("nan_lr_by_set", M + D, None, "optimizer.lr", "finite number", args=("--set", "optimizer.lr=.nan"),
+        where="--set optimizer.lr=.nan"),
+    bad("infinite_epochs", M + D + "trainer:\n  epochs: .inf\n", 7, "trainer.epochs", "finite number"),
+    bad("infinite_betas", M + D + "optimizer:\n  betas: [0.9, .inf]\n", 7, "optimizer.betas[1]", "finite number"),
+    bad("betas_out_of_range", M + D + "optimizer:\n  betas: [1.5, 0.9]\n", 7, "optimizer.betas[0]", "less than 1"),
+    bad("infinite_lora_alpha", "model:\n  family: llava_next\n  lora:\n    alpha: .inf\n" + D, 4, "model.lora.alpha",
+        "must be a finite number (got inf)"),
+    bad("infinite_source_weight", M + "data:\n  sources:\n    - path: train.json\n      weight: .inf\n", 6,
+        "data.sources[0].weight", "must be a finite number (got inf)"),
+    bad("nan_group_weight_decay", M + D + "optimizer:\n  param_groups:\n    - name: g\n      parts: [llm]\n"
+        "      weight_decay: .nan\n", 10, "optimizer.param_groups[0].weight_decay", "nan"),
+    bad("infinite_deepspeed_value", M + D + "distributed:\n  type: deepspeed\n  config:\n    gradient_predivide_factor: .inf\n",
+        9, "distributed.config.gradient_predivide_factor", "must be a finite number (got inf)"),
+    bad("seed_too_large", M + D + "trainer:\n  seed: 99999999999999999999\n", 7, "trainer.seed",
+        "less than or equal to 4294967295"),
+    bad("seed_negative", M + D + "trainer:\n  seed: -1\n", 7, "trainer.seed", "greater than or equal to 0"),
+    bad("seed_boolean", M + D + "trainer:\n  seed: yes\n", 7, "trainer.seed", "not a boolean"),
+    bad("model_seed_too_large", "model:\n  family: llava_next\n  seed: 4294967296\n" + D, 3, "model.seed",
+        "less than or equal to 4294967295"),
+    bad("timeout_overflow", M + D + "distributed:\n  type: ddp\n  timeout_minutes: 99999999999\n", 8,
+        "distributed.timeout_minutes", "less than or equal to 525600"),
+    # ---------------------------------------------------------------- model.tiny (issue 12: 7)
+    bad("tiny_unknown_key", "model:\n  family: llava_next\n  tiny:\n    layers: 2\n    bogus: 3\n" + D, 5,
+        "model.tiny.bogus", "unknown key", "Allowed: anyres_grid, heads, hidden, image_size, intermediate, kv_heads, "
+        "layers, patch_size, vision_hidden, vision_layers, vocab_size"),
+    bad("tiny_out_of_range", "model:\n  family: llava_next\n  tiny: {layers: 0}\n" + D, 3, "model.tiny.layers",
+        "greater than or equal to 1"),
+    bad("tiny_heads_do_not_divide", "model:\n  family: llava_next\n  tiny: {hidden: 64, heads: 3}\n" + D, 3,
+        "model.tiny", "tiny.heads (3) must divide tiny.hidden (64)"),
+    bad("tiny_odd_head_size", "model:\n  family: llava_next\n  tiny: {hidden: 12, heads: 4, kv_heads: 1}\n" + D, 3,
+        "model.tiny", "must be even"),
+    bad("tiny_vocab_too_small", "model:\n  family: llava_next\n  tiny: {vocab_size: 100}\n" + D, 3, "model.tiny",
+        "smaller than the tokenizer"),
+    bad("tiny_anyres_on_qwen", "model:\n  family: qwen2_vl\n  tiny: {anyres_grid: 2}\n" + D, 3, "model.tiny",
+        "applies to the LLaVA families"),
+    bad("tiny_qwen_vision_heads", "model:\n  family: qwen2_vl\n  tiny: {vision_hidden: 36}\n" + D, 3, "model.tiny",
+        "multiple of 4"),
+    bad("tiny_with_name_or_path", "model:\n  name_or_path: .\n  tiny: {layers: 2}\n" + D, 3, "model.tiny",
+        "tiny: only applies with family"),
+    # ---------------------------------------------------------------- output_dir on the filesystem (issue 12: 8)
+    bad("output_dir_is_a_file", M + D + "trainer:\n  output_dir: train.json\n", 7, "trainer.output_dir",
+        "train.json is an existing file"),
+    bad("output_dir_under_a_file", M + D + "trainer:\n  output_dir: train.json/run\n", 7, "trainer.output_dir",
+        "train.json/run lies under", "train.json, which is a file"),
+    bad("output_dir_default_under_a_file", M + D, None, "trainer.output_dir", "runs/run lies under",
+        where="bad.yaml:1", extra={"runs": "a file where the default runs/ directory would go\n"}),
+    # ---------------------------------------------------------------- DeepSpeed pass-through (issue 12: 16)
+    bad("ds_import_key", M + D + "distributed:\n  type: deepspeed\n  config:\n    torch_autocast:\n      enabled: true\n"
+        "      lower_precision_safe_modules: [evilmod.Evil]\n", 11,
+        "distributed.config.torch_autocast.lower_precision_safe_modules", "DeepSpeed imports the module",
+        "a config never names Python code"),
+    bad("ds_checkpoint_engine", M + D + "distributed:\n  type: deepspeed\n  config:\n    checkpoint:\n"
+        "      load_universal: true\n", 9, "distributed.config.checkpoint", "the engine writes, verifies and loads"),
+    bad("ds_unknown_key", M + D + "distributed:\n  type: deepspeed\n  config:\n    pipeline: {stages: 2}\n", 9,
+        "distributed.config.pipeline", "not a pass-through key; allowed: activation_checkpointing, bf16"),
+    bad("ds_unknown_sub_key", M + D + "distributed:\n  type: deepspeed\n  config:\n    zero_optimization:\n"
+        "      zenflow: {topk_ratio: 0.1}\n", 10, "distributed.config.zero_optimization.zenflow",
+        "allowed under zero_optimization:"),
+    bad("ds_nvme_offload", M + D + "distributed:\n  type: deepspeed\n  config:\n    zero_optimization:\n"
+        "      offload_optimizer: {device: nvme, nvme_path: /tmp}\n", 10,
+        "distributed.config.zero_optimization.offload_optimizer", "set distributed.offload_optimizer"),
+    bad("ds_mapping_for_a_value", M + D + "distributed:\n  type: deepspeed\n  config:\n    communication_data_type: "
+        "{type: x}\n", 9, "distributed.config.communication_data_type", "must be a number, flag, string"),
+    bad("ds_contradicts_bf16", M + D + "distributed:\n  type: deepspeed\n  config:\n    bf16: {enabled: true}\n", 9,
+        "distributed.config.bf16.enabled", "contradicts the engine config", "set trainer.bf16"),
+    bad("ds_contradicts_stage", M + D + "distributed:\n  type: deepspeed\n  zero_stage: 3\n  config:\n"
+        "    zero_optimization: {stage: 1}\n", 10, "distributed.config.zero_optimization.stage", "set distributed.zero_stage"),
+    bad("ds_contradicts_clipping", M + D + "distributed:\n  type: deepspeed\n  config:\n    gradient_clipping: 5\n", 9,
+        "distributed.config.gradient_clipping", "set trainer.max_grad_norm"),
     bad("sample_first_x", M + "data:\n  sources:\n    - path: train.json\n      sample: \"first:x\"\n", 6,
         "data.sources[0].sample", "all, first:N, random:N"),
     # ---------------------------------------------------------------- model directories
@@ -163,6 +270,24 @@ CASES = [
         "config.json: not found", "model.name_or_path must be a local HF model directory"),
     bad("name_or_path_and_family", "model:\n  family: llava_next\n  name_or_path: x\n" + D, 3,
         "model.name_or_path", "give name_or_path or family, not both"),
+    bad("model_type_unsupported", "model:\n  name_or_path: m\n" + D, 2, "model.name_or_path",
+        "has model_type 'idefics3', which arctic_vl cannot train; supported model types: llava, llava_next,",
+        "qwen3_vl", extra={"m/config.json": '{"model_type": "idefics3"}'}),
+    bad("model_config_json_broken", "model:\n  name_or_path: m\n" + D, 2, "model.name_or_path",
+        "config.json is not a valid HF config", extra={"m/config.json": '{"model_type": '}),
+    # ---------------------------------------------------------------- files the config names must exist
+    bad("data_source_missing", M + "data:\n  sources:\n    - train.json\n    - nope.json\n", 6, "data.sources[1]",
+        "nope.json does not exist", "relative to the file that sets it"),
+    bad("data_source_spec_missing", M + "data:\n  sources:\n    - {path: gone/x.jsonl, weight: 2}\n", 5,
+        "data.sources[0].path", "gone/x.jsonl does not exist (nor does its folder"),
+    bad("eval_source_missing", M + D + "  eval_sources: [heldout.json]\n", 6, "data.eval_sources[0]",
+        "heldout.json does not exist"),
+    bad("image_root_missing", M + "data:\n  sources:\n    - path: train.json\n      image_root: imgs\n", 6,
+        "data.sources[0].image_root", "imgs does not exist"),
+    bad("data_source_missing_by_set", M + D, None, "data.sources[0]", "x.json does not exist",
+        args=("--set", "data.sources=[x.json]"), where="--set data.sources=[x.json]"),
+    bad("data_source_missing_in_base", "extends: base/base.yaml\n" + M, 3, "data.sources[0]",
+        "base/train.json does not exist", where="base.yaml:3", extra={"base/base.yaml": D}),
 ]
 
 
@@ -260,3 +385,100 @@ def test_engine_rejects_a_non_mapping():
 
     with pytest.raises(ConfigError, match="mapping of sections, got list"):
         Engine(["model"])  # type: ignore[arg-type]
+
+
+def test_paths_a_run_creates_need_not_exist(in_tmp, cli):
+    """output_dir (and an inline tiny model, written under it) are created by the run: validation passes."""
+    (in_tmp / "ok.yaml").write_text(M + D + "trainer:\n  output_dir: runs/not/yet/there\n"
+                                    "callbacks:\n  - {type: tensorboard, log_dir: tb/new}\n")
+    rc, out, err = cli("validate", "ok.yaml")
+    assert rc == 0, err
+    assert "# config OK" in out and not (in_tmp / "runs").exists()
+
+
+def test_missing_data_file_found_by_every_entry_point(in_tmp):
+    """The same check runs wherever a config is loaded (train, evaluate, Engine(dict)), before any work."""
+    from arctic_vl import Engine
+
+    with pytest.raises(ConfigError, match=r"config\[data.sources\[0\]\]: data.sources\[0\]: .*nope.json does not exist"):
+        Engine({"model": {"family": "llava_next"}, "data": {"sources": ["nope.json"]}})
+
+
+# ------------------------------------------------------------------------ encodings, unwritable dirs, dicts
+@pytest.mark.parametrize("where", ["config", "base"])
+def test_latin1_byte_names_file_and_line(in_tmp, cli, where):
+    latin = (M + D + "# caf\xe9\n").encode("latin-1")
+    if where == "config":
+        (in_tmp / "bad.yaml").write_bytes(latin)
+    else:
+        (in_tmp / "base.yaml").write_bytes(latin)
+        (in_tmp / "bad.yaml").write_text("extends: base.yaml\n")
+    rc, _, err = cli("validate", "bad.yaml")
+    shown = "bad.yaml" if where == "config" else "base.yaml"
+    check_error(rc, err, Bad("latin1", {}, f"{shown}:6", None, ["not UTF-8 text: byte 0xe9 at column 6", "save the file as UTF-8"]))
+
+
+def test_utf8_with_bom_and_non_ascii_text_are_fine(in_tmp, cli):
+    (in_tmp / "good.yaml").write_bytes(("\ufeff" + M + D + "  system_prompt: café ☕\n").encode("utf-8"))
+    rc, _, err = cli("validate", "good.yaml")
+    assert rc == 0, err
+    from arctic_vl.config.schema import load_config
+
+    assert load_config(in_tmp / "good.yaml").data.system_prompt == "café ☕"
+
+
+def test_output_dir_not_writable(in_tmp, cli):
+    import os
+
+    if os.geteuid() != 0:
+        locked = in_tmp / "locked"
+        locked.mkdir(mode=0o555)
+        target, blocked = locked / "run", locked
+    elif not os.access("/proc/sys", os.W_OK):  # root may write anywhere but a read-only filesystem
+        target, blocked = Path("/proc/sys/arctic_vl_run"), Path("/proc/sys")
+    else:  # pragma: no cover - depends on the machine
+        pytest.skip("no directory this user cannot write")
+    (in_tmp / "bad.yaml").write_text(M + D + f"trainer:\n  output_dir: {target}\n")
+    rc, _, err = cli("validate", "bad.yaml")
+    check_error(rc, err, Bad("ro", {}, "bad.yaml:7", "trainer.output_dir", [f"{target} cannot be created: {blocked} is not writable"]))
+
+
+def test_plain_yaml_reader_for_data_lists(tmp_path):
+    """`read_plain_yaml` (for YAML files other than configs, e.g. data-source lists): the same rules."""
+    from arctic_vl.config.loader import read_plain_yaml
+
+    good = tmp_path / "mix.yaml"
+    good.write_text("datasets:\n  - json_path: a.json\n    sampling_strategy: first:5\n")
+    assert read_plain_yaml(good) == {"datasets": [{"json_path": "a.json", "sampling_strategy": "first:5"}]}
+    for text, says in (("datasets: !!python/object/apply:os.system [ls]\n", "mix.yaml:1: datasets: YAML tag"),
+                       ("datasets: " + "[" * 200 + "]" * 200 + "\n", "mix.yaml:1: invalid YAML: nested deeper"),
+                       (b"datasets: [caf\xe9]\n", "mix.yaml:1: not UTF-8 text")):
+        good.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ConfigError, match=says):
+            read_plain_yaml(good)
+
+
+def test_engine_dict_that_contains_itself_is_refused(in_tmp):
+    from arctic_vl import Engine
+
+    model: dict = {"family": "llava_next"}
+    model["lora"] = model
+    with pytest.raises(ConfigError, match=r"config\[model.lora.lora.lora.lora.lora...\]: nested deeper than 64"):
+        Engine({"model": model, "data": {"sources": ["train.json"]}})
+
+
+def test_seed_type_is_public_and_bounded():
+    from pydantic import BaseModel, ValidationError
+
+    import arctic_vl
+
+    class WithSeed(BaseModel):
+        seed: arctic_vl.Seed = 0
+
+    assert WithSeed(seed=2**32 - 1).seed == 2**32 - 1
+    for bad_seed in (-1, 2**32, True):
+        with pytest.raises(ValidationError):
+            WithSeed(seed=bad_seed)
+    assert set(arctic_vl.__all__) == set(arctic_vl._LAZY)
+    assert arctic_vl.TinyModelConfig(layers=2).given() == {"layers": 2}
+    assert issubclass(arctic_vl.CheckpointError, Exception) and not issubclass(arctic_vl.CheckpointError, arctic_vl.UserError)

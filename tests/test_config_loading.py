@@ -38,10 +38,22 @@ callbacks:
 """
 
 
+def touch(root: Path, *names: str) -> None:
+    """Create the files (and, for names ending in /, folders) a config names: they must exist to validate."""
+    for name in names:
+        path = root / name
+        if name.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("[]\n")
+
+
 @pytest.fixture
 def tree(tmp_path: Path, write) -> Path:
     """tmp/base/base.yaml (paths under base/), tmp/exp/ for children; cwd is elsewhere (tmp/cwd)."""
     write("base/base.yaml", BASE)
+    touch(tmp_path / "base", "data/train.json", "data/eval.json", "images/")
     return tmp_path
 
 
@@ -60,10 +72,11 @@ def test_extends_deep_merge_and_replacement(tree, write, monkeypatch):
           - type: progress
         """)
     (tree / "cwd").mkdir()
+    touch(tree, "exp/mine.json")
     monkeypatch.chdir(tree / "cwd")
     cfg = load_config(child)
     # mappings merge deeply
-    assert cfg.model.tiny == {"layers": 4, "hidden": 64}
+    assert cfg.model.tiny.given() == {"layers": 4, "hidden": 64}
     assert cfg.model.family == "llava_next" and cfg.model.freeze == ["vision"]
     assert (cfg.trainer.max_steps, cfg.trainer.seed) == (7, 1)
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (0.5, 0.1)
@@ -117,7 +130,7 @@ def test_multi_level_and_list_extends(tmp_path, write):
 def test_set_overrides(tmp_path, write, monkeypatch):
     cfg_file = write("exp/run.yaml", BASE.replace("model:\n", "model:\n  seed: 5\n"))
     work = tmp_path / "work"
-    work.mkdir()
+    touch(tmp_path, "exp/data/train.json", "exp/data/eval.json", "exp/images/", "work/a.json", "work/sub/b.json")
     monkeypatch.chdir(work)
     cfg = load_config(cfg_file, [
         "trainer.max_steps=9",              # scalar
@@ -130,7 +143,7 @@ def test_set_overrides(tmp_path, write, monkeypatch):
         "model.freeze=[]",
     ])
     assert cfg.trainer.max_steps == 9
-    assert cfg.model.tiny == {"layers": 3, "hidden": 64}
+    assert cfg.model.tiny.given() == {"layers": 3, "hidden": 64}
     assert cfg.data.sources == [str(work / "a.json"), str(work / "sub" / "b.json")]
     assert cfg.trainer.max_grad_norm == 0.5
     assert cfg.scheduler.type == "linear"

@@ -1,10 +1,12 @@
 """DDP and DeepSpeed ZeRO across 2 CPU processes (gloo): same losses as one process, text-only ranks, resume, export.
 
 One data file of 24 samples (LLaVA json, mixed image and text-only, different lengths), read without
-shuffling: micro-batch k of a 2-process run at micro-batch 2 holds samples [4k, 4k+4), rank 0 the first
-two, exactly the samples of micro-batch k of a 1-process run at micro-batch 4. The file is arranged so
-that on step 2 (micro-batches 2 and 3) rank 1 holds only text-only samples while rank 0 holds images:
-the ZeRO-3 trap of a vision tower that runs on one rank only.
+shuffling: micro-batch k of a 2-process run at micro-batch 2 holds samples [4k, 4k+4), shared out between
+the ranks by tokens (`data.balance_ranks`: each rank about the same number), exactly the samples of
+micro-batch k of a 1-process run at micro-batch 4, so the losses are equal whichever rank holds which. The
+file is arranged so that on step 2 (micro-batches 2 and 3: one image and three text-only samples each) the
+balanced split leaves rank 1 only text-only samples while rank 0 holds the image: the ZeRO-3 trap of a vision
+tower that runs on one rank only.
 
 Launches are few (about 12 s each): the 1-process reference runs in this process; then ddp (torchrun),
 ZeRO-2 (deepspeed launcher), and ZeRO-3 (torchrun) killed with SIGKILL at step 3 and rerun to the end.
@@ -13,7 +15,6 @@ ZeRO-2 (deepspeed launcher), and ZeRO-3 (torchrun) killed with SIGKILL at step 3
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -22,13 +23,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_cli, subprocess_env, write_yaml
+from tests.e2e_utils import (
+    KILL_AT_CALLBACK,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+    write_eval_file,
+    write_yaml,
+)
 
 BIN = Path(sys.executable).parent
 SEED = 7
 N = 24
-#: dataset positions that hold text-only samples: rank 1's samples of step 2 (10, 11, 14, 15) and two more
-TEXT_POSITIONS = {3, 10, 11, 14, 15, 21}
+#: dataset positions that hold text-only samples: three of each micro-batch of step 2 (8-11, 12-15) and two more
+TEXT_POSITIONS = {3, 9, 10, 11, 13, 14, 15, 21}
 MAX_STEPS = 5  # 3 steps an epoch: crosses an epoch
 
 # Rank 0 kills itself (SIGKILL) at the end of a step; the launcher then stops the other rank.
@@ -38,36 +46,33 @@ sys.exit(main(["train", sys.argv[1], "--set", "callbacks=[{type: kill_at, step: 
 """
 
 
-def _mix_permutation(n: int, seed: int) -> list[int]:
-    # data.sources mixes its records with this seeded shuffle; the test checks the resulting order below
-    order = list(range(n))
-    random.Random(f"{seed}:mix").shuffle(order)
-    return order
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     records = json.loads((synthetic_data / "train.llava.json").read_text())
     images = [r for r in records if r.get("image")]
     texts = [r for r in records if not r.get("image")]
-    wanted = [texts.pop(0) if i in TEXT_POSITIONS else images.pop(0) for i in range(N)]
-    arranged: list[dict] = [{}] * N
-    for position, source_index in enumerate(_mix_permutation(N, SEED)):
-        arranged[source_index] = wanted[position]
+    arranged = [texts.pop(0) if i in TEXT_POSITIONS else images.pop(0) for i in range(N)]
     data_file = synthetic_data / "distributed_mixed.json"  # next to images/ (relative image paths)
-    data_file.write_text(json.dumps(arranged))
+    data_file.write_text(json.dumps(arranged))  # data.shuffle: false trains it in file order
     root = tmp_path_factory.mktemp("distributed")
 
-    def config(name: str, distributed: dict, micro: int, **trainer: object) -> Path:
+    def config(name: str, distributed: dict, micro: int, evaluate: bool = False, **trainer: object) -> Path:
+        """`evaluate`: a final evaluation with generation on uneven question types (see write_eval_file)."""
+        data = {"sources": [str(data_file)], "micro_batch_size": micro, "max_length": 4096, "shuffle": False}
+        extra = {}
+        if evaluate:
+            data["eval_sources"] = [str(write_eval_file(synthetic_data))]
+            extra["eval"] = {"generate": True, "max_new_tokens": 4}
         return write_yaml(root / f"{name}.yaml", {
             "model": {"name_or_path": str(tiny_llava)},
-            "data": {"sources": [str(data_file)], "micro_batch_size": micro, "max_length": 4096, "shuffle": False},
+            "data": data,
             "trainer": {"output_dir": str(root / name), "max_steps": MAX_STEPS, "gradient_accumulation_steps": 2,
                         "progress_bar": False, "seed": SEED, **trainer},
             "optimizer": {"lr": 3e-3},
             "scheduler": {"type": "cosine", "warmup_steps": 1},
             "checkpoint": {"every_n_steps": 2, "keep_last": 2},
             "distributed": distributed,
+            **extra,
         })
 
     return {"root": root, "config": config, "tiny": tiny_llava}
@@ -84,6 +89,16 @@ def reference(setup: dict) -> list[dict]:
     assert [not c.images for c in trainer.data.train.conversations] == [i in TEXT_POSITIONS for i in range(N)]
     lengths = trainer.data.train.lengths
     assert len(set(lengths)) > 5, "samples of different lengths"
+    # the 2-process plan: token-balanced (not the plain halves), and rank 1 holds only text on step 2
+    from arctic_vl.data.sampling import BalancedBatcher, EpochBatchSampler
+
+    plan = BalancedBatcher(lengths, 2, SEED, shuffle=False)(0, 2)
+    assert plan != EpochBatchSampler.plan(N, 2, 2, SEED, 0, False)
+    assert all(set(plan[b][1]) <= TEXT_POSITIONS and not set(plan[b][0]) <= TEXT_POSITIONS for b in (2, 3))
+    for b, step in enumerate(plan):
+        tokens = [sum(lengths[i] for i in part) for part in step]
+        halves = [sum(lengths[i] for i in range(4 * b + 2 * r, 4 * b + 2 * r + 2)) for r in (0, 1)]
+        assert max(tokens) <= max(halves), (b, tokens, halves)  # never worse than the plain split
     trainer.train()
     trainer.dist.teardown()
     return read_metrics(setup["root"] / "single")
@@ -141,7 +156,7 @@ def test_zero2_two_processes_equal_one(setup, reference):
 
 
 def test_zero3_sigkill_resume_and_export(setup, reference, tmp_path):
-    config = setup["config"]("zero3", {"type": "deepspeed", "zero_stage": 3}, 2)
+    config = setup["config"]("zero3", {"type": "deepspeed", "zero_stage": 3}, 2, evaluate=True)
     child = tmp_path / "kill_child.py"
     child.write_text(KILL_CHILD)
     proc = _launch("torchrun", [str(child), str(config), "3"])
@@ -169,6 +184,17 @@ def test_zero3_sigkill_resume_and_export(setup, reference, tmp_path):
     moved = max(float((exported[k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-3, "the export holds trained weights, not the initial ones"
     assert all(v.numel() > 0 for v in exported.values()), "no partitioned (empty) tensors"
+
+    # the final evaluation under ZeRO-3 (every forward a collective; ranks with other question types, one
+    # answering a text-only question while the other encodes an image) equals one process on the export
+    (two,) = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    from arctic_vl.engine import Engine
+
+    one = Engine(config, ["distributed={type: single}"]).evaluate()
+    assert two["eval_questions_by_type"] == one["eval_questions_by_type"] == {"colour": 3, "count": 1, "text": 1}
+    for key in ("eval_label_tokens", "exact_match", "exact_match_by_type"):
+        assert two[key] == one[key], key
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5, abs=0)
     shutil.rmtree(out / "checkpoints")
 
 
@@ -178,7 +204,8 @@ def test_deepspeed_config_is_derived_and_checked(tmp_path):
     from arctic_vl.distributed.deepspeed_backend import derive_ds_config
     from arctic_vl.errors import ConfigError
 
-    base = {"model": {"family": "llava_next"}, "data": {"sources": ["x.json"], "micro_batch_size": 3},
+    (tmp_path / "x.json").write_text("[]\n")  # the data a config names must exist to validate
+    base = {"model": {"family": "llava_next"}, "data": {"sources": [str(tmp_path / "x.json")], "micro_batch_size": 3},
             "trainer": {"gradient_accumulation_steps": 4, "max_grad_norm": 0.5, "bf16": True}}
     cfg = load_config({**base, "distributed": {"type": "deepspeed", "zero_stage": 3, "offload_param": "cpu",
                                                "config": {"zero_optimization": {"reduce_bucket_size": 1000}}}})
@@ -195,7 +222,7 @@ def test_deepspeed_config_is_derived_and_checked(tmp_path):
         assert says in str(err.value) and "bad.yaml:" in str(err.value), str(err.value)  # names file and line
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_text_only_batch_runs_the_vision_tower(family, tmp_path):
     """The keep-alive touches every vision/aligner parameter an image batch touches, with zero effect."""
     from arctic_vl import final_hidden, lm_loss_sum
@@ -226,3 +253,47 @@ def test_text_only_batch_runs_the_vision_tower(family, tmp_path):
     assert all("post_layernorm" in n for n in missing), sorted(missing)
     assert len(grads[1]) >= len(vision) - 2
     assert all(float(g.abs().max()) == 0.0 for g in grads[1].values())
+
+
+def test_unused_parameters_name_the_config_key(tiny_llava, tmp_path):
+    """find_unused_parameters: false on a model whose step leaves weights out (CLIP's post_layernorm with
+    vision_feature_layer -1): PyTorch's raw DDP error becomes a ConfigError naming the key and the weights."""
+    import torch.distributed as dist
+    from PIL import Image
+    from torch.nn.parallel import DistributedDataParallel
+
+    from arctic_vl import final_hidden, lm_loss_sum
+    from arctic_vl.distributed.backends import DDP, DDPConfig
+    from arctic_vl.errors import ConfigError
+    from arctic_vl.models.loading import load_model, load_processor
+
+    model, processor = load_model(tiny_llava), load_processor(tiny_llava)
+    text = "<|im_start|>user\n<image>\nWhat colour?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+    batch = dict(processor(images=[Image.new("RGB", (40, 40), (200, 0, 0))], text=[text], return_tensors="pt"))
+    batch["labels"] = batch["input_ids"].clone()
+
+    class Step(torch.nn.Module):  # the loop's model + loss module, as DDP wraps it
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, b):
+            hidden, head, _ = final_hidden(self.model, b, dummy_vision=False)
+            return lm_loss_sum(hidden, head, b["labels"])[0]
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(Step(), find_unused_parameters=False)
+        backend = DDP(DDPConfig(type="ddp", find_unused_parameters=False))
+        with pytest.raises(ConfigError) as err:
+            for _ in range(2):  # DDP notices on the step after the one that left weights out
+                with backend.no_sync(wrapped, sync=True):
+                    wrapped(batch).backward()
+        with pytest.raises(RuntimeError, match="something else"), backend.no_sync(wrapped, sync=True):
+            raise RuntimeError("something else")  # other errors pass through as they are
+    finally:
+        dist.destroy_process_group()
+    msg = str(err.value)
+    assert msg.startswith("distributed.find_unused_parameters is false, but some trainable parameters got no gradient")
+    assert "Set distributed.find_unused_parameters: true" in msg
+    assert "post_layernorm.weight" in msg and "(2 of them" in msg

@@ -61,3 +61,51 @@ def test_final_loads_with_plain_transformers(tiny_llava: Path, synthetic_data: P
         assert (base(**plain["inputs"]).logits - logits).abs().max().item() > 1e-3, "training changed the model"
     info = json.loads((tmp_path / "out" / "run_info.json").read_text())
     assert info["versions"]["torch"] and "data" in info
+
+
+def _bf16_checkpoint(source: Path, out: Path) -> Path:
+    """`source` re-saved in bfloat16, as published checkpoints are (config.json says `dtype: bfloat16`)."""
+    from arctic_vl.models.loading import load_model, load_processor
+
+    model = load_model(source, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    load_processor(source).save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    return out
+
+
+def test_export_keeps_the_source_checkpoints_dtype(tiny_llava: Path, synthetic_data: Path, tmp_path: Path):
+    """A bf16 checkpoint trains in fp32 (model.dtype) and exports in bf16 (export_dtype: auto); a config key
+    chooses another dtype, LoRA's merged export included."""
+    from arctic_vl.engine import Engine
+    from arctic_vl.models.loading import load_model
+
+    source = _bf16_checkpoint(tiny_llava, tmp_path / "bf16")
+    run = {
+        "model": {"name_or_path": str(source)},
+        "data": {"sources": [{"path": str(synthetic_data / "train.llava.json"), "sample": "first:8"}],
+                 "micro_batch_size": 4},
+        "trainer": {"output_dir": "out", "max_steps": 2, "progress_bar": False},
+        "optimizer": {"lr": 1e-2},
+    }
+    summary = Engine(write_yaml(tmp_path / "run.yaml", run)).train()
+    final = Path(summary["export"])
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(str(final / "model.safetensors")).values()} == {torch.bfloat16}
+    # exactly the fp32 trained weights (bf16 base upcast + the checkpoint's trainable weights), rounded to bf16
+    model = load_model(source, dtype=torch.float32)
+    trained = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))
+    assert {t.dtype for t in trained.values()} == {torch.float32}, "training keeps fp32 master weights"
+    model.load_state_dict({k.removeprefix("model."): v for k, v in trained.items()}, strict=False)
+    expected = model.state_dict()
+    exported = load_model(final, dtype=torch.bfloat16).state_dict()
+    assert set(exported) == set(expected)
+    assert all(torch.equal(exported[k], expected[k].to(torch.bfloat16)) for k in exported)
+    before = load_model(source, dtype=torch.bfloat16).state_dict()
+    assert any(not torch.equal(exported[k], before[k]) for k in exported), "training changed the weights"
+
+    run["model"].update(export_dtype="float32", lora={"r": 4, "parts": ["llm"]}, freeze=["vision"])
+    run["trainer"]["output_dir"] = "out_lora"
+    lora = Path(Engine(write_yaml(tmp_path / "lora.yaml", run)).train()["export"])
+    assert json.loads((lora / "config.json").read_text())["dtype"] == "float32"
+    assert {t.dtype for t in load_file(str(lora / "model.safetensors")).values()} == {torch.float32}

@@ -1,4 +1,4 @@
-"""All five VLM families end to end: config -> Engine.train -> final/ -> plain transformers, equal logits.
+"""All six VLM families end to end: config -> Engine.train -> final/ -> plain transformers, equal logits.
 
 Per family: a tiny random model trains two optimizer steps (one epoch of eight samples: single-image,
 text-only and a two-image sample, so every kind goes through a forward and a backward) from a YAML
@@ -7,7 +7,7 @@ that never imports arctic_vl, with transformers' Auto classes only, and must giv
 model's logits (base weights + the checkpoint's trainable weights) to 1e-5.
 
 Processors: LlavaOnevision / Qwen processors cannot be built without torchvision, so the plain side
-loads the parts that can (AutoTokenizer, AutoImageProcessor; AutoProcessor for llava_next) and checks
+loads the parts that can (AutoTokenizer, AutoImageProcessor; AutoProcessor for llava and llava_next) and checks
 they reproduce the inputs arctic_vl's processor made; and `processor_config.json` must name
 transformers' own processor class, which plain `AutoProcessor` loads where torchvision is installed.
 """
@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from tests.e2e_utils import read_metrics, run_python, write_yaml
 
-FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-HF_PROCESSOR = {"llava_next": "LlavaNextProcessor", "llava_onevision": "LlavaOnevisionProcessor",
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+HF_PROCESSOR = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor", "llava_onevision": "LlavaOnevisionProcessor",
                 "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 # Tiny and quick: one layer each side; Qwen's mRoPE needs head_dim 16 (hidden 32, 2 heads) at least.
 SHAPE = {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64, "vision_layers": 1,
@@ -58,7 +58,7 @@ image_processor = AutoImageProcessor.from_pretrained(final)
 pixels = image_processor(images=[[image]] if family == "llava_onevision" else [image], return_tensors="pt")
 vision_keys = [k for k in inputs if k not in ("input_ids", "attention_mask", "mm_token_type_ids")]
 assert vision_keys and all(torch.equal(pixels[k], inputs[k]) for k in vision_keys), vision_keys
-if family == "llava_next":  # its processor has no video part: plain AutoProcessor builds it here too
+if family in ("llava", "llava_next"):  # no video part: plain AutoProcessor builds these processors here too
     processor = AutoProcessor.from_pretrained(final)
     assert type(processor).__name__ == saved_class
     again = processor(images=[image], text=[given["prompt"]], return_tensors="pt")

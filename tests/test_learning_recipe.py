@@ -14,16 +14,20 @@ from tests.e2e_utils import REPO, run_python
 RECIPE = REPO / "configs" / "shapes-llava-cpu.yaml"
 
 
-def test_recipe_config_is_a_plain_llava_next_with_a_llama():
+def test_recipe_config_is_a_plain_llava_next_with_a_llama(synthetic_data: Path):
+    from arctic_vl.config.loader import load_file
     from arctic_vl.config.schema import load_config
     from arctic_vl.models.tiny import tiny_config
 
-    cfg = load_config(RECIPE)
-    assert cfg.model.type == "hf_vlm" and cfg.model.family == "llava_next"
-    text = tiny_config("llava_next", **cfg.model.tiny).text_config
-    assert text.model_type == "llama"  # swiftkv_vl distils a teacher trained with this recipe
-    sources = [Path(getattr(s, "path", s)) for s in cfg.data.sources + cfg.data.eval_sources]
+    raw = load_file(RECIPE).data["data"]
+    sources = [(RECIPE.parent / s).resolve() for s in raw["sources"] + raw["eval_sources"]]
     assert all(p.is_relative_to(REPO / "data") for p in sources), "sources point at data/ next to the configs"
+    # the data must exist to validate: the synthetic set of the tests stands in for data/shapes
+    cfg = load_config(RECIPE, [f"data.sources=[{synthetic_data / 'train.llava.json'}]",
+                               f"data.eval_sources=[{synthetic_data / 'heldout.llava.json'}]"])
+    assert cfg.model.type == "hf_vlm" and cfg.model.family == "llava_next"
+    text = tiny_config("llava_next", **cfg.model.tiny.given()).text_config
+    assert text.model_type == "llama"  # swiftkv_vl distils a teacher trained with this recipe
     assert cfg.eval.generate and cfg.eval.max_samples is None  # final figures on the whole held-out split
 
 

@@ -214,13 +214,13 @@ def test_freeze_parts_get_no_grad_and_stay_unchanged(tiny_llava: Path, synthetic
     ({"parts": ["text"]}, "model.lora.parts"),
     ({"modules_to_save": ["no_such_module"]}, "no_such_module"),
 ])
-def test_bad_lora_config_is_a_config_error(tiny_llava: Path, lora, expect):
+def test_bad_lora_config_is_a_config_error(tiny_llava: Path, synthetic_data: Path, lora, expect):
     from arctic_vl.engine import Engine
     from arctic_vl.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(expect)):
         Engine({"model": {"name_or_path": str(tiny_llava), "lora": lora},
-                "data": {"sources": ["train.json"]}}).model_factory().build()
+                "data": {"sources": [str(synthetic_data / "train.llava.json")]}}).model_factory().build()
 
 
 def test_bad_lora_config_cli_exits_2(tiny_llava: Path, synthetic_data: Path, tmp_path: Path, cli):

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arctic_vl.data.packing import PackingPlanner, best_fit_decreasing
+from arctic_vl.data.sampling import PackingPlanner, best_fit_decreasing
 from tests.e2e_utils import TRAIN_CHILD, read_metrics, run_python, train_child, write_yaml
 
-FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IGNORE = -100
 
 
@@ -34,7 +34,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _data(model_dir: Path, synthetic: Path, attn: str, *, packing: bool = True, n: int = 24) -> tuple[Any, Any, Any]:
     """(model in eval mode, data bundle, encoder) for the first `n` synthetic records."""
-    from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.models.base import ModelBundle
     from arctic_vl.models.loading import family_of_dir, load_model, load_processor
 
@@ -109,7 +109,7 @@ def test_packed_per_sample_losses_equal_unpacked(family, attn, tiny_models, synt
 def test_single_row_mode_for_flash_attention(family, tiny_models, synthetic_data):
     """flash_attention_2 isolates packed samples only in a one-row batch: `single_row` merges a micro-batch's
     rows into one padding-free row; the per-sample losses stay those of the samples run alone (here via sdpa)."""
-    from arctic_vl.data.packing import PackedCollator
+    from arctic_vl.data.collate import PackedCollator
 
     model, data, encoder = _data(tiny_models[family], synthetic_data, "sdpa")
     flat = PackedCollator(encoder, 512, data.collate.fallback, data.collate.rope_index, single_row=True)
@@ -127,11 +127,12 @@ def test_single_row_mode_for_flash_attention(family, tiny_models, synthetic_data
 
 
 def test_isolation_is_what_makes_losses_equal(tiny_models, synthetic_data):
-    """Control: the same packed row with a plain causal mask (samples see each other) changes the losses."""
+    """Control: the same packed row as ONE sequence (positions 0..T-1: plain causal attention, samples see each
+    other) changes the losses. RoPE sees only relative positions, so within a sample nothing else differs."""
     model, data, _ = _data(tiny_models["llava_next"], synthetic_data, "sdpa")
     rows = [[0, 1, 2]]
     batch = data.collate([data.train[(0, i)] for i in rows[0]])
-    leaky = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))  # a 2-D mask turns packing detection off
+    leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
     isolated = _token_ce(model, batch)
     seen = _token_ce(model, leaky)
     n0 = data.train.lengths[0]
@@ -145,7 +146,9 @@ def test_boundary_labels_do_not_leak(tiny_models, synthetic_data):
     lengths = [len(s["input_ids"]) for s in samples]
     # a sample whose first token carries a label: packed, that label is dropped (alone, the shift drops it)
     samples[1]["labels"] = samples[1]["input_ids"].clone()
-    batch = encoder.collate_packed([samples])
+    from arctic_vl.data.collate import pack_collate
+
+    batch = pack_collate(encoder, [samples])
     starts = [0, lengths[0], lengths[0] + lengths[1]]
     assert [int(batch["labels"][0, s]) for s in starts] == [IGNORE] * 3
     assert batch["position_ids"][0, starts].tolist() == [0, 0, 0]
@@ -239,7 +242,7 @@ def test_packing_config_errors(tmp_path, synthetic_data, tiny_llava):
         Engine({"model": {"name_or_path": str(tiny_llava)},
                 "data": {"sources": [str(synthetic_data / "train.llava.json")], "packing": True, "max_length": None}})
     # a sample kept whole past max_length (on_image_truncation: keep) cannot be packed: a DataError naming it
-    from arctic_vl.data.vlm import VLMDataConfig, VLMDataFactory
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.models.base import ModelBundle
     from arctic_vl.models.loading import family_of_dir, load_model, load_processor
 
@@ -299,8 +302,8 @@ def test_packed_run_trains_and_resumes_exactly(tmp_path, synthetic_data):
 
 def _register_alternating_capacity() -> str:
     """A data factory whose batcher packs even epochs into rows of 160 tokens and odd ones into 320."""
-    from arctic_vl.data.packing import PackingPlanner
-    from arctic_vl.data.vlm import VLMDataFactory
+    from arctic_vl.data.factory import VLMDataFactory
+    from arctic_vl.data.sampling import PackingPlanner
     from arctic_vl.registry import DATA
 
     class Alternating:

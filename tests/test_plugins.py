@@ -69,10 +69,18 @@ def _dist(root: Path, dist: str, module: str, ep_name: str, source: str) -> None
 
 
 @pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def plugin_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path) -> Path:
     root = tmp_path_factory.mktemp("plugins")
     _dist(root, "thirdparty_plugin", "thirdparty_plugin", "thirdparty", PLUGIN)
     _dist(root, "broken_plugin", "broken_plugin", "broken", 'raise RuntimeError("broken on purpose")\n')
+    # SystemExit is no Exception: a plugin that exits on import must not take the process (and its exit code) down
+    _dist(root, "exiting_plugin", "exiting_plugin", "exiting", 'import sys\nsys.exit(3)\n')
+    (root / "train.yaml").write_text(
+        "model:\n  family: llava_next\n  tiny: {layers: 1, hidden: 32, heads: 2, kv_heads: 1, intermediate: 64}\n"
+        f"data:\n  sources: [{{path: {synthetic_data / 'train.llava.json'}, sample: 'first:4'}}]\n"
+        "  micro_batch_size: 2\n  max_length: 512\n"
+        "trainer:\n  output_dir: run\n  max_steps: 1\n  progress_bar: false\n"
+        "callbacks:\n  - type: tp_counter\n")
     (root / "train.json").write_text("[]\n")
     base = "model:\n  family: llava_next\ndata:\n  sources: [train.json]\ncallbacks:\n"
     (root / "good.yaml").write_text(base + "  - type: tp_counter\n    every: 5\n")
@@ -105,7 +113,7 @@ def runs(plugin_dir: Path) -> dict[str, tuple[int, str, str]]:
 
     argvs = [["plugins"], ["tp-hello", "a", "b"], ["validate", "good.yaml"], ["validate", "typo.yaml"],
              ["validate", "range.yaml"], ["validate", "rejected.yaml"], ["validate", "unknown.yaml"], ["schema"],
-             ["no-such-verb"]]
+             ["no-such-verb"], ["train", "train.yaml"]]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=plugin_dir, env=env,
@@ -125,6 +133,21 @@ def test_plugins_lists_good_and_broken(runs):
     # the failure is also reported on stderr once, with the plugin's name, and never as a traceback
     assert "plugin 'broken' (broken_plugin) failed to load: RuntimeError: broken on purpose" in err
     assert "Traceback" not in err
+
+
+def test_plugin_calling_sys_exit_is_reported_and_the_rest_works(runs, plugin_dir):
+    """issue 12 item 18: `sys.exit(3)` on import is reported; plugins, validate and training go on (exit 0)."""
+    rc, out, err = runs["plugins"]
+    assert rc == 0
+    assert "exiting (exiting_plugin, exiting_plugin 0.1): FAILED: SystemExit: 3" in out
+    assert "plugin 'exiting' (exiting_plugin) failed to load: SystemExit: 3" in err
+    rc, out, _ = runs["validate good.yaml"]
+    assert rc == 0 and "# config OK" in out
+    rc, out, err = runs["train train.yaml"]
+    assert rc == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 1 and (plugin_dir / "run" / "final" / "config.json").is_file()
+    assert json.loads((plugin_dir / "run" / "run_info.json").read_text())["plugins"]["exiting"]["ok"] is False
 
 
 def test_plugin_cli_verb(runs):
@@ -225,6 +248,7 @@ def test_registry_requires_a_config_class():
 
 def test_config_check_and_verb_registration_in_process():
     """register_config_check / register_cli_verb are idempotent for the same function (plugins may re-import)."""
+    import arctic_vl.cli  # noqa: F401  (the CLI owns the core verbs: importing it reserves them)
     from arctic_vl import plugins
 
     def check(cfg, located):  # pragma: no cover - never run

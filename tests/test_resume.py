@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_utils import read_metrics, run_python, train_child, write_yaml
+from tests.e2e_utils import TRAIN_CHILD, read_metrics, run_python, train_child, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,51 @@ def test_finished_run_says_so_and_changed_settings_refuse(run_config, reference)
     assert proc.returncode == 2
     assert "optimizer.lr: 0.003 -> 0.5" in proc.stderr and "Traceback" not in proc.stderr
     shutil.rmtree(config.parent / "out")
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_stays_exact(run_config, reference):
+    """Bytes flipped in the newest checkpoint's weights: the run says so, resumes from the one before, and writes
+    the reference losses. The killed run's lock is taken over with a warning."""
+    config = run_config("corrupt")
+    assert train_child(config, "kill_step", "10") == -9
+    ckpts = config.parent / "out" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-6", "step-9"]
+    weights = ckpts / "step-9" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor: the header still parses, only the checksum can tell
+    weights.write_bytes(bytes(data))
+    proc = run_python(TRAIN_CHILD, "plain", "0", str(config), cwd=config.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step-9: checkpoint fails verification" in proc.stderr and "model.safetensors: contents differ" in proc.stderr
+    assert "falling back to step-6" in proc.stderr and "resuming from" in proc.stderr
+    assert "taking over the lock left by pid" in proc.stderr
+    _assert_same_losses(config.parent / "out", reference)
+
+
+def test_resume_on_changed_data_refuses_naming_the_source(tiny_llava, synthetic_data, tmp_path, cli):
+    """The data shrank from 48 to 16 records between a stop and a resume: exit 2 naming the source, before the
+    loop starts (the loop itself refuses an epoch that yields nothing, so nothing can hang)."""
+    import json
+
+    from arctic_vl.engine import Engine
+
+    records = json.loads((synthetic_data / "train.llava.json").read_text())[:48]
+    for r in records:
+        if r.get("image"):
+            r["image"] = str(synthetic_data / r["image"])
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    config = write_yaml(tmp_path / "run.yaml", {
+        "model": {"name_or_path": str(tiny_llava)},
+        "data": {"sources": [str(data)], "micro_batch_size": 4, "max_length": 256},
+        "trainer": {"output_dir": "out", "max_steps": 2, "progress_bar": False},
+        "checkpoint": {"every_n_steps": 1, "export_final": False},
+    })
+    Engine(config).train()
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert saved["data_fingerprint"][str(data)]["records"] == 48
+    data.write_text(json.dumps(records[:16]))
+    rc, _, err = cli("train", str(config), "--set", "trainer.max_steps=4")
+    assert rc == 2, err[-2000:]
+    assert f"training source {data} changed since the checkpoint" in err
+    assert "records 48 -> 16" in err and "Traceback" not in err

@@ -22,15 +22,28 @@ class Callback(Component):
     """Observes a run; registered in `CALLBACKS`, listed in the config's `callbacks:`.
 
     Override any of the `on_*` events; each is called on every rank (check `trainer.is_main` to write once).
-    `trainer` is the running Trainer: read it (`state`, `config`, `output_dir`, `total_steps`), never change
-    the math of a step. `on_step_end` gets a StepInfo whose `metrics` are the metrics.jsonl line of the step;
-    `on_evaluate` the evaluation results; `on_save` the checkpoint path; `on_train_end` the run's summary.
+    `trainer` is the running Trainer: read it (`state`, `config`, `output_dir`, `run_config`, `total_steps`),
+    never change the math of a step.
+
+    Two kinds of run fire events: training (`arctic_vl train`, `Engine.train`) and a standalone evaluation
+    (`arctic_vl evaluate`, `Engine.evaluate`). Both open with `on_run_start` and close with `on_run_end`
+    (also when the run fails): open and close writers, tracker runs and connections there, so a callback
+    works in either. Training adds `on_train_start` (the run's length and resumed step are known),
+    `on_step_end` (a StepInfo whose `metrics` are the metrics.jsonl line of the step), `on_log`, `on_save`
+    (the checkpoint path) and `on_train_end` (the run's summary); both call `on_evaluate` with the results
+    (`trainer.standalone_evaluation` tells them apart; `trainer.state.step` is the step of the weights
+    evaluated). `validate`, `export`, `inspect-data` and `plugins` run no model and fire no events: callbacks
+    are built only for the two kinds of run.
     """
 
     config_class = ComponentConfig
 
     def __init__(self, config: ComponentConfig):
         self.config = config
+
+    def on_run_start(self, trainer: Any) -> None: ...
+
+    def on_run_end(self, trainer: Any, failed: bool) -> None: ...
 
     def on_train_start(self, trainer: Any) -> None: ...
 

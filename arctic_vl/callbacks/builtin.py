@@ -9,6 +9,7 @@ from loguru import logger
 from pydantic import Field
 
 from arctic_vl.callbacks.base import Callback, StepInfo
+from arctic_vl.config.paths import ConfigPath
 from arctic_vl.registry import CALLBACKS, ComponentConfig
 
 
@@ -21,6 +22,10 @@ class Progress(Callback):
     """A tqdm bar with loss, LR, tokens/s and ETA (rank 0 only). On by default; `trainer.progress_bar: false` hides it."""
 
     config_class = ProgressConfig
+
+    def __init__(self, config: ProgressConfig):
+        super().__init__(config)
+        self.bar: Any = None
 
     def on_train_start(self, trainer: Any) -> None:
         from tqdm.auto import tqdm
@@ -35,24 +40,32 @@ class Progress(Callback):
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
             self.bar.update(1)
 
-    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: Any, failed: bool) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 class TensorBoardConfig(ComponentConfig):
     type: str = "tensorboard"
-    log_dir: str | None = Field(None, description="default: OUTPUT_DIR/tensorboard")
+    log_dir: ConfigPath | None = Field(None, description="relative to the config file; default: OUTPUT_DIR/tensorboard")
 
 
 @CALLBACKS.register("tensorboard")
 class TensorBoard(Callback):
-    """Scalars of every metrics line, when tensorboard is installed (rank 0)."""
+    """Scalars of every metrics line and evaluation, when tensorboard is installed (rank 0).
+
+    Training steps go under `train/`, evaluations during training under `eval/`, a standalone
+    `arctic_vl evaluate` under `eval_standalone/` (at the step of the weights it evaluated).
+    """
 
     config_class = TensorBoardConfig
 
-    def on_train_start(self, trainer: Any) -> None:
-        self.writer = None
+    def __init__(self, config: TensorBoardConfig):
+        super().__init__(config)
+        self.writer: Any = None
+
+    def on_run_start(self, trainer: Any) -> None:
         if not trainer.is_main:
             return
         try:
@@ -70,13 +83,25 @@ class TensorBoard(Callback):
 
     def on_evaluate(self, trainer: Any, results: dict[str, Any]) -> None:
         if self.writer is not None:
-            for k, v in results.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"eval/{k}", v, trainer.state.step)
+            prefix = "eval_standalone" if trainer.standalone_evaluation else "eval"
+            for k, v in flat_scalars(results).items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, trainer.state.step)
 
-    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: Any, failed: bool) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+
+def flat_scalars(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of an evaluation result, nested dicts flattened with `/` (exact_match_by_type/colour)."""
+    out: dict[str, float] = {}
+    for k, v in results.items():
+        if isinstance(v, dict):
+            out.update(flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
 
 
 class ThroughputConfig(ComponentConfig):

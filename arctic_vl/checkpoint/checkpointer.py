@@ -1,15 +1,20 @@
-"""Resumable checkpoints, written atomically, and the final HF export.
+"""Resumable checkpoints, written atomically and verified on resume, and the final HF export.
 
 `OUTPUT_DIR/checkpoints/step-N/` holds: `model.safetensors` (the trainable weights: everything frozen
 is rebuilt exactly by the model factory), `optimizer.pt` and `scheduler.pt` (plain tensors and numbers,
-loaded with `weights_only=True`), `rng-rank{R}.pt`, and `trainer_state.json` (step, epoch, position in
-the epoch, the resolved config). A checkpoint is written into a temporary folder and renamed into place,
-so a kill during the write leaves the previous checkpoint as the latest.
+loaded with `weights_only=True`), `rng-rank{R}.pt`, `trainer_state.json` (step, epoch, position in the
+epoch, the resolved config) and, written last, `manifest.json` (size and SHA-256 of every file). A
+checkpoint is written into a temporary folder and renamed into place, so a kill during the write leaves
+the previous checkpoint as the latest.
+
+`latest()` returns the newest checkpoint that verifies against its manifest; each newer one that does not
+(a flipped byte, a truncated, missing, added or unreadable file) is reported by name and skipped, and
+when none verifies the run stops with a CheckpointError (exit 1) naming every failure. Every write and read
+names its file and why it failed; a full disk says so, with the bytes needed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -18,10 +23,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from loguru import logger
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 
-from arctic_vl.errors import ConfigError, DataError
+from arctic_vl.checkpoint.files import (
+    fsync_dir,
+    fsync_file,
+    load_json,
+    load_tensors,
+    load_torch,
+    save_json,
+    save_tensors,
+    save_torch,
+    write_error,
+)
+from arctic_vl.checkpoint.manifest import CHECKPOINT_FORMAT, MANIFEST, build_manifest, verify
+from arctic_vl.errors import CheckpointError, ConfigError, DataError
 from arctic_vl.registry import CHECKPOINTERS, Component, ComponentConfig
 
 STATE_FILE = "trainer_state.json"
@@ -63,21 +80,22 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _is_main_process() -> bool:
+    # `latest()` runs on every rank (each must pick the same checkpoint); one of them reports
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 @CHECKPOINTERS.register("default")
 class Checkpointer(Component):
-    """Saves and finds resumable checkpoints under OUTPUT_DIR/checkpoints (the base of `CHECKPOINTERS`).
+    """Saves, verifies and finds resumable checkpoints under OUTPUT_DIR/checkpoints (the base of `CHECKPOINTERS`).
 
-    The loop calls `latest()` (the newest complete checkpoint or None), `read_state(path)` (its
+    The loop calls `latest()` (the newest checkpoint that verifies, or None), `read_state(path)` (its
     trainer_state.json), `load(path, model=, optimizer=, scheduler=, dist=)` and `save(step=, model=,
-    optimizer=, scheduler=, trainer_state=, dist=)` on every rank; `save` writes atomically.
+    optimizer=, scheduler=, trainer_state=, dist=)` on every rank; `save` writes atomically, manifest last.
     """
 
     config_class = CheckpointConfig
@@ -91,49 +109,116 @@ class Checkpointer(Component):
         if not self.dir.is_dir():
             return []
         found = []
-        for p in self.dir.iterdir():
-            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file():
-                found.append(p)
+        try:
+            for p in self.dir.iterdir():
+                if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file():
+                    found.append(p)
+        except OSError as e:
+            raise CheckpointError(f"{self.dir}: cannot list the checkpoints: {e.strerror}") from None
         return sorted(found, key=lambda p: int(p.name[5:]))
 
+    def verify(self, path: Path) -> list[str]:
+        """What is wrong with the checkpoint at `path` (empty: it is exactly what was written)."""
+        try:
+            state = load_json(path / STATE_FILE)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path / STATE_FILE}: not a JSON object")
+        except CheckpointError as e:
+            state, problems = None, [f"{STATE_FILE}: {str(e).split(': ', 1)[-1]}"]
+        else:
+            bad = [k for k in ("step", "epoch", "batch_in_epoch")
+                   if not (isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0)]
+            problems = [f"{STATE_FILE}: {k} is {state.get(k, 'missing')!r}, not a count" for k in bad]
+        found, has_manifest = verify(path, state)
+        if state is not None and not problems and not found and not has_manifest and _is_main_process():
+            logger.warning(f"{path}: written before checkpoints carried a manifest: checked for truncation and "
+                           "zip CRCs only")
+        return problems + found
+
     def latest(self) -> Path | None:
-        ckpts = self.checkpoints()
-        return ckpts[-1] if ckpts else None
+        """The newest checkpoint that verifies (None if there is none). Newer ones that fail are reported by name
+        and skipped; if every checkpoint fails, a CheckpointError names each one's failures."""
+        failed: list[tuple[Path, list[str]]] = []
+        for path in reversed(self.checkpoints()):
+            problems = self.verify(path)
+            if not problems:
+                if failed and _is_main_process():
+                    logger.warning(f"falling back to {path.name}, the newest checkpoint that verifies "
+                                   f"(skipped: {', '.join(p.name for p, _ in failed)})")
+                return path
+            failed.append((path, problems))
+            if _is_main_process():
+                logger.warning(f"{path}: checkpoint fails verification, not resuming from it: {'; '.join(problems)}")
+        if failed:
+            detail = "\n  ".join(f"{p}: {'; '.join(probs)}" for p, probs in failed)
+            raise CheckpointError(
+                f"{self.dir}: no checkpoint verifies, so the run cannot resume:\n  {detail}\n"
+                "Restore the files from a copy, or move the checkpoints away to start over"
+            )
+        return None
 
     def read_state(self, path: Path) -> dict[str, Any]:
-        return json.loads((path / STATE_FILE).read_text())
+        state = load_json(path / STATE_FILE)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path / STATE_FILE}: not a JSON object")
+        return state
 
     def save(self, *, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, trainer_state: dict[str, Any],
              dist: Any) -> Path:
         """Write step-N atomically. Every rank calls this (each saves its RNG; DeepSpeed its shards)."""
         final = self.dir / f"step-{step}"
         tmp = self.dir / f".tmp-step-{step}"
-        if dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        torch.save(rng_state(), tmp / f"rng-rank{dist.rank}.pt")
-        engine_saved = dist.save_state(model, optimizer, str(tmp))
-        if dist.is_main:
-            if not engine_saved:
-                save_file(trainable_state(dist.unwrap(model)), str(tmp / "model.safetensors"))
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-        dist.barrier()
-        if dist.is_main:
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb+") as fh:
-                        os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            self.prune()
+        needed = self._estimate_bytes(dist.unwrap(model))
+        try:
+            if dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    tmp.mkdir(parents=True)
+                except OSError as e:
+                    raise write_error(tmp, e, needed) from None
+            dist.barrier()
+            save_torch(rng_state(), tmp / f"rng-rank{dist.rank}.pt", needed)
+            try:
+                engine_saved = dist.save_state(model, optimizer, str(tmp))
+            except (OSError, RuntimeError) as e:  # an engine's own shard (its `filename` when it says)
+                raise write_error(Path(getattr(e, "filename", None) or tmp), e, needed) from None
+            if dist.is_main:
+                if not engine_saved:
+                    save_tensors(trainable_state(dist.unwrap(model)), tmp / "model.safetensors", needed)
+                    save_torch(optimizer.state_dict(), tmp / "optimizer.pt", needed)
+                save_torch(scheduler.state_dict(), tmp / "scheduler.pt", needed)
+                save_json({**trainer_state, "checkpoint_format": CHECKPOINT_FORMAT}, tmp / STATE_FILE, needed)
+            dist.barrier()
+            if dist.is_main:
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        fsync_file(f, needed)
+                # the manifest is the last file: a checkpoint with one was complete when it was written
+                save_json(build_manifest(tmp), tmp / MANIFEST, needed)
+                fsync_file(tmp / MANIFEST, needed)
+                fsync_dir(tmp)
+                if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                fsync_dir(self.dir)
+                self.prune()
+        except CheckpointError:
+            if dist.is_main:  # the partial write would only take the room the next attempt needs
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         dist.barrier()
         return final
+
+    def _estimate_bytes(self, module: torch.nn.Module) -> int:
+        """Bytes a checkpoint takes: the previous one's size, else the trainable weights plus Adam's two moments."""
+        previous = self.checkpoints()
+        if previous:
+            try:
+                return _dir_bytes(previous[-1])
+            except OSError:
+                pass
+        params = [p for p in module.parameters() if p.requires_grad]
+        return 3 * sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in params)
 
     def prune(self) -> None:
         """Drop old checkpoints beyond keep_last, and leftovers of interrupted writes."""
@@ -147,17 +232,28 @@ class Checkpointer(Component):
     def load(self, path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any, dist: Any) -> dict[str, Any]:
         """Restore weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
         if not dist.load_state(model, optimizer, str(path)):
-            weights = load_file(str(path / "model.safetensors"))
+            weights = load_tensors(path / "model.safetensors")
             module = dist.unwrap(model)
             missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in weights]
             if missing:
-                raise RuntimeError(f"{path}: checkpoint lacks trainable weights {missing[:5]}; was the model changed?")
+                raise CheckpointError(f"{path / 'model.safetensors'}: lacks trainable weights {missing[:5]}; "
+                                      "was the model changed?")
             module.load_state_dict(weights, strict=False)
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            state = load_torch(path / "optimizer.pt")
+            try:
+                optimizer.load_state_dict(state)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer: {e}") from None
+        try:
+            scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / 'scheduler.pt'}: does not fit this run's scheduler: {e}") from None
         rng_file = path / f"rng-rank{dist.rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            try:
+                set_rng_state(load_torch(rng_file))
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{rng_file}: not an RNG state: {e}") from None
         return self.read_state(path)
 
 
@@ -181,6 +277,9 @@ def find_checkpoint(run_dir: Path, checkpointer: Any, checkpoint: str | None) ->
     if not (path / "trainer_state.json").is_file():
         names = ", ".join(p.name for p in checkpointer.checkpoints()) or "(none)"
         raise ConfigError(f"checkpoint {checkpoint!r} is not a complete checkpoint of {run_dir}; available: {names}")
+    problems = checkpointer.verify(path) if hasattr(checkpointer, "verify") else []
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint fails verification: {'; '.join(problems)}")
     return path
 
 
@@ -193,7 +292,7 @@ def load_trainable_weights(model: torch.nn.Module, checkpoint: Path) -> list[str
             f"{checkpoint}: no model.safetensors (a DeepSpeed checkpoint keeps sharded engine state); "
             "export from the run's final/ instead, or use the single/ddp backends"
         )
-    weights = {k.removeprefix(STEP_MODULE_PREFIX): v for k, v in load_file(str(file)).items()}
+    weights = {k.removeprefix(STEP_MODULE_PREFIX): v for k, v in load_tensors(file).items()}
     own = model.state_dict()
     unknown = [k for k in weights if k not in own]
     if unknown:

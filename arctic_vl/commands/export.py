@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from arctic_vl.checkpoint.checkpointer import find_checkpoint, load_trainable_weights
+from arctic_vl.config.schema import load_config
 from arctic_vl.engine import Engine
 from arctic_vl.errors import ConfigError
 from arctic_vl.registry import CHECKPOINTERS
@@ -26,7 +27,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None 
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml (not a run directory written by `arctic_vl train`)")
-    engine = Engine(config_file)
+    engine = Engine(load_config(config_file, writable_output=False))  # export reads the run; writes OUT
     c = engine.config
     checkpointer = CHECKPOINTERS.get(c.checkpoint.type)(c.checkpoint, run_dir)
     ckpt = find_checkpoint(run_dir, checkpointer, checkpoint)

@@ -32,9 +32,10 @@ def render_tokens(tokenizer: Any, input_ids: list[int], labels: list[int], image
 
 
 def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
-    """Counts per split and skip reason, and the first `n` samples rendered with their labels."""
-    from arctic_vl.data.sources import BadRecordReport
-    from arctic_vl.data.vlm import scan
+    """Counts per split and skip reason, a warning when the chat template trains no end-of-turn token, and the
+    first `n` samples of the first source (in file order, not the training mix) rendered with their labels."""
+    from arctic_vl.data.bad_records import BadRecordReport
+    from arctic_vl.data.encoding import unended_warning
 
     engine = Engine(config, overrides)
     model_factory = engine.model_factory()
@@ -50,8 +51,8 @@ def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
         if not specs:
             continue
         report = BadRecordReport()
-        convs = factory.read(specs, seed=engine.config.trainer.seed, report=report)
-        kept, encoded = scan(convs, encoder, factory.config, report)
+        # file order: the first samples shown are the first records of the first source
+        kept, encoded = factory.load(specs, encoder, seed=engine.config.trainer.seed, report=report, shuffle=False)
         tokens = sum(len(e.input_ids) for e in encoded)
         trained = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in encoded)
         with_images = sum(1 for c in kept if c.images)
@@ -59,9 +60,12 @@ def inspect_data(config: str, overrides: list[str], n: int = 1) -> str:
                      f"{tokens} tokens, {trained} trained tokens; skipped {report.total}"
                      + (f" ({report.format()})" if report.total else ""))
         if split == "train":
+            warning = unended_warning(encoder, kept, encoded)
+            if warning:
+                lines.append(f"warning: {warning}")
             for conv, enc in list(zip(kept, encoded))[:n]:
                 sizes = ", ".join(f"{Path(str(r)).name}" for r in conv.images)
-                lines.append(f"--- {conv.source} record {conv.index}: {len(enc.input_ids)} tokens"
+                lines.append(f"--- {conv.source} {conv.where}: {len(enc.input_ids)} tokens"
                              + (f", images: {sizes}" if sizes else ""))
                 lines.append(render_tokens(tokenizer, enc.input_ids, enc.labels, image_ids))
     return "\n".join(lines)

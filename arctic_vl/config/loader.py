@@ -10,6 +10,7 @@ and scalars replace, and a mapping whose `type` changes is replaced whole. Dupli
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,16 @@ def dotted(path: KeyPath) -> str:
 
 # ---------------------------------------------------------------------------------------------- YAML
 
-_SCALARS = yaml.SafeLoader("")
+#: a run config nests a handful of levels and holds hundreds of values: these bounds stop nesting bombs and
+#: YAML alias bombs (an anchor copied into itself over and over) fast, with an error instead of a MemoryError
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+_YAML = "tag:yaml.org,2002:"
+_MAP_TAG, _SEQ_TAG = _YAML + "map", _YAML + "seq"
+#: the scalar types a config may hold; every other tag (python/*, binary, set, omap, local `!tags`) is refused
+_SCALAR_TAGS = {_YAML + t for t in ("null", "bool", "int", "float", "str", "timestamp")}
+_PLAIN = "a config holds plain mappings, lists, strings, numbers, booleans and null"
 
 
 def _display(path: Path) -> str:
@@ -79,41 +89,90 @@ def _display(path: Path) -> str:
         return str(path.resolve())
 
 
-def _construct(node: yaml.Node, file: Path, shown: str, path: KeyPath, locs: dict[KeyPath, Loc]) -> Any:
-    loc = Loc(f"{shown}:{node.start_mark.line + 1}", file.parent)
-    locs[path] = loc
-    if isinstance(node, yaml.MappingNode):
+def _short(path: KeyPath) -> str:
+    """A key path for a message: the first levels of a very deep one."""
+    return dotted(path) if len(path) <= 6 else dotted(path[:6]) + "..."
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(_YAML):] if tag.startswith(_YAML) else tag
+
+
+class _Builder:
+    """Plain Python data from a composed YAML node graph, recording the line of every key path.
+
+    Every node's tag is checked (only plain YAML types pass), and the expansion is bounded: aliases make the
+    node graph a DAG (or, with `&a [*a]`, a cycle), so values are counted and depth is limited as they are
+    built.
+    """
+
+    def __init__(self, shown: str, base_dir: Path, with_lines: bool = True):
+        self.shown = shown
+        self.base_dir = base_dir
+        self.with_lines = with_lines
+        self.values = 0
+        self.scalars = yaml.SafeLoader("")  # scalars: the standard YAML 1.1 rules
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.shown}:{node.start_mark.line + 1}" if self.with_lines else self.shown
+
+    def build(self, node: yaml.Node, path: KeyPath, locs: dict[KeyPath, Loc]) -> Any:
+        where = self.where(node)
+        locs[path] = Loc(where, self.base_dir)
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise ConfigError(f"{where}: {_short(path)}: the config expands to more than {MAX_VALUES} values "
+                              "(YAML anchors and aliases copy what they name); a run config is far smaller")
+        if len(path) > MAX_DEPTH:
+            raise ConfigError(f"{where}: {_short(path)}: nested deeper than {MAX_DEPTH} levels "
+                              "(or a YAML alias that contains itself); a run config needs a handful")
+        if isinstance(node, yaml.MappingNode):
+            self._check_tag(node, _MAP_TAG, path)
+            return self._mapping(node, path, locs)
+        if isinstance(node, yaml.SequenceNode):
+            self._check_tag(node, _SEQ_TAG, path)
+            return [self.build(item, (*path, i), locs) for i, item in enumerate(node.value)]
+        if node.tag not in _SCALAR_TAGS:
+            self._refuse_tag(node, path)
+        try:
+            return self.scalars.construct_object(node)
+        except (ValueError, TypeError, OverflowError, yaml.YAMLError) as e:  # `!!int abc`, `2020-13-45`
+            problem = getattr(e, "problem", None) or e
+            raise ConfigError(f"{where}: {dotted(path)}: invalid YAML value {node.value!r}: {problem}") from None
+
+    def _mapping(self, node: yaml.MappingNode, path: KeyPath, locs: dict[KeyPath, Loc]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise ConfigError(
-                    f"{shown}:{key_node.start_mark.line + 1}: {dotted(path)}: YAML merge keys (<<) are not supported; "
-                    "use `extends:`"
-                )
-            key = _construct(key_node, file, shown, (*path, "<key>"), {})
+            key_where = self.where(key_node)
+            if key_node.tag == _YAML + "merge":
+                raise ConfigError(f"{key_where}: {dotted(path)}: YAML merge keys (<<) are not supported; use `extends:`")
+            key = self.build(key_node, (*path, "<key>"), {})
             if not isinstance(key, (str, int, float, bool)):
-                raise ConfigError(f"{shown}:{key_node.start_mark.line + 1}: {dotted(path)}: a key must be a plain scalar")
-            if key in out:
-                first = locs[(*path, key)].where
-                raise ConfigError(
-                    f"{shown}:{key_node.start_mark.line + 1}: {dotted((*path, key))}: duplicate key "
-                    f"(first given at {first}); each key may appear once"
-                )
+                raise ConfigError(f"{key_where}: {dotted(path)}: a key must be a plain scalar")
             child = (*path, key)
-            locs[child] = Loc(f"{shown}:{key_node.start_mark.line + 1}", file.parent)
-            out[key] = _construct(value_node, file, shown, child, locs)
-            locs[child] = Loc(f"{shown}:{key_node.start_mark.line + 1}", file.parent)
+            if key in out:
+                first = locs[child].where
+                raise ConfigError(f"{key_where}: {dotted(child)}: duplicate key (first given at {first}); "
+                                  "each key may appear once")
+            locs[child] = Loc(key_where, self.base_dir)
+            out[key] = self.build(value_node, child, locs)
+            locs[child] = Loc(key_where, self.base_dir)  # a key's line, not its value's (a block may start below)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, file, shown, (*path, i), locs) for i, item in enumerate(node.value)]
-    try:
-        return _SCALARS.construct_object(node, deep=True)  # scalars: the standard YAML 1.1 rules
-    except (ValueError, TypeError, OverflowError) as e:  # e.g. `!!int abc`, `2020-13-45` (a bad date)
-        raise ConfigError(f"{loc.where}: {dotted(path)}: invalid YAML value {node.value!r}: {e}") from None
+
+    def _check_tag(self, node: yaml.Node, plain: str, path: KeyPath) -> None:
+        if node.tag != plain:
+            self._refuse_tag(node, path)
+
+    def _refuse_tag(self, node: yaml.Node, path: KeyPath) -> None:
+        raise ConfigError(f"{self.where(node)}: {dotted(path)}: YAML tag {_short_tag(node.tag)} is not allowed; {_PLAIN}")
 
 
-def _yaml_error(shown: str, e: yaml.YAMLError) -> str:
+def _yaml_error(shown: str, e: yaml.YAMLError, text: str = "") -> str:
     """`file:line: invalid YAML: problem`; an unclosed bracket or quote points at the line that opened it."""
+    if isinstance(e, yaml.reader.ReaderError):  # a control character: the reader knows only the offset
+        line = text[: e.position].count("\n") + 1 if text else None
+        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        return f"{shown}{f':{line}' if line else ''}: invalid YAML: character {char} is not allowed in YAML text"
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     context = getattr(e, "context", None) or ""
@@ -129,29 +188,86 @@ def _yaml_error(shown: str, e: yaml.YAMLError) -> str:
     return f"{shown}:{mark.line + 1}: invalid YAML: {problem}"
 
 
+def decode_text(data: bytes, shown: str) -> str:
+    """UTF-8 text of a file (a BOM is dropped); any other encoding is an error naming the file and line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{shown}:{line}: not UTF-8 text: byte 0x{data[e.start]:02x} at column {column} cannot be "
+                          "decoded; save the file as UTF-8") from None
+
+
+def _check_nesting(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH from the event stream, before PyYAML's recursive composer sees it."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _TooDeep(event.start_mark.line + 1)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+def compose_text(text: str, shown: str, with_lines: bool = True) -> yaml.Node | None:
+    """The YAML node graph of `text`, after checking its syntax and nesting; errors name `shown` (and line)."""
+    try:
+        _check_nesting(text)
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except _TooDeep as e:
+        at = f"{shown}:{e.line}" if with_lines else shown
+        raise ConfigError(f"{at}: invalid YAML: nested deeper than {MAX_DEPTH} levels; a run config needs a handful") \
+            from None
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error(shown, e, text)) from None
+
+
+def parse_value(text: str, shown: str) -> Any:
+    """One YAML value (e.g. of `--set key=VALUE`) as plain data, under the same rules as a config file."""
+    node = compose_text(text, shown, with_lines=False)
+    return None if node is None else _Builder(shown, Path.cwd(), with_lines=False).build(node, (), {})
+
+
+def read_plain_yaml(file: Path) -> Any:
+    """Any YAML file (e.g. a data-source list) as plain data: UTF-8, plain types only, bounded size and depth;
+    every problem is a ConfigError naming the file and line."""
+    shown = _display(file)
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read: {e.strerror}") from None
+    text = decode_text(data, shown)
+    node = compose_text(text, shown)
+    return None if node is None else _Builder(shown, file.parent).build(node, (), {})
+
+
 def read_yaml(file: Path) -> LocatedConfig:
     """Parse one YAML file into a LocatedConfig (no `extends` processing)."""
     shown = _display(file)
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{shown}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{shown}: is a directory, not a config file") from None
     except OSError as e:
         raise ConfigError(f"{shown}: cannot read config file: {e.strerror}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(_yaml_error(shown, e)) from None
+    text = decode_text(data, shown)
+    node = compose_text(text, shown)
     locs: dict[KeyPath, Loc] = {}
     root = Loc(f"{shown}:1", file.parent)
     if node is None:
         return LocatedConfig({}, {}, root)
-    try:
-        data = _construct(node, file, shown, (), locs)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{shown}{line}: invalid YAML value: {getattr(e, 'problem', e)}") from None
+    data = _Builder(shown, file.parent).build(node, (), locs)
     if not isinstance(data, dict):
         raise ConfigError(f"{shown}:1: a config must be a mapping of sections (model, data, trainer, ...), got {type(data).__name__}")
     locs.pop((), None)
@@ -239,11 +355,10 @@ def _parse_override(arg: str) -> tuple[list[Any], Any]:
             raise ConfigError(f"{shown}: empty name in dotted key '{key}'")
         parts.append(int(piece) if piece.isdigit() else piece)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{shown}: {key}: value is not valid YAML: {getattr(e, 'problem', None) or e}") from None
-    except (ValueError, TypeError, OverflowError) as e:  # e.g. `!!int abc`, a bad date
-        raise ConfigError(f"{shown}: {key}: value is not valid YAML: {e}") from None
+        value = parse_value(raw, shown) if raw.strip() else ""
+    except ConfigError as e:  # the same rules as a file: plain types, bounded size and depth
+        problem = str(e).removeprefix(f"{shown}: ").removeprefix("<root>: ").removeprefix("invalid YAML: ")
+        raise ConfigError(f"{shown}: {key}: value is not valid YAML: {problem}") from None
     return parts, value
 
 
@@ -292,13 +407,17 @@ def apply_overrides(cfg: LocatedConfig, overrides: list[str] | tuple[str, ...]) 
 
 
 def from_dict(data: dict[str, Any], base_dir: Path | None = None) -> LocatedConfig:
-    """A dict given to `Engine`: locations are the dotted paths themselves."""
+    """A dict given to `Engine`: locations are the dotted paths themselves (bounded like a YAML file)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
     base = base_dir or Path.cwd()
     locs: dict[KeyPath, Loc] = {}
 
     def rec(value: Any, path: KeyPath) -> None:
+        if len(path) > MAX_DEPTH:  # also a dict that contains itself
+            raise ConfigError(f"config[{_short(path)}]: nested deeper than {MAX_DEPTH} levels; a run config needs a handful")
+        if len(locs) >= MAX_VALUES:
+            raise ConfigError(f"config: more than {MAX_VALUES} values; a run config is far smaller")
         locs[path] = Loc(f"config[{dotted(path)}]" if path else "config", base)
         if isinstance(value, dict):
             for k, v in value.items():
@@ -307,9 +426,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None) -> LocatedConf
             for i, v in enumerate(value):
                 rec(v, (*path, i))
 
-    import copy
-
-    data = copy.deepcopy(data)
     rec(data, ())
+    data = copy.deepcopy(data)
     root = locs.pop(())
     return LocatedConfig(data, locs, root)

@@ -1,12 +1,16 @@
 """Path markers for config fields. Imports nothing of the project, so every layer may declare path fields.
 
-A field typed `ConfigPath` (or `ModelPath`) is resolved against the directory of the YAML file that sets
-it (or the current directory for `--set` and dicts) before validation, with `~` expanded.
+A field typed `ConfigPath` (or `ModelPath`, `ExistingPath`) is resolved against the directory of the YAML
+file that sets it (or the current directory for `--set` and dicts) before validation, with `~` expanded.
+Every path is a non-empty string without NUL bytes: an empty `output_dir` would write the run into
+whatever the current directory is.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
+
+from pydantic import AfterValidator
 
 
 class PathField:
@@ -14,7 +18,8 @@ class PathField:
 
     `hub_ok`: if the resolved path does not exist and the value looks like `org/name`, keep it as given
     (transformers may resolve it from its cache); nothing in our tests or examples relies on that.
-    `must_exist`: `arctic_vl validate` (and every start) checks the resolved path exists.
+    `must_exist`: config validation (`arctic_vl validate` and every start) checks the resolved path exists:
+    a missing one is an error naming the file and line that set it (exit 2).
     """
 
     def __init__(self, hub_ok: bool = False, must_exist: bool = False):
@@ -22,9 +27,20 @@ class PathField:
         self.must_exist = must_exist
 
 
+def _usable(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a path must not be empty")
+    if "\x00" in value:
+        raise ValueError("a path must not contain a NUL byte")
+    return value
+
+
 #: a path relative to the config file that names it (output directories, files a run may create)
-ConfigPath = Annotated[str, PathField()]
-#: a local model directory (or, where allowed, a hub id kept as given)
-ModelPath = Annotated[str, PathField(hub_ok=True)]
-#: a file or folder that must exist when the config is validated (data files, teacher checkpoints)
-ExistingPath = Annotated[str, PathField(must_exist=True)]
+ConfigPath = Annotated[str, PathField(), AfterValidator(_usable)]
+#: a local model directory that must exist (or a value of the form `org/name` naming nothing on disk: a hub
+#: id, kept as given and not checked)
+ModelPath = Annotated[str, PathField(hub_ok=True, must_exist=True), AfterValidator(_usable)]
+#: a file or folder that must exist when the config is validated (data files, teacher checkpoints). The config
+#: layer checks it (`arctic_vl.config.schema`), where the file and line that set it are known; a model built
+#: in code (e.g. a data source a YAML list names) is not checked here but where it is read.
+ExistingPath = Annotated[str, PathField(must_exist=True), AfterValidator(_usable)]

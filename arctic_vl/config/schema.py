@@ -3,7 +3,7 @@
 Every section (model, data, trainer, optimizer, scheduler, checkpoint, callbacks, distributed) names a
 registered `type`; the section is validated against that class's own pydantic config. Errors name the
 file and line, the field path and what is allowed. Validation is pure: no network, no weights, no
-process group.
+process group; but the files and folders a config names (`ExistingPath` / `ModelPath` fields) must exist.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from arctic_vl.config.loader import KeyPath, LocatedConfig, apply_overrides, dot
 from arctic_vl.config.paths import PathField
 from arctic_vl.errors import ConfigError
 from arctic_vl.plugins import load_plugins, run_config_checks
-from arctic_vl.registry import REGISTRIES, ComponentConfig
+from arctic_vl.registry import REGISTRIES, ComponentConfig, non_finite_values
 
 #: the type a section gets when it names none
 DEFAULT_TYPES = {
@@ -82,8 +82,11 @@ def load_config(
     config: str | os.PathLike[str] | dict[str, Any] | EngineConfig,
     overrides: list[str] | tuple[str, ...] = (),
     base_dir: Path | None = None,
+    writable_output: bool = True,
 ) -> EngineConfig:
-    """A validated EngineConfig from a YAML path, a dict, or an EngineConfig (returned as is)."""
+    """A validated EngineConfig from a YAML path, a dict, or an EngineConfig (returned as is).
+
+    `writable_output`: check that `trainer.output_dir` can be written (see `build_config`)."""
     if isinstance(config, EngineConfig):
         if overrides:
             config = config.to_dict()
@@ -98,13 +101,16 @@ def load_config(
         located = load_file(config)
         source = str(Path(config).resolve())
     located = apply_overrides(located, list(overrides))
-    cfg = build_config(located)
+    cfg = build_config(located, writable_output)
     cfg.source = source
     return cfg
 
 
-def build_config(located: LocatedConfig) -> EngineConfig:
-    """Validate every section against its registered class; collect all errors, then raise one ConfigError."""
+def build_config(located: LocatedConfig, writable_output: bool = True) -> EngineConfig:
+    """Validate every section against its registered class; collect all errors, then raise one ConfigError.
+
+    `writable_output`: also check that `trainer.output_dir` can be written (off for commands that only read
+    a run directory, e.g. `export`)."""
     load_plugins()
     data = located.data
     errors = [
@@ -129,12 +135,53 @@ def build_config(located: LocatedConfig) -> EngineConfig:
             sections["eval"] = EvalConfig.model_validate(raw_eval if raw_eval is not None else {})
         except ValidationError as e:
             errors.extend(format_validation_error(e, located, ("eval",), EvalConfig, raw_eval))
+    errors.extend(_non_finite_errors(sections, located))
     if errors:
         raise ConfigError(_joined(errors))
     cfg = EngineConfig(**sections)
     cfg._located = located
+    if writable_output:
+        check_output_dir(cfg, located)
     run_config_checks(cfg, located)
     return cfg
+
+
+def _non_finite_errors(sections: dict[str, Any], located: LocatedConfig) -> list[str]:
+    """Every inf/nan float of the validated sections (nested models too), at its file and line."""
+    errors = []
+    for section, value in sections.items():
+        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            prefix = (section,) if i is None else (section, i)
+            errors.extend(f"{located.where(path)}: {dotted(path)}: must be a finite number (got {bad})"
+                          for path, bad in non_finite_values(item, prefix))
+    return errors
+
+
+def check_output_dir(cfg: EngineConfig, located: LocatedConfig) -> None:
+    """`trainer.output_dir` must be a directory this user can create or write: not a file, not under a file."""
+    out = getattr(cfg.trainer, "output_dir", None)
+    if isinstance(out, str):
+        problem = output_dir_problem(Path(out))
+        if problem:
+            raise ConfigError(f"{located.where(('trainer', 'output_dir'))}: trainer.output_dir: {problem}")
+
+
+def output_dir_problem(path: Path) -> str | None:
+    """Why a run cannot write into `path` (None when it can); checks only, creates nothing."""
+    try:
+        if path.exists() and not path.is_dir():
+            return f"{path} is an existing file; name a directory (it is created if missing)"
+        ancestor = path
+        while not ancestor.exists() and ancestor.parent != ancestor:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"{path} lies under {ancestor}, which is a file, not a directory"
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            what = "is not writable" if ancestor == path else f"cannot be created: {ancestor} is not writable"
+            return f"{path} {what} by this user"
+    except OSError as e:  # e.g. a parent without search permission, a symlink loop
+        return f"{path} cannot be checked: {e.strerror or e}"
+    return None
 
 
 def _did_you_mean(key: Any, allowed: Any) -> str:
@@ -178,12 +225,26 @@ def _validate_section(
         errors.append(f"{located.where((*path, 'type'))}: {dotted((*path, 'type'))}: {registry.unknown_message(type_name)}")
         return None
     config_class = registry.get(type_name).config_class
-    resolve_raw_paths(config_class, raw, path, located)
+    missing: list[tuple[KeyPath, str]] = []
+    resolve_raw_paths(config_class, raw, path, located, missing)
+    cfg, lines = None, []
     try:
-        return config_class.model_validate(raw)
+        cfg = config_class.model_validate(raw)
     except ValidationError as e:
-        errors.extend(format_validation_error(e, located, path, config_class, raw))
-        return None
+        lines = format_validation_error(e, located, path, config_class, raw)
+    # A validator that read the missing path already said so (often with a hint of its own): no second line.
+    errors.extend(missing_path_error(located, at, value) for at, value in missing
+                  if not any(value in line for line in lines))
+    errors.extend(lines)
+    return None if missing else cfg
+
+
+def missing_path_error(located: LocatedConfig, path: KeyPath, value: str) -> str:
+    """`file:line: dotted.path: PATH does not exist`, for a path the config names that must exist."""
+    parent = Path(value).parent
+    hint = "" if parent.is_dir() else f" (nor does its folder {parent})"
+    return (f"{located.where(path)}: {dotted(path)}: {value} does not exist{hint}; the files and folders a config "
+            "names must exist (a relative path is relative to the file that sets it; for --set, the current directory)")
 
 
 def _joined(errors: list[str]) -> str:
@@ -332,39 +393,49 @@ def _path_marker(annotation: Any, metadata: list[Any]) -> PathField | None:
     return None
 
 
-def _resolve_value(annotation: Any, metadata: list[Any], value: Any, path: KeyPath, located: LocatedConfig) -> Any:
+def _resolve_value(annotation: Any, metadata: list[Any], value: Any, path: KeyPath, located: LocatedConfig,
+                   missing: list[tuple[KeyPath, str]]) -> Any:
     marker = _path_marker(annotation, metadata)
-    if marker is not None and isinstance(value, str) and value:
-        return resolve_path(value, located.base_dir(path), marker.hub_ok)
+    if marker is not None and isinstance(value, str) and value.strip() and "\x00" not in value:
+        resolved = resolve_path(value, located.base_dir(path), marker.hub_ok)
+        kept_hub_id = marker.hub_ok and resolved == value and not Path(value).is_absolute()
+        if marker.must_exist and not kept_hub_id and not Path(resolved).exists():
+            missing.append((path, resolved))
+        return resolved
     origin = typing.get_origin(annotation)
     if origin is Annotated:
-        return _resolve_value(typing.get_args(annotation)[0], list(typing.get_args(annotation)[1:]), value, path, located)
+        args = typing.get_args(annotation)
+        return _resolve_value(args[0], list(args[1:]), value, path, located, missing)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(annotation):
             if isinstance(value, str) and _path_marker(arg, []) is not None:
-                return _resolve_value(arg, [], value, path, located)
+                return _resolve_value(arg, [], value, path, located, missing)
             if isinstance(value, dict) and isinstance(arg, type) and issubclass(arg, BaseModel):
-                return _resolve_value(arg, [], value, path, located)
+                return _resolve_value(arg, [], value, path, located, missing)
             if isinstance(value, list) and typing.get_origin(arg) is list:
-                return _resolve_value(arg, [], value, path, located)
+                return _resolve_value(arg, [], value, path, located, missing)
         return value
     if origin is list and isinstance(value, list):
         (inner,) = typing.get_args(annotation) or (Any,)
-        return [_resolve_value(inner, [], v, (*path, i), located) for i, v in enumerate(value)]
+        return [_resolve_value(inner, [], v, (*path, i), located, missing) for i, v in enumerate(value)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
-        resolve_raw_paths(annotation, value, path, located)
+        resolve_raw_paths(annotation, value, path, located, missing)
     return value
 
 
-def resolve_raw_paths(model: type[BaseModel], raw: dict[str, Any], path: KeyPath, located: LocatedConfig) -> None:
+def resolve_raw_paths(model: type[BaseModel], raw: dict[str, Any], path: KeyPath, located: LocatedConfig,
+                      missing: list[tuple[KeyPath, str]] | None = None) -> None:
     """Make every path-typed value in `raw` absolute, against the file (or cwd for --set) that set it.
 
     Done before validation so validators that read files (e.g. a checkpoint's config.json) see real paths.
+    A value of an `ExistingPath` (or `ModelPath`, unless kept as a hub id) field that names nothing on disk
+    is appended to `missing` as (its key path, the resolved path).
     """
+    missing = [] if missing is None else missing
     for name, info in model.model_fields.items():
         key = info.alias or name
         if key in raw:
-            raw[key] = _resolve_value(info.annotation, list(info.metadata), raw[key], (*path, key), located)
+            raw[key] = _resolve_value(info.annotation, list(info.metadata), raw[key], (*path, key), located, missing)
         elif isinstance(info.default, str) and info.default:
             # a path default (e.g. trainer.output_dir) is relative to the run's config file, like a written one
             marker = _path_marker(info.annotation, list(info.metadata))

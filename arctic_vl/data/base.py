@@ -1,15 +1,17 @@
-"""DataFactory: turns the config's sources into datasets, a collator and a sampler for the loop."""
+"""DataFactory: turns the config's sources into datasets, a collator and (optionally) a batcher for the loop."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from loguru import logger
 
-from arctic_vl.constants import epoch_seed
+from arctic_vl.batch import DROPPED
+from arctic_vl.errors import DataError
 from arctic_vl.registry import DATA, Component, ComponentConfig
 
 
@@ -23,7 +25,8 @@ class DataBundle:
     world_size)`, when set, plans every rank's micro-batches of an epoch itself (packing); otherwise the loop
     deals fixed `micro_batch_size` micro-batches in a seeded (`shuffle`) or file order. `num_workers`:
     DataLoader workers. `fingerprint`: per training source, what identifies its content (record counts, a
-    cheap hash): saved with checkpoints, a resume with different data is refused.
+    cheap hash): saved with checkpoints, a resume with different data is refused. `on_bad_record`: the policy for
+    samples a batch lost when they were loaded (`accept`).
     """
 
     train: torch.utils.data.Dataset
@@ -37,6 +40,34 @@ class DataBundle:
     shuffle: bool = True
     num_workers: int = 0
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    on_bad_record: str = "error"
+    #: the message of a bad sample found under on_bad_record "error", until the loop raises it (`raise_pending`)
+    pending_error: str | None = None
+
+    def accept(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Apply `on_bad_record` to the samples `batch` lost when they were loaded (its `_dropped` entries, e.g.
+        pixels that did not decode in a DataLoader worker); returns the batch without that key.
+
+        `skip`: each such record is counted once in `report` (however many epochs drop it) and logged the first
+        time. `error`: the first one is kept as `pending_error`; the loop raises it on every process at once
+        (`raise_pending`) so no process is left waiting in a collective.
+        """
+        dropped = batch.pop(DROPPED, None)
+        for source, index, reason, message in dropped or ():
+            if self.on_bad_record == "error":
+                self.pending_error = self.pending_error or message
+            elif self.report is not None and self.report.add_late(source, index, reason, message):
+                logger.warning(f"skipping {message}")
+        return batch
+
+    def raise_pending(self, processes_with_errors: float = 1) -> None:
+        """Raise the DataError of a bad sample found under `error` (here or, when `processes_with_errors` says
+        so, on another process)."""
+        if self.pending_error is not None:
+            raise DataError(self.pending_error + " (on_bad_record='skip' drops such records and counts them)")
+        if processes_with_errors:
+            raise DataError("another process found a bad record under on_bad_record='error'; its message above "
+                            "names the file, the record and the reason")
 
 
 class DataFactory(Component, ABC):
@@ -58,43 +89,3 @@ class DataFactory(Component, ABC):
 
 
 DATA.bind_base(DataFactory)
-
-
-class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """This rank's micro-batches of one epoch, in a seeded order, starting at micro-batch `start`.
-
-    The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have
-    seen: resume starts at a position, it never iterates over skipped batches. Every rank gets the
-    same number of micro-batches; where the epoch's last global batch is short, a rank may get an
-    index of -1, a padding sample that carries no labels (so it changes no loss or gradient).
-    """
-
-    def __init__(self, batches: list[list[int]], world_size: int, rank: int, start: int = 0):
-        self.batches = batches
-        self.world_size, self.rank, self.start = world_size, rank, start
-
-    @staticmethod
-    def plan(n: int, micro_batch_size: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> list[list[list[int]]]:
-        """All ranks' micro-batches for an epoch: plan[b][r] is rank r's b-th micro-batch."""
-        if shuffle:
-            g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        per_global = micro_batch_size * world_size
-        plan = []
-        for s in range(0, n, per_global):
-            chunk = order[s:s + per_global]
-            if len(chunk) == per_global:
-                plan.append([chunk[r * micro_batch_size:(r + 1) * micro_batch_size] for r in range(world_size)])
-            else:  # short last batch: spread evenly, pad empty ranks
-                parts = [chunk[r::world_size] for r in range(world_size)]
-                plan.append([p if p else [-1] for p in parts])
-        return plan
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.start, len(self.batches)):
-            yield self.batches[b][self.rank]
-
-    def __len__(self) -> int:
-        return max(0, len(self.batches) - self.start)

@@ -1,40 +1,102 @@
-"""Sample encoding: text once (knowing only image sizes), pixels lazily, and batch collation.
+"""Encoding: the one place that checks a conversation, places its image tokens and sets its labels.
 
-`SampleEncoder.encode_text` renders a conversation with the family's chat template, expands each
-image placeholder to the token count the processor itself would produce for that image size, and
-masks labels to the assistant turns (content + end-of-turn token). `encode_images` runs the
-processor's image path on decoded pixels (in DataLoader workers), and `collate` merges samples into
-the batch layout the family's model expects. The result equals what `processor(text, images)` gives.
+`prepare_messages` is the conversation rule every record format and every caller of the encoder shares
+(roles, turns, one `<image>` per image, placed LLaVA-style when the text has none). `SampleEncoder.encode_text`
+renders a conversation with the family's chat template, expands each image placeholder to the token count
+the processor itself would produce for that image size, and masks labels to the assistant turns (content +
+end-of-turn token); `encode_images` runs the processor's image path on decoded pixels (in DataLoader
+workers). `encode_conversations` tokenizes a dataset up front and applies `max_length`. The result equals
+what `processor(text, images)` gives; batches are assembled in `arctic_vl.data.collate`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import functools
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from arctic_vl.constants import IGNORE_INDEX
+from arctic_vl.data.bad_records import (
+    IMAGE_TOKEN_MISMATCH,
+    MALFORMED_TURNS,
+    UNSUPPORTED_VIDEO,
+    BadRecord,
+    BadRecordReport,
+    OnBadRecord,
+    reject_record,
+)
+from arctic_vl.data.images import UNREADABLE_IMAGE, image_size
+from arctic_vl.data.parallel import ordered_map
+from arctic_vl.data.records import IMAGE_TOKEN, ROLES, Conversation
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.models.families import FamilySpec
 
-IMAGE_MARKER = "<image>"  # how a record marks an image's position in its text
-ROLES = ("system", "user", "assistant")
-# Keys of a processor output that belong to the text side; everything else is a vision tensor.
-_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels"})
-#: per-sample mRoPE: (input_ids (1, L), mm_token_type_ids (1, L), image_grid_thw (images, 3)) -> (3, 1, L)
-RopeIndexFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: the placeholder of a video in a record's text (ms-swift / LLaVA-Video style): not supported
+VIDEO_TOKEN = "<video>"
+#: what a record with video is told
+VIDEO_UNSUPPORTED = ("video is not supported yet: the supported media are images (any format PIL decodes: PNG, "
+                     "JPEG, WebP, ...); drop the record or give frames as images")
+
+#: keys of a processor output that belong to the text side; everything else is a vision tensor
+TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels"})
+
+
+def prepare_messages(messages: Any, n_images: int, field: str = "messages") -> list[dict[str, str]]:
+    """The checked conversation with exactly one `<image>` per image; BadRecord naming `field` otherwise.
+
+    Rules: a list of {role: system|user|assistant, content: str} with at least one user and one assistant
+    turn (`malformed_turns`); no `<video>` placeholder (`unsupported_video`: images are the only media); the
+    `<image>` count equals `n_images`, or is 0 and then one `<image>` line per image is put at the start of the
+    first user turn, the LLaVA convention (else `image_token_mismatch`). Returns a new list (the caller's
+    messages are not changed).
+    """
+    if not isinstance(messages, list):
+        raise BadRecord(MALFORMED_TURNS, field, f"must be a list of turns, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRecord(MALFORMED_TURNS, f"{field}[{i}]", f"must be {{role, content}}, got {m!r:.120}")
+        if m["role"] not in ROLES:
+            raise BadRecord(MALFORMED_TURNS, f"{field}[{i}]", f"unknown role {m['role']!r}")
+        if not isinstance(m["content"], str):
+            if isinstance(m["content"], list) and any(isinstance(p, dict) and p.get("type") == "video"
+                                                      for p in m["content"]):
+                raise BadRecord(UNSUPPORTED_VIDEO, f"{field}[{i}].content", VIDEO_UNSUPPORTED)
+            raise BadRecord(MALFORMED_TURNS, f"{field}[{i}]",
+                            f"content must be a string, got {type(m['content']).__name__}")
+        if VIDEO_TOKEN in m["content"]:
+            raise BadRecord(UNSUPPORTED_VIDEO, f"{field}[{i}].content", VIDEO_UNSUPPORTED)
+    roles = {m["role"] for m in messages}
+    for needed in ("user", "assistant"):
+        if needed not in roles:
+            raise BadRecord(MALFORMED_TURNS, field, f"needs at least one {needed} turn")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    count = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if count == n_images:
+        return messages
+    if count == 0:
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = f"{IMAGE_TOKEN}\n" * n_images + first_user["content"]
+        return messages
+    raise BadRecord(IMAGE_TOKEN_MISMATCH, field, f"{count} {IMAGE_TOKEN} placeholders for {n_images} images")
 
 
 @dataclass
 class EncodedText:
-    """Token ids, labels (-100 where not trained) and [start, end) of each image's placeholder tokens."""
+    """Token ids, labels (-100 where not trained) and [start, end) of each image's placeholder tokens.
+
+    `unended`: None, or what the template rendered after an assistant turn that has no end-of-turn or EOS
+    token (the first such turn): the model would never learn to stop there.
+    """
 
     input_ids: list[int]
     labels: list[int]
     image_spans: list[tuple[int, int]] = field(default_factory=list)
+    unended: str | None = None
 
 
 def _apply_budget(processor: Any, family: FamilySpec, min_pixels: int | None, max_pixels: int | None,
@@ -74,18 +136,72 @@ def _apply_budget(processor: Any, family: FamilySpec, min_pixels: int | None, ma
 
 
 def _split_parts(content: str) -> list[dict[str, str]]:
-    """`"<image>\\nWhat?"` -> [{type: image}, {type: text, text: "\\nWhat?"}] (HF's multimodal message format)."""
+    """`"<image>\\nWhat?"` -> [{type: image}, {type: text, text: "What?"}] (HF's multimodal message format).
+
+    The newline that sets a placeholder off from the text belongs to the placeholder (LLaVA's `<image>\\n`
+    convention): the one right after each `<image>`, or, for an image that ends the content, the one right
+    before it. So the text renders exactly as the model's own template renders an image part followed by the
+    question: LLaVA templates add `<image>\\n` themselves, the Qwen ones put the text right after the image.
+    """
+    chunks = content.split(IMAGE_TOKEN)
+    last = len(chunks) - 1
     parts: list[dict[str, str]] = []
-    for i, chunk in enumerate(content.split(IMAGE_MARKER)):
+    for i, chunk in enumerate(chunks):
         if i > 0:
             parts.append({"type": "image"})
+            chunk = chunk.removeprefix("\n")
+        if i == last - 1 and not chunks[last].strip():
+            chunk = chunk.removesuffix("\n")
         if chunk:
             parts.append({"type": "text", "text": chunk})
     return parts
 
 
+#: marks around each assistant text in the one rendering labels come from (private-use code points; a record
+#: holding one is encoded the slower way, with a rendering per turn)
+_OPEN, _CLOSE, _MARKS = "\ue000{}\ue001", "\ue002{}\ue003", re.compile("\ue000(\\d+)\ue001|\ue002(\\d+)\ue003")
+_MARK_CHARS = re.compile("[\ue000-\ue003]")
+
+
+def _marked(conversation: list[dict]) -> list[dict]:
+    """The conversation with each assistant text part inside the marks of its message (whitespace outside, so
+    a template that trims the content trims the same)."""
+    out = []
+    for i, msg in enumerate(conversation):
+        if msg["role"] == "assistant":
+            parts = []
+            for p in msg["content"]:
+                if p["type"] == "text":
+                    text = p["text"]
+                    core = text.strip()
+                    lead, trail = text[:len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+                    p = {**p, "text": lead + _OPEN.format(i) + core + _CLOSE.format(i) + trail}
+                parts.append(p)
+            msg = {**msg, "content": parts}
+        out.append(msg)
+    return out
+
+
+def _unmark(rendered: str) -> tuple[str, dict[int, tuple[int, int]]]:
+    """The rendering without the marks, and each marked message's [first open, last close) in it."""
+    clean, spans, at = [], {}, 0
+    pos = 0
+    for m in _MARKS.finditer(rendered):
+        clean.append(rendered[at:m.start()])
+        pos += m.start() - at
+        at = m.end()
+        if m.group(1) is not None:
+            i = int(m.group(1))
+            spans[i] = (spans[i][0] if i in spans else pos, spans.get(i, (pos, pos))[1])
+        else:
+            i = int(m.group(2))
+            spans[i] = (spans.get(i, (pos, pos))[0], pos)
+    clean.append(rendered[at:])
+    return "".join(clean), spans
+
+
 class SampleEncoder:
-    """Tokenize conversations once, encode images lazily, collate batches for one VLM family."""
+    """Tokenize conversations once and encode images lazily, for one VLM family."""
 
     def __init__(self, processor: Any, family: FamilySpec, *, min_pixels: int | None = None,
                  max_pixels: int | None = None, image_grid_pinpoints: list[list[int]] | None = None,
@@ -101,86 +217,119 @@ class SampleEncoder:
         # Strings that can end a turn: the tokenizer's special tokens minus the image/video ones.
         special = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
         special |= set(self.tokenizer.all_special_tokens)
-        media = {self.image_token, getattr(processor, "video_token", None), *family.special_tokens.values()}
+        self.video_token: str | None = getattr(processor, "video_token", None)
+        media = {self.image_token, self.video_token, *family.special_tokens.values()}
         self._end_tokens = sorted(special - media, key=len, reverse=True)
+        self._marks_work: bool | None = None  # whether one marked rendering gives the labels (checked once)
 
     # ----------------------------------------------------------------------------------------- counts
     def image_token_count(self, width: int, height: int, *, images_in_sample: int = 1) -> int:
         """How many image tokens the processor expands one `width` x `height` image to.
 
         `images_in_sample` matters for LLaVA-OneVision, which encodes images of multi-image samples
-        without anyres tiling.
+        without anyres tiling. Memoised: datasets repeat a few image sizes, and the processor's count is slow.
         """
-        if images_in_sample > 1 and self.family.name == "llava_onevision":
+        multi = images_in_sample > 1 and self.family.name == "llava_onevision"
+        return self._token_count(width, height, images_in_sample if multi else 1)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (the encoder lives as long as its data)
+    def _token_count(self, width: int, height: int, multi: int) -> int:
+        if multi > 1:
             # The processor's own multi-image rule (base tile + newline) lives in replace_image_token.
-            text = self.processor.replace_image_token({"batch_num_images": [images_in_sample]}, image_idx=0)
+            text = self.processor.replace_image_token({"batch_num_images": [multi]}, image_idx=0)
             return text.count(self.image_token)
         data = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
         return int(data.num_image_tokens[0])
 
     # ------------------------------------------------------------------------------------------- text
-    def _check_messages(self, messages: list[dict], n_images: int) -> list[dict]:
-        if not isinstance(messages, list) or not messages:
-            raise DataError("a sample needs a non-empty list of messages", reason="malformed_turns")
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
-                raise DataError(
-                    f"message {i} must be {{role: {'|'.join(ROLES)}, content: str}}, got {msg!r:.120}",
-                    reason="malformed_turns",
-                )
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError("a sample needs at least one assistant turn to train on", reason="malformed_turns")
-        found = sum(m["content"].count(IMAGE_MARKER) for m in messages)
-        if found != n_images:
-            raise DataError(f"the text has {found} {IMAGE_MARKER} markers but the sample has {n_images} images",
-                            reason="image_token_mismatch")
-        if self.system_prompt is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return messages
+    @property
+    def template_name(self) -> str:
+        """How messages name the chat template: the model directory it came from."""
+        return f"the chat template of {getattr(self.tokenizer, 'name_or_path', '') or 'the processor'}"
 
     def _render(self, conversation: list[dict], add_generation_prompt: bool) -> str:
         # The processor's template is the VLM one; the tokenizer's may be text-only.
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         return owner.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def _label_spans(self, messages: list[dict], conversation: list[dict], full: str) -> list[tuple[int, int]]:
-        """Character spans of each assistant turn's content + end-of-turn token in `full`."""
+    def _end_of_turn(self, text: str, content_end: int) -> tuple[int, str | None]:
+        """Where an assistant turn's trained text ends: after the end-of-turn (or EOS) token that follows its
+        content (whitespace between them allowed); with none, at the content, and what follows it instead."""
+        rest = text[content_end:]
+        stripped = rest.lstrip(" \t\n")
+        for token in self._end_tokens:
+            if stripped.startswith(token):
+                return content_end + (len(rest) - len(stripped)) + len(token), None
+        return content_end, rest[:24]
+
+    def _rendered(self, messages: list[dict], conversation: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The whole conversation rendered once, and the character span of each assistant turn's content (+ its
+        end-of-turn token, when the template renders one) in it.
+
+        The assistant texts carry marks through that one rendering; a template that changes them (or a record
+        holding the marks' characters) falls back to rendering the turns one prefix at a time.
+        """
+        if self._marks_work is not False and not any(_MARK_CHARS.search(m["content"]) for m in messages):
+            marked, content = _unmark(self._render(_marked(conversation), add_generation_prompt=False))
+            wanted = [i for i, m in enumerate(conversation) if m["role"] == "assistant" and m["content"]]
+            if all(i in content for i in wanted):
+                if self._marks_work is None:  # once per encoder: the marks change nothing else
+                    self._marks_work = marked == self._render(conversation, add_generation_prompt=False)
+                if self._marks_work:
+                    return marked, [content[i] for i in wanted]
+        full = self._render(conversation, add_generation_prompt=False)
+        return full, self._content_by_prefix(conversation, full)
+
+    def _content_by_prefix(self, conversation: list[dict], full: str) -> list[tuple[int, int]]:
+        """Character spans of each assistant turn's content in `full`, from renderings of its prefixes."""
         spans = []
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
+        for i, msg in enumerate(conversation):
+            if msg["role"] != "assistant" or not msg["content"]:
                 continue
             prefix = self._render(conversation[:i], add_generation_prompt=True)
             upto = self._render(conversation[: i + 1], add_generation_prompt=False)
             if not (upto.startswith(prefix) and full.startswith(upto)):
                 raise ConfigError(
-                    "the chat template does not render conversations prefix-stably (rendering the first "
+                    f"{self.template_name} does not render conversations prefix-stably (rendering the first "
                     "turns differs from the start of the whole conversation); cannot locate assistant turns"
                 )
             segment = upto[len(prefix):]
             start = len(prefix) + len(segment) - len(segment.lstrip())
-            texts = [p["text"].strip() for p in conversation[i]["content"] if p["type"] == "text" and p["text"].strip()]
+            texts = [p["text"].strip() for p in msg["content"] if p["type"] == "text" and p["text"].strip()]
             content_end = start
             if texts:
                 found = segment.rfind(texts[-1])
                 if found < 0:
-                    raise ConfigError(f"the chat template dropped the assistant text of turn {i}")
+                    raise ConfigError(f"{self.template_name} dropped the assistant text of turn {i}")
                 content_end = len(prefix) + found + len(texts[-1])
-            end = content_end
-            rest = upto[content_end:]
-            stripped = rest.lstrip(" \t\n")
-            for token in self._end_tokens:
-                if stripped.startswith(token):
-                    end = content_end + (len(rest) - len(stripped)) + len(token)
-                    break
-            spans.append((start, end))
+            spans.append((start, content_end))
         return spans
 
     def encode_text(self, messages: list[dict], image_sizes: Sequence[tuple[int, int]]) -> EncodedText:
-        """Tokenize one conversation; `image_sizes` are (width, height) of its images, in order."""
-        messages = self._check_messages(messages, len(image_sizes))
+        """Tokenize one conversation; `image_sizes` are (width, height) of its images, in order.
+
+        The conversation is checked by `prepare_messages` (DataError with its reason otherwise) and the
+        encoder's `system_prompt` is put first when the conversation has no system turn of its own. The chat
+        template is rendered once; an assistant turn whose rendering has no end-of-turn token after it is
+        noted in `EncodedText.unended` (the data factory and inspect-data warn).
+        """
+        try:
+            messages = prepare_messages(messages, len(image_sizes))
+        except BadRecord as e:
+            raise DataError(str(e), reason=e.reason) from None
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         conversation = [{"role": m["role"], "content": _split_parts(m["content"])} for m in messages]
-        full = self._render(conversation, add_generation_prompt=False)
-        label_spans = self._label_spans(messages, conversation, full)
+        full, content = self._rendered(messages, conversation)
+        if self.video_token and self.video_token in full:
+            raise DataError(f"the text holds the video token {self.video_token}: video is not supported (images "
+                            "only)", reason=UNSUPPORTED_VIDEO)
+        label_spans, unended = [], None
+        for start, content_end in content:
+            end, missing = self._end_of_turn(full, content_end)
+            label_spans.append((start, end))
+            if missing is not None and unended is None:
+                unended = missing
 
         n = len(image_sizes)
         counts = [self.image_token_count(w, h, images_in_sample=n) for w, h in image_sizes]
@@ -207,7 +356,7 @@ class SampleEncoder:
             # Zero-width tokens (a BOS the tokenizer adds) never are.
             if token_id != self.image_token_id and end > start and any(start < e and s < end for s, e in spans):
                 labels[k] = token_id
-        return EncodedText(input_ids, labels, self._image_spans(input_ids, counts))
+        return EncodedText(input_ids, labels, self._image_spans(input_ids, counts), unended)
 
     def _image_spans(self, input_ids: list[int], counts: list[int]) -> list[tuple[int, int]]:
         spans, k = [], 0
@@ -229,107 +378,83 @@ class SampleEncoder:
         if not images:
             return {}
         # Nested: one sample holding all its images (OneVision switches to multi-image mode on it).
-        out = self.processor(images=[list(images)], return_tensors="pt")
-        return {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        try:
+            out = self.processor(images=[list(images)], return_tensors="pt")
+        except ValueError as e:  # e.g. Qwen's resize refuses an aspect ratio over 200
+            raise DataError(f"the image processor cannot use the image(s) of sizes {[im.size for im in images]} "
+                            f"({e})", reason=UNREADABLE_IMAGE) from e
+        return {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
 
-    # ---------------------------------------------------------------------------------------- collate
-    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-pad text, merge vision tensors in the family's layout, add attention_mask (and mm_token_type_ids)."""
-        if not samples:
-            raise ValueError("collate needs at least one sample")
-        length = max(len(s["input_ids"]) for s in samples)
-        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n = len(sample["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if self.family.is_qwen:
-            # transformers 5 builds Qwen's mRoPE positions from it; the processor returns it too.
-            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
-        batch.update(_merge_vision(samples))
-        return batch
 
-    def collate_packed(self, rows: list[list[dict]], rope_index: RopeIndexFn | None = None) -> dict[str, torch.Tensor]:
-        """Pack each row's samples into one sequence, padding-free within a row; rows are right-padded.
+def unended_warning(encoder: SampleEncoder, conversations: list[Conversation],
+                    encoded: list[EncodedText]) -> str | None:
+    """The warning for samples whose assistant turns end with no end-of-turn or EOS token (None: all do)."""
+    unended = [(c, e) for c, e in zip(conversations, encoded) if e.unended is not None]
+    if not unended:
+        return None
+    conv, enc = unended[0]
+    return (f"{encoder.template_name} renders no end-of-turn or EOS token after an assistant turn in {len(unended)} "
+            f"of {len(encoded)} samples (e.g. {conv.source} {conv.where}: the answer is followed by {enc.unended!r}), "
+            "so that turn's labels do not end with one and the model never learns to stop there. Fix the template "
+            f"(chat_template.jinja in the model directory) to put the EOS token ({encoder.tokenizer.eos_token!r}) "
+            "after every assistant turn")
 
-        Each sample keeps its own positions: 1-D positions restart at 0 per sample and, for the Qwen
-        families, the 3-D mRoPE positions come from `rope_index` run on that sample ALONE (positions of
-        the whole concatenation would be wrong: every image after the first would be placed relative to
-        the other samples' tokens). The batch carries `position_ids` and NO `attention_mask`: from the
-        restarts in the (text) positions transformers builds a block-diagonal causal mask for sdpa/eager
-        and variable-length attention for flash_attention_2, so samples never see each other. Qwen
-        position_ids are (4, rows, T): row 0 the per-sample text positions (what the mask is built
-        from), rows 1-3 mRoPE t/h/w, the layout transformers 5 reads for packed Qwen-VL inputs.
 
-        The first label of every sample is -100: with the causal shift it would be predicted from the
-        previous sample's last token. (Alone, a sample's first label is never used either, so per-sample
-        losses are unchanged.) Row padding is a segment of its own (positions from 0, labels -100).
-        """
-        if not rows or not all(rows):
-            raise ValueError("collate_packed needs at least one row and no empty row")
-        if self.family.is_qwen and rope_index is None:
-            raise ValueError(f"packing {self.family.name} needs the model's get_rope_index (per-sample mRoPE)")
-        lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
-        length = max(lengths)
-        shape = (len(rows), length)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        text_pos = torch.zeros(shape, dtype=torch.long)
-        mrope = torch.zeros((3, *shape), dtype=torch.long) if self.family.is_qwen else None
-        for r, row in enumerate(rows):
-            at = 0
-            for sample in row:
-                ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-                n = len(ids)
-                input_ids[r, at:at + n] = ids
-                labels[r, at + 1:at + n] = torch.as_tensor(sample["labels"], dtype=torch.long)[1:]
-                text_pos[r, at:at + n] = torch.arange(n)
-                if mrope is not None:
-                    mrope[:, r, at:at + n] = self._sample_mrope(ids, sample, rope_index)
-                at += n
-            # Row padding restarts its positions too, so it forms its own block in the mask.
-            text_pos[r, at:] = torch.arange(length - at)
-            if mrope is not None:
-                mrope[:, r, at:] = torch.arange(length - at)
-        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels}
-        if mrope is not None:
-            batch["position_ids"] = torch.cat([text_pos[None], mrope], dim=0)
-            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+def _encode_one(conv: Conversation, encoder: SampleEncoder, max_length: int | None,
+                on_image_truncation: Literal["drop", "keep"]) -> EncodedText | tuple[bool, str, str]:
+    """One conversation's encoding under the `max_length` policy, or (is a bad record, reason, message)."""
+    try:
+        sizes = conv.image_sizes if conv.image_sizes is not None else [image_size(r) for r in conv.images]
+        enc = encoder.encode_text(conv.messages, sizes)
+    except DataError as e:
+        return True, e.reason or "invalid_record", f"{conv.source}: {conv.where}: {e}"
+    if max_length is not None and len(enc.input_ids) > max_length:
+        cut = max_length
+        if any(start < cut < end or start >= cut for start, end in enc.image_spans):
+            if on_image_truncation == "drop":
+                return False, "too_long_image_cut", (f"{conv.source}: {conv.where}: {len(enc.input_ids)} tokens > "
+                                                     f"max_length {cut} and the cut would drop image tokens")
         else:
-            batch["position_ids"] = text_pos
-        # Vision tensors in row-major sample order: the order of the image tokens in the batch.
-        batch.update(_merge_vision([s for row in rows for s in row]))
-        return batch
-
-    def _sample_mrope(self, ids: torch.Tensor, sample: dict, rope_index: RopeIndexFn | None) -> torch.Tensor:
-        """(3, L) mRoPE positions of one sample on its own: what the model computes for it unpacked."""
-        if "image_grid_thw" not in sample:
-            # Text only: the model's own positions for such a sample are 0..L-1 on all three axes.
-            return torch.arange(len(ids)).expand(3, -1)
-        assert rope_index is not None  # checked by collate_packed
-        types = (ids == self.image_token_id).long()
-        positions = rope_index(ids[None], types[None], sample["image_grid_thw"])
-        return positions[:, 0].to(torch.long)
+            enc.input_ids, enc.labels = enc.input_ids[:cut], enc.labels[:cut]
+    if all(label == IGNORE_INDEX for label in enc.labels[1:]):
+        return False, "no_trained_tokens", f"{conv.source}: {conv.where}: no assistant tokens left to train on"
+    return enc
 
 
-def _merge_vision(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """The vision tensors of `samples` (those with images), merged in sample order."""
-    vision = [s for s in samples if "pixel_values" in s]
-    if not vision:
-        return {}
-    # Only tensors: callers may carry their own bookkeeping keys (e.g. "_index") through.
-    keys = [k for k, v in vision[0].items()
-            if k not in _TEXT_KEYS and not k.startswith("_") and isinstance(v, torch.Tensor)]
-    return {key: _merge(key, [s[key] for s in vision]) for key in keys}
+def encode_each(conversations: list[Conversation], encoder: SampleEncoder, report: BadRecordReport, *,
+                max_length: int | None, on_image_truncation: Literal["drop", "keep"] = "drop",
+                on_bad_record: OnBadRecord = "error", workers: int | None = 1) -> list[EncodedText | None]:
+    """Each conversation's encoding, or None where it is dropped (counted in `report`); see
+    `encode_conversations`. `workers` processes tokenize (the result does not depend on how many: the policy is
+    applied in conversation order)."""
+    out: list[EncodedText | None] = []
+    results = ordered_map(lambda c: _encode_one(c, encoder, max_length, on_image_truncation), conversations, workers)
+    for conv, result in zip(conversations, results):
+        if isinstance(result, EncodedText):
+            out.append(result)
+            continue
+        bad, reason, message = result
+        if bad:
+            reject_record(on_bad_record, report, conv.source, conv.index, reason, message)
+        else:
+            report.add(conv.source, conv.index, reason, message)
+        out.append(None)
+    return out
 
 
-def _merge(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate per-sample vision tensors; LLaVA's (images, tiles, C, H, W) pads the tile axis."""
-    if key == "pixel_values" and tensors[0].dim() == 5:
-        tiles = max(t.shape[1] for t in tensors)
-        tensors = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, tiles - t.shape[1])) for t in tensors]
-    return torch.cat(tensors, dim=0)
+def encode_conversations(conversations: list[Conversation], encoder: SampleEncoder, report: BadRecordReport, *,
+                         max_length: int | None, on_image_truncation: Literal["drop", "keep"] = "drop",
+                         on_bad_record: OnBadRecord = "error",
+                         workers: int | None = 1) -> tuple[list[Conversation], list[EncodedText]]:
+    """Tokenize every conversation and apply `max_length`; returns the kept (conversations, encodings).
+
+    Image sizes come from the headers the reader already read (`Conversation.image_sizes`), else from the
+    headers now. A sample longer than `max_length` is cut there unless the cut would fall inside or before
+    an image: then it is dropped (`too_long_image_cut`, counted) or, with `on_image_truncation: keep`,
+    kept whole. A sample left with no trained token is dropped (`no_trained_tokens`, counted). A sample
+    the encoder rejects follows `on_bad_record`.
+    """
+    encoded = encode_each(conversations, encoder, report, max_length=max_length,
+                          on_image_truncation=on_image_truncation, on_bad_record=on_bad_record, workers=workers)
+    kept = [(c, e) for c, e in zip(conversations, encoded) if e is not None]
+    return [c for c, _ in kept], [e for _, e in kept]

@@ -11,9 +11,12 @@ Readers resolve refs with `image_size` (header only, no pixel decode) and `open_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -23,6 +26,11 @@ from arctic_vl.errors import DataError
 
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
+IMAGE_TOO_LARGE = "image_too_large"
+#: the default `data.max_image_pixels`: where PIL itself refuses an image as a decompression bomb (2 x its
+#: MAX_IMAGE_PIXELS), so every image PIL opens by default still opens; lower it to refuse smaller ones
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+_PIL_LIMIT = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -101,23 +109,43 @@ def _open_stream(ref: ImageRef) -> tuple[BinaryIO | str, str]:
     raise TypeError(f"not an ImageRef: {type(ref).__name__}")
 
 
-def image_size(ref: ImageRef) -> tuple[int, int]:
-    """(width, height) from the image header only; DataError `missing_image` / `unreadable_image`."""
+@contextlib.contextmanager
+def _opened(ref: ImageRef, max_pixels: int | None) -> Iterator[tuple[Image.Image, str]]:
+    """The image opened lazily (header read, no pixels) and its name; DataError `missing_image`,
+    `unreadable_image`, or `image_too_large` when its header claims more than `max_pixels` pixels."""
     stream, name = _open_stream(ref)
     try:
-        with Image.open(stream) as im:  # lazy: reads the header, decodes no pixels
-            return im.size
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        with _PIL_LIMIT:  # our limit replaces PIL's global one (its DecompressionBombError is a bare Exception)
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(stream)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"image {name}: not a readable image ({e})", source=name,
                         reason=UNREADABLE_IMAGE) from e
+    with im:
+        width, height = im.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise DataError(f"image {name}: {width} x {height} = {width * height} pixels is more than "
+                            f"data.max_image_pixels ({max_pixels}); a decompression bomb or an image to shrink "
+                            "first", source=name, reason=IMAGE_TOO_LARGE)
+        yield im, name
 
 
-def open_image(ref: ImageRef) -> Image.Image:
-    """Decode the image to RGB; DataError `missing_image` / `unreadable_image`."""
-    stream, name = _open_stream(ref)
-    try:
-        with Image.open(stream) as im:
+def image_size(ref: ImageRef, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) from the image header only; DataError `missing_image` / `unreadable_image` /
+    `image_too_large` (more than `max_pixels` pixels; None: no limit)."""
+    with _opened(ref, max_pixels) as (im, _):
+        return im.size
+
+
+def open_image(ref: ImageRef, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode the image to RGB; DataError `missing_image` / `unreadable_image` (pixels that do not decode:
+    a truncated file, a broken data stream) / `image_too_large`."""
+    with _opened(ref, max_pixels) as (im, name):
+        try:
             return im.convert("RGB")  # convert() forces the decode, so truncated files fail here
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"image {name}: cannot be decoded ({e})", source=name,
-                        reason=UNREADABLE_IMAGE) from e
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ... for broken pixels
+            raise DataError(f"image {name}: cannot be decoded ({type(e).__name__}: {e})", source=name,
+                            reason=UNREADABLE_IMAGE) from e

@@ -1,9 +1,11 @@
-"""The one in-memory record type (`Conversation`) and the converters from each on-disk record format.
+"""Record formats: the one in-memory record type (`Conversation`) and how each on-disk record becomes one.
 
-The converters are pure: they take one parsed record (a dict) and a callback that turns a raw image
-value into an `ImageRef` (and checks it), and either return the pieces of a `Conversation` or raise
-`BadRecord` naming the field and the reason. File handling, sampling and the bad-record policy live in
-`arctic_vl.data.sources`.
+A record format is a registered `RecordFormat` (`@RECORD_FORMATS.register("name")`): `detect(record)` says
+whether a parsed record looks like the format (for `format: auto`), `convert(record, resolve)` turns it into
+the pieces of a `Conversation` or raises `BadRecord` naming the field and the reason. Formats are pure: file
+handling, sampling, the bad-record policy and the image header check live in `arctic_vl.data.sources`, and
+the conversation rules every format shares (roles, turns, `<image>` placement) in `arctic_vl.data.encoding`,
+which the reader applies to whatever a format returns.
 """
 
 from __future__ import annotations
@@ -13,34 +15,37 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, ClassVar
 
-from arctic_vl.data.images import MISSING_IMAGE, UNREADABLE_IMAGE, ImageRef
+from arctic_vl.data.bad_records import (
+    GEOMETRY_OUT_OF_RANGE,
+    MALFORMED_RECORD,
+    MALFORMED_TURNS,
+    MISSING_FIELD,
+    BadRecord,
+)
+from arctic_vl.data.images import ImageRef
+from arctic_vl.registry import RECORD_FORMATS
 
 #: how a record marks the position of one image in its text (each family's encoder expands it)
 IMAGE_TOKEN = "<image>"
+#: the roles of a Conversation's messages
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                "system": "system"}
 GEOMETRY_KEYS = ("bbox_2d", "poly", "line")
 DENSE_PROMPT = "Describe every object with its location."
 
-# Every reason a record can be rejected for; BadRecordReport counts by these.
-INVALID_JSON = "invalid_json"
-MISSING_FIELD = "missing_field"
-MALFORMED_RECORD = "malformed_record"
-MALFORMED_TURNS = "malformed_turns"
-IMAGE_TOKEN_MISMATCH = "image_token_mismatch"
-GEOMETRY_OUT_OF_RANGE = "geometry_out_of_range"
-BAD_RECORD_REASONS = (INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
-                      GEOMETRY_OUT_OF_RANGE, MISSING_IMAGE, UNREADABLE_IMAGE)
-
 
 @dataclass
 class Conversation:
     """One training sample: chat turns with `<image>` placeholders and the images they stand for.
 
-    Records may be shared between repeats of a weighted source: treat them as read-only.
+    `messages` are {role: system|user|assistant, content: str}, with exactly one `IMAGE_TOKEN` per image, in
+    order. `image_sizes` are the (width, height) of the images, read from their headers when the source was
+    read (None when the reader did not check images). `index` is the record's index in its file, `line` its
+    1-based line where the file has lines. Records may be shared between repeats of a weighted source: treat
+    them as read-only.
     """
 
     messages: list[dict[str, str]]
@@ -48,6 +53,13 @@ class Conversation:
     source: str
     index: int
     meta: dict[str, Any] = field(default_factory=dict)
+    image_sizes: list[tuple[int, int]] | None = None
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        """`record N` or `record N (line L)`: how messages name the record within its source."""
+        return f"record {self.index}" + (f" (line {self.line})" if self.line is not None else "")
 
     @property
     def has_image(self) -> bool:
@@ -55,17 +67,72 @@ class Conversation:
         return bool(self.images)
 
 
-class BadRecord(Exception):
-    """A record that cannot become a Conversation; `field` is a path like `conversations[1].value`."""
-
-    def __init__(self, reason: str, field: str, detail: str):
-        super().__init__(f"{field}: {detail}")
-        self.reason = reason
-        self.field = field
-        self.detail = detail
+#: the callback a format's `convert` resolves each raw image value with: (raw value, field path) -> ImageRef.
+#: It accepts a path string (relative to the file or `image_root`), a {"bytes"|"path"} dict or an ImageRef,
+#: and raises BadRecord for anything else.
+ResolveImage = Callable[[Any, str], ImageRef]
+Converted = tuple[list[dict[str, str]], list[ImageRef], dict[str, Any]]
 
 
-ResolveImage = Callable[[Any, str], ImageRef]  # (raw value, field path) -> checked ImageRef
+class RecordFormat:
+    """Base of every record format (`@RECORD_FORMATS.register("name")` on a subclass; no config class).
+
+    Contract: the reader makes an instance (no arguments) for each file it reads and calls
+    - `detect(record) -> bool` on the first parsed records of a `format: auto` source (any JSON value: check
+      its type); the registered formats are asked in order, the built-in ones first, and the first that says
+      yes reads the whole file. It must not raise.
+    - `convert(record, resolve) -> (messages, images, meta)` once per sampled record: `messages` a list of
+      {role, content} (roles system/user/assistant; `IMAGE_TOKEN` marks where each image goes, or none at all
+      to have them put at the start of the first user turn), `images` the ImageRefs `resolve(value, field)`
+      gave, in order, `meta` the record's other fields (kept on the Conversation). A record it cannot use is a
+      `BadRecord(reason, field, detail)`; the reader then applies `on_bad_record` (error: exit 2 naming file,
+      record, line, field; skip: counted by reason).
+    The reader then checks the messages (`arctic_vl.data.encoding.prepare_messages`, errors at
+    `messages_field`) and each image's header, like for every format.
+    """
+
+    #: the record field that errors about the conversation as a whole (turns, `<image>` count) name
+    messages_field: ClassVar[str] = "messages"
+    #: what `detect` looks for, for the message when no format matches (e.g. "a 'messages' list")
+    looks_like: ClassVar[str] = ""
+    #: reasons of this format beyond BAD_RECORD_REASONS (a BadRecord with an undeclared reason is a bug)
+    reasons: ClassVar[tuple[str, ...]] = ()
+    registered_name: ClassVar[str] = ""
+
+    def detect(self, record: Any) -> bool:
+        """Whether a parsed record looks like this format."""
+        raise NotImplementedError
+
+    def convert(self, record: Any, resolve: ResolveImage) -> Converted:
+        """One record as (messages, images, meta); BadRecord when it cannot be used."""
+        raise NotImplementedError
+
+
+RECORD_FORMATS.bind_base(RecordFormat)
+
+#: the core's formats, asked first by auto-detection, in this order
+BUILTIN_FORMATS = ("llava", "messages", "dense_caption")
+
+
+def record_format_names() -> list[str]:
+    """The registered record formats: the core's (in detection order), then the plugins' sorted by name."""
+    return [*BUILTIN_FORMATS, *(n for n in RECORD_FORMATS.names() if n not in BUILTIN_FORMATS)]
+
+
+def record_format(name: str) -> RecordFormat:
+    """An instance of the record format registered as `name`; ConfigError listing the registered ones otherwise."""
+    return RECORD_FORMATS.get(name)()
+
+
+def detect_record_format(records: list[Any]) -> str | None:
+    """The first registered format (in `record_format_names` order) that one of `records` looks like, asking
+    record by record; None when none matches."""
+    formats = [(name, record_format(name)) for name in record_format_names()]
+    for record in records:
+        for name, fmt in formats:
+            if fmt.detect(record):
+                return name
+    return None
 
 
 def _require(record: dict, key: str) -> Any:
@@ -86,76 +153,69 @@ def _image_list(value: Any, key: str, resolve: ResolveImage, *, allow_str: bool)
     return [resolve(v, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
-def check_turns(messages: list[dict[str, str]], field_name: str) -> None:
-    """At least one user and one assistant turn, known roles, string contents; else BadRecord."""
-    for i, m in enumerate(messages):
-        if m["role"] not in ROLES:
-            raise BadRecord(MALFORMED_TURNS, f"{field_name}[{i}]", f"unknown role {m['role']!r}")
-        if not isinstance(m["content"], str):
-            raise BadRecord(MALFORMED_TURNS, f"{field_name}[{i}]",
-                            f"content must be a string, got {type(m['content']).__name__}")
-    roles = {m["role"] for m in messages}
-    for needed in ("user", "assistant"):
-        if needed not in roles:
-            raise BadRecord(MALFORMED_TURNS, field_name, f"needs at least one {needed} turn")
-
-
-def place_image_tokens(messages: list[dict[str, str]], n_images: int, field_name: str) -> None:
-    """Make the `<image>` count match the images: none at all -> prepend them to the first user turn
-    (the LLaVA convention); some but a different count -> BadRecord `image_token_mismatch`."""
-    count = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if count == n_images:
-        return
-    if count == 0:
-        first_user = next(m for m in messages if m["role"] == "user")
-        first_user["content"] = f"{IMAGE_TOKEN}\n" * n_images + first_user["content"]
-        return
-    raise BadRecord(IMAGE_TOKEN_MISMATCH, field_name,
-                    f"{count} {IMAGE_TOKEN} placeholders for {n_images} images")
-
-
 def _extras(record: dict, used: tuple[str, ...]) -> dict[str, Any]:
     """Top-level fields a format does not consume (id, qtype, ...), kept in `meta`."""
     return {k: v for k, v in record.items() if k not in used}
 
 
-def _read_turns(record: Any, key: str, role_key: str, content_key: str,
-                roles: dict[str, str] | None) -> list[dict[str, str]]:
-    """`record[key]` as messages; `roles` maps the format's role names (None: taken as given, checked later)."""
-    if not isinstance(record, dict):
-        raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(record).__name__}")
-    turns = _require(record, key)
-    if not isinstance(turns, list):
-        raise BadRecord(MALFORMED_TURNS, key, f"must be a list, got {type(turns).__name__}")
-    messages = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict) or role_key not in t or content_key not in t:
-            raise BadRecord(MALFORMED_TURNS, f"{key}[{i}]", f"each turn needs '{role_key}' and '{content_key}'")
-        role = t[role_key]
-        if roles is not None:
-            role = roles.get(role) if isinstance(role, str) else None
-            if role is None:
-                raise BadRecord(MALFORMED_TURNS, f"{key}[{i}].{role_key}",
-                                f"unknown role {t[role_key]!r} (allowed: human, gpt, system)")
-        messages.append({"role": role, "content": t[content_key]})
-    check_turns(messages, key)
-    return messages
+class TurnsFormat(RecordFormat):
+    """A record holding a list of turns (`messages_field`) and an image field: what the LLaVA and messages
+    formats share. Subclasses name the keys; `roles` maps the format's role names (None: taken as given)."""
+
+    role_key: ClassVar[str] = "role"
+    content_key: ClassVar[str] = "content"
+    roles: ClassVar[dict[str, str] | None] = None
+    images_key: ClassVar[str] = "images"
+    #: whether the image field may hold one path string instead of a list
+    single_image_str: ClassVar[bool] = False
+
+    def detect(self, record: Any) -> bool:
+        """A JSON object with the turns field."""
+        return isinstance(record, dict) and self.messages_field in record
+
+    def convert(self, record: Any, resolve: ResolveImage) -> Converted:
+        """(messages, images, meta); meta holds the fields other than the turns and the images."""
+        messages = self._turns(record)
+        images = _image_list(record.get(self.images_key), self.images_key, resolve, allow_str=self.single_image_str)
+        return messages, images, _extras(record, (self.images_key, self.messages_field))
+
+    def _turns(self, record: Any) -> list[dict[str, Any]]:
+        key, role_key, content_key = self.messages_field, self.role_key, self.content_key
+        if not isinstance(record, dict):
+            raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(record).__name__}")
+        turns = _require(record, key)
+        if not isinstance(turns, list):
+            raise BadRecord(MALFORMED_TURNS, key, f"must be a list, got {type(turns).__name__}")
+        messages = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or role_key not in t or content_key not in t:
+                raise BadRecord(MALFORMED_TURNS, f"{key}[{i}]", f"each turn needs '{role_key}' and '{content_key}'")
+            role = t[role_key]
+            if self.roles is not None:
+                role = self.roles.get(role) if isinstance(role, str) else None
+                if role is None:
+                    raise BadRecord(MALFORMED_TURNS, f"{key}[{i}].{role_key}",
+                                    f"unknown role {t[role_key]!r} (allowed: human, gpt, system)")
+            messages.append({"role": role, "content": t[content_key]})
+        return messages
 
 
-def from_llava(record: Any, resolve: ResolveImage) -> tuple[list[dict[str, str]], list[ImageRef], dict]:
-    """A LLaVA record (`image` str|list, `conversations` of {from, value}) -> (messages, images, meta)."""
-    messages = _read_turns(record, "conversations", "from", "value", LLAVA_ROLES)
-    images = _image_list(record.get("image"), "image", resolve, allow_str=True)
-    place_image_tokens(messages, len(images), "conversations")
-    return messages, images, _extras(record, ("image", "conversations"))
+@RECORD_FORMATS.register("llava")
+class LlavaFormat(TurnsFormat):
+    """A LLaVA record: `image` (a path or a list of paths), `conversations` of {from: human|gpt|system, value}."""
+
+    messages_field = "conversations"
+    looks_like = "a 'conversations' field"
+    role_key, content_key, roles = "from", "value", LLAVA_ROLES
+    images_key, single_image_str = "image", True
 
 
-def from_messages(record: Any, resolve: ResolveImage) -> tuple[list[dict[str, str]], list[ImageRef], dict]:
-    """A messages record (`messages` of {role, content}, `images` list) -> (messages, images, meta)."""
-    messages = _read_turns(record, "messages", "role", "content", None)
-    images = _image_list(record.get("images"), "images", resolve, allow_str=False)
-    place_image_tokens(messages, len(images), "messages")
-    return messages, images, _extras(record, ("messages", "images"))
+@RECORD_FORMATS.register("messages")
+class MessagesFormat(TurnsFormat):
+    """A messages record (ms-swift / OpenAI style): `messages` of {role, content}, optional `images` list."""
+
+    messages_field = "messages"
+    looks_like = "a 'messages' field"
 
 
 def _is_number(v: Any) -> bool:
@@ -225,47 +285,36 @@ def dense_messages(n_images: int, objects: list[dict[str, Any]], width: int, hei
             {"role": "assistant", "content": render_dense_answer(objects, width, height)}]
 
 
-def from_dense_caption(record: Any, resolve: ResolveImage) -> tuple[list[dict[str, str]], list[ImageRef], dict]:
-    """A dense-caption record (`images`, `width`, `height`, `objects`, optional `summary`).
+@RECORD_FORMATS.register("dense_caption")
+class DenseCaptionFormat(RecordFormat):
+    """A dense-caption record: `images`, `width`, `height`, `objects` (each with one geometry and a `desc`),
+    optional `summary`. The conversation asks for every object; the answer is `render_dense_answer`."""
 
-    `meta` keeps the pixel-space objects, width, height and summary so augmentation can re-render.
-    """
-    if not isinstance(record, dict):
-        raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(record).__name__}")
-    raw_images = _require(record, "images")
-    width, height, objects = (_require(record, k) for k in ("width", "height", "objects"))
-    for key, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise BadRecord(MALFORMED_RECORD, key, f"must be a positive integer, got {v!r}")
-    if not isinstance(objects, list):
-        raise BadRecord(MALFORMED_RECORD, "objects", f"must be a list, got {type(objects).__name__}")
-    summary = record.get("summary")
-    if summary is not None and not isinstance(summary, str):
-        raise BadRecord(MALFORMED_RECORD, "summary", f"must be a string, got {type(summary).__name__}")
-    parsed = [check_dense_object(o, width, height, f"objects[{i}]") for i, o in enumerate(objects)]
-    images = _image_list(raw_images, "images", resolve, allow_str=False)
-    if not images:
-        raise BadRecord(MALFORMED_RECORD, "images", "needs at least one image")
-    meta = _extras(record, ("images", "width", "height", "objects", "summary"))
-    meta.update(objects=parsed, width=width, height=height, summary=summary)
-    return dense_messages(len(images), parsed, width, height), images, meta
+    looks_like = "an 'objects' field"
+    reasons = (GEOMETRY_OUT_OF_RANGE,)
 
+    def detect(self, record: Any) -> bool:
+        """A JSON object with an `objects` field."""
+        return isinstance(record, dict) and "objects" in record
 
-CONVERTERS: dict[str, Callable[[Any, ResolveImage], tuple[list[dict[str, str]], list[ImageRef], dict]]] = {
-    "llava": from_llava,
-    "messages": from_messages,
-    "dense_caption": from_dense_caption,
-}
-
-
-def detect_record_format(record: Any) -> str | None:
-    """The format a parsed record looks like, from its keys; None when it matches none."""
-    if not isinstance(record, dict):
-        return None
-    if "conversations" in record:
-        return "llava"
-    if "messages" in record:
-        return "messages"
-    if "objects" in record:
-        return "dense_caption"
-    return None
+    def convert(self, record: Any, resolve: ResolveImage) -> Converted:
+        """`meta` keeps the pixel-space objects, width, height and summary so augmentation can re-render."""
+        if not isinstance(record, dict):
+            raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(record).__name__}")
+        raw_images = _require(record, "images")
+        width, height, objects = (_require(record, k) for k in ("width", "height", "objects"))
+        for key, v in (("width", width), ("height", height)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise BadRecord(MALFORMED_RECORD, key, f"must be a positive integer, got {v!r}")
+        if not isinstance(objects, list):
+            raise BadRecord(MALFORMED_RECORD, "objects", f"must be a list, got {type(objects).__name__}")
+        summary = record.get("summary")
+        if summary is not None and not isinstance(summary, str):
+            raise BadRecord(MALFORMED_RECORD, "summary", f"must be a string, got {type(summary).__name__}")
+        parsed = [check_dense_object(o, width, height, f"objects[{i}]") for i, o in enumerate(objects)]
+        images = _image_list(raw_images, "images", resolve, allow_str=False)
+        if not images:
+            raise BadRecord(MALFORMED_RECORD, "images", "needs at least one image")
+        meta = _extras(record, ("images", "width", "height", "objects", "summary"))
+        meta.update(objects=parsed, width=width, height=height, summary=summary)
+        return dense_messages(len(images), parsed, width, height), images, meta

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from arctic_vl.errors import ConfigError
 from arctic_vl.registry import DISTRIBUTED, Component, ComponentConfig
 
 
@@ -112,6 +114,16 @@ class DistributedBackend(Component):
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        return [obj]
+
+    @property
+    def shards_parameters(self) -> bool:
+        """True when the prepared model's parameters are partitioned over ranks (ZeRO-3): every forward is then
+        a collective, so all ranks must run the same modules the same number of times (evaluation too)."""
+        return False
+
     # -- checkpoint hooks (DeepSpeed keeps its own sharded state) ---------------------------------------
     def save_state(self, model: Any, optimizer: Any, path: str) -> bool:
         """Save engine-owned state under `path`; False means the checkpointer saves model/optimizer itself."""
@@ -138,7 +150,27 @@ class DDPConfig(DistributedConfig):
     find_unused_parameters: bool = Field(
         True, description="needed when some parameters get no grad on a step (e.g. text-only batches, vision_feature_layer=-1)"
     )
-    timeout_minutes: int = Field(30, ge=1)
+    timeout_minutes: int = Field(30, ge=1, le=525_600, description="collective timeout (at most a year)")
+
+
+def unused_parameters_error(error: RuntimeError, model: Any, config: Any) -> Exception:
+    """PyTorch DDP's error for parameters that got no gradient, as a ConfigError naming the config key to set
+    and the parameters (DDP's indices count the module's trainable parameters); any other error as it is."""
+    text = str(error)
+    if "finished reduction in the prior iteration" not in text and "did not receive grad" not in text:
+        return error
+    names = [n for n, p in getattr(model, "module", model).named_parameters() if p.requires_grad]
+    found = re.search(r"did not receive grad for rank \d+: ([\d, ]+)", text)
+    unused = [names[int(i)].removeprefix("model.") for i in re.findall(r"\d+", found.group(1))
+              if int(i) < len(names)] if found else []
+    which = f" ({len(unused)} of them, e.g. {', '.join(unused[:4])})" if unused else ""
+    hint = "" if getattr(config, "find_unused_parameters", True) else (
+        "distributed.find_unused_parameters is false, but ")
+    return ConfigError(
+        f"{hint}some trainable parameters got no gradient in a step{which}: DDP waits for every parameter "
+        "it was given. Set distributed.find_unused_parameters: true (the default; needed whenever a step leaves "
+        "some weights out, e.g. CLIP's post_layernorm with vision_feature_layer -1), or freeze the unused "
+        "parameters (model.freeze)")
 
 
 @DISTRIBUTED.register("ddp")
@@ -176,11 +208,14 @@ class DDP(DistributedBackend):
 
     @contextlib.contextmanager
     def no_sync(self, model: Any, sync: bool) -> Iterator[None]:
-        if sync or not hasattr(model, "no_sync"):
-            yield
-        else:
-            with model.no_sync():
+        try:
+            if sync or not hasattr(model, "no_sync"):
                 yield
+            else:
+                with model.no_sync():
+                    yield
+        except RuntimeError as e:  # the forward and backward of a micro-batch run inside this block
+            raise unused_parameters_error(e, model, self.config) from None
 
     def unwrap(self, model: Any) -> torch.nn.Module:
         return getattr(model, "module", model)
@@ -208,6 +243,15 @@ class DDP(DistributedBackend):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def teardown(self) -> None:
         import torch.distributed as dist

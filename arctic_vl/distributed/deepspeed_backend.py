@@ -9,7 +9,9 @@ The DeepSpeed config is DERIVED from the engine config, so the two can never dis
     bf16.enabled                    <- trainer.bf16
     zero_optimization.stage         <- distributed.zero_stage, offload_* from distributed.offload_*
 
-and `distributed.config` (any extra DeepSpeed keys) is merged over that, key by key. The optimizer is the
+and `distributed.config` (extra DeepSpeed keys, from the pass-through list `PASS_THROUGH` below) is merged over
+that, key by key; every other key is refused at validation, naming it and why (DeepSpeed would import a module
+it names, replace one of the engine's own components, or run a feature the engine does not drive). The optimizer is the
 torch optimizer built from `optimizer.param_groups` (per-group LRs, names, weight decay survive), handed to
 DeepSpeed as a client optimizer; the LR schedule is the engine's scheduler, stepped here after each
 optimizer step and saved by the checkpointer, so resume is exact.
@@ -19,6 +21,11 @@ whole accumulated global batch and multiplied by world_size (DeepSpeed, like DDP
 processes). DeepSpeed would divide once more by gradient_accumulation_steps (`engine.backward` with
 `scale_wrt_gas=True`); we call it with `scale_wrt_gas=False`. The accumulation boundary is set explicitly
 per micro-batch (the epoch's last step may hold fewer micro-batches than configured).
+
+Resume never unpickles: DeepSpeed loads its own `*_model_states.pt` / `*_optim_states.pt` with
+`torch.load(weights_only=False)`; `load_state` runs it with every `torch.load` forced to `weights_only=True`,
+allowing only the few DeepSpeed types those files hold (`DS_SAFE_GLOBALS`). A file that holds anything else
+fails to load, named, instead of running code.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import pickle
 import socket
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -34,7 +42,7 @@ import torch
 from pydantic import Field
 
 from arctic_vl.distributed.backends import DDP, DistributedConfig
-from arctic_vl.errors import ConfigError
+from arctic_vl.errors import CheckpointError, ConfigError
 from arctic_vl.plugins import register_config_check
 from arctic_vl.registry import DISTRIBUTED
 
@@ -42,6 +50,118 @@ from arctic_vl.registry import DISTRIBUTED
 _OWNED_KEYS = {"optimizer": "optimizer", "scheduler": "scheduler"}
 #: sub-folder of a step-N checkpoint holding DeepSpeed's own (sharded) files
 DS_TAG = "deepspeed"
+
+_ZERO_KEYS = {
+    "stage", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "use_multi_rank_bucket_allreduce",
+    "allgather_partitions", "allgather_bucket_size", "overlap_comm", "compute_grad_norm", "load_from_fp32_weights",
+    "sub_group_size", "ignore_unused_parameters", "legacy_stage1", "round_robin_gradients", "parameter_alignment",
+    "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+    "zero_quantized_gradients", "memory_efficient_linear", "override_module_apply", "log_trace_cache_warnings",
+    "enable_sanity_checks", "save_muon_momentum_buffer_in_memory", "stage3_gather_fp16_weights_on_model_save",
+    # ZeRO-3 knobs, under both the field names and the `stage3_` names DeepSpeed accepts
+    *(f"{prefix}{key}" for prefix in ("", "stage3_") for key in (
+        "prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold", "max_live_parameters",
+        "max_reuse_distance", "gather_16bit_weights_on_model_save", "module_granularity_threshold",
+        "use_all_reduce_for_fetch_params", "allgather_sequential")),
+    "leaf_module",  # {classes, names, name_suffixes}: DeepSpeed matches these strings against class NAMES, never imports
+}
+
+#: what `distributed.config` may pass to DeepSpeed: top-level key -> None (a plain value) or its allowed sub-keys.
+#: Each is a number, flag, dtype name or name pattern that DeepSpeed 0.19 reads as a plain value (checked in its
+#: source: none is resolved to an import, a file to load or a component that replaces the engine's own)
+PASS_THROUGH: dict[str, set[str] | None] = {
+    "train_batch_size": None, "train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": None,
+    "gradient_clipping": None,  # (these four, bf16.enabled and zero_optimization.stage must agree with the engine config)
+    "zero_optimization": _ZERO_KEYS,
+    "bf16": {"enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
+             "bf16_optimizer_states"},
+    "fp16": {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+             "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads"},
+    "torch_autocast": {"enabled", "dtype"},
+    "activation_checkpointing": {"partition_activations", "number_checkpoints", "contiguous_memory_optimization",
+                                 "synchronize_checkpoint_boundary", "profile", "cpu_checkpointing"},
+    "data_types": {"grad_accum_dtype"},
+    "communication_data_type": None, "seq_parallel_communication_data_type": None, "prescale_gradients": None,
+    "gradient_predivide_factor": None, "sparse_gradients": None, "disable_allgather": None,
+    "zero_allow_untested_optimizer": None, "zero_force_ds_cpu_optimizer": None,
+    "steps_per_print": None, "wall_clock_breakdown": None, "memory_breakdown": None, "dump_state": None,
+    "comms_logger": {"enabled", "verbose", "prof_all", "debug", "prof_ops"},
+}
+
+#: keys refused with a specific reason (everything else not in PASS_THROUGH is refused as unknown)
+_REFUSED: dict[str, str] = {
+    "torch_autocast.lower_precision_safe_modules": (
+        "DeepSpeed imports the module named in each entry (importlib.import_module); a config never names Python "
+        "code. Leave it out: DeepSpeed's default (torch Linear and Conv layers) applies"),
+    "zero_optimization.offload_optimizer": "set distributed.offload_optimizer (none or cpu) instead",
+    "zero_optimization.offload_param": "set distributed.offload_param (none or cpu) instead",
+    "zero_optimization.cpu_offload": "set distributed.offload_optimizer: cpu instead",
+    "zero_optimization.cpu_offload_param": "set distributed.offload_param: cpu instead",
+    "zero_optimization.cpu_offload_use_pin_memory": "set distributed.offload_optimizer / offload_param instead",
+    "checkpoint": "the engine writes, verifies and loads checkpoints itself (checkpoint: section)",
+    "nebula": "the engine writes, verifies and loads checkpoints itself (checkpoint: section)",
+    "datastates": "the engine writes, verifies and loads checkpoints itself (checkpoint: section)",
+    "tensorboard": "the engine logs metrics itself: use the tensorboard callback",
+    "wandb": "the engine logs metrics itself: use a callback",
+    "csv_monitor": "the engine logs metrics itself: metrics.jsonl",
+    "comet": "the engine logs metrics itself: use a callback",
+    "amp": "apex AMP is not used: set trainer.bf16",
+}
+
+
+def pass_through_problems(extra: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """(key path under distributed.config, what is wrong) for every key outside PASS_THROUGH and every value
+    that is not plain data."""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    for key, value in extra.items():
+        if key in _OWNED_KEYS:
+            problems.append(((key,), f"not allowed; the engine's own {key} (the `{key}:` section) is used so that "
+                                     "parameter groups, per-group learning rates and resume stay exact"))
+        elif key not in PASS_THROUGH:
+            problems.append(((key,), "refused: " + _REFUSED.get(
+                key, f"not a pass-through key; allowed: {', '.join(sorted(PASS_THROUGH))}")))
+        elif PASS_THROUGH[key] is None:
+            problems.extend(((key,), p) for p in _plain(value))
+        elif not isinstance(value, dict):
+            problems.append(((key,), f"must be a mapping of {', '.join(sorted(PASS_THROUGH[key] or ()))}"))
+        else:
+            allowed = PASS_THROUGH[key] or set()
+            for sub, sub_value in value.items():
+                name = f"{key}.{sub}"
+                if name in _REFUSED:
+                    problems.append(((key, sub), f"refused: {_REFUSED[name]}"))
+                elif sub not in allowed:
+                    problems.append(((key, sub), f"refused: not a pass-through key; allowed under {key}: "
+                                                 f"{', '.join(sorted(allowed))}"))
+                else:
+                    check = _leaf_module if name == "zero_optimization.leaf_module" else _plain
+                    problems.extend(((key, sub), p) for p in check(sub_value))
+    return problems
+
+
+def check_pass_through(extra: dict[str, Any]) -> None:
+    """Refuse every `distributed.config` key outside PASS_THROUGH (ConfigError naming the first and why)."""
+    problems = pass_through_problems(extra)
+    if problems:
+        keys, why = problems[0]
+        raise ConfigError(f"distributed.config.{'.'.join(keys)}: {why}")
+
+
+def _plain(value: Any) -> list[str]:
+    """A pass-through value is a scalar or a flat list of scalars: never a mapping DeepSpeed would interpret."""
+    items = value if isinstance(value, list) else [value]
+    if all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
+        return []
+    return [f"must be a number, flag, string or a list of them, got {value!r}"]
+
+
+def _leaf_module(value: Any) -> list[str]:
+    keys = {"classes", "names", "name_suffixes"}
+    if isinstance(value, dict) and set(value) <= keys and \
+            all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in value.values()):
+        return []
+    return [f"must be a mapping of {', '.join(sorted(keys))} to lists of names (class and module names, matched by "
+            "name)"]
 
 
 class DeepSpeedConfig(DistributedConfig):
@@ -53,7 +173,7 @@ class DeepSpeedConfig(DistributedConfig):
         default_factory=dict,
         description="extra DeepSpeed config keys, merged over the derived ones (nested dicts merge key by key)",
     )
-    timeout_minutes: int = Field(30, ge=1)
+    timeout_minutes: int = Field(30, ge=1, le=525_600, description="collective timeout (at most a year)")
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -73,12 +193,7 @@ def derive_ds_config(config: DeepSpeedConfig, engine_config: Any, world_size: in
     Pure (no process group, no import of deepspeed), so `arctic_vl validate` can check it before any launch;
     `world_size` None (validation: the launcher decides it) derives and checks everything but train_batch_size.
     """
-    for key, section in _OWNED_KEYS.items():
-        if key in config.config:
-            raise ConfigError(
-                f"distributed.config.{key}: not allowed; the engine's own {section} (the `{section}:` section) is "
-                "used so that parameter groups, per-group learning rates and resume stay exact"
-            )
+    check_pass_through(config.config)
     if config.offload_param != "none" and config.zero_stage != 3:
         raise ConfigError(f"distributed.offload_param: {config.offload_param!r} needs zero_stage 3 "
                           f"(got zero_stage {config.zero_stage})")
@@ -107,17 +222,88 @@ def derive_ds_config(config: DeepSpeedConfig, engine_config: Any, world_size: in
         "wall_clock_breakdown": False,
     }
     merged = merge(derived, config.config)
-    # A passed-through batch size that contradicts the data section would silently change the math.
-    checks = [("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)]
+    # A passed-through value that contradicts the engine config would silently change the math.
+    checks = [(("train_micro_batch_size_per_gpu",), micro, "data.micro_batch_size"),
+              (("gradient_accumulation_steps",), gas, "trainer.gradient_accumulation_steps"),
+              (("gradient_clipping",), derived["gradient_clipping"], "trainer.max_grad_norm"),
+              (("bf16", "enabled"), derived["bf16"]["enabled"], "trainer.bf16"),
+              (("zero_optimization", "stage"), config.zero_stage, "distributed.zero_stage")]
     if world_size is not None:
-        checks.append(("train_batch_size", micro * gas * world_size))
+        checks.append((("train_batch_size",), micro * gas * world_size, "data.micro_batch_size x accumulation"))
     elif "train_batch_size" in config.config:
         merged.pop("train_batch_size")  # checked against the real process count at start
-    for key, want in checks:
-        if merged.get(key) != want:
-            raise ConfigError(f"distributed.config.{key}: {merged.get(key)!r} contradicts the engine config "
-                              f"(derived {want}); set data.micro_batch_size / trainer.gradient_accumulation_steps instead")
+    for keys, want, owner in checks:
+        got: Any = merged
+        for k in keys:
+            got = got.get(k) if isinstance(got, dict) else None
+        if got != want or (type(got) is not type(want) and isinstance(want, bool)):
+            raise ConfigError(f"distributed.config.{'.'.join(keys)}: {got!r} contradicts the engine config "
+                              f"(derived {want!r}); set {owner} instead")
     return merged
+
+
+def ds_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed 0.19 writes into its checkpoint files, allowed for a weights-only load.
+
+    Found with `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 0-3 checkpoints in fp32 and bf16:
+    ZeRO's stage enum, the (static) loss scaler and the fragment addresses of flat optimizer partitions;
+    fp16's dynamic loss scaler is the loss scaler's subclass. Each is rebuilt from plain fields: no code runs.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """While active, every `torch.load` (DeepSpeed's `weights_only=False` ones included) is weights-only with
+    `ds_safe_globals` allowed; a file that needs anything else is a CheckpointError naming it."""
+    real = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return real(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{f}: refused to load: it holds Python objects a weights-only load does not allow ({first}). "
+                "Checkpoint files are never unpickled (that could run code planted in them); if this checkpoint "
+                "is yours, it was written by another DeepSpeed version than this one"
+            ) from None
+        except (RuntimeError, OSError, EOFError) as e:
+            reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{f}: cannot load: {reason}") from None
+
+    with torch.serialization.safe_globals(ds_safe_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real
+
+
+@contextlib.contextmanager
+def _saves_name_their_file() -> Iterator[None]:
+    """While active, a failing `torch.save` (DeepSpeed writing a shard) carries the file it was writing as the
+    exception's `filename`, so the checkpointer's message names it (torch's own message does not)."""
+    real = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real(obj, f, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            if isinstance(f, (str, os.PathLike)) and not getattr(e, "filename", None):
+                e.filename = os.fspath(f)  # type: ignore[attr-defined]
+            raise
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = real
 
 
 def free_port() -> int:
@@ -241,10 +427,16 @@ class DeepSpeed(DDP):
     def unwrap(self, model: Any) -> torch.nn.Module:
         return model.step_module if isinstance(model, DeepSpeedModel) else model
 
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 once `prepare` has partitioned the model."""
+        return bool(self.ds_config) and self.config.zero_stage == 3
+
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_state(self, model: DeepSpeedModel, optimizer: Any, path: str) -> bool:
         """Every rank writes its shard under `path/deepspeed/` (trainable weights and optimizer state)."""
-        model.engine.save_checkpoint(path, tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+        with _saves_name_their_file():
+            model.engine.save_checkpoint(path, tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         return True
 
     def load_state(self, model: DeepSpeedModel, optimizer: Any, path: str) -> bool:
@@ -255,10 +447,11 @@ class DeepSpeed(DDP):
         if not (Path(path) / DS_TAG).is_dir():
             raise ConfigError(f"{path}: no DeepSpeed state in {DS_TAG}/ (was it saved with distributed.type "
                               f"{self.config.type}?)")
-        load_path, _ = model.engine.load_checkpoint(path, tag=DS_TAG, load_module_strict=False,
-                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        with weights_only_loads():  # DeepSpeed's own loader would unpickle its files
+            load_path, _ = model.engine.load_checkpoint(path, tag=DS_TAG, load_module_strict=False,
+                                                        load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
-            raise RuntimeError(f"{path}: DeepSpeed could not load {DS_TAG}/")
+            raise CheckpointError(f"{Path(path) / DS_TAG}: DeepSpeed found no checkpoint it could load there")
         return True
 
     def full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
@@ -274,12 +467,20 @@ class DeepSpeed(DDP):
 
 
 def _check_config(cfg: Any, located: Any) -> None:
-    """`arctic_vl validate` (and every start) derives the DeepSpeed config once, before any launcher runs."""
-    if isinstance(cfg.distributed, DeepSpeedConfig):
-        try:
-            derive_ds_config(cfg.distributed, cfg, None)
-        except ConfigError as e:
-            raise ConfigError(f"{located.where(('distributed',))}: {e}") from None
+    """`arctic_vl validate` (and every start) derives the DeepSpeed config once, before any launcher runs; every
+    refused pass-through key is reported at its own line."""
+    if not isinstance(cfg.distributed, DeepSpeedConfig):
+        return
+    problems = pass_through_problems(cfg.distributed.config)
+    if problems:
+        lines = [f"{located.where(('distributed', 'config', *keys))}: distributed.config.{'.'.join(keys)}: {why}"
+                 for keys, why in problems]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
+    try:
+        derive_ds_config(cfg.distributed, cfg, None)
+    except ConfigError as e:
+        keys = str(e).split(":", 1)[0].removeprefix("distributed.").split(".")
+        raise ConfigError(f"{located.where(('distributed', *keys))}: {e}") from None
 
 
 register_config_check(_check_config)

@@ -19,7 +19,7 @@ class ModelBundle:
 
     `model`: the torch module to train (a PEFT wrapper under LoRA). `processor`: the HF processor (its
     `tokenizer`, image processor and chat template drive the encoding). `family`: the `FamilySpec` of the
-    five VLM families the model belongs to (None for a plain language model). `extras`: whatever the
+    six VLM families the model belongs to (None for a plain language model). `extras`: whatever the
     factory wants to hand its trainer (e.g. a detection head, a teacher). `part_names` lists every part
     `part_of` may return (the three VLM parts, plus a factory's own, e.g. `detection`).
     """
@@ -37,6 +37,19 @@ class ModelBundle:
         from arctic_vl.models.families import part_of
 
         return part_of(self.family, strip_peft_prefix(name))
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """Parameters of the model by part: {"total": {"params": N, "trainable": T}, "vision": {...}, ...,
+        "other": {...}} with every name of `part_names` present and `other` for parameters of no part (a
+        tied weight counts once; LoRA adapters count in the part they adapt)."""
+        counts = {name: {"params": 0, "trainable": 0} for name in ("total", *self.part_names, "other")}
+        for name, param in self.model.named_parameters():
+            n = int(getattr(param, "ds_numel", param.numel()))  # a ZeRO-3 partitioned parameter keeps its size there
+            part = self.part_of(name)
+            for key in ("total", part if part in counts else "other"):
+                counts[key]["params"] += n
+                counts[key]["trainable"] += n if param.requires_grad else 0
+        return counts
 
 
 def strip_peft_prefix(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The five supported VLM families and how their parameters split into vision / aligner / llm.
+"""The six supported VLM families and how their parameters split into vision / aligner / llm.
 
 Prefixes are the names `model.named_parameters()` yields for the transformers 5 classes (the
 composite keeps its parts under `model.` with the head outside). They are checked by a test that
@@ -42,6 +42,12 @@ _LLAVA_PARTS = {
     "aligner": ("model.multi_modal_projector.", "model.image_newline"),
     "llm": ("model.language_model.", "lm_head."),
 }
+# LLaVA-1.5: the same composite without any-res tiles (so no image newline).
+_LLAVA15_PARTS = {
+    "vision": ("model.vision_tower.",),
+    "aligner": ("model.multi_modal_projector.",),
+    "llm": ("model.language_model.", "lm_head."),
+}
 # The Qwen merger sits inside model.visual: the longer prefix wins in `part_of`.
 _QWEN_PARTS = {
     "vision": ("model.visual.",),
@@ -63,6 +69,10 @@ _QWEN_TOKENS = {
 }
 
 FAMILIES: dict[str, FamilySpec] = {
+    "llava": FamilySpec(
+        "llava", "llava", "LlavaForConditionalGeneration", _LLAVA15_PARTS, "<image>",
+        _LLAVA_PLACEHOLDER, {"image_token": "<image>"},
+    ),
     "llava_next": FamilySpec(
         "llava_next", "llava_next", "LlavaNextForConditionalGeneration", _LLAVA_PARTS, "<image>",
         _LLAVA_PLACEHOLDER, {"image_token": "<image>"},
@@ -103,6 +113,17 @@ def family_for_model_type(model_type: str) -> FamilySpec | None:
     """The family an HF `config.model_type` belongs to, or None if no family claims it."""
     name = _MODEL_TYPES.get(model_type)
     return FAMILIES[name] if name is not None else None
+
+
+def supported_model_types() -> list[str]:
+    """Every HF `model_type` the engine trains: the families' own and those plugins registered."""
+    return sorted(_MODEL_TYPES)
+
+
+def unsupported_model_type(model_type: str | None, where: str) -> str:
+    """The message for a checkpoint (`where`: its config.json) whose model_type no family claims."""
+    return (f"{where} has model_type {model_type!r}, which arctic_vl cannot train; supported model types: "
+            f"{', '.join(supported_model_types())} (plugins add model types with register_model_type)")
 
 
 def register_model_type(model_type: str, family: str) -> None:

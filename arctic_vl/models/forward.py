@@ -85,7 +85,9 @@ def dummy_image_inputs(backbone: torch.nn.Module) -> dict[str, Any] | None:
         size = int(vcfg.image_size)
         count = getattr(sys.modules[type(backbone).__module__], "image_size_to_num_patches", None)
         pinpoints = getattr(backbone.config, "image_grid_pinpoints", None)
-        n = count(image_size=(size, size), grid_pinpoints=pinpoints, patch_size=size) if count and pinpoints else 1
+        if count is None:  # LLaVA-1.5: no any-res tiles, one crop per image (images, C, H, W)
+            return {"pixel_values": torch.zeros(1, channels, size, size, dtype=dtype, device=device)}
+        n = count(image_size=(size, size), grid_pinpoints=pinpoints, patch_size=size) if pinpoints else 1
         pixels = torch.zeros(1, n, channels, size, size, dtype=dtype, device=device)
         return {"pixel_values": pixels, "image_sizes": torch.tensor([[size, size]], device=device)}
     return None
@@ -111,7 +113,7 @@ def _tensor_sum(obj: Any) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def vision_keepalive(backbone: torch.nn.Module) -> Iterator[None]:
+def vision_keepalive(backbone: torch.nn.Module, once: bool = False) -> Iterator[None]:
     """While a batch without images runs through `backbone`, run its vision tower and aligner on a dummy image.
 
     Under ZeRO-3 every module's forward gathers its parameters with a collective, and under ZeRO-2/DDP the
@@ -120,6 +122,8 @@ def vision_keepalive(backbone: torch.nn.Module) -> Iterator[None]:
     the composite would have just encoded its images, so the order of modules matches an image batch, inside
     the backbone's own forward) and add 0 x (sum of the dummy features) to its input embeddings: every
     vision and aligner parameter joins the graph and gets an exactly-zero gradient; the loss is unchanged.
+    `once`: only the first forward of the language model inside the block (generation: the prompt, where an
+    image prompt encodes its images; the decoding steps that follow run no vision tower on any rank).
     """
     lm = getattr(backbone, "language_model", None)
     dummy = dummy_image_inputs(backbone)
@@ -135,6 +139,8 @@ def vision_keepalive(backbone: torch.nn.Module) -> Iterator[None]:
         if total is None:
             return None
         kwargs["inputs_embeds"] = embeds + (total * 0.0).to(embeds.dtype)
+        if once:
+            handle.remove()
         return args, kwargs
 
     # prepend: run before ZeRO-3's own pre-forward hook of the language model, so the module order (and with

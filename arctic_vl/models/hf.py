@@ -1,4 +1,4 @@
-"""`hf_vlm`: a Hugging Face VLM of one of the five families, from a local directory or an inline tiny config."""
+"""`hf_vlm`: a Hugging Face VLM of one of the six families, from a local directory or an inline tiny config."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_serializer, model_validator
 
 from arctic_vl.config.paths import ModelPath
+from arctic_vl.config.types import Seed
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.base import ModelBundle, ModelFactory
+from arctic_vl.models.export_dtype import cast_state_dict, checkpoint_dtype, stamp_config_dtype
 from arctic_vl.models.lora import LoraConfig, apply_lora, is_peft, save_lora_export
+from arctic_vl.models.tiny import TinyModelConfig, check_tiny_shape
 from arctic_vl.registry import MODELS, ComponentConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,8 +25,15 @@ class HFModelConfig(ComponentConfig):
     type: str = "hf_vlm"
     name_or_path: ModelPath | None = Field(None, description="a local HF model directory (config.json, safetensors, processor)")
     family: str | None = Field(None, description="with no name_or_path: build a tiny random model of this family")
-    tiny: dict[str, int] = Field(default_factory=dict, description="shape of the tiny model (layers, hidden, ...)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig,
+                                  description="shape of the tiny model (layers, hidden, heads, ...); with family")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the weights train in (float32: fp32 master weights, with trainer.bf16 autocast)"
+    )
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the exported weights (final/, `arctic_vl export`); auto: the source "
+        "checkpoint's (its config.json `dtype` / `torch_dtype`), else model.dtype"
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="default: flash_attention_2 when it imports, else sdpa"
     )
@@ -34,7 +44,12 @@ class HFModelConfig(ComponentConfig):
     lora: LoraConfig | None = Field(
         None, description="LoRA (PEFT) on some parts; parts neither frozen nor LoRA'd train fully (modules_to_save)"
     )
-    seed: int | None = Field(None, description="seed for the tiny model's random weights (default: trainer seed)")
+    seed: Seed | None = Field(None, description="seed for the tiny model's random weights (default: trainer seed)")
+
+    @field_serializer("tiny")
+    def _tiny_as_given(self, tiny: TinyModelConfig) -> dict[str, int]:
+        # the keys the config set, as before this was a model: saved runs compare equal on resume
+        return tiny.given()
 
     @model_validator(mode="after")
     def _source(self) -> HFModelConfig:
@@ -42,19 +57,33 @@ class HFModelConfig(ComponentConfig):
             raise ValueError("give name_or_path (a local HF directory) or family (to build a tiny model)")
         if self.name_or_path is not None and self.family is not None:
             raise ValueError("give name_or_path or family, not both")
-        if self.name_or_path is not None and self.tiny:
+        if self.name_or_path is not None and self.tiny.given():
             raise ValueError("tiny: only applies with family (an inline tiny model)")
         if self.family is not None:
             from arctic_vl.models.families import FAMILIES
 
             if self.family not in FAMILIES:
                 raise ValueError(f"unknown family {self.family!r}; allowed: {', '.join(FAMILIES)}")
+            check_tiny_shape(self.family, self.tiny.given())
         if self.name_or_path is not None:
             path = Path(self.name_or_path)
             if path.is_absolute() and not (path / "config.json").is_file():
                 what = "does not exist" if not path.exists() else "has no config.json"
                 raise ValueError(f"model directory {self.name_or_path} {what}")
+            if path.is_absolute():  # refuse a model type no family trains now, not after loading the weights
+                from arctic_vl.models.families import family_for_model_type, unsupported_model_type
+
+                model_type = _config_model_type(path / "config.json")
+                if family_for_model_type(str(model_type)) is None:
+                    raise ValueError(unsupported_model_type(model_type, str(path / "config.json")))
         return self
+
+
+def _config_model_type(config_file: Path) -> str | None:
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_file} is not a valid HF config ({e})") from None
 
 
 def read_model_type(path: str | Path) -> str:
@@ -73,6 +102,8 @@ class HFModelFactory(ModelFactory):
     """Loads with the real `from_pretrained` path; never `trust_remote_code`."""
 
     config_class = HFModelConfig
+    #: the dtype the loaded source checkpoint's config.json names (what `export_dtype: auto` writes)
+    source_dtype: str | None = None
 
     def model_dir(self, output_dir: Path | None = None) -> Path:
         """The directory the model is loaded from (an inline tiny model is written under OUTPUT_DIR/base_model)."""
@@ -85,7 +116,8 @@ class HFModelFactory(ModelFactory):
     def describe(self) -> str:
         if self.config.name_or_path is not None:
             return f"{read_model_type(self.config.name_or_path)} from {self.config.name_or_path}"
-        return f"tiny {self.config.family} ({', '.join(f'{k}={v}' for k, v in self.config.tiny.items()) or 'default shape'})"
+        shape = self.config.tiny.given()
+        return f"tiny {self.config.family} ({', '.join(f'{k}={v}' for k, v in shape.items()) or 'default shape'})"
 
     def prepare(self, output_dir: Path, seed: int) -> None:
         """On the main process, before any rank builds: write the inline tiny model if the config asks for one."""
@@ -97,7 +129,7 @@ class HFModelFactory(ModelFactory):
         from arctic_vl.models.tiny import make_tiny_model
 
         make_tiny_model(self.config.family, target, seed=self.config.seed if self.config.seed is not None else seed,
-                        **self.config.tiny)
+                        **self.config.tiny.given())
 
     def load(self, path: Path, *, exported: bool = False) -> tuple[torch.nn.Module, Any, Any]:
         """(model, processor, family) from a local directory; `build` then freezes, applies LoRA and moves it.
@@ -108,8 +140,16 @@ class HFModelFactory(ModelFactory):
         """
         from arctic_vl.models.loading import family_of_dir, load_model, load_processor
 
+        if not exported:
+            self.source_dtype = checkpoint_dtype(path)
         model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
         return model, load_processor(path), family_of_dir(path)
+
+    def export_dtype(self) -> str:
+        """The dtype name `export` writes: `model.export_dtype`, or for `auto` the source checkpoint's."""
+        if self.config.export_dtype != "auto":
+            return self.config.export_dtype
+        return self.source_dtype or self.config.dtype
 
     def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
         """(processor, family) of the configured model directory, without its weights."""
@@ -148,12 +188,23 @@ class HFModelFactory(ModelFactory):
 
     def export(self, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """`out_dir`: an HF directory (safetensors + processor). A LoRA model is written merged, with the
-        PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
-        if is_peft(model):
-            return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
-        if bundle.processor is not None:
-            bundle.processor.save_pretrained(out_dir)
+        """`out_dir`: an HF directory (safetensors + processor) in `export_dtype()`. A LoRA model is written
+        merged, with the PEFT adapter in `out_dir/adapter`; the live model is not changed (training may go on)."""
+        dtype = DTYPES[self.export_dtype()]
+        try:
+            if is_peft(model):
+                return save_lora_export(model, out_dir, bundle.processor, state_dict=state_dict, dtype=dtype)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            state = state_dict if state_dict is not None else model.state_dict()
+            model.save_pretrained(out_dir, safe_serialization=True, state_dict=cast_state_dict(state, dtype))
+            stamp_config_dtype(out_dir, self.export_dtype())
+            if bundle.processor is not None:
+                bundle.processor.save_pretrained(out_dir)
+        except (OSError, RuntimeError) as e:  # a full disk, a read-only target: name it (and the bytes needed)
+            from arctic_vl.checkpoint.files import disk_full, write_error
+
+            needed = sum(p.numel() * dtype.itemsize for p in model.parameters())
+            if not isinstance(e, OSError) and not disk_full(e, out_dir, needed):
+                raise  # not an I/O failure: the traceback is the useful part
+            raise write_error(out_dir, e, needed, what="export") from None
         return out_dir

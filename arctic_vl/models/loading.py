@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from arctic_vl.errors import ConfigError
-from arctic_vl.models.families import FAMILIES, FamilySpec, family_for_model_type
+from arctic_vl.models.attention import use_varlen_attention
+from arctic_vl.models.families import FamilySpec, family_for_model_type, unsupported_model_type
 
 
 def _config_path(path: str | Path) -> Path:
@@ -36,10 +37,7 @@ def family_of_dir(path: str | Path) -> FamilySpec:
         raise ConfigError(f"cannot read {str(config_file)!r}: {exc}") from exc
     spec = family_for_model_type(model_type or "")
     if spec is None:
-        raise ConfigError(
-            f"{str(config_file)!r} has model_type {model_type!r}, which belongs to no known family; "
-            f"known families: {', '.join(sorted(FAMILIES))} (plugins add model types with register_model_type)"
-        )
+        raise ConfigError(unsupported_model_type(model_type, str(config_file)))
     return spec
 
 
@@ -57,7 +55,11 @@ def default_attn_implementation() -> str:
 def load_model(
     path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
 ):
-    """Load the VLM in `path` with its family's class (Auto class for plugin model types)."""
+    """Load the VLM in `path` with its family's class (Auto class for plugin model types).
+
+    With sdpa (the default) the language model runs `arctic_varlen` attention: sdpa for ordinary batches,
+    attention per sample for packed ones (see `arctic_vl.models.attention`); the vision tower keeps sdpa.
+    """
     import transformers
     from transformers import AutoModelForImageTextToText
 
@@ -68,10 +70,12 @@ def load_model(
     model_type = json.loads(_config_path(path).read_text())["model_type"]
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn, "trust_remote_code": False}
     if model_type == spec.model_type:
-        cls = getattr(transformers, spec.model_class)
-        return cls.from_pretrained(path, **kwargs)
-    # A plugin's composite type: it registered its class with the Auto mapping.
-    return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = getattr(transformers, spec.model_class).from_pretrained(path, **kwargs)
+    else:  # a plugin's composite type: it registered its class with the Auto mapping
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if attn == "sdpa":  # packed batches then attend per sample, without a dense block mask (models/attention.py)
+        use_varlen_attention(model)
+    return model
 
 
 def load_processor(path: str | Path):

@@ -206,13 +206,17 @@ def peft_scaling(peft_model: torch.nn.Module) -> float:
 
 
 def save_lora_export(peft_model: torch.nn.Module, out_dir: Path, processor: Any = None,
-                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                     state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write `out_dir` = the merged full model (plain transformers loads it) + `out_dir/adapter` (PEFT).
 
     `state_dict`: the PEFT model's full state dict (names as `peft_model.state_dict()`), e.g. gathered
     from ZeRO-3 shards or loaded from a checkpoint; default: the live model's. Nothing is modified.
+    `dtype`: the merged model's weights are cast to it after merging in the training dtype (the adapter
+    keeps the dtype it trained in).
     """
     from safetensors.torch import load_file, save_file
+
+    from arctic_vl.models.export_dtype import cast_state_dict, stamp_config_dtype
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +227,11 @@ def save_lora_export(peft_model: torch.nn.Module, out_dir: Path, processor: Any 
     if set(merged) != expected:
         extra, lacking = sorted(set(merged) - expected), sorted(expected - set(merged))
         raise RuntimeError(f"merged LoRA state dict does not match the model: extra {extra[:3]}, missing {lacking[:3]}")
+    if dtype is not None:
+        merged = cast_state_dict(merged, dtype)
     base.save_pretrained(out_dir, safe_serialization=True, state_dict=merged)
+    if dtype is not None:
+        stamp_config_dtype(out_dir, str(dtype).removeprefix("torch."))
     if processor is not None:
         processor.save_pretrained(out_dir)
     adapter_dir = out_dir / "adapter"

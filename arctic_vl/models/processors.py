@@ -20,10 +20,12 @@ from typing import Any
 
 from transformers import (
     AutoProcessor,
+    LlavaConfig,
     LlavaNextConfig,
     LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionProcessor,
+    LlavaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
     Qwen2VLConfig,
@@ -120,6 +122,7 @@ class Qwen3VLImageOnlyProcessor(_SavesAsHFProcessor, Qwen3VLProcessor):
 
 # family name -> the processor class arctic_vl builds and loads for it.
 PROCESSOR_CLASSES: dict[str, type] = {
+    "llava": LlavaProcessor,
     "llava_next": LlavaNextProcessor,
     "llava_onevision": LlavaOnevisionImageOnlyProcessor,
     "qwen2_vl": Qwen2VLImageOnlyProcessor,
@@ -134,7 +137,8 @@ for _config_class, _processor_class in (
     (Qwen3VLConfig, Qwen3VLImageOnlyProcessor),
 ):
     AutoProcessor.register(_config_class, _processor_class, exist_ok=True)
-# LlavaNext builds offline as is; registered for symmetry so the mapping lists all five.
+# Llava and LlavaNext build offline as they are; registered for symmetry so the mapping lists all six.
+AutoProcessor.register(LlavaConfig, LlavaProcessor, exist_ok=True)
 AutoProcessor.register(LlavaNextConfig, LlavaNextProcessor, exist_ok=True)
 
 
@@ -154,6 +158,17 @@ def build_processor(family: str, config: Any, tokenizer: Any, *, image_size: int
     spec = get_family(family)
     cls = PROCESSOR_CLASSES[spec.name]
     template = tokenizer.chat_template
+    if spec.name == "llava":  # LLaVA-1.5: one CLIP crop per image, no any-res tiles
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        vision = config.vision_config
+        crop = vision.image_size
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop})
+        return cls(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=template,
+            image_token=spec.image_token, num_additional_image_tokens=1,
+        )
     if spec.name in ("llava_next", "llava_onevision"):
         vision = config.vision_config
         crop = vision.image_size

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import itertools
 import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from arctic_vl.errors import ConfigError
 from arctic_vl.models.families import FAMILIES, FamilySpec, get_family
 
 PAD, BOS, EOS, EOT = "<|pad|>", "<|bos|>", "<|endoftext|>", "<|im_end|>"
@@ -152,6 +156,81 @@ def _llava_pinpoints(image_size: int, grid: int | None = None) -> list[list[int]
     return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
 
 
+class TinyModelConfig(BaseModel):
+    """`model.tiny`: the shape of an inline tiny model (`tiny_config`'s keywords; unset keys keep its defaults).
+
+    The ranges keep the model tiny and buildable; `check_tiny_shape` checks what depends on several keys or on
+    the family (heads dividing hidden, even head sizes, the crop holding a patch, any-res only for LLaVA).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    layers: int | None = Field(None, ge=1, le=128, validation_alias=AliasChoices("layers", "text_layers"),
+                               description="language-model layers (default 2)")
+    hidden: int | None = Field(None, ge=2, le=8192, description="language-model width (default 64)")
+    heads: int | None = Field(None, ge=1, le=128, description="attention heads (default 4); must divide hidden")
+    kv_heads: int | None = Field(None, ge=1, le=128, description="key/value heads (default 2); must divide heads")
+    intermediate: int | None = Field(None, ge=1, le=32768, description="MLP width (default 128)")
+    vision_layers: int | None = Field(None, ge=1, le=64, description="vision-tower layers (default 2)")
+    vision_hidden: int | None = Field(None, ge=4, le=4096, description="vision-tower width (default 64)")
+    image_size: int | None = Field(None, ge=1, le=4096,
+                                   description="LLaVA: the vision crop (default 32); Qwen: the largest image side")
+    patch_size: int | None = Field(None, ge=1, le=64, description="vision patch (default 8 LLaVA, 14 Qwen2/2.5, 16 Qwen3)")
+    vocab_size: int | None = Field(None, ge=1, le=262144, description="default: the tokenizer's size rounded up to 64")
+    anyres_grid: int | None = Field(None, ge=1, le=8, description="LLaVA any-res grid: every tiling up to N x N tiles")
+
+    def given(self) -> dict[str, int]:
+        """The keys the config sets (what `make_tiny_model` receives; the rest keep `tiny_config`'s defaults)."""
+        return self.model_dump(exclude_none=True)
+
+
+def _tiny_defaults() -> dict[str, Any]:
+    """`tiny_config`'s keyword defaults (the one owner of the default shape)."""
+    params = inspect.signature(tiny_config).parameters
+    out = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    out["layers"] = out.pop("text_layers")
+    return out
+
+
+def check_tiny_shape(family: str, shape: dict[str, Any]) -> None:
+    """Refuse a tiny-model shape that cannot build or run (ValueError naming the keys and what is allowed)."""
+    spec = get_family(family)
+    s = {**_tiny_defaults(), **{k: v for k, v in shape.items() if v is not None}}
+    if "text_layers" in shape:
+        s["layers"] = shape["text_layers"]
+    hidden, heads, kv = s["hidden"], s["heads"], s["kv_heads"]
+    if hidden % heads:
+        raise ValueError(f"tiny.heads ({heads}) must divide tiny.hidden ({hidden})")
+    if (hidden // heads) % 2:
+        raise ValueError(f"tiny.hidden / tiny.heads (the head size, {hidden // heads}) must be even (rotary embeddings)")
+    if heads % kv:
+        raise ValueError(f"tiny.kv_heads ({kv}) must divide tiny.heads ({heads})")
+    vision = s["vision_hidden"]
+    vision_heads = max(1, vision // 16)
+    if vision % vision_heads:
+        raise ValueError(f"tiny.vision_hidden ({vision}) must be a multiple of its {vision_heads} heads "
+                         "(one head per 16 channels): e.g. a multiple of 16")
+    if spec.is_qwen and (vision // vision_heads) % 4:
+        raise ValueError(f"tiny.vision_hidden ({vision}): the Qwen vision head size ({vision // vision_heads}) must "
+                         "be a multiple of 4: e.g. a multiple of 16")
+    if spec.is_qwen and s["anyres_grid"] is not None:
+        raise ValueError(f"tiny.anyres_grid applies to the LLaVA families, not {spec.name} (Qwen sizes images by pixels)")
+    if not spec.is_qwen:
+        size, patch = s["image_size"] or 32, s["patch_size"] or 8
+        if patch > size:
+            raise ValueError(f"tiny.patch_size ({patch}) must not exceed tiny.image_size ({size}, the vision crop)")
+    vocab = s["vocab_size"]
+    if vocab is not None and vocab < tokenizer_size():
+        raise ValueError(f"tiny.vocab_size ({vocab}) is smaller than the tokenizer ({tokenizer_size()} tokens)")
+
+
+def tokenizer_size() -> int:
+    """Tokens of the tiny models' tokenizer (the same for every family)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_trained_bpe_json()).get_vocab_size(with_added_tokens=True)
+
+
 def tiny_config(
     family: str,
     *,
@@ -191,6 +270,9 @@ def tiny_config(
             "layers/text_layers, hidden, heads, kv_heads, intermediate, vision_layers, vision_hidden, "
             "image_size, patch_size, vocab_size, anyres_grid, or an attribute of the family's config"
         )
+    check_tiny_shape(spec.name, {"layers": text_layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
+                                 "vision_hidden": vision_hidden, "image_size": image_size, "patch_size": patch_size,
+                                 "vocab_size": vocab_size, "anyres_grid": anyres_grid})
     tokenizer = build_tokenizer(family)
     ids = _token_ids(tokenizer)
     vocab = vocab_size if vocab_size is not None else _round_up(len(tokenizer))
@@ -209,63 +291,74 @@ def tiny_config(
         "eos_token_id": ids[EOT],
         "pad_token_id": ids[PAD],
     }
-    if spec.name in ("llava_next", "llava_onevision"):
-        size = image_size or 32
-        patch = patch_size or 8
-        if spec.name == "llava_next":
-            text = {"model_type": "llama", **text_common}
-            vision = {"model_type": "clip_vision_model", "projection_dim": vision_hidden}
-            extra = {"image_token_index": ids["<image>"], "vision_feature_select_strategy": "default"}
-        else:
-            text = {"model_type": "qwen2", **text_common}
-            vision = {"model_type": "siglip_vision_model", "vision_use_head": False}
-            extra = {
-                "image_token_index": ids["<image>"],
-                "video_token_index": ids["<video>"],
-                "vision_feature_select_strategy": "full",
-                "vision_aspect_ratio": "anyres_max_9",
-            }
-        vision.update(
-            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-            num_attention_heads=max(1, vision_hidden // 16), image_size=size, patch_size=patch,
-        )
-        kwargs = {
-            "text_config": text,
-            "vision_config": vision,
-            "vision_feature_layer": -1,
-            "image_grid_pinpoints": _llava_pinpoints(size, anyres_grid),
-            "image_seq_length": (size // patch) ** 2,
-            **extra,
-        }
+    if spec.is_qwen:
+        kwargs = _qwen_kwargs(spec, ids, text_common, head_dim, patch_size, vision_layers, vision_hidden, hidden)
     else:
-        patch = patch_size or (16 if spec.name == "qwen3_vl" else 14)
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
-        vision = {
-            "depth": vision_layers, "hidden_size": vision_hidden, "num_heads": max(1, vision_hidden // 16),
-            "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2,
-        }
-        if spec.name == "qwen2_vl":
-            vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
-        elif spec.name == "qwen2_5_vl":
-            vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                          fullatt_block_indexes=[vision_layers - 1], window_size=4 * patch * 2)
-        else:
-            rope["mrope_interleaved"] = True
-            vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                          num_position_embeddings=64, deepstack_visual_indexes=[0])
-        text = {**text_common, "rope_parameters": rope}
-        if spec.name == "qwen3_vl":
-            text["head_dim"] = head_dim
-        kwargs = {
-            "text_config": text,
-            "vision_config": vision,
-            "image_token_id": ids["<|image_pad|>"],
-            "video_token_id": ids["<|video_pad|>"],
-            "vision_start_token_id": ids["<|vision_start|>"],
-            "vision_end_token_id": ids["<|vision_end|>"],
-        }
+        kwargs = _llava_kwargs(spec, ids, text_common, image_size or 32, patch_size or 8, vision_layers,
+                               vision_hidden, anyres_grid)
     kwargs.update(overrides)
     return AutoConfig.for_model(spec.model_type, **kwargs)
+
+
+def _llava_kwargs(spec: FamilySpec, ids: dict[str, int], text_common: dict[str, Any], size: int, patch: int,
+                  vision_layers: int, vision_hidden: int, anyres_grid: int | None) -> dict[str, Any]:
+    """Config kwargs of a tiny LLaVA-1.5 / LLaVA-NeXT (Llama + CLIP) or LLaVA-OneVision (Qwen2 + SigLIP)."""
+    if spec.name == "llava_onevision":
+        text = {"model_type": "qwen2", **text_common}
+        vision = {"model_type": "siglip_vision_model", "vision_use_head": False}
+        extra: dict[str, Any] = {
+            "image_token_index": ids["<image>"],
+            "video_token_index": ids["<video>"],
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+        }
+    else:
+        text = {"model_type": "llama", **text_common}
+        vision = {"model_type": "clip_vision_model", "projection_dim": vision_hidden}
+        extra = {"image_token_index": ids["<image>"], "vision_feature_select_strategy": "default"}
+    vision.update(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 16), image_size=size, patch_size=patch,
+    )
+    kwargs = {"text_config": text, "vision_config": vision, "vision_feature_layer": -1,
+              "image_seq_length": (size // patch) ** 2, **extra}
+    if spec.name == "llava":
+        if anyres_grid is not None:
+            raise ValueError("anyres_grid applies to llava_next and llava_onevision; llava (1.5) has no any-res tiles")
+    else:
+        kwargs["image_grid_pinpoints"] = _llava_pinpoints(size, anyres_grid)
+    return kwargs
+
+
+def _qwen_kwargs(spec: FamilySpec, ids: dict[str, int], text_common: dict[str, Any], head_dim: int,
+                 patch_size: int | None, vision_layers: int, vision_hidden: int, hidden: int) -> dict[str, Any]:
+    """Config kwargs of a tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL."""
+    patch = patch_size or (16 if spec.name == "qwen3_vl" else 14)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+    vision = {
+        "depth": vision_layers, "hidden_size": vision_hidden, "num_heads": max(1, vision_hidden // 16),
+        "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    }
+    if spec.name == "qwen2_vl":
+        vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+    elif spec.name == "qwen2_5_vl":
+        vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      fullatt_block_indexes=[vision_layers - 1], window_size=4 * patch * 2)
+    else:
+        rope["mrope_interleaved"] = True
+        vision.update(intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0])
+    text = {**text_common, "rope_parameters": rope}
+    if spec.name == "qwen3_vl":
+        text["head_dim"] = head_dim
+    return {
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
 
 
 def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0, **shape: Any) -> Path:
@@ -307,10 +400,13 @@ def make_tiny_model_cli(argv: list[str]) -> int:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = make_tiny_model(
-        args.family, args.out_dir, seed=args.seed, text_layers=args.layers, hidden=args.hidden,
-        heads=args.heads, kv_heads=args.kv_heads, intermediate=2 * args.hidden,
-        vision_layers=args.vision_layers, vision_hidden=args.vision_hidden, image_size=args.image_size,
-    )
+    try:
+        out = make_tiny_model(
+            args.family, args.out_dir, seed=args.seed, text_layers=args.layers, hidden=args.hidden,
+            heads=args.heads, kv_heads=args.kv_heads, intermediate=2 * args.hidden,
+            vision_layers=args.vision_layers, vision_hidden=args.vision_hidden, image_size=args.image_size,
+        )
+    except ValueError as e:  # a shape that cannot build: the user's to fix
+        raise ConfigError(f"make-tiny-model: {e}") from None
     print(f"wrote tiny {args.family} model to {out}")
     return 0

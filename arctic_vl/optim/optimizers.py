@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -48,7 +48,7 @@ class AdamWConfig(ComponentConfig):
     type: str = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     no_decay_on_bias_and_norm: bool = Field(True, description="no weight decay on biases and norm weights (1-D tensors)")
     param_groups: list[ParamGroupConfig] = Field(default_factory=list)

@@ -26,26 +26,37 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
 from arctic_vl.config.paths import ConfigPath
-from arctic_vl.data.base import EpochBatchSampler
+from arctic_vl.config.types import Seed
+from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import ConfigError, DataError, RunFailed
 from arctic_vl.registry import TRAINERS, Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens
+from arctic_vl.trainers.prefetch import Prefetcher
+from arctic_vl.trainers.report import format_parameter_counts, format_results
+
+#: evaluations during training (one line per evaluation, `step` the step after which it ran)
+EVAL_FILE = "eval.jsonl"
+#: `arctic_vl evaluate` results, each marked `"standalone": true`, `step` the step of the weights evaluated
+STANDALONE_EVAL_FILE = "eval_standalone.jsonl"
+#: written into final/ by the export: the step (and epoch) of the weights it holds
+EXPORT_INFO_FILE = "export_info.json"
 
 #: settings that may differ on resume: they change neither the math nor the data order (a run directory
 #: that was moved or copied resumes: its location is not part of the math)
 RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
-    "checkpoint.export_final", "data.num_workers", "callbacks", "eval",
+    "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
+    "trainer.prefetch", "trainer.compile", "callbacks", "eval",
 )
 
 
@@ -59,6 +70,18 @@ class NanGuardConfig(BaseModel):
     max_consecutive: int = Field(3, ge=1, description="stop the run (exit 1) after this many skipped steps in a row")
 
 
+class CompileConfig(BaseModel):
+    """torch.compile of the step's decoder layers (regional compilation, see `arctic_vl.models.compile`);
+    `trainer.compile: true` is `{enabled: true}`. Single process, DDP and ZeRO-1/2."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    dynamic: bool | None = Field(True, description="symbolic sequence lengths from the first step: padded and packed "
+                                 "batches change length every step (None: torch decides after a recompile)")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+
+
 class TrainerConfig(ComponentConfig):
     """The loop's settings (every trainer's config derives from it)."""
 
@@ -68,7 +91,7 @@ class TrainerConfig(ComponentConfig):
     epochs: float = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     bf16: bool = Field(False, description="bf16 autocast (where the device supports it)")
     loss_chunk_size: int = Field(2048, ge=16, description="label positions per output-layer chunk (memory-lean loss)")
     log_every_n_steps: int = Field(1, ge=1, description="console log interval; metrics.jsonl gets every step")
@@ -76,6 +99,14 @@ class TrainerConfig(ComponentConfig):
     nan_guard: NanGuardConfig = Field(default_factory=NanGuardConfig)
     group_grad_norms: bool = Field(False, description="log each optimizer parameter group's gradient norm "
                                    "(`grad_norm/<group>` in metrics.jsonl; single-process and ddp)")
+    prefetch: bool = Field(True, description="read and collate the next step's micro-batches in a background "
+                           "thread while this step computes (the same batches in the same order)")
+    compile: CompileConfig = Field(default_factory=CompileConfig, description="torch.compile the step")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
 
 @dataclass
@@ -155,6 +186,8 @@ class Trainer(Component):
         self._last_ckpt: Path | None = None
         self._last_loss = math.nan
         self.device = dist.device
+        #: True while `evaluate_standalone` runs (`arctic_vl evaluate`): callbacks keep it apart from training
+        self.standalone_evaluation = False
 
     # ------------------------------------------------------------------------------ what a step computes
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
@@ -231,6 +264,11 @@ class Trainer(Component):
                                            num_workers=self.data.num_workers,
                                            pin_memory=self.device.type == "cuda")
 
+    def prefetched(self, batches: Iterator[dict[str, Any]]) -> Prefetcher:
+        """`batches`, read one step (`gradient_accumulation_steps` micro-batches) ahead in a background thread
+        unless `prefetch` is off: the next step's data is made while this step computes. Same batches, same order."""
+        return Prefetcher(batches, depth=self.config.gradient_accumulation_steps if self.config.prefetch else 0)
+
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -248,30 +286,53 @@ class Trainer(Component):
                 logger.info(f"run already finished at step {self.state.step} (checkpoint {latest}); "
                             f"outputs in {self.output_dir}")
             return self.summary(latest, already_finished=True)
-        self.callbacks.on_train_start(self)
-        for micro, data_time in self.step_batches():
-            metrics = self.train_step(micro, data_time)
-            self.log_step(metrics)
-            self.maybe_evaluate()
-            self.maybe_save()
-        if self._stop_signal is not None:
-            return self.stop()
-        return self.finish()
+        with self.run_events():
+            self.callbacks.on_train_start(self)
+            for micro, data_time in self.step_batches():
+                metrics = self.train_step(micro, data_time)
+                self.log_step(metrics)
+                self.maybe_evaluate()
+                self.maybe_save()
+            if self._stop_signal is not None:
+                return self.stop()
+            return self.finish()
+
+    @contextlib.contextmanager
+    def run_events(self) -> Iterator[None]:
+        """`on_run_start` ... `on_run_end(failed)` around a training run or a standalone evaluation."""
+        self.callbacks.on_run_start(self)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            self.callbacks.on_run_end(self, failed)
+
+    def evaluate_standalone(self, step: int) -> dict[str, Any]:
+        """`arctic_vl evaluate`: one evaluation outside training of the weights of `step` (the run's export),
+        written to eval_standalone.jsonl (marked `"standalone": true`), never to the training-time eval.jsonl."""
+        self.state.step = step
+        self.standalone_evaluation = True
+        with self.run_events():
+            return self.run_evaluation()
 
     def setup(self) -> Path | None:
         """Group parameters, build optimizer and scheduler, wrap for the backend, resume; the checkpoint or None."""
         torch.manual_seed(self.config.seed)
+        if self.is_main:  # before the backend wraps (ZeRO-3 partitions) the model
+            logger.info(format_parameter_counts(self.bundle.parameter_counts()))
         groups = self.optimizer_factory.param_groups(self.bundle.model, self.bundle.part_of)
         optimizer = self.optimizer_factory.build(groups)
         self.total_steps = self.compute_total_steps()
         scheduler = self.scheduler_factory.build(optimizer, self.total_steps)
-        self.model, self.optimizer, self.scheduler = self.dist.prepare(_StepModule(self.bundle.model, self),
-                                                                       optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = self.dist.prepare(self.step_module(), optimizer, scheduler)
         latest = self._resume_or_start()
         if latest is not None:
             saved = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer,
                                            scheduler=self.scheduler, dist=self.dist)
             self.state = TrainState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("extra", {}))
+            if self.data.report is not None:  # records found bad while loading batches before the checkpoint
+                self.data.report.add_late_entries(self.state.extra.get("bad_records", []))
             if self.is_main and self.state.step < self.total_steps:
                 logger.info(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch})")
         self._last_ckpt = latest
@@ -279,6 +340,22 @@ class Trainer(Component):
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.state.step)
         self._install_signal_handlers()
         return latest
+
+    def step_module(self) -> torch.nn.Module:
+        """Model + loss as one module for the backend to wrap; with `compile`, the language model's decoder layers
+        are compiled in place first (`arctic_vl.models.compile`: parameter names and checkpoints do not change)."""
+        c = self.config.compile
+        if c.enabled:
+            from arctic_vl.models.compile import compile_decoder_layers
+
+            if getattr(self.dist.config, "zero_stage", 0) == 3:
+                raise ConfigError("trainer.compile does not work with DeepSpeed ZeRO-3 (its parameter gathering "
+                                  "hooks cannot be compiled); use zero_stage 2 or trainer.compile: false")
+            n = compile_decoder_layers(self.bundle.model, dynamic=c.dynamic, mode=None if c.mode == "default" else c.mode)
+            if self.is_main:
+                logger.info(f"trainer.compile: {n} decoder layers compiled (dynamic={c.dynamic}); the first step "
+                            "compiles them (tens of seconds on CPU)")
+        return _StepModule(self.bundle.model, self)
 
     def step_batches(self) -> Iterator[tuple[list[dict[str, Any]], float]]:
         """Each optimizer step's micro-batches (on the device) and the seconds spent waiting for them, epoch
@@ -292,25 +369,30 @@ class Trainer(Component):
             if start >= self._per_epoch:
                 raise DataError(f"epoch {epoch} has {self._per_epoch} micro-batches but the run is at micro-batch "
                                 f"{start} of it: the training data changed since the checkpoint")
-            batches = iter(self.loader(epoch, start))
-            while self.state.step < self.total_steps and self._stop_signal is None and self.state.epoch == epoch:
-                t_data = time.perf_counter()
-                micro = [self.to_device(b) for _, b in zip(range(gas), batches)]
-                if not micro:  # the plan promised more micro-batches than the loader gave: never spin on it
-                    raise RunFailed(f"epoch {epoch} yielded no micro-batch at position {self.state.batch_in_epoch} "
-                                    f"of {self._per_epoch}; the data loader ended early")
-                yield micro, time.perf_counter() - t_data
+            with self.prefetched(iter(self.loader(epoch, start))) as batches:
+                while self.state.step < self.total_steps and self._stop_signal is None and self.state.epoch == epoch:
+                    t_data = time.perf_counter()
+                    # samples that turned out bad as they loaded are counted (skip) or kept to raise (error) here,
+                    # in the loop's thread, so the counts saved with a checkpoint match the steps taken
+                    micro = [self.to_device(self.data.accept(b)) for _, b in zip(range(gas), batches)]
+                    if not micro:  # the plan promised more micro-batches than the loader gave: never spin on it
+                        raise RunFailed(f"epoch {epoch} yielded no micro-batch at position "
+                                        f"{self.state.batch_in_epoch} of {self._per_epoch}; the data loader ended early")
+                    yield micro, time.perf_counter() - t_data
 
     def train_step(self, micro: list[dict[str, Any]], data_time: float) -> dict[str, Any]:
         """One optimizer step over `micro`: global counts, forward/backward, optimizer step; the metrics line."""
         t_step = time.perf_counter()
         epoch = self.state.epoch
         local = [float(sum(b[NUM_TOKENS] for b in micro)), float(sum(b[NUM_SAMPLES] for b in micro)),
-                 float(sum(b.get(NUM_SLOTS, 0) for b in micro))]  # packed rows x max_length
+                 float(sum(b.get(NUM_SLOTS, 0) for b in micro)),  # packed rows x max_length
+                 float(self.data.pending_error is not None)]  # a bad sample under on_bad_record: error
         own = self.local_counts(micro)
         names = sorted(own.extra)
-        n_units, n_tokens, n_samples, n_slots, *n_extra = self.dist.all_reduce_sum(
+        n_units, n_tokens, n_samples, n_slots, n_bad, *n_extra = self.dist.all_reduce_sum(
             [own.units, *local, *(own.extra[k] for k in names)])
+        if n_bad:  # every process stops together (exit 2), none waits in a collective
+            self.data.raise_pending(n_bad)
         counts = StepCounts(n_units, dict(zip(names, n_extra)))
         loss_sum, side = self.forward_backward(micro, counts)
         side_names = sorted(side)
@@ -470,6 +552,7 @@ class Trainer(Component):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
+        self._gather_bad_records()
         state = {**asdict(self.state), "config": self.run_config, "world_size": self.dist.world_size,
                  "data_fingerprint": self.data.fingerprint}
         path = self.checkpointer.save(step=self.state.step, model=self.model, optimizer=self.optimizer,
@@ -491,12 +574,25 @@ class Trainer(Component):
             if full is not None:
                 full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             self.model_factory.export(self.bundle, module, tmp, state_dict=full)
+            # which weights these are: what a standalone evaluation of final/ records as its step
+            (tmp / EXPORT_INFO_FILE).write_text(json.dumps({"step": self.state.step, "epoch": self.state.epoch}))
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
         self.dist.barrier()
         return out
 
+    def _gather_bad_records(self) -> None:
+        """Every process's records found bad while loading batches, on every process and in the saved state."""
+        report = self.data.report
+        if not hasattr(report, "late_entries"):  # None, or a plugin's own report
+            return
+        for entries in self.dist.all_gather_object(report.late_entries()):
+            report.add_late_entries(entries)
+        if report.late:
+            self.state.extra["bad_records"] = report.late_entries()
+
     def summary(self, checkpoint: Path | None, **extra: Any) -> dict[str, Any]:
+        self._gather_bad_records()
         out = {"steps": self.state.step, "epoch": self.state.epoch, "output_dir": str(self.output_dir),
                "checkpoint": str(checkpoint) if checkpoint else None,
                "skipped_records": self.data.report.by_reason() if self.data.report is not None else {}}
@@ -507,12 +603,17 @@ class Trainer(Component):
 
     # ----------------------------------------------------------------------------------------- evaluation
     def run_evaluation(self) -> dict[str, Any]:
-        """`evaluate` on the unwrapped model, appended to eval.jsonl (main process) and sent to the callbacks."""
+        """`evaluate` on the unwrapped model, appended to eval.jsonl (eval_standalone.jsonl outside training) and
+        printed (main process), and sent to the callbacks."""
         module = self.dist.unwrap(self.model).model if hasattr(self, "model") else self.bundle.model
         results = self.evaluate(module)
         if self.is_main:
-            with open(self.output_dir / "eval.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": self.state.step, **results}) + "\n")
+            line = {"step": self.state.step, **({"standalone": True} if self.standalone_evaluation else {}), **results}
+            name = STANDALONE_EVAL_FILE if self.standalone_evaluation else EVAL_FILE
+            with open(self.output_dir / name, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+            what = "standalone evaluation" if self.standalone_evaluation else "evaluation"
+            logger.info(f"{what} at step {self.state.step}: {format_results(results)}")
         self.callbacks.on_evaluate(self, results)
         self._last_results = results
         return results

@@ -42,7 +42,9 @@ def lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tenso
     h = hidden[:, :-1][mask]
     n = int(targets.numel())
     if n == 0:
-        return hidden.sum() * 0.0, 0  # keeps the graph connected (DDP/ZeRO expect every rank to backward)
+        # Still run the output layer (on one position, times 0): under ZeRO-3 every rank must run the same
+        # modules (its forward gathers the weights), and DDP expects its weights to get a (zero) gradient.
+        return head(hidden[:, :1]).float().sum() * 0.0, 0
     weight = head.weight
     vocab = int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps the full shape in ds_shape
     if n * vocab <= LEAN_THRESHOLD:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from arctic_vl.data.bad_records import BadRecordReport
 from arctic_vl.data.images import DatasetImage, ImageBytes, image_size, open_image
 from arctic_vl.data.records import Conversation, render_dense_answer, to_norm1000
-from arctic_vl.data.sources import BadRecordReport, SourceSpec, parse_sample, read_source, read_sources
+from arctic_vl.data.sources import SourceSpec, parse_sample, read_source, read_sources
 from arctic_vl.errors import ConfigError, DataError
 
 
@@ -123,6 +124,26 @@ def test_image_refs_size_open_and_errors(tmp_path, png):
     assert e.value.reason == "unreadable_image"
 
 
+def test_image_headers_are_read_once(synthetic_dir, tiny_llava, monkeypatch):
+    """Building the data opens each image once (its header, when the source is read); no pixel decode."""
+    from types import SimpleNamespace
+
+    import PIL.Image
+
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
+    from arctic_vl.models.loading import family_of_dir, load_processor
+
+    bundle = SimpleNamespace(processor=load_processor(tiny_llava), family=family_of_dir(tiny_llava), model=None)
+    opened: list[str] = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    config = VLMDataConfig(sources=[str(synthetic_dir / "train.llava.json")], max_length=None, cache=False)
+    data = VLMDataFactory(config).build(bundle, seed=0)
+    images = [str(ref) for conv in data.train.conversations for ref in conv.images]
+    assert len(images) == 34 and sorted(opened) == sorted(images)
+    assert all(conv.image_sizes == [(64, 64)] * len(conv.images) for conv in data.train.conversations)
+
+
 def test_hf_disk_round_trip_with_image_features(tmp_path, synthetic_dir):
     datasets = pytest.importorskip("datasets")
     msgs = [json.loads(line) for line in (synthetic_dir / "train.messages.jsonl").read_text().splitlines()]
@@ -221,6 +242,34 @@ def test_read_sources_mixes_by_weight_deterministically(synthetic_dir):
     with pytest.raises(ConfigError):
         read_sources([], base_dir=synthetic_dir, seed=0, on_bad_record="error", report=BadRecordReport())
 
+
+def test_shuffle_false_keeps_file_order_through_the_factory(synthetic_dir, tiny_llava):
+    """`data.shuffle: false`: sources in the order listed, records in file order, and the epoch plan trains them in
+    that order. Weight 2.5 without shuffle: the file twice in order, then a seeded half of it in file order."""
+    from types import SimpleNamespace
+
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
+    from arctic_vl.data.sampling import EpochBatchSampler
+    from arctic_vl.models.loading import family_of_dir, load_processor
+
+    bundle = SimpleNamespace(processor=load_processor(tiny_llava), family=family_of_dir(tiny_llava), model=None)
+    heldout, train = synthetic_dir / "heldout.messages.jsonl", synthetic_dir / "train.llava.json"
+    sources = [SourceSpec(path=str(heldout), sample="first:4", weight=2.5), SourceSpec(path=str(train), sample="first:5")]
+
+    def order(shuffle: bool) -> list[tuple[str, int]]:
+        config = VLMDataConfig(sources=sources, shuffle=shuffle, micro_batch_size=2, max_length=None)
+        data = VLMDataFactory(config).build(bundle, seed=3)
+        plan = EpochBatchSampler.plan(len(data.train), 2, 1, 3, 0, data.shuffle)
+        trained = [i for step in plan for i in step[0]]
+        return [(Path(data.train.conversations[i].source).name, data.train.conversations[i].index) for i in trained]
+
+    got = order(False)
+    h = "heldout.messages.jsonl"
+    assert got[:8] == [(h, 0), (h, 1), (h, 2), (h, 3)] * 2  # whole copies, in file order
+    rest = [i for name, i in got[8:10]]
+    assert [name for name, _ in got[8:10]] == [h, h] and rest == sorted(rest) and len(set(rest)) == 2
+    assert got[10:] == [("train.llava.json", i) for i in range(5)]
+    assert sorted(order(True)) == sorted(got) and order(True) != got  # the same samples, mixed
 
 def test_yaml_list_of_files(tmp_path, synthetic_dir):
     (tmp_path / "mix.yaml").write_text(

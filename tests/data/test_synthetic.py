@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from arctic_vl.data.sources import BadRecordReport, SourceSpec, read_source
+from arctic_vl.data.bad_records import BadRecordReport
+from arctic_vl.data.sources import SourceSpec, read_source
 from arctic_vl.data.synthetic import PALETTE, main, make_synthetic_data
 from arctic_vl.errors import ConfigError
 

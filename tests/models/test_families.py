@@ -26,12 +26,12 @@ def test_get_family_unknown_lists_families():
 def test_family_for_model_type_and_plugin_registration(monkeypatch):
     monkeypatch.setattr(families, "_MODEL_TYPES", dict(families._MODEL_TYPES))
     assert family_for_model_type("qwen2_5_vl") is FAMILIES["qwen2_5_vl"]
-    assert family_for_model_type("llava_qwen_with_alternating_attn") is None
-    register_model_type("llava_qwen_with_alternating_attn", "llava_onevision")
-    assert family_for_model_type("llava_qwen_with_alternating_attn") is FAMILIES["llava_onevision"]
-    register_model_type("llava_qwen_with_alternating_attn", "llava_onevision")  # idempotent
+    assert family_for_model_type("zz_test_composite") is None
+    register_model_type("zz_test_composite", "llava_onevision")
+    assert family_for_model_type("zz_test_composite") is FAMILIES["llava_onevision"]
+    register_model_type("zz_test_composite", "llava_onevision")  # idempotent
     with pytest.raises(ConfigError, match="already mapped"):
-        register_model_type("llava_qwen_with_alternating_attn", "qwen2_vl")
+        register_model_type("zz_test_composite", "qwen2_vl")
     with pytest.raises(ConfigError, match="known families"):
         register_model_type("x", "nope")
 
@@ -64,6 +64,11 @@ def test_every_parameter_has_exactly_one_part(family, tiny_dirs):
     if spec.is_qwen:
         merger = [n for n, _ in model.named_parameters() if ".merger." in n]
         assert merger and all(part_of(spec, n) == "aligner" for n in merger)
+    elif family == "llava":  # LLaVA-1.5: no any-res tiles, so no image newline; the projector is the aligner
+        names = dict(model.named_parameters())
+        assert "model.image_newline" not in names
+        projector = [n for n in names if n.startswith("model.multi_modal_projector.")]
+        assert projector and all(part_of(spec, n) == "aligner" for n in projector)
     else:
         assert part_of(spec, "model.image_newline") == "aligner"
         assert "model.image_newline" in dict(model.named_parameters())

@@ -86,7 +86,10 @@ def test_tiny_config_invariants(family):
             assert max(vision.fullatt_block_indexes) < vision.depth
     else:
         assert config.image_token_index == tok.convert_tokens_to_ids("<image>")
-        assert all(max(p) <= 2 * vision.image_size for p in config.image_grid_pinpoints)
+        if family == "llava":  # LLaVA-1.5: one crop per image, no any-res grid
+            assert not hasattr(config, "image_grid_pinpoints")
+        else:
+            assert all(max(p) <= 2 * vision.image_size for p in config.image_grid_pinpoints)
 
 
 def test_tiny_config_shape_and_errors():
@@ -146,7 +149,7 @@ def test_family_of_dir_and_errors(tiny_dirs, tmp_path):
     with pytest.raises(ConfigError, match=r"no config\.json"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match="belongs to no known family"):
+    with pytest.raises(ConfigError, match=r"model_type 'bert', which arctic_vl cannot train; supported model types: llava, llava_next"):
         family_of_dir(tmp_path)
     with pytest.raises(ConfigError, match="flash_attention_2"):
         load_model(tiny_dirs["qwen2_vl"], attn_implementation="flash_attention_2")

@@ -29,7 +29,7 @@ from arctic_vl import (
     DTYPES,
     MODELS,
     ConfigError,
-    ConfigPath,
+    ExistingPath,
     HFModelConfig,
     HFModelFactory,
     ModelBundle,
@@ -77,7 +77,7 @@ class AlternatingModelConfig(HFModelConfig):
         "auto", description="attention variant; `auto` follows the checkpoint's model_type"
     )
     force: bool = Field(False, description="build `variant` even when the checkpoint is another variant")
-    init_from_backbone: ConfigPath | None = Field(
+    init_from_backbone: ExistingPath | None = Field(
         None, description="a Qwen2 causal LM or LLaVA-OneVision directory: copy params whose name and shape match"
     )
     skip_parts: list[Literal["vision", "aligner", "llm"]] = Field(
@@ -144,7 +144,7 @@ class AlternatingModelFactory(HFModelFactory):
         target = VARIANT_MODEL_TYPES[variant]
         source_type = c.checkpoint_model_type()
         if source_type is None:
-            shape = ", ".join(f"{k}={v}" for k, v in c.tiny.items()) or "default shape"
+            shape = ", ".join(f"{k}={v}" for k, v in c.tiny.given().items()) or "default shape"
             text = f"{target} (variant {variant}) from a tiny {FAMILY} ({shape}) written to OUTPUT_DIR/base_model"
         else:
             text = f"{target} (variant {variant}) from {c.name_or_path}"

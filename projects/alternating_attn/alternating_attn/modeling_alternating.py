@@ -47,7 +47,12 @@ from transformers import (
     Qwen2Model,
 )
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    and_masks,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionPreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
@@ -111,6 +116,25 @@ def modality_mask_function(modality_ids: torch.Tensor, variant: str) -> Callable
         return differs | (q_idx == kv_idx)
 
     return within_modality if variant == "alternating" else cross_modality
+
+
+def _packed_segments(attention_mask: torch.Tensor | None, past_key_values: Cache | None, position_ids: torch.Tensor,
+                     batch_size: int) -> torch.Tensor | None:
+    """(batch, length) sample index of every token of a packed batch (no padding mask, no cache, 2-D positions
+    restarting per sample); None for an ordinary batch."""
+    if attention_mask is not None or past_key_values is not None or position_ids.dim() != 2:
+        return None
+    return find_packed_sequence_indices(position_ids.expand(batch_size, -1))
+
+
+def _same_segment(segments: torch.Tensor) -> Callable:
+    """Mask function: query and key belong to the same packed sample (absolute indices)."""
+    last = segments.shape[-1] - 1
+
+    def same(batch_idx, head_idx, q_idx, kv_idx):
+        return segments[batch_idx, q_idx] == segments[batch_idx, kv_idx.clamp(max=last)]
+
+    return same
 
 
 class AlternatingQwen2Model(Qwen2Model):
@@ -204,6 +228,14 @@ class AlternatingQwen2Model(Qwen2Model):
             "sliding_attention": create_sliding_window_causal_mask,
         }
         modality_rule = modality_mask_function(full_modality_ids, self.config.attention_variant)
+        special_kwargs = mask_kwargs
+        segments = _packed_segments(attention_mask, past_key_values, position_ids, inputs_embeds.shape[0])
+        if segments is not None:
+            # Packed rows: transformers (5.23) hands mask functions of packed sequences WITHIN-sample positions,
+            # which would look the modalities up at another sample's tokens. The special masks are built from
+            # absolute indices instead (no position_ids), with the samples kept apart by their own rule.
+            modality_rule = and_masks(modality_rule, _same_segment(segments))
+            special_kwargs = {**mask_kwargs, "position_ids": None}
         masks: dict[tuple[str, bool], torch.Tensor | None] = {}
         for idx in range(self.config.num_hidden_layers):
             layer_type = self.config.layer_types[idx]
@@ -215,7 +247,7 @@ class AlternatingQwen2Model(Qwen2Model):
             if not special:
                 masks[(layer_type, special)] = factories[layer_type](**mask_kwargs)
                 continue
-            mask = factories[layer_type](**mask_kwargs, and_mask_function=modality_rule)
+            mask = factories[layer_type](**special_kwargs, and_mask_function=modality_rule)
             # Backends such as flash attention turn any mask into a padding mask (2D or None): the modality rule
             # would be dropped without a word, so refuse.
             if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() != 4):

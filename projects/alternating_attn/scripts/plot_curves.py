@@ -9,7 +9,7 @@
 
 With no `--run`, the three runs of configs/{base,alternating,alternating_cross}.yaml are used (OUTPUT_DIR
 `projects/alternating_attn/outputs/<variant>`). Reads each run's OUTPUT_DIR/metrics.jsonl (training loss per step)
-and OUTPUT_DIR/eval.jsonl (what evaluation wrote; the last line is the final evaluation). With `--data`, chance
+and OUTPUT_DIR/eval.jsonl (training-time evaluations; the one at the latest step is the final evaluation). With `--data`, chance
 levels per question type are computed from the synthetic data (see `chance_levels`). Prints a Markdown table of the
 final exact match next to the chance levels, and writes the PNG.
 """
@@ -79,9 +79,17 @@ def chance_levels(data_dir: Path) -> dict[str, dict[str, float]]:
 
 
 def final_eval(run_dir: Path) -> dict[str, Any] | None:
-    """The run's last evaluation line (eval.jsonl), or None."""
-    lines = read_jsonl(run_dir / "eval.jsonl")
-    return lines[-1] if lines else None
+    """The run's final training-time evaluation (eval.jsonl), or None.
+
+    Standalone evaluations (`arctic_vl evaluate`, marked `"standalone": true`) are not training-time ones;
+    nor is a line whose step is below an earlier line's (what `evaluate` appended, unmarked, before it wrote
+    eval_standalone.jsonl): the latest step wins, the last line of that step among equals.
+    """
+    lines = [e for e in read_jsonl(run_dir / "eval.jsonl") if not e.get("standalone")]
+    if not lines:
+        return None
+    top = max(e.get("step", 0) for e in lines)
+    return [e for e in lines if e.get("step", 0) == top][-1]
 
 
 def table(runs: dict[str, Path], chance: dict[str, dict[str, float]] | None) -> str:

@@ -219,6 +219,34 @@ def test_sdpa_equals_eager(variant, side):
     assert (logits_eager[real] - logits_sdpa[real]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_rows_fall_back_to_the_dense_mask_on_special_layers(variant, tmp_path):
+    """Packing through the core's loader: the ordinary layers attend per sample (`arctic_varlen`, no mask), the
+    special layers build a dense mask: their modality rule ANDed with a same-sample rule, on absolute indices
+    (transformers 5.23 remaps packed mask functions to within-sample positions, which broke the modality lookup
+    for every sample after the first); every packed sample's logits equal the sample run alone (eager)."""
+    from arctic_vl import load_model, load_plugins
+
+    load_plugins()  # maps the composite model types onto the llava_onevision family
+    make_model(variant, "sdpa").save_pretrained(tmp_path)
+    packed_model = load_model(tmp_path).eval()
+    assert packed_model.model.language_model.config._attn_implementation == "arctic_varlen"
+    alone_model = make_model(variant, "eager")
+    pixel_values, image_sizes, counts = image_inputs(alone_model, [[32, 64], [32, 32]])
+    rows = mixed_rows(counts)
+    ids = torch.tensor([[t for row in rows for t in row]])
+    positions_ = torch.cat([torch.arange(len(row)) for row in rows])[None]
+    with torch.no_grad():
+        packed = packed_model(input_ids=ids, position_ids=positions_, pixel_values=pixel_values,
+                              image_sizes=image_sizes, use_cache=False).logits[0]
+        at = 0
+        for k, row in enumerate(rows):
+            images = {"pixel_values": pixel_values[k:k + 1], "image_sizes": image_sizes[k:k + 1]} if k < 2 else {}
+            alone = alone_model(input_ids=torch.tensor([row]), **images).logits[0]
+            assert (packed[at:at + len(row)] - alone).abs().max().item() <= 1e-5, k
+            at += len(row)
+
+
 def test_special_layers_change_the_output():
     """Same weights, different variants: the masks are really applied (outputs differ from plain LLaVA-OV)."""
     base = make_model("base")

@@ -222,8 +222,10 @@ def test_plot_curves_smoke(tmp_path, capsys):
         run.mkdir()
         (run / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "loss": 3.0 / s + i}) + "\n" for s in range(1, 31)))
-        (run / "eval.jsonl").write_text(json.dumps({"step": 30, "eval_loss": 0.5 + i, "exact_match": 0.6,
-                                                    "exact_match_by_type": {"colour": 0.7 - i / 10}}) + "\n")
+        final = {"step": 30, "eval_loss": 0.5 + i, "exact_match": 0.6, "exact_match_by_type": {"colour": 0.7 - i / 10}}
+        # after it: a standalone evaluation, and an unmarked step-0 line as `evaluate` appended before it was marked
+        later = [{**final, "standalone": True, "eval_loss": 9.0}, {**final, "step": 0, "eval_loss": 8.0}]
+        (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [final, *later]))
         runs += ["--run", f"{name}={run}"]
     out = tmp_path / "docs" / "curves.png"
     assert script.main([*runs, "--out", str(out), "--window", "5"]) == 0
@@ -233,9 +235,12 @@ def test_plot_curves_smoke(tmp_path, capsys):
     assert script.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
-def test_shipped_backbone_config_validates_and_describes_the_copy(cli, tiny_onevision_other):
+def test_shipped_backbone_config_validates_and_describes_the_copy(cli, tiny_onevision_other, tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "from_backbone.yaml"
-    code, out, err = cli("validate", config, "--set", f"model.init_from_backbone={tiny_onevision_other}")
+    (tmp_path / "data.json").write_text("[]\n")  # the data a config names must exist to validate
+    data = f"[{tmp_path / 'data.json'}]"
+    code, out, err = cli("validate", config, "--set", f"model.init_from_backbone={tiny_onevision_other}",
+                         "--set", f"data.sources={data}", "--set", f"data.eval_sources={data}")
     assert code == 0, err
     assert (f"# model: llava_qwen_with_alternating_attn (variant alternating) from a tiny llava_onevision "
             f"(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128) written to OUTPUT_DIR/base_model; "

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from arctic_vl import MODELS, ComponentConfig, ConfigPath, ModelBundle, ModelFactory
+from arctic_vl import MODELS, ComponentConfig, ExistingPath, ModelBundle, ModelFactory, Seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +51,7 @@ class TeacherTinyConfig(BaseModel):
     vision_hidden: int = Field(64, ge=16)
     image_size: int | None = Field(None, ge=16)
     patch_size: int | None = Field(None, ge=2)
-    seed: int | None = Field(None, description="seed of the random weights (default: trainer.seed)")
+    seed: Seed | None = Field(None, description="seed of the random weights (default: trainer.seed)")
 
     @model_validator(mode="after")
     def _heads(self) -> TeacherTinyConfig:
@@ -67,7 +67,7 @@ class SwiftKVModelConfig(ComponentConfig):
     `name_or_path`, plus the SwiftKV layout. `freeze` is not offered: only the SwiftKV parameters ever train."""
 
     type: str = "swiftkv_vl"
-    teacher: ConfigPath | None = Field(
+    teacher: ExistingPath | None = Field(
         None, description="local LLaVA-NeXT (Llama) or LLaVA-OneVision (Qwen2) directory; relative to the config file"
     )
     teacher_tiny: TeacherTinyConfig | None = Field(

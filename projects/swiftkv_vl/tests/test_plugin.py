@@ -141,12 +141,16 @@ def test_trainer_settings_checked_against_the_model(tmp_path, capsys):
     assert "trainer.type: 'swiftkv_vl' distils a SwiftKV student" in err and "got 'hf_vlm'" in err
 
 
-def test_shipped_configs_validate(capsys):
-    """small-cpu.yaml validates anywhere (tiny teacher); distill-sft-teacher.yaml names the teacher it needs."""
-    rc, out, err = _validate(CONFIGS / "small-cpu.yaml", capsys)
+def test_shipped_configs_validate(capsys, tmp_path):
+    """small-cpu.yaml validates anywhere (tiny teacher); distill-sft-teacher.yaml names the teacher it needs.
+    (The data files a config names must exist to validate: empty stand-ins for data/shapes here.)"""
+    for name in ("train.json", "heldout.json"):
+        (tmp_path / name).write_text("[]\n")
+    data = (f"data.sources=[{tmp_path / 'train.json'}]", f"data.eval_sources=[{tmp_path / 'heldout.json'}]")
+    rc, out, err = _validate(CONFIGS / "small-cpu.yaml", capsys, *data)
     assert rc == 0, err
     assert "teacher llava_next (llama, 4 layers) from teacher_tiny" in out
-    rc, out, err = _validate(CONFIGS / "distill-sft-teacher.yaml", capsys)
+    rc, out, err = _validate(CONFIGS / "distill-sft-teacher.yaml", capsys, *data)
     if rc == 2:  # the SFT teacher is not trained in this checkout
         assert "runs/shapes-llava-cpu/final does not exist" in err
     else:
