@@ -18,9 +18,9 @@ Groups:
                   make_tiny_model, tiny_config, TinyModelConfig
     forward/loss: final_hidden, model_inputs, unwrap_peft, vision_keepalive, lm_loss_sum, label_positions,
                   count_label_tokens
-    data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Collator, Conversation, BadRecord,
-                  BadRecordReport, SourceSpec, ImageRef, image_size, open_image, make_synthetic_data,
-                  to_norm1000
+    data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Collator, ITEM_INDEX, ITEM_BAD,
+                  Conversation, BadRecord, BadRecordReport, SourceSpec, ImageRef, image_size, open_image,
+                  make_synthetic_data, to_norm1000
     record formats and data sources (a plugin's own `format:` or file kind):
                   RecordFormat, DataSource, RecordFile, RawRecord, IMAGE_TOKEN, BAD_RECORD_REASONS,
                   INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
@@ -113,6 +113,8 @@ _LAZY: dict[str, str] = {
     "BadRecordReport": "arctic_vl.data.bad_records",
     "to_norm1000": "arctic_vl.data.records",
     "Collator": "arctic_vl.data.collate",
+    "ITEM_INDEX": "arctic_vl.data.collate",
+    "ITEM_BAD": "arctic_vl.data.collate",
     "SourceSpec": "arctic_vl.data.sources",
     "ImageRef": "arctic_vl.data.images",
     "image_size": "arctic_vl.data.images",
@@ -174,6 +176,8 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "IMAGE_TOKEN_MISMATCH",
     "IMAGE_TOO_LARGE",
     "INVALID_JSON",
+    "ITEM_BAD",
+    "ITEM_INDEX",
     "MALFORMED_RECORD",
     "MALFORMED_TURNS",
     "MISSING_FIELD",
@@ -292,12 +296,12 @@ if TYPE_CHECKING:  # pragma: no cover
         BadRecordReport,
     )
     from arctic_vl.data.base import DataBundle, DataFactory
+    from arctic_vl.data.collate import ITEM_BAD, ITEM_INDEX, Collator
     from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.data.images import ImageRef, image_size, open_image
     from arctic_vl.data.records import IMAGE_TOKEN, Conversation, RecordFormat, to_norm1000
     from arctic_vl.data.sources import DataSource, RawRecord, RecordFile, SourceSpec
     from arctic_vl.data.synthetic import make_synthetic_data
-    from arctic_vl.data.collate import Collator
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine
     from arctic_vl.errors import CheckpointError, ConfigError, DataError, UserError

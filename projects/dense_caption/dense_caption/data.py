@@ -28,6 +28,9 @@ from pydantic import Field, model_validator
 from arctic_vl import (
     DATA,
     IMAGE_TOKEN,
+    ITEM_BAD,
+    ITEM_INDEX,
+    UNREADABLE_IMAGE,
     Collator,
     DataBundle,
     DataError,
@@ -119,6 +122,27 @@ class Target:
     answer: str
 
 
+class UnreadablePixels(Exception):
+    """A record whose image did not decode while its item was built (in a DataLoader worker)."""
+
+    def __init__(self, source: str, index: int, where: str, error: DataError):
+        super().__init__(str(error))
+        self.source, self.index, self.where, self.error = source, index, where, error
+
+    def tag(self) -> tuple[str, int, str, str]:
+        """What the item carries under ITEM_BAD for `DataBundle.accept`: (source, index, reason, message)."""
+        reason = self.error.reason or UNREADABLE_IMAGE
+        return (self.source, self.index, reason,
+                f"{self.where}: {self.error} [reason: {reason}; found when loading the sample]")
+
+
+def _load(ref: Any, source: str, index: int, where: str) -> Any:
+    try:
+        return open_image(ref)
+    except DataError as e:
+        raise UnreadablePixels(source, index, where, e) from None
+
+
 def _sort_reading(objects: list[dict[str, Any]], geoms: list[Geometry]) -> list[dict[str, Any]]:
     keyed = sorted(zip(objects, geoms), key=lambda t: (bounds(t[1])[1], bounds(t[1])[0]))
     return [o for o, _ in keyed]
@@ -176,7 +200,7 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
         images, values, objects, coords = [], [], [], []
         for r in records:
             rec = self.records[r]
-            image = open_image(rec.image) if with_pixels else None
+            image = _load(rec.image, rec.source, rec.index, rec.where) if with_pixels else None
             res: Result = self.augmenter(rec.width, rec.height, rec.objects, seed=seed, index=r, image=image)
             if self.augmenter.active:
                 tele.add(res, len(rec.objects))
@@ -221,16 +245,20 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
         return f"{conv.source}: record {conv.index}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """Item `index` (-1: a padding item); one whose image does not decode comes back tagged ITEM_BAD (the
+        collator drops it, the loop applies on_bad_record), the same in every epoch, worker, rank and resume."""
         padding = index == -1  # a rank's padding sample (see arctic_vl's batch plan): trains nothing
         i = 0 if padding else int(index)
         try:
             item = self._dense_item(i) if i < self.n_groups else self._plain_item(i - self.n_groups)
+        except UnreadablePixels as bad:
+            return {ITEM_BAD: bad.tag(), ITEM_INDEX: index}
         except DataError as e:
             raise DataError(f"{self.where(i)}: {e}", source=e.source, index=e.index, reason=e.reason) from None
         if padding:
             item["labels"] = torch.full_like(item["labels"], -100)
             item[AUGMENTATION_KEY] = {}
-        item["_index"] = index
+        item[ITEM_INDEX] = index
         return item
 
     def _dense_item(self, i: int) -> dict[str, Any]:
@@ -248,21 +276,26 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
 
     def _plain_item(self, j: int) -> dict[str, Any]:
         conv = self.plain[j]
-        images = [open_image(ref) for ref in conv.images]
+        where = f"{conv.source}: record {conv.index}"
+        images = [_load(ref, conv.source, conv.index, where) for ref in conv.images]
         enc = self.encoder.encode_text(conv.messages, [im.size for im in images])
         vision = self.encoder.encode_images(images) if images else {}
         return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
                 "labels": torch.tensor(enc.labels, dtype=torch.long), **vision, AUGMENTATION_KEY: {}}
 
     # ---------------------------------------------------------------------------------- generation
-    def prompt_item(self, i: int) -> tuple[dict[str, Any], Target]:
-        """Item `i` cut before its answer (for generation) and what it should answer."""
-        target, images, _ = self.target(i)
+    def prompt_item(self, i: int) -> tuple[dict[str, Any], Target | None]:
+        """Item `i` cut before its answer (for generation) and what it should answer; (the ITEM_BAD-tagged
+        item, None) when an image does not decode."""
+        try:
+            target, images, _ = self.target(i)
+        except UnreadablePixels as bad:
+            return {ITEM_BAD: bad.tag(), ITEM_INDEX: i}, None
         enc = self.encoder.encode_text(self.messages(target), [im.size for im in images])
         start = next(k for k, label in enumerate(enc.labels) if label != -100)
         item = {"input_ids": torch.tensor(enc.input_ids[:start], dtype=torch.long),
                 "labels": torch.full((start,), -100, dtype=torch.long), **self.encoder.encode_images(images),
-                "_index": i}
+                ITEM_INDEX: i}
         return item, target
 
 
@@ -335,9 +368,11 @@ class DenseCaptionDataFactory(VLMDataFactory):
         report.add(conv.source, conv.index, reason, text)
 
     def dense_dataset(self, specs: list[Any], encoder: Any, family: Any, *, seed: int, report: Any,
-                      train: bool) -> DenseCaptionDataset:
-        """Read, check and scan one split; the dataset builds its items on access."""
-        dense, plain = self.records(self.read(specs, seed=seed, report=report), train=train, report=report)
+                      train: bool, fingerprints: dict[str, Any] | None = None) -> DenseCaptionDataset:
+        """Read, check and scan one split (`fingerprints` gets each source's); the dataset builds its items on
+        access."""
+        convs = self.read(specs, seed=seed, report=report, fingerprints=fingerprints)
+        dense, plain = self.records(convs, train=train, report=report)
         # Scan: each record's un-augmented dense answer, for max_length and the stats. The chat around the answer
         # depends only on the image size, so one full encode per size gives it; the answers are tokenized in one
         # batch (the exact per-item encoding, with its health checks, happens in the workers).
@@ -397,7 +432,9 @@ class DenseCaptionDataFactory(VLMDataFactory):
         report = BadRecordReport()
         encoder = self.encoder(model_bundle)
         family = model_bundle.family
-        train = self.dense_dataset(self.config.sources, encoder, family, seed=seed, report=report, train=True)
+        fingerprint: dict[str, Any] = {}  # saved with checkpoints: a resume on changed data is refused
+        train = self.dense_dataset(self.config.sources, encoder, family, seed=seed, report=report, train=True,
+                                   fingerprints=fingerprint)
         evaluation = None
         if self.config.eval_sources:
             evaluation = self.dense_dataset(self.config.eval_sources, encoder, family, seed=seed, report=report,
@@ -409,7 +446,8 @@ class DenseCaptionDataFactory(VLMDataFactory):
                  "skipped": report.by_reason(), "augmentation": train.augmenter.active}
         return DataBundle(train=train, eval=evaluation, collate=DenseCollator(encoder), report=report, stats=stats,
                           micro_batch_size=self.config.micro_batch_size, shuffle=self.config.shuffle,
-                          num_workers=self.config.num_workers)
+                          num_workers=self.config.num_workers, fingerprint=fingerprint,
+                          on_bad_record=self.config.on_bad_record)
 
 
 class DenseCollator:

@@ -52,7 +52,9 @@ def eval_loss(trainer: Any, model: torch.nn.Module, indices: list[int]) -> tuple
     bs = ev.micro_batch_size or trainer.data.micro_batch_size
     total, units = 0.0, 0.0
     for s in range(0, len(indices), bs):
-        batch = trainer.to_device(collate([dataset[i] for i in indices[s:s + bs]]))
+        # samples whose pixels did not decode are dropped here and handled by on_bad_record, as in training
+        batch = trainer.to_device(trainer.data.accept(collate([dataset[i] for i in indices[s:s + bs]])))
+        trainer.data.raise_pending(0)
         counts = trainer.local_counts([batch])  # each batch normalised on its own, as the core's evaluation
         with trainer.autocast():
             out = trainer.loss(model, batch, counts)
@@ -80,7 +82,10 @@ def dense_evaluate(trainer: Any, model: torch.nn.Module, *, line_tolerance: floa
             if i >= dataset.n_groups:  # a pass-through conversation: no dense ground truth
                 continue
             item, target = dataset.prompt_item(i)
-            batch = trainer.to_device(trainer.data.collate([item]))
+            batch = trainer.to_device(trainer.data.accept(trainer.data.collate([item])))
+            trainer.data.raise_pending(0)
+            if target is None:  # its image did not decode: counted in the run's skipped records, not scored
+                continue
             with trainer.autocast():
                 ids = generate(model, batch, tok, ev.max_new_tokens, synced_gpus=dist.world_size > 1)
             if not any(t in stop for t in ids):

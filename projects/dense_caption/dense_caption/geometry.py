@@ -233,14 +233,21 @@ def _cross(p: tuple[float, float], q: tuple[float, float], axis: int, bound: flo
     return (bound, y) if axis == 0 else (x, bound)
 
 
+def _same_point(a: np.ndarray, b: np.ndarray) -> bool:
+    # Within LENGTH_EPS, not bit-equal: a transform's rounding can merge two vertices 1e-279 apart (W - x == W)
+    # and leave them apart untransformed, so exact equality would make identity and a double flip disagree.
+    return bool(np.abs(a - b).max() <= LENGTH_EPS)
+
+
 def _dedupe(pts: np.ndarray, *, closed: bool) -> np.ndarray:
+    """`pts` without vertices at (within LENGTH_EPS of) the previous kept one (closed: nor the first)."""
     if len(pts) == 0:
         return pts
     keep = [0]
     for i in range(1, len(pts)):
-        if not np.array_equal(pts[i], pts[keep[-1]]):
+        if not _same_point(pts[i], pts[keep[-1]]):
             keep.append(i)
-    if closed and len(keep) > 1 and np.array_equal(pts[keep[-1]], pts[keep[0]]):
+    if closed and len(keep) > 1 and _same_point(pts[keep[-1]], pts[keep[0]]):
         keep.pop()
     return pts[keep]
 

@@ -184,3 +184,32 @@ def test_gkd_row_inputs_hold_that_rows_images(tmp_path, shapes, tiny_qwen25) -> 
         one = GKDTrainer._row_inputs(fake, batch, r, batch["input_ids"][r:r + 1, :5])
         assert torch.equal(one["pixel_values"], alone["pixel_values"])
         assert torch.equal(one["image_grid_thw"], alone["image_grid_thw"])
+
+
+def test_pixels_that_do_not_decode_are_dropped_and_counted(tmp_path, shapes, tiny_qwen25) -> None:
+    """A record whose PNG header reads but whose pixels do not: the item comes back tagged, the collator drops
+    it and `accept` applies on_bad_record (skip: counted once per record; error: a DataError naming it)."""
+    from arctic_vl import ITEM_BAD, UNREADABLE_IMAGE
+
+    records = _records(shapes, 6)
+    png = (shapes / records[4]["images"][0]).read_bytes()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png[: len(png) * 6 // 10])
+    src = _write(tmp_path, shapes, records)
+    lines = src.read_text().splitlines()
+    lines[4] = json.dumps({**json.loads(lines[4]), "images": [str(broken)]})
+    src.write_text("\n".join(lines) + "\n")
+    for policy in ("skip", "error"):
+        data, _ = _build(tmp_path / policy, tiny_qwen25, {"sources": [str(src)], "on_bad_record": policy})
+        assert len(data.train) == 6  # the header reads: found only when the item is built
+        j = next(k for k, rec in enumerate(data.train.records) if rec.index == 4)  # the dataset's item of record 4
+        assert data.train[j][ITEM_BAD][:3] == (str(src), 4, UNREADABLE_IMAGE)
+        others = [k for k in range(6) if k != j][:2]
+        for _ in range(2):  # two epochs drop it twice; it is counted once
+            batch = data.accept(data.collate([data.train[i] for i in (others[0], j, others[1])]))
+            assert batch["_num_samples"] == 2 and batch["_indices"] == others and "_dropped" not in batch
+        if policy == "skip":
+            assert data.report.by_reason() == {UNREADABLE_IMAGE: 1}
+        else:
+            with pytest.raises(DataError, match=r"dense.jsonl: record 4: .*found when loading the sample"):
+                data.raise_pending(0)

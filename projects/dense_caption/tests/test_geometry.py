@@ -27,7 +27,10 @@ from shapely.geometry import Polygon as SPolygon
 from shapely.geometry import box as sbox
 
 W, H = 64.0, 48.0
-coord = st.floats(-40.0, 110.0, allow_nan=False, allow_infinity=False)
+# Pixel coordinates to 1e-6 px: below that the oracle is not exact either (GEOS misjudges a segment 1e-313 px
+# outside the window as inside), and no image has such positions.
+coord = st.floats(-40.0, 110.0, allow_nan=False, allow_infinity=False).map(lambda v: round(v, 6))
+shift = st.floats(0, 20).map(lambda v: round(v, 6))
 
 
 @st.composite
@@ -73,7 +76,7 @@ def affines(draw: st.DrawFn) -> np.ndarray:
         else:
             s = draw(st.floats(0.5, 2.0))
             M = scaling(s, s, W / 2, H / 2) @ M
-    return translation(-draw(st.floats(0, 20)), -draw(st.floats(0, 20))) @ M
+    return translation(-draw(shift), -draw(shift)) @ M
 
 
 def _oracle(geom, M: np.ndarray):
