@@ -18,7 +18,7 @@ from loguru import logger
 from PIL import Image
 from pydantic import Field, model_validator
 
-from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
+from arctic_vl.config.paths import ConfigPath, ExistingPath
 from arctic_vl.data.bad_records import BadRecordReport, OnBadRecord
 from arctic_vl.data.base import DataBundle, DataFactory
 from arctic_vl.data.cache import CachedSource, default_cache_dir, encoder_identity, entry_key
@@ -52,10 +52,10 @@ class VLMDataConfig(ComponentConfig):
     """The `vlm` data section: sources (mixed by weight), lengths, the bad-record policy, images, packing."""
 
     type: str = "vlm"
-    sources: list[ConfigPath | SourceSpec] = Field(
+    sources: list[ExistingPath | SourceSpec] = Field(
         ..., min_length=1, description="data files: a path, or {path, format, sample, weight, image_root}"
     )
-    eval_sources: list[ConfigPath | SourceSpec] = Field(default_factory=list)
+    eval_sources: list[ExistingPath | SourceSpec] = Field(default_factory=list)
     micro_batch_size: int = Field(1, ge=1, description="samples per process per forward; with packing: packed rows")
     max_length: int | None = Field(2048, ge=8, description="tokens per sample; longer samples are truncated")
     on_image_truncation: Literal["drop", "keep"] = Field(
@@ -81,6 +81,7 @@ class VLMDataConfig(ComponentConfig):
                                 "process gets about the same number of tokens; the same samples per global batch")
     cache: bool = Field(True, description="keep each source's encoded records on disk, keyed by everything they "
                         "depend on (data bytes, tokenizer, chat template, settings, code): a second run loads them")
+    # created on first use, like output_dir: a path, not one that must exist
     cache_dir: ConfigPath | None = Field(None, description="where (default $ARCTIC_VL_CACHE_DIR, else "
                                          "~/.cache/arctic_vl/encoded)")
     preprocess_workers: int | None = Field(None, ge=1, description="processes that read and tokenize the records "

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import pydantic
-import yaml
 
+from arctic_vl.config.loader import read_plain_yaml
 from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
 from arctic_vl.data.bad_records import (
     BAD_RECORD_REASONS,
@@ -403,14 +403,9 @@ class FileList(DataSource):
     @staticmethod
     def _entries(path: Path) -> list[tuple[str, Path, str]]:
         """(where, file, sampling_strategy) of each entry."""
-        data = path.read_bytes()
-        try:
-            doc = yaml.safe_load(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        # the config loader's hardened reader: UTF-8, plain types only (no tags, aliases or merge keys),
+        # bounded size and depth; each problem a ConfigError naming the file and line
+        doc = read_plain_yaml(path)
         if not isinstance(doc, dict) or not isinstance(doc.get("datasets"), list):
             raise ConfigError(f"{path}: a YAML data source needs a top-level 'datasets:' list of "
                               "{json_path: ..., sampling_strategy: ...} entries")
