@@ -74,7 +74,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_validate(argv: list[str]) -> int:
-    args = _config_parser("validate", "Validate a config (no weights, no network) and print it resolved.").parse_args(argv)
+    parser = _config_parser("validate", "Validate a config (no weights, no network) and print it resolved.")
+    args = parser.parse_args(argv)
     import yaml
 
     from arctic_vl.config.schema import where
@@ -102,7 +103,9 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_inspect_data(argv: list[str]) -> int:
-    p = _config_parser("inspect-data", "Count records and show the first sample's tokens (reads image sizes, not pixels).")
+    p = _config_parser(
+        "inspect-data", "Count records and show the first sample's tokens (reads image sizes, not pixels)."
+    )
     p.add_argument("--n", type=int, default=1, help="samples to show")
     args = p.parse_args(argv)
     from arctic_vl.commands.inspect_data import inspect_data
@@ -112,7 +115,9 @@ def cmd_inspect_data(argv: list[str]) -> int:
 
 
 def cmd_plugins(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="arctic_vl plugins", description="List plugins and what they registered.").parse_args(argv)
+    argparse.ArgumentParser(
+        prog="arctic_vl plugins", description="List plugins and what they registered."
+    ).parse_args(argv)
     print(plugins.describe())
     return 0
 

@@ -19,7 +19,10 @@ class ProgressConfig(ComponentConfig):
 
 @CALLBACKS.register("progress")
 class Progress(Callback):
-    """A tqdm bar with loss, LR, tokens/s and ETA (rank 0 only). On by default; `trainer.progress_bar: false` hides it."""
+    """A tqdm bar with loss, LR, tokens/s and ETA (rank 0 only).
+
+    On by default; `trainer.progress_bar: false` hides it.
+    """
 
     config_class = ProgressConfig
 
@@ -37,7 +40,9 @@ class Progress(Callback):
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
         if self.bar is not None:
             m = info.metrics
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False
+            )
             self.bar.update(1)
 
     def on_run_end(self, trainer: Any, failed: bool) -> None:
@@ -125,7 +130,8 @@ class Throughput(Callback):
             dt = time.perf_counter() - self.t0
             mem = _peak_memory_mb()
             logger.info(
-                f"step {info.step}: {self.samples / dt:.2f} samples/s, {self.tokens / dt:.0f} tokens/s, peak memory {mem:.0f} MB"
+                f"step {info.step}: {self.samples / dt:.2f} samples/s, {self.tokens / dt:.0f} tokens/s, "
+                f"peak memory {mem:.0f} MB"
             )
             self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
 

@@ -46,7 +46,9 @@ STATE_FILE = "trainer_state.json"
 
 class CheckpointConfig(ComponentConfig):
     type: str = "default"
-    every_n_steps: int | None = Field(None, ge=1, description="save every N optimizer steps (also on SIGTERM and at the end)")
+    every_n_steps: int | None = Field(
+        None, ge=1, description="save every N optimizer steps (also on SIGTERM and at the end)"
+    )
     keep_last: int | None = Field(2, ge=1, description="keep the newest N checkpoints (None keeps all)")
     save_on_sigterm: bool = True
     export_final: bool = Field(True, description="write OUTPUT_DIR/final (save_pretrained, safetensors, processor)")

@@ -145,7 +145,9 @@ class _Builder:
         for key_node, value_node in node.value:
             key_where = self.where(key_node)
             if key_node.tag == _YAML + "merge":
-                raise ConfigError(f"{key_where}: {dotted(path)}: YAML merge keys (<<) are not supported; use `extends:`")
+                raise ConfigError(
+                    f"{key_where}: {dotted(path)}: YAML merge keys (<<) are not supported; use `extends:`"
+                )
             key = self.build(key_node, (*path, "<key>"), {})
             if not isinstance(key, (str, int, float, bool)):
                 raise ConfigError(f"{key_where}: {dotted(path)}: a key must be a plain scalar")
@@ -164,7 +166,9 @@ class _Builder:
             self._refuse_tag(node, path)
 
     def _refuse_tag(self, node: yaml.Node, path: KeyPath) -> None:
-        raise ConfigError(f"{self.where(node)}: {dotted(path)}: YAML tag {_short_tag(node.tag)} is not allowed; {_PLAIN}")
+        raise ConfigError(
+            f"{self.where(node)}: {dotted(path)}: YAML tag {_short_tag(node.tag)} is not allowed; {_PLAIN}"
+        )
 
 
 def _yaml_error(shown: str, e: yaml.YAMLError, text: str = "") -> str:
@@ -269,7 +273,9 @@ def read_yaml(file: Path) -> LocatedConfig:
         return LocatedConfig({}, {}, root)
     data = _Builder(shown, file.parent).build(node, (), locs)
     if not isinstance(data, dict):
-        raise ConfigError(f"{shown}:1: a config must be a mapping of sections (model, data, trainer, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{shown}:1: a config must be a mapping of sections (model, data, trainer, ...), got {type(data).__name__}"
+        )
     locs.pop((), None)
     return LocatedConfig(data, locs, root)
 
@@ -415,7 +421,9 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None) -> LocatedConf
 
     def rec(value: Any, path: KeyPath) -> None:
         if len(path) > MAX_DEPTH:  # also a dict that contains itself
-            raise ConfigError(f"config[{_short(path)}]: nested deeper than {MAX_DEPTH} levels; a run config needs a handful")
+            raise ConfigError(
+                f"config[{_short(path)}]: nested deeper than {MAX_DEPTH} levels; a run config needs a handful"
+            )
         if len(locs) >= MAX_VALUES:
             raise ConfigError(f"config: more than {MAX_VALUES} values; a run config is far smaller")
         locs[path] = Loc(f"config[{dotted(path)}]" if path else "config", base)

@@ -74,7 +74,9 @@ class VLMDataConfig(ComponentConfig):
     min_pixels: int | None = Field(None, ge=1, description="Qwen-VL image budget")
     max_pixels: int | None = Field(None, ge=1, description="Qwen-VL image budget")
     image_grid_pinpoints: list[list[int]] | None = Field(None, description="LLaVA any-res grid")
-    blank_images: bool = Field(False, description="replace every image by a blank one of the same size (blind baseline)")
+    blank_images: bool = Field(
+        False, description="replace every image by a blank one of the same size (blind baseline)"
+    )
     packing: bool = Field(False, description="pack whole samples into rows of up to max_length tokens "
                           "(best-fit, padding-free; micro_batch_size counts rows)")
     balance_ranks: bool = Field(True, description="share each global batch's samples (packed rows) out so every "
@@ -292,7 +294,8 @@ class VLMDataFactory(DataFactory):
         p = stats["packing"]
         logger.info(f"packing: {p['samples']} samples into {p['rows']} rows of <= {c.max_length} tokens "
                     f"({p['samples_per_row']:.2f} per row): efficiency {p['efficiency']:.1%} "
-                    f"(unpacked, padded to the longest of {c.micro_batch_size}: {p['unpacked_padding_efficiency']:.1%})")
+                    f"(unpacked, padded to the longest of {c.micro_batch_size}: "
+                    f"{p['unpacked_padding_efficiency']:.1%})")
         rope = RopeIndex(model_bundle.model) if model_bundle.family.is_qwen else None
         # Flash attention isolates packed samples only in a batch of one row (see PackedCollator).
         attn = str(getattr(getattr(model_bundle.model, "config", None), "_attn_implementation", None) or "")

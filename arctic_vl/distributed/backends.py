@@ -148,7 +148,8 @@ class Single(DistributedBackend):
 class DDPConfig(DistributedConfig):
     type: str = "ddp"
     find_unused_parameters: bool = Field(
-        True, description="needed when some parameters get no grad on a step (e.g. text-only batches, vision_feature_layer=-1)"
+        True, description="needed when some parameters get no grad on a step "
+        "(e.g. text-only batches, vision_feature_layer=-1)"
     )
     timeout_minutes: int = Field(30, ge=1, le=525_600, description="collective timeout (at most a year)")
 

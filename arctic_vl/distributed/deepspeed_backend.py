@@ -63,7 +63,8 @@ _ZERO_KEYS = {
         "prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold", "max_live_parameters",
         "max_reuse_distance", "gather_16bit_weights_on_model_save", "module_granularity_threshold",
         "use_all_reduce_for_fetch_params", "allgather_sequential")),
-    "leaf_module",  # {classes, names, name_suffixes}: DeepSpeed matches these strings against class NAMES, never imports
+    # {classes, names, name_suffixes}: DeepSpeed matches these strings against class NAMES, never imports
+    "leaf_module",
 }
 
 #: what `distributed.config` may pass to DeepSpeed: top-level key -> None (a plain value) or its allowed sub-keys.
@@ -71,7 +72,8 @@ _ZERO_KEYS = {
 #: source: none is resolved to an import, a file to load or a component that replaces the engine's own)
 PASS_THROUGH: dict[str, set[str] | None] = {
     "train_batch_size": None, "train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": None,
-    "gradient_clipping": None,  # (these four, bf16.enabled and zero_optimization.stage must agree with the engine config)
+    # (these four, bf16.enabled and zero_optimization.stage must agree with the engine config)
+    "gradient_clipping": None,
     "zero_optimization": _ZERO_KEYS,
     "bf16": {"enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
              "bf16_optimizer_states"},

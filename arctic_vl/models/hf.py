@@ -23,7 +23,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class HFModelConfig(ComponentConfig):
     type: str = "hf_vlm"
-    name_or_path: ModelPath | None = Field(None, description="a local HF model directory (config.json, safetensors, processor)")
+    name_or_path: ModelPath | None = Field(
+        None, description="a local HF model directory (config.json, safetensors, processor)"
+    )
     family: str | None = Field(None, description="with no name_or_path: build a tiny random model of this family")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig,
                                   description="shape of the tiny model (layers, hidden, heads, ...); with family")

@@ -48,7 +48,8 @@ class LoraConfig(BaseModel):
         default_factory=lambda: ["llm"], min_length=1, description="parts whose linear layers get LoRA"
     )
     modules_to_save: list[str] = Field(
-        default_factory=list, description="extra module names (or name suffixes) trained fully and saved with the adapter"
+        default_factory=list,
+        description="extra module names (or name suffixes) trained fully and saved with the adapter",
     )
 
     @field_validator("target")

@@ -50,7 +50,9 @@ class AdamWConfig(ComponentConfig):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
-    no_decay_on_bias_and_norm: bool = Field(True, description="no weight decay on biases and norm weights (1-D tensors)")
+    no_decay_on_bias_and_norm: bool = Field(
+        True, description="no weight decay on biases and norm weights (1-D tensors)"
+    )
     param_groups: list[ParamGroupConfig] = Field(default_factory=list)
     fused: bool | None = Field(None, description="torch's fused AdamW (None: on for CUDA)")
 

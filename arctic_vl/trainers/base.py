@@ -282,7 +282,8 @@ class Trainer(Component):
     def train(self) -> dict[str, Any]:
         """Train to the configured length, resuming from the latest checkpoint; returns a summary."""
         latest = self.setup()
-        if latest is not None and self.state.step >= self.total_steps and (self.output_dir / "final" / "config.json").is_file():
+        if (latest is not None and self.state.step >= self.total_steps
+                and (self.output_dir / "final" / "config.json").is_file()):
             if self.is_main:
                 logger.info(f"run already finished at step {self.state.step} (checkpoint {latest}); "
                             f"outputs in {self.output_dir}")
@@ -352,7 +353,8 @@ class Trainer(Component):
             if getattr(self.dist.config, "zero_stage", 0) == 3:
                 raise ConfigError("trainer.compile does not work with DeepSpeed ZeRO-3 (its parameter gathering "
                                   "hooks cannot be compiled); use zero_stage 2 or trainer.compile: false")
-            n = compile_decoder_layers(self.bundle.model, dynamic=c.dynamic, mode=None if c.mode == "default" else c.mode)
+            n = compile_decoder_layers(self.bundle.model, dynamic=c.dynamic,
+                                       mode=None if c.mode == "default" else c.mode)
             if self.is_main:
                 logger.info(f"trainer.compile: {n} decoder layers compiled (dynamic={c.dynamic}); the first step "
                             "compiles them (tens of seconds on CPU)")
@@ -378,7 +380,8 @@ class Trainer(Component):
                     micro = [self.to_device(self.data.accept(b)) for _, b in zip(range(gas), batches)]
                     if not micro:  # the plan promised more micro-batches than the loader gave: never spin on it
                         raise RunFailed(f"epoch {epoch} yielded no micro-batch at position "
-                                        f"{self.state.batch_in_epoch} of {self._per_epoch}; the data loader ended early")
+                                        f"{self.state.batch_in_epoch} of {self._per_epoch}; "
+                                        "the data loader ended early")
                     yield micro, time.perf_counter() - t_data
 
     def train_step(self, micro: list[dict[str, Any]], data_time: float) -> dict[str, Any]:
@@ -426,7 +429,9 @@ class Trainer(Component):
             metrics[k] = s / c if c else None
         return metrics
 
-    def forward_backward(self, micro: list[dict[str, Any]], counts: StepCounts) -> tuple[float, dict[str, tuple[float, float]]]:
+    def forward_backward(
+        self, micro: list[dict[str, Any]], counts: StepCounts
+    ) -> tuple[float, dict[str, tuple[float, float]]]:
         """Forward and backward of every micro-batch, gradients scaled to the step's global mean; returns this
         process's summed loss and side metrics (name -> (sum, count))."""
         scale = self.dist.world_size / max(counts.units, 1.0)
@@ -543,8 +548,8 @@ class Trainer(Component):
         saved_ws = saved.get("world_size", self.dist.world_size)
         if saved_ws != self.dist.world_size:  # the data plan and global batch depend on it; ZeRO state is sharded
             raise ConfigError(
-                f"{self.output_dir}: cannot resume from {latest.name}: it was saved by {saved_ws} processes and this run "
-                f"has {self.dist.world_size}. Resume with {saved_ws} processes, or start a new run (new "
+                f"{self.output_dir}: cannot resume from {latest.name}: it was saved by {saved_ws} processes "
+                f"and this run has {self.dist.world_size}. Resume with {saved_ws} processes, or start a new run (new "
                 "trainer.output_dir) from the exported weights."
             )
         _check_data_fingerprint(latest.name, saved.get("data_fingerprint"), self.data.fingerprint)

@@ -254,7 +254,8 @@ def test_shuffle_false_keeps_file_order_through_the_factory(synthetic_dir, tiny_
 
     bundle = SimpleNamespace(processor=load_processor(tiny_llava), family=family_of_dir(tiny_llava), model=None)
     heldout, train = synthetic_dir / "heldout.messages.jsonl", synthetic_dir / "train.llava.json"
-    sources = [SourceSpec(path=str(heldout), sample="first:4", weight=2.5), SourceSpec(path=str(train), sample="first:5")]
+    sources = [SourceSpec(path=str(heldout), sample="first:4", weight=2.5),
+               SourceSpec(path=str(train), sample="first:5")]
 
     def order(shuffle: bool) -> list[tuple[str, int]]:
         config = VLMDataConfig(sources=sources, shuffle=shuffle, micro_batch_size=2, max_length=None)

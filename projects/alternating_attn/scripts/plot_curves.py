@@ -9,9 +9,9 @@
 
 With no `--run`, the three runs of configs/{base,alternating,alternating_cross}.yaml are used (OUTPUT_DIR
 `projects/alternating_attn/outputs/<variant>`). Reads each run's OUTPUT_DIR/metrics.jsonl (training loss per step)
-and OUTPUT_DIR/eval.jsonl (training-time evaluations; the one at the latest step is the final evaluation). With `--data`, chance
-levels per question type are computed from the synthetic data (see `chance_levels`). Prints a Markdown table of the
-final exact match next to the chance levels, and writes the PNG.
+and OUTPUT_DIR/eval.jsonl (training-time evaluations; the one at the latest step is the final evaluation). With
+`--data`, chance levels per question type are computed from the synthetic data (see `chance_levels`). Prints a
+Markdown table of the final exact match next to the chance levels, and writes the PNG.
 """
 
 from __future__ import annotations

@@ -118,7 +118,9 @@ class DetectionDataFactory(VLMDataFactory):
             raise ConfigError("data.type bbu_detection needs model.type bbu_detection (the detection head defines "
                               "how many objects an image may have and how captions are tokenized)")
         if self.config.packing:
-            raise ConfigError("data.packing: bbu_detection reads one sample's image and text per row; set packing: false")
+            raise ConfigError(
+                "data.packing: bbu_detection reads one sample's image and text per row; set packing: false"
+            )
         self._head = head_config
         self._tokenizer = getattr(model_bundle.processor, "tokenizer", model_bundle.processor)
         bundle = super().build(model_bundle, seed=seed)

@@ -332,7 +332,10 @@ class DetectionHead(nn.Module):
 # ----------------------------------------------------------------------------------------- save / load
 def save_detection_head(head: DetectionHead, out_dir: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `config.json` + `model.safetensors` into `out_dir`; `state_dict` (gathered weights) overrides the module's."""
+    """Write `config.json` + `model.safetensors` into `out_dir`; returns `out_dir`.
+
+    `state_dict` (gathered weights) overrides the module's.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)

@@ -56,7 +56,9 @@ class DetectionModelConfig(HFModelConfig):
         if self.name_or_path is not None and (Path(self.name_or_path) / "config.json").is_file():
             model_type = read_model_type(self.name_or_path)
         if model_type is not None and model_type not in FAMILIES:
-            raise ValueError(f"model type {model_type!r} is not supported by bbu_detection; allowed: {', '.join(FAMILIES)}")
+            raise ValueError(
+                f"model type {model_type!r} is not supported by bbu_detection; allowed: {', '.join(FAMILIES)}"
+            )
         return self
 
 

@@ -29,7 +29,8 @@ def shape_objects(dense_objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"bbox_2d": [float(v) for v in obj["bbox_2d"]], "desc": obj["desc"]})
         elif "poly" in obj:
             xs, ys = obj["poly"][0::2], obj["poly"][1::2]
-            out.append({"bbox_2d": [float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))], "desc": obj["desc"]})
+            box = [float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))]
+            out.append({"bbox_2d": box, "desc": obj["desc"]})
     return out
 
 

@@ -202,7 +202,8 @@ class SwiftKVModelFactory(ModelFactory):
 
         register_auto()
         source = Path(path) if path is not None else self.teacher_dir(output_dir)
-        loaded = load_model(source, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
+        loaded = load_model(source, dtype=DTYPES[self.config.dtype],
+                            attn_implementation=self.config.attn_implementation)
         if path is not None:
             model = loaded
         else:
