@@ -123,6 +123,7 @@ class Registry(Generic[T]):
             raise ConfigError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
+        """The error text for an unregistered type name: the registered names and the closest match."""
         names = sorted(self._classes)
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""

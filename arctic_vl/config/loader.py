@@ -49,10 +49,13 @@ class LocatedConfig:
             path = path[:-1]
 
     def where(self, path: KeyPath) -> str:
+        """Printable location of `path` (or its nearest written ancestor); `<config>` when none is known."""
         loc = self.loc(path)
         return loc.where if loc else "<config>"
 
     def base_dir(self, path: KeyPath) -> Path:
+        """The directory relative paths at `path` resolve against (the writing file's); the cwd when none is known."""
+        """The directory relative paths at `path` resolve against (the writing file's); the cwd when none is known."""
         loc = self.loc(path)
         return loc.base_dir if loc else Path.cwd()
 

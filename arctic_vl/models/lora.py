@@ -64,6 +64,7 @@ class LoraConfig(BaseModel):
 
     @property
     def scaling(self) -> float:
+        """PEFT's LoRA scaling, `alpha / r` (what a merge multiplies B @ A by)."""
         return self.alpha / self.r
 
 
@@ -162,6 +163,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, frozen: set[str],
 
 
 def is_peft(model: torch.nn.Module) -> bool:
+    """True for a PEFT model (it has `get_base_model` and `peft_config`)."""
     return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
 
 

@@ -229,10 +229,12 @@ class Trainer(Component):
     # ------------------------------------------------------------------------------------------- helpers
     @property
     def is_main(self) -> bool:
+        """True on the process that writes files and logs (rank 0)."""
         return self.dist.is_main
 
     @property
     def micro_batches_per_epoch(self) -> int:
+        """Micro-batches per rank in epoch 0's plan."""
         return len(self.plan(0))
 
     def plan(self, epoch: int) -> list[list[list[Any]]]:
@@ -243,9 +245,11 @@ class Trainer(Component):
                                       self.config.seed, epoch, self.data.shuffle)
 
     def steps_per_epoch(self) -> int:
+        """Optimizer steps in an epoch: micro-batches per epoch over gradient_accumulation_steps, rounded up."""
         return math.ceil(self.micro_batches_per_epoch / self.config.gradient_accumulation_steps)
 
     def compute_total_steps(self) -> int:
+        """`max_steps` if set, else the optimizer steps of `epochs` epochs (a fraction: part of one); at least 1."""
         if self.config.max_steps is not None:
             return self.config.max_steps
         if self.data.batcher is not None:  # e.g. packing: each epoch's packs give it its own micro-batch count
@@ -271,9 +275,11 @@ class Trainer(Component):
         return Prefetcher(batches, depth=self.config.gradient_accumulation_steps if self.config.prefetch else 0)
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with its tensors on this rank's device (non-blocking); other values as they are."""
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def autocast(self) -> Any:
+        """bf16 autocast on the device when `trainer.bf16`, else a no-op context."""
         if self.config.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
@@ -557,6 +563,7 @@ class Trainer(Component):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
+        """Write the step-N checkpoint (weights, optimizer, scheduler, trainer state, bad records); returns its path."""
         self._gather_bad_records()
         state = {**asdict(self.state), "config": self.run_config, "world_size": self.dist.world_size,
                  "data_fingerprint": self.data.fingerprint}
@@ -566,6 +573,7 @@ class Trainer(Component):
         return path
 
     def export(self) -> Path | None:
+        """Write OUTPUT_DIR/final (an HF directory, atomically); returns its path, None when `export_final` is off."""
         if not self.checkpointer.config.export_final:
             return None
         full = self.dist.full_state_dict(self.model)
@@ -597,6 +605,7 @@ class Trainer(Component):
             self.state.extra["bad_records"] = report.late_entries()
 
     def summary(self, checkpoint: Path | None, **extra: Any) -> dict[str, Any]:
+        """What `train` returns: steps, epoch, output_dir, checkpoint, skipped records by reason, plus `extra`."""
         self._gather_bad_records()
         out = {"steps": self.state.step, "epoch": self.state.epoch, "output_dir": str(self.output_dir),
                "checkpoint": str(checkpoint) if checkpoint else None,

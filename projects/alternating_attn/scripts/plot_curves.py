@@ -161,6 +161,7 @@ def plot(runs: dict[str, Path], out: Path, chance: dict[str, dict[str, float]] |
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plot the runs' loss curves to `--out`, print their final exact match beside the chance levels; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", default=[], metavar="NAME=OUTPUT_DIR",
                         help="a run to plot (repeatable); default: the three variant runs under outputs/")

@@ -38,6 +38,8 @@ TARGETS, SPANS = "_targets", "_spans"
 
 
 class DetectionDataConfig(VLMDataConfig):
+    """The `data:` section of `bbu_detection`: the core VLM data options (packing must stay off)."""
+
     type: str = "bbu_detection"
 
 
@@ -53,6 +55,7 @@ class Targets:
 
     @property
     def count(self) -> int:
+        """The number of ground-truth objects (0 for a padding sample)."""
         return int(self.boxes.shape[0]) if self.real else 0
 
 
@@ -94,6 +97,7 @@ class DetectionCollator:
         self.inner = inner
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The core collator's batch, plus `_targets` (the Targets list) and `_spans` (B, T) padded with 0."""
         targets = [s.pop(TARGETS) for s in samples]
         spans = [s.pop(SPANS) for s in samples]
         batch = self.inner(samples)
@@ -113,6 +117,10 @@ class DetectionDataFactory(VLMDataFactory):
     config_class = DetectionDataConfig
 
     def build(self, model_bundle: Any, *, seed: int) -> Any:
+        """The core data bundle with detection targets and spans on each item and the DetectionCollator.
+
+        ConfigError when the model is not `bbu_detection` or `data.packing` is on.
+        """
         head_config = model_bundle.extras.get("head_config")
         if head_config is None:
             raise ConfigError("data.type bbu_detection needs model.type bbu_detection (the detection head defines "

@@ -122,6 +122,7 @@ class ResidualAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x + up(gelu(down(norm(x))))`, same shape as `x`."""
         return x + self.up(F.gelu(self.down(self.norm(x))))
 
 

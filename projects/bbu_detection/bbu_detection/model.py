@@ -47,6 +47,8 @@ VLM_PREFIX = "vlm."
 
 
 class DetectionModelConfig(HFModelConfig):
+    """The `model:` section of `bbu_detection`: an `hf_vlm` Qwen-VL model plus the detection head's shape."""
+
     type: str = "bbu_detection"
     detection: DetectionSettings = Field(default_factory=DetectionSettings, description="the detection head's shape")
 
@@ -135,6 +137,7 @@ class DetectionModelFactory(HFModelFactory):
     parts = (*PARTS, *HEAD_PARTS)
 
     def describe(self) -> str:
+        """The VLM's description, then the head's queries, decoder and caption layers and width."""
         d = self.config.detection
         return (f"bbu_detection: {super().describe()}; head: {d.num_queries} queries, {d.decoder_layers} decoder "
                 f"layers, {d.caption_layers} caption layers, d_model {d.d_model}")

@@ -39,6 +39,8 @@ GT_OBJECTS, CAPTION_TOKENS, TEACHER_TOKENS, STUDENT_TOKENS = (
 
 
 class DetectionTrainerConfig(TrainerConfig):
+    """The `trainer:` section of `bbu_detection`: the core trainer options, the loss weights and the matcher's costs."""
+
     type: str = "bbu_detection"
     teacher_lm_weight: float = Field(
         1.0, ge=0, description="weight of the teacher-span LM loss (all assistant turns but the last)"
@@ -81,6 +83,7 @@ class DetectionTrainer(Trainer):
 
     @property
     def image_token_id(self) -> int:
+        """The processor's image token id."""
         return int(self.bundle.processor.image_token_id)
 
     # ------------------------------------------------------------------------------------ normalisers

@@ -161,6 +161,7 @@ class SwiftKVModelFactory(ModelFactory):
         return Path(output_dir) / "teacher"
 
     def describe(self) -> str:
+        """The teacher (composite and text model type, layers, source) and the SwiftKV settings M and G."""
         composite, text_type, layers = self.config.layout
         source = self.config.teacher if self.config.teacher is not None else "teacher_tiny (OUTPUT_DIR/teacher)"
         return (f"swiftkv_vl: teacher {composite} ({text_type}, {layers} layers) from {source}; "
