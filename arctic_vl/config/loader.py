@@ -55,7 +55,6 @@ class LocatedConfig:
 
     def base_dir(self, path: KeyPath) -> Path:
         """The directory relative paths at `path` resolve against (the writing file's); the cwd when none is known."""
-        """The directory relative paths at `path` resolve against (the writing file's); the cwd when none is known."""
         loc = self.loc(path)
         return loc.base_dir if loc else Path.cwd()
 
