@@ -78,7 +78,7 @@ class TensorBoard(Callback):
         self.writer: Any = None
 
     def on_run_start(self, trainer: Any) -> None:
-        """Open the SummaryWriter on the main process; log once and skip when tensorboard is not installed."""
+        """Open the SummaryWriter on the main process; without tensorboard installed, log that and write nothing."""
         if not trainer.is_main:
             return
         try:

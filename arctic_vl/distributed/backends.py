@@ -211,7 +211,7 @@ class DDP(DistributedBackend):
                                     timeout=datetime.timedelta(minutes=self.config.timeout_minutes))
 
     def prepare(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
-        """Wrap the model in DistributedDataParallel (not with one process); optimizer and scheduler unchanged."""
+        """Wrap the model in DistributedDataParallel (one process: left as is); optimizer and scheduler unchanged."""
         from torch.nn.parallel import DistributedDataParallel
 
         if self.world_size == 1:

@@ -43,7 +43,7 @@ class Scheduler(Component):
         return c.min_lr_ratio + (1 - c.min_lr_ratio) * self.decay(progress)
 
     def decay(self, progress: float) -> float:
-        """The decay shape after warmup: 1 at `progress` 0 down to 0 at 1; subclasses implement it."""
+        """The decay shape after warmup at `progress` in [0, 1], 1 at the start; subclasses implement it."""
         raise NotImplementedError
 
     def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
