@@ -44,7 +44,7 @@ from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE_IMAGE, im
 from arctic_vl.data.records import Conversation
 from arctic_vl.data.sampling import PADDING_INDEX, BalancedBatcher, PackingPlanner
 from arctic_vl.data.sources import SourceSpec, mix, read_source_records, read_sources, source_kind, weigh
-from arctic_vl.errors import DataError
+from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.registry import DATA, ComponentConfig
 
 
@@ -86,6 +86,19 @@ class VLMDataConfig(ComponentConfig):
                                          "~/.cache/arctic_vl/encoded)")
     preprocess_workers: int | None = Field(None, ge=1, description="processes that read and tokenize the records "
                                            "up front (default: the cores, shared by the ranks of a machine)")
+
+    @model_validator(mode="after")
+    def _sources_are_readable(self) -> VLMDataConfig:
+        # what validate can tell without reading records: a kind reads each source, and the files a YAML list
+        # names exist (a missing one is found here, not after the model loads)
+        for spec in [*self.sources, *self.eval_sources]:
+            path, fmt = (Path(spec.path), spec.format) if isinstance(spec, SourceSpec) else (Path(spec), "auto")
+            if path.exists():
+                try:
+                    source_kind(path, fmt).files(path)
+                except ConfigError as e:
+                    raise ValueError(str(e)) from None
+        return self
 
     @model_validator(mode="after")
     def _packing_needs_length(self) -> VLMDataConfig:
