@@ -485,6 +485,16 @@ def test_yaml_data_list_is_read_by_the_hardened_reader(tmp_path):
             source_kind(mix, "auto").files(mix)
 
 
+def test_validate_finds_a_missing_file_of_a_yaml_data_list(in_tmp, cli):
+    """A `datasets:` list naming a file that does not exist: validate exits 2 naming the config line, the list,
+    the entry and the resolved path (before: validate passed and training failed with a raw FileNotFoundError)."""
+    (in_tmp / "mix.yaml").write_text("datasets:\n  - json_path: train.json\n  - json_path: nope.json\n")
+    (in_tmp / "bad.yaml").write_text(M + "data:\n  sources: [mix.yaml]\n")
+    rc, _, err = cli("validate", "bad.yaml")
+    assert rc == 2 and "Traceback" not in err
+    assert f"bad.yaml:3: data: {in_tmp / 'mix.yaml'}: datasets[1].json_path: {in_tmp / 'nope.json'} does not exist" in err
+
+
 def test_engine_dict_that_contains_itself_is_refused(in_tmp):
     from arctic_vl import Engine
 
