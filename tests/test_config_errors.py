@@ -492,7 +492,8 @@ def test_validate_finds_a_missing_file_of_a_yaml_data_list(in_tmp, cli):
     (in_tmp / "bad.yaml").write_text(M + "data:\n  sources: [mix.yaml]\n")
     rc, _, err = cli("validate", "bad.yaml")
     assert rc == 2 and "Traceback" not in err
-    assert f"bad.yaml:3: data: {in_tmp / 'mix.yaml'}: datasets[1].json_path: {in_tmp / 'nope.json'} does not exist" in err
+    assert (f"bad.yaml:3: data: {in_tmp / 'mix.yaml'}: datasets[1].json_path: {in_tmp / 'nope.json'} "
+            "does not exist") in err
 
 
 def test_engine_dict_that_contains_itself_is_refused(in_tmp):

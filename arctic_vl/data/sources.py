@@ -262,8 +262,9 @@ def _parsed(raws: list[RawRecord]) -> list[Any]:
 
 def _detect(path: Path, raws: list[RawRecord]) -> str:
     if not raws:  # nothing to tell a format by: say what is wrong with the file instead
-        raise DataError(f"{path}: the file holds no records (empty, blank lines only, or an empty list); name a file with "
-                        "records or remove it from the sources", source=str(path), reason="empty_source")
+        raise DataError(f"{path}: the file holds no records (empty, blank lines only, or an empty list); "
+                        "name a file with records or remove it from the sources",
+                        source=str(path), reason="empty_source")
     fmt = detect_record_format(_parsed(raws[:_DETECT_SCAN]))
     if fmt is not None:
         return fmt
