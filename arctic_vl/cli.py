@@ -64,6 +64,7 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def cmd_train(argv: list[str]) -> int:
+    """`arctic_vl train CONFIG [--set K=V ...]`: train (resuming if the run has checkpoints); prints the summary."""
     args = _config_parser("train", "Train from a config; rerunning the same command resumes.").parse_args(argv)
     from arctic_vl.engine import Engine
 
@@ -74,7 +75,9 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_validate(argv: list[str]) -> int:
-    args = _config_parser("validate", "Validate a config (no weights, no network) and print it resolved.").parse_args(argv)
+    """`arctic_vl validate CONFIG`: check the config; prints it resolved with the model type (exit 2 if bad)."""
+    parser = _config_parser("validate", "Validate a config (no weights, no network) and print it resolved.")
+    args = parser.parse_args(argv)
     import yaml
 
     from arctic_vl.config.schema import where
@@ -93,6 +96,7 @@ def cmd_validate(argv: list[str]) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
+    """`arctic_vl evaluate CONFIG`: evaluate the run's final model on data.eval_sources; prints the results."""
     args = _config_parser("evaluate", "Evaluate the run's final model on data.eval_sources.").parse_args(argv)
     from arctic_vl.engine import Engine
 
@@ -102,7 +106,10 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_inspect_data(argv: list[str]) -> int:
-    p = _config_parser("inspect-data", "Count records and show the first sample's tokens (reads image sizes, not pixels).")
+    """`arctic_vl inspect-data CONFIG [--n N]`: record counts and the first N samples' tokens."""
+    p = _config_parser(
+        "inspect-data", "Count records and show the first sample's tokens (reads image sizes, not pixels)."
+    )
     p.add_argument("--n", type=int, default=1, help="samples to show")
     args = p.parse_args(argv)
     from arctic_vl.commands.inspect_data import inspect_data
@@ -112,12 +119,16 @@ def cmd_inspect_data(argv: list[str]) -> int:
 
 
 def cmd_plugins(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="arctic_vl plugins", description="List plugins and what they registered.").parse_args(argv)
+    """`arctic_vl plugins`: the installed plugins and what each registered."""
+    argparse.ArgumentParser(
+        prog="arctic_vl plugins", description="List plugins and what they registered."
+    ).parse_args(argv)
     print(plugins.describe())
     return 0
 
 
 def cmd_schema(argv: list[str]) -> int:
+    """`arctic_vl schema`: the config's JSON Schema, on stdout."""
     argparse.ArgumentParser(prog="arctic_vl schema", description="Print the config's JSON Schema.").parse_args(argv)
     from arctic_vl.config.schema import json_schema
 
@@ -126,18 +137,21 @@ def cmd_schema(argv: list[str]) -> int:
 
 
 def cmd_make_tiny_model(argv: list[str]) -> int:
+    """`arctic_vl make-tiny-model FAMILY DIR`: write a tiny random VLM with tokenizer and processor."""
     from arctic_vl.models.tiny import make_tiny_model_cli
 
     return make_tiny_model_cli(argv)
 
 
 def cmd_export(argv: list[str]) -> int:
+    """`arctic_vl export RUN_DIR --merge-lora OUT`: an HF model from the run's latest checkpoint (`commands.export`)."""
     from arctic_vl.commands.export import main
 
     return main(argv)
 
 
 def cmd_make_synthetic_data(argv: list[str]) -> int:
+    """`arctic_vl make-synthetic-data DIR`: write the synthetic shapes data set (`arctic_vl.data.synthetic.main`)."""
     from arctic_vl.data.synthetic import main
 
     return main(argv)
@@ -155,6 +169,7 @@ plugins.reserve_cli_verbs(COMMANDS)
 
 
 def dispatch(argv: list[str]) -> int:
+    """Run the verb `argv[0]` (a core verb, a config file to train, or a plugin's verb); returns the exit code."""
     argv = _strip_launcher_args(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -216,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """The console script: `main()` on sys.argv, exiting with its code."""
     sys.exit(main())
 
 

@@ -170,6 +170,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def package_versions() -> dict[str, str | None]:
+    """Installed versions of arctic-vl and the libraries a run depends on (None for a missing one)."""
     out: dict[str, str | None] = {}
     for name in ("arctic-vl", "torch", "transformers", "peft", "deepspeed", "datasets", "pydantic", "safetensors"):
         try:

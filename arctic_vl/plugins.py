@@ -59,6 +59,8 @@ class PluginInfo:
 
 @dataclass
 class CliVerb:
+    """A plugin's `arctic_vl VERB`: `run(argv)` returns the exit code; `origin` is the plugin that added it."""
+
     name: str
     help: str
     run: Callable[[list[str]], int]

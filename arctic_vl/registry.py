@@ -92,14 +92,17 @@ class Registry(Generic[T]):
         def decorator(cls: type[T]) -> type[T]:
             config_class = getattr(cls, "config_class", None)
             if self.needs_config and not (isinstance(config_class, type) and issubclass(config_class, ComponentConfig)):
-                raise TypeError(f"{self.kind} '{name}' ({_qualname(cls)}) must set config_class to a ComponentConfig subclass")
+                raise TypeError(
+                    f"{self.kind} '{name}' ({_qualname(cls)}) must set config_class to a ComponentConfig subclass"
+                )
             if self.base is not None and not (isinstance(cls, type) and issubclass(cls, self.base)):
                 raise TypeError(f"{self.kind} '{name}': {_qualname(cls)} is not a subclass of {_qualname(self.base)}; "
                                 f"every {self.kind} registered in {self.section!r} must derive from it")
             existing = self._classes.get(name)
             if existing is not None and not _same_class(existing, cls):
                 raise ValueError(
-                    f"{self.kind} name '{name}' is taken by {_qualname(existing)}; cannot register {_qualname(cls)} under it"
+                    f"{self.kind} name '{name}' is taken by {_qualname(existing)}; "
+                    f"cannot register {_qualname(cls)} under it"
                 )
             self._classes[name] = cls
             self._origin.setdefault(name, self.current_origin)
@@ -120,6 +123,7 @@ class Registry(Generic[T]):
             raise ConfigError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
+        """The error text for an unregistered type name: the registered names and the closest match."""
         names = sorted(self._classes)
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""

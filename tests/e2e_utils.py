@@ -22,7 +22,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_python(code: str, *args: str, cwd: Path | None = None, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, *args: str, cwd: Path | None = None, timeout: int = 300, **env: str
+) -> subprocess.CompletedProcess:
     """Run a Python snippet in a fresh interpreter (argv after the snippet are `args`)."""
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=subprocess_env(**env))

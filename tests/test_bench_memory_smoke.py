@@ -37,7 +37,9 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _loss_and_grads(model: torch.nn.Module, batch: dict, lean: bool, chunk: int) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_and_grads(
+    model: torch.nn.Module, batch: dict, lean: bool, chunk: int
+) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     if lean:
         hidden, head, _ = final_hidden(model, batch)

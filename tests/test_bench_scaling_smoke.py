@@ -13,7 +13,8 @@ from tests.e2e_utils import REPO, subprocess_env
 def test_scaling_bench_toy(tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "scaling.py"), "--samples", "16", "--steps", "2", "--micro", "1",
-         "--max-length", "1024", "--rounds", "1", "--skip", "0", "--runs", "one", "ddp", "zero2", "--out", str(tmp_path)],
+         "--max-length", "1024", "--rounds", "1", "--skip", "0", "--runs", "one", "ddp", "zero2",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=400, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

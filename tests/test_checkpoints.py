@@ -142,12 +142,14 @@ def test_no_checkpoint_verifies_exit_1_naming_files(run, tmp_path, cli):
         assert f"step-{step}: optimizer.pt: contents differ" in str(err.value)
     # the same through the CLI (`export` verifies the checkpoint it reads): exit 1, the files named, no traceback
     (tmp_path / "data.json").write_text("[]\n")
-    write_yaml(tmp_path / "config.yaml", {"model": {"family": "llava_next"}, "data": {"sources": [str(tmp_path / "data.json")]},
+    write_yaml(tmp_path / "config.yaml", {"model": {"family": "llava_next"},
+                                          "data": {"sources": [str(tmp_path / "data.json")]},
                                           "trainer": {"output_dir": str(tmp_path)}})
     rc, _, err_text = cli("export", str(tmp_path), "--merge-lora", str(tmp_path.parent / "exported"))
     assert rc == 1 and "Traceback" not in err_text, err_text
     assert "no checkpoint verifies" in err_text and "step-3: optimizer.pt: contents differ" in err_text
-    rc, _, err_text = cli("export", str(tmp_path), "--merge-lora", str(tmp_path.parent / "e2"), "--checkpoint", "step-2")
+    rc, _, err_text = cli("export", str(tmp_path), "--merge-lora", str(tmp_path.parent / "e2"),
+                          "--checkpoint", "step-2")
     assert rc == 1 and "step-2: checkpoint fails verification: optimizer.pt" in err_text, err_text
 
 

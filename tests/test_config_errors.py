@@ -137,7 +137,8 @@ CASES = [
         "merge keys (<<) are not supported", "extends"),
     bad("yaml_not_a_mapping", "- model\n- data\n", 1, None, "must be a mapping of sections"),
     # ---------------------------------------------------------------- YAML that is not plain data (issue 12: 4, 5)
-    bad("yaml_tag_on_sequence", "model:\n  family: llava_next\n  lora: !!python/object/apply:os.system [\"echo hi\"]\n" + D,
+    bad("yaml_tag_on_sequence",
+        "model:\n  family: llava_next\n  lora: !!python/object/apply:os.system [\"echo hi\"]\n" + D,
         3, "model.lora", "YAML tag !!python/object/apply:os.system is not allowed", "plain mappings, lists"),
     bad("yaml_tag_on_mapping", "model: !!python/object/new:arctic_vl.Engine {family: llava_next}\n" + D, 1, "model",
         "YAML tag !!python/object/new:arctic_vl.Engine is not allowed"),
@@ -150,18 +151,21 @@ CASES = [
         "YAML tag !!set is not allowed"),
     bad("yaml_binary", "model:\n  family: !!binary bGxhdmFfbmV4dA==\n" + D, 2, "model.family",
         "YAML tag !!binary is not allowed"),
-    bad("yaml_tag_in_base_config", "extends: base.yaml\n" + M + D, 2, "trainer", "YAML tag !!python/object/apply:os.system",
+    bad("yaml_tag_in_base_config", "extends: base.yaml\n" + M + D, 2, "trainer",
+        "YAML tag !!python/object/apply:os.system",
         where="base.yaml:2", extra={"base.yaml": "trainer:\n  !!python/object/apply:os.system [ls]\n"}),
     bad("yaml_alias_bomb", M + D + "x:\n  a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
         + "".join(f"  {chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8)),
         7, None, "expands to more than 100000 values", "YAML anchors and aliases"),
-    bad("yaml_recursive_alias", "model:\n  family: llava_next\n  freeze: &a [vision, *a]\n" + D, 3, "model.freeze[1][1]",
+    bad("yaml_recursive_alias", "model:\n  family: llava_next\n  freeze: &a [vision, *a]\n" + D, 3,
+        "model.freeze[1][1]",
         "nested deeper than 64 levels", "a YAML alias that contains itself"),
     bad("yaml_deep_nesting", "model:\n  family: llava_next\n  freeze: " + "[" * 3000 + "]" * 3000 + "\n" + D, 3, None,
         "nested deeper than 64 levels"),
     bad("yaml_control_character", M + D + "  system_prompt: a\x07b\n", 6, None, "character U+0007 is not allowed"),
     bad("set_deep_nesting", M + D, None, "trainer.seed", "nested deeper than 64 levels",
-        args=("--set", "trainer.seed=" + "[" * 3000 + "]" * 3000), where="--set trainer.seed=" + "[" * 3000 + "]" * 3000),
+        args=("--set", "trainer.seed=" + "[" * 3000 + "]" * 3000),
+        where="--set trainer.seed=" + "[" * 3000 + "]" * 3000),
     bad("set_tagged_sequence", M + D, None, "trainer.seed", "YAML tag !!python/object/apply:os.system is not allowed",
         args=("--set", "trainer.seed=!!python/object/apply:os.system [ls]"),
         where="--set trainer.seed=!!python/object/apply:os.system [ls]"),
@@ -183,9 +187,11 @@ CASES = [
     bad("negative_num_workers", M + D + "  num_workers: -2\n", 6, "data.num_workers", "greater than or equal to 0"),
     bad("zero_source_weight", M + "data:\n  sources:\n    - path: train.json\n      weight: 0\n", 6,
         "data.sources[0].weight", "greater than 0"),
-    bad("eval_zero_tokens", M + D + "eval:\n  max_new_tokens: 0\n", 7, "eval.max_new_tokens", "greater than or equal to 1"),
+    bad("eval_zero_tokens", M + D + "eval:\n  max_new_tokens: 0\n", 7, "eval.max_new_tokens",
+        "greater than or equal to 1"),
     # ---------------------------------------------------------------- meaningless values (issue 12: 6)
-    bad("empty_output_dir", M + D + "trainer:\n  output_dir: ''\n", 7, "trainer.output_dir", "a path must not be empty"),
+    bad("empty_output_dir", M + D + "trainer:\n  output_dir: ''\n", 7, "trainer.output_dir",
+        "a path must not be empty"),
     bad("blank_output_dir", M + D + "trainer:\n  output_dir: '   '\n", 7, "trainer.output_dir", "must not be empty"),
     bad("nul_in_path", M + "data:\n  sources: [\"train\\0.json\"]\n", 4, "data.sources[0]", "NUL byte"),
     bad("empty_source_path", M + "data:\n  sources:\n    - path: ''\n", 5, "data.sources[0].path", "must not be empty"),
@@ -201,7 +207,8 @@ CASES = [
         "data.sources[0].weight", "must be a finite number (got inf)"),
     bad("nan_group_weight_decay", M + D + "optimizer:\n  param_groups:\n    - name: g\n      parts: [llm]\n"
         "      weight_decay: .nan\n", 10, "optimizer.param_groups[0].weight_decay", "nan"),
-    bad("infinite_deepspeed_value", M + D + "distributed:\n  type: deepspeed\n  config:\n    gradient_predivide_factor: .inf\n",
+    bad("infinite_deepspeed_value",
+        M + D + "distributed:\n  type: deepspeed\n  config:\n    gradient_predivide_factor: .inf\n",
         9, "distributed.config.gradient_predivide_factor", "must be a finite number (got inf)"),
     bad("seed_too_large", M + D + "trainer:\n  seed: 99999999999999999999\n", 7, "trainer.seed",
         "less than or equal to 4294967295"),
@@ -237,8 +244,8 @@ CASES = [
     bad("output_dir_default_under_a_file", M + D, None, "trainer.output_dir", "runs/run lies under",
         where="bad.yaml:1", extra={"runs": "a file where the default runs/ directory would go\n"}),
     # ---------------------------------------------------------------- DeepSpeed pass-through (issue 12: 16)
-    bad("ds_import_key", M + D + "distributed:\n  type: deepspeed\n  config:\n    torch_autocast:\n      enabled: true\n"
-        "      lower_precision_safe_modules: [evilmod.Evil]\n", 11,
+    bad("ds_import_key", M + D + "distributed:\n  type: deepspeed\n  config:\n    torch_autocast:\n"
+        "      enabled: true\n      lower_precision_safe_modules: [evilmod.Evil]\n", 11,
         "distributed.config.torch_autocast.lower_precision_safe_modules", "DeepSpeed imports the module",
         "a config never names Python code"),
     bad("ds_checkpoint_engine", M + D + "distributed:\n  type: deepspeed\n  config:\n    checkpoint:\n"
@@ -256,7 +263,8 @@ CASES = [
     bad("ds_contradicts_bf16", M + D + "distributed:\n  type: deepspeed\n  config:\n    bf16: {enabled: true}\n", 9,
         "distributed.config.bf16.enabled", "contradicts the engine config", "set trainer.bf16"),
     bad("ds_contradicts_stage", M + D + "distributed:\n  type: deepspeed\n  zero_stage: 3\n  config:\n"
-        "    zero_optimization: {stage: 1}\n", 10, "distributed.config.zero_optimization.stage", "set distributed.zero_stage"),
+        "    zero_optimization: {stage: 1}\n", 10, "distributed.config.zero_optimization.stage",
+        "set distributed.zero_stage"),
     bad("ds_contradicts_clipping", M + D + "distributed:\n  type: deepspeed\n  config:\n    gradient_clipping: 5\n", 9,
         "distributed.config.gradient_clipping", "set trainer.max_grad_norm"),
     bad("sample_first_x", M + "data:\n  sources:\n    - path: train.json\n      sample: \"first:x\"\n", 6,
@@ -400,7 +408,8 @@ def test_missing_data_file_found_by_every_entry_point(in_tmp):
     """The same check runs wherever a config is loaded (train, evaluate, Engine(dict)), before any work."""
     from arctic_vl import Engine
 
-    with pytest.raises(ConfigError, match=r"config\[data.sources\[0\]\]: data.sources\[0\]: .*nope.json does not exist"):
+    with pytest.raises(ConfigError,
+                       match=r"config\[data.sources\[0\]\]: data.sources\[0\]: .*nope.json does not exist"):
         Engine({"model": {"family": "llava_next"}, "data": {"sources": ["nope.json"]}})
 
 
@@ -415,7 +424,8 @@ def test_latin1_byte_names_file_and_line(in_tmp, cli, where):
         (in_tmp / "bad.yaml").write_text("extends: base.yaml\n")
     rc, _, err = cli("validate", "bad.yaml")
     shown = "bad.yaml" if where == "config" else "base.yaml"
-    check_error(rc, err, Bad("latin1", {}, f"{shown}:6", None, ["not UTF-8 text: byte 0xe9 at column 6", "save the file as UTF-8"]))
+    check_error(rc, err, Bad("latin1", {}, f"{shown}:6", None,
+                             ["not UTF-8 text: byte 0xe9 at column 6", "save the file as UTF-8"]))
 
 
 def test_utf8_with_bom_and_non_ascii_text_are_fine(in_tmp, cli):
@@ -440,7 +450,8 @@ def test_output_dir_not_writable(in_tmp, cli):
         pytest.skip("no directory this user cannot write")
     (in_tmp / "bad.yaml").write_text(M + D + f"trainer:\n  output_dir: {target}\n")
     rc, _, err = cli("validate", "bad.yaml")
-    check_error(rc, err, Bad("ro", {}, "bad.yaml:7", "trainer.output_dir", [f"{target} cannot be created: {blocked} is not writable"]))
+    check_error(rc, err, Bad("ro", {}, "bad.yaml:7", "trainer.output_dir",
+                             [f"{target} cannot be created: {blocked} is not writable"]))
 
 
 def test_plain_yaml_reader_for_data_lists(tmp_path):
@@ -474,6 +485,17 @@ def test_yaml_data_list_is_read_by_the_hardened_reader(tmp_path):
             source_kind(mix, "auto").files(mix)
 
 
+def test_validate_finds_a_missing_file_of_a_yaml_data_list(in_tmp, cli):
+    """A `datasets:` list naming a file that does not exist: validate exits 2 naming the config line, the list,
+    the entry and the resolved path (before: validate passed and training failed with a raw FileNotFoundError)."""
+    (in_tmp / "mix.yaml").write_text("datasets:\n  - json_path: train.json\n  - json_path: nope.json\n")
+    (in_tmp / "bad.yaml").write_text(M + "data:\n  sources: [mix.yaml]\n")
+    rc, _, err = cli("validate", "bad.yaml")
+    assert rc == 2 and "Traceback" not in err
+    assert (f"bad.yaml:3: data: {in_tmp / 'mix.yaml'}: datasets[1].json_path: {in_tmp / 'nope.json'} "
+            "does not exist") in err
+
+
 def test_engine_dict_that_contains_itself_is_refused(in_tmp):
     from arctic_vl import Engine
 
@@ -497,4 +519,5 @@ def test_seed_type_is_public_and_bounded():
             WithSeed(seed=bad_seed)
     assert set(arctic_vl.__all__) == set(arctic_vl._LAZY)
     assert arctic_vl.TinyModelConfig(layers=2).given() == {"layers": 2}
-    assert issubclass(arctic_vl.CheckpointError, Exception) and not issubclass(arctic_vl.CheckpointError, arctic_vl.UserError)
+    assert issubclass(arctic_vl.CheckpointError, Exception)
+    assert not issubclass(arctic_vl.CheckpointError, arctic_vl.UserError)

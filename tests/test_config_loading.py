@@ -108,7 +108,8 @@ def test_changed_type_replaces_section_whole(tmp_path, write):
     assert load_file(same).data["scheduler"] == {"type": "cosine", "warmup_ratio": 0.1, "min_lr_ratio": 0.5}
     assert load_file(base).data["scheduler"]["warmup_ratio"] == 0.1
     # the same rule without files
-    merged = merge(LocatedConfig({"a": {"type": "x", "k": 1}, "b": [1, 2]}), LocatedConfig({"a": {"type": "y"}, "b": [3]}))
+    merged = merge(LocatedConfig({"a": {"type": "x", "k": 1}, "b": [1, 2]}),
+                   LocatedConfig({"a": {"type": "y"}, "b": [3]}))
     assert merged.data == {"a": {"type": "y"}, "b": [3]}
 
 

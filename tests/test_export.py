@@ -19,7 +19,8 @@ assert not any(m.startswith("arctic_vl") for m in sys.modules)
 model = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32).eval()
 processor = AutoProcessor.from_pretrained(final)
 image = Image.new("RGB", (48, 40), (200, 30, 30))
-text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}], add_generation_prompt=True)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[image], text=[text], return_tensors="pt")
 with torch.no_grad():
     logits = model(**inputs).logits

@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 from tests.e2e_utils import read_metrics, run_python, write_yaml
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-HF_PROCESSOR = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor", "llava_onevision": "LlavaOnevisionProcessor",
-                "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+HF_PROCESSOR = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor",
+                "llava_onevision": "LlavaOnevisionProcessor", "qwen2_vl": "Qwen2VLProcessor",
+                "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 # Tiny and quick: one layer each side; Qwen's mRoPE needs head_dim 16 (hidden 32, 2 heads) at least.
 SHAPE = {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64, "vision_layers": 1,
          "vision_hidden": 32}
@@ -140,7 +141,8 @@ def test_family_trains_exports_and_loads_with_plain_transformers(family: str, mi
     # The trained model: base weights plus the last checkpoint's trainable weights.
     model = load_model(base).eval()
     trained = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))
-    _missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in trained.items()}, strict=False)
+    _missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in trained.items()},
+                                                 strict=False)
     assert not unexpected
     assert plain["model_class"] == type(model).__name__
     with torch.no_grad():

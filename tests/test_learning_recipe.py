@@ -52,7 +52,9 @@ def test_questions_per_image_adds_turns_the_scene_answers(tmp_path: Path):
             if q == "How many shapes are there?":
                 assert a == ["one", "two", "three"][len(objects) - 1]
             elif m := re.fullmatch(r"What colour is the (\w+)\?", q):
-                assert f"{a} {m.group(1)}" in descs or (m.group(1) == "shape" and descs == [f"{a} {descs[0].split()[1]}"])
+                assert f"{a} {m.group(1)}" in descs or (
+                    m.group(1) == "shape" and descs == [f"{a} {descs[0].split()[1]}"]
+                )
             elif m := re.fullmatch(r"What shape is the (\w+) object\?", q):
                 assert f"{m.group(1)} {a}" in descs
             elif q == "What shape is shown?":
@@ -118,6 +120,8 @@ def test_data_command_is_the_same_everywhere():
         return {c.strip() for c in found}
 
     recipe = commands(RECIPE)
-    assert recipe == {"arctic_vl make-synthetic-data data/shapes --n 30000 --seed 0 --heldout 500 --questions-per-image 3"}
+    assert recipe == {
+        "arctic_vl make-synthetic-data data/shapes --n 30000 --seed 0 --heldout 500 --questions-per-image 3"
+    }
     assert commands(REPO / "docs" / "learning.md") == recipe
     assert commands(REPO / "projects" / "swiftkv_vl" / "configs" / "distill-sft-teacher.yaml") == recipe

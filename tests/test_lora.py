@@ -29,7 +29,8 @@ final, out = sys.argv[1], sys.argv[2]
 model = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32).eval()
 processor = AutoProcessor.from_pretrained(final)
 image = Image.new("RGB", (48, 40), (30, 200, 30))
-text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}], add_generation_prompt=True)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[image], text=[text], return_tensors="pt")
 with torch.no_grad():
     logits = model(**inputs).logits
@@ -94,9 +95,11 @@ def test_lora_run_trains_adapters_aligner_and_nothing_frozen(reference: Path, ti
     assert sorted(final) == sorted(base)
     vision = [k for k in base if k.startswith("model.vision_tower.")]
     assert vision and all(torch.equal(base[k], final[k]) for k in vision)
-    assert torch.equal(base["model.language_model.embed_tokens.weight"], final["model.language_model.embed_tokens.weight"])
+    assert torch.equal(base["model.language_model.embed_tokens.weight"],
+                       final["model.language_model.embed_tokens.weight"])
     for k in ("model.multi_modal_projector.linear_1.weight", "model.image_newline",
-              "model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.1.mlp.down_proj.weight"):
+              "model.language_model.layers.0.self_attn.q_proj.weight",
+              "model.language_model.layers.1.mlp.down_proj.weight"):
         assert (base[k] - final[k]).abs().max().item() > 1e-4, f"{k} did not train"
     assert (reference / "final" / "adapter" / "adapter_config.json").is_file()
 
@@ -168,7 +171,8 @@ def test_export_cli_from_mid_run_checkpoint(reference: Path, tiny_llava: Path, t
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
     assert worst <= 1e-6, worst
     final = _weights(reference / "final")
-    assert (final["model.multi_modal_projector.linear_1.weight"] - got["model.multi_modal_projector.linear_1.weight"]).abs().max() > 1e-5
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert (final[projector] - got[projector]).abs().max() > 1e-5
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == LORA["r"]
     # the default (latest) checkpoint reproduces final/ exactly; a checkpoint that is not there is
     # exit 2, naming the ones that are
@@ -202,7 +206,8 @@ def test_freeze_parts_get_no_grad_and_stay_unchanged(tiny_llava: Path, synthetic
     saved = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))
     assert saved and all(k.startswith(("model.model.language_model.", "model.lm_head.")) for k in saved)
     base, final = _weights(tiny_llava), _weights(tmp_path / "out" / "final")
-    frozen = [k for k in base if k.startswith(("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline"))]
+    frozen = [k for k in base
+              if k.startswith(("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline"))]
     assert len(frozen) > 10 and all(torch.equal(base[k], final[k]) for k in frozen)
     assert (base["lm_head.weight"] - final["lm_head.weight"]).abs().max() > 1e-4
 

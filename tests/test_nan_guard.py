@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e_utils import read_metrics, run_python, write_yaml
+from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_python, write_yaml
 
 #: a trainer whose loss (or only its gradient) is NaN at chosen steps; defined in test processes only
 NAN_TRAINER = r"""
@@ -71,7 +71,8 @@ def test_nan_step_is_skipped_with_weights_bit_identical(tmp_path, tiny_llava, sy
     assert metrics[2]["grad_norm"] is None
     assert [m["lr"] for m in metrics] == pytest.approx([2e-3, 2e-3, 2e-3, 1e-3])  # lowered after the skip
     ckpt = out / "checkpoints"
-    before, after = load_file(str(ckpt / "step-2" / "model.safetensors")), load_file(str(ckpt / "step-3" / "model.safetensors"))
+    before = load_file(str(ckpt / "step-2" / "model.safetensors"))
+    after = load_file(str(ckpt / "step-3" / "model.safetensors"))
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed weights"
     opt2 = torch.load(ckpt / "step-2" / "optimizer.pt", weights_only=True)
@@ -99,20 +100,8 @@ def test_consecutive_skips_stop_with_exit_1_naming_the_step(tmp_path, tiny_llava
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]  # step 3 stopped the run before its line
 
 
-RESUME_CHILD = NAN_TRAINER + r"""
-import os, signal, sys
-from arctic_vl import CALLBACKS, Callback, ComponentConfig, Engine
-
-class KillConfig(ComponentConfig):
-    type: str = "kill_at"
-    step: int
-
-@CALLBACKS.register("kill_at")
-class KillAt(Callback):
-    config_class = KillConfig
-    def on_step_end(self, trainer, info):
-        if info.step == self.config.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+RESUME_CHILD = NAN_TRAINER + KILL_AT_CALLBACK + r"""
+from arctic_vl import Engine
 
 overrides = [] if sys.argv[2] == "0" else ["callbacks=[{type: kill_at, step: %s}]" % sys.argv[2]]
 Engine(sys.argv[1], overrides).train()

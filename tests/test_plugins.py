@@ -167,7 +167,8 @@ def test_config_using_plugin_type_validates(runs, plugin_dir):
     ("typo.yaml", "typo.yaml:7", "callbacks[0].evry", ["did you mean 'every'?", "Allowed: every, label, type"]),
     ("range.yaml", "range.yaml:8", "callbacks[1].every", ["greater than or equal to 1"]),
     ("rejected.yaml", "rejected.yaml:7", "callbacks[0].label", ["reserved by thirdparty_plugin"]),
-    ("unknown.yaml", "unknown.yaml:6", "callbacks[0].type", ["Registered:", "tp_counter", "Did you mean 'tp_counter'?"]),
+    ("unknown.yaml", "unknown.yaml:6", "callbacks[0].type",
+     ["Registered:", "tp_counter", "Did you mean 'tp_counter'?"]),
 ])
 def test_plugin_config_errors(runs, name, where, path, says):
     rc, _, err = runs[f"validate {name}"]

@@ -97,7 +97,8 @@ def test_mlflow_logs_metrics_evaluations_and_config(tracked: dict, monkeypatch):
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval_standalone/eval_loss")] == [
         (2, pytest.approx(tracked["standalone"]["eval_loss"]))]
     params = run.data.params
-    assert params["trainer.max_steps"] == "2" and params["model.name_or_path"] == tracked["config"]["model"]["name_or_path"]
+    assert params["trainer.max_steps"] == "2"
+    assert params["model.name_or_path"] == tracked["config"]["model"]["name_or_path"]
     artifact = Path(client.download_artifacts(run_id, "config.yaml"))
     assert yaml.safe_load(artifact.read_text()) == tracked["config"]
 

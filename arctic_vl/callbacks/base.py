@@ -41,21 +41,29 @@ class Callback(Component):
     def __init__(self, config: ComponentConfig):
         self.config = config
 
-    def on_run_start(self, trainer: Any) -> None: ...
+    def on_run_start(self, trainer: Any) -> None:
+        """Before training or a standalone evaluation starts, on every rank: open writers and connections here."""
 
-    def on_run_end(self, trainer: Any, failed: bool) -> None: ...
+    def on_run_end(self, trainer: Any, failed: bool) -> None:
+        """After the run, also when it failed (`failed` is then True): close what `on_run_start` opened."""
 
-    def on_train_start(self, trainer: Any) -> None: ...
+    def on_train_start(self, trainer: Any) -> None:
+        """Training only: the run's length (`trainer.total_steps`) and resumed step (`trainer.state.step`) are known."""
 
-    def on_step_end(self, trainer: Any, info: StepInfo) -> None: ...
+    def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        """After each optimizer step; `info.metrics` is the step's metrics.jsonl line."""
 
-    def on_log(self, trainer: Any, metrics: dict[str, Any]) -> None: ...
+    def on_log(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        """Training only: right after `on_step_end`, with the same metrics line."""
 
-    def on_evaluate(self, trainer: Any, results: dict[str, Any]) -> None: ...
+    def on_evaluate(self, trainer: Any, results: dict[str, Any]) -> None:
+        """After an evaluation, in training or standalone (`trainer.standalone_evaluation`), with its results."""
 
-    def on_save(self, trainer: Any, path: str) -> None: ...
+    def on_save(self, trainer: Any, path: str) -> None:
+        """After a checkpoint is written, with its path."""
 
-    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None: ...
+    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """Training only: the run finished or was stopped by a signal; `summary` is what `Trainer.train` returns."""
 
 
 CALLBACKS.bind_base(Callback)

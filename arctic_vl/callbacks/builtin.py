@@ -14,12 +14,17 @@ from arctic_vl.registry import CALLBACKS, ComponentConfig
 
 
 class ProgressConfig(ComponentConfig):
+    """Options of the `progress` callback: none beyond `type` (`trainer.progress_bar` switches it)."""
+
     type: str = "progress"
 
 
 @CALLBACKS.register("progress")
 class Progress(Callback):
-    """A tqdm bar with loss, LR, tokens/s and ETA (rank 0 only). On by default; `trainer.progress_bar: false` hides it."""
+    """A tqdm bar with loss, LR, tokens/s and ETA (rank 0 only).
+
+    On by default; `trainer.progress_bar: false` hides it.
+    """
 
     config_class = ProgressConfig
 
@@ -28,6 +33,7 @@ class Progress(Callback):
         self.bar: Any = None
 
     def on_train_start(self, trainer: Any) -> None:
+        """Open the bar at the resumed step on the main process, unless `trainer.progress_bar` is false."""
         from tqdm.auto import tqdm
 
         self.bar = None
@@ -35,18 +41,24 @@ class Progress(Callback):
             self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="train", dynamic_ncols=True)
 
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        """Advance the bar one step, showing the step's loss, LR and tokens/s."""
         if self.bar is not None:
             m = info.metrics
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False
+            )
             self.bar.update(1)
 
     def on_run_end(self, trainer: Any, failed: bool) -> None:
+        """Close the bar."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
 
 class TensorBoardConfig(ComponentConfig):
+    """Options of the `tensorboard` callback: where the event files go."""
+
     type: str = "tensorboard"
     log_dir: ConfigPath | None = Field(None, description="relative to the config file; default: OUTPUT_DIR/tensorboard")
 
@@ -66,6 +78,7 @@ class TensorBoard(Callback):
         self.writer: Any = None
 
     def on_run_start(self, trainer: Any) -> None:
+        """Open the SummaryWriter on the main process; without tensorboard installed, log that and write nothing."""
         if not trainer.is_main:
             return
         try:
@@ -76,18 +89,21 @@ class TensorBoard(Callback):
         self.writer = SummaryWriter(self.config.log_dir or str(trainer.output_dir / "tensorboard"))
 
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        """Write the step's numeric metrics (not step and epoch) under `train/`."""
         if self.writer is not None:
             for k, v in info.metrics.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self.writer.add_scalar(f"train/{k}", v, info.step)
 
     def on_evaluate(self, trainer: Any, results: dict[str, Any]) -> None:
+        """Write the results' numbers under `eval/` (`eval_standalone/` standalone) at the weights' step."""
         if self.writer is not None:
             prefix = "eval_standalone" if trainer.standalone_evaluation else "eval"
             for k, v in flat_scalars(results).items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, trainer.state.step)
 
     def on_run_end(self, trainer: Any, failed: bool) -> None:
+        """Close the writer (flushes the event file)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -105,6 +121,8 @@ def flat_scalars(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class ThroughputConfig(ComponentConfig):
+    """Options of the `throughput` callback: how often it logs."""
+
     type: str = "throughput"
     every_n_steps: int = Field(10, ge=1)
 
@@ -116,16 +134,19 @@ class Throughput(Callback):
     config_class = ThroughputConfig
 
     def on_train_start(self, trainer: Any) -> None:
+        """Start the clock and the sample and token counts."""
         self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
 
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        """Count the step's samples and tokens; every `every_n_steps` steps log the rates since the last log."""
         self.samples += info.metrics["samples"]
         self.tokens += info.metrics["tokens"]
         if info.step % self.config.every_n_steps == 0 and trainer.is_main:
             dt = time.perf_counter() - self.t0
             mem = _peak_memory_mb()
             logger.info(
-                f"step {info.step}: {self.samples / dt:.2f} samples/s, {self.tokens / dt:.0f} tokens/s, peak memory {mem:.0f} MB"
+                f"step {info.step}: {self.samples / dt:.2f} samples/s, {self.tokens / dt:.0f} tokens/s, "
+                f"peak memory {mem:.0f} MB"
             )
             self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
 
@@ -141,6 +162,8 @@ def _peak_memory_mb() -> float:
 
 
 class SaveDelayConfig(ComponentConfig):
+    """Options of the `save_delay` callback: the first step that may save a periodic checkpoint."""
+
     type: str = "save_delay"
     steps: int = Field(..., ge=0, description="no checkpoints before this step (except on SIGTERM and at the end)")
 
@@ -152,4 +175,5 @@ class SaveDelay(Callback):
     config_class = SaveDelayConfig
 
     def on_train_start(self, trainer: Any) -> None:
+        """Set `trainer.save_not_before`, which the trainer's periodic saves respect."""
         trainer.save_not_before = self.config.steps

@@ -42,6 +42,7 @@ def saved_run(output_dir: Path, tracker: str) -> dict[str, Any]:
 
 
 def save_run(output_dir: Path, tracker: str, info: dict[str, Any]) -> None:
+    """Record what reopens `tracker`'s run in OUTPUT_DIR/trackers.json (written to a temporary file, then replaced)."""
     path = output_dir / TRACKERS_FILE
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[tracker] = info
@@ -56,6 +57,7 @@ def step_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def eval_scalars(trainer: Any, results: dict[str, Any]) -> dict[str, float]:
+    """The numbers of evaluation results under `eval/` (`eval_standalone/` for `arctic_vl evaluate`)."""
     prefix = "eval_standalone" if trainer.standalone_evaluation else "eval"
     return {f"{prefix}/{k}": v for k, v in flat_scalars(results).items()}
 
@@ -74,6 +76,8 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 # ----------------------------------------------------------------------------------------------- wandb
 class WandbConfig(ComponentConfig):
+    """Options of the `wandb` callback: the W&B project, run name, tags and mode (checks wandb is installed)."""
+
     type: str = "wandb"
     project: str = Field("arctic-vl", description="W&B project")
     entity: str | None = Field(None, description="W&B entity (team or user); default: yours")
@@ -101,6 +105,7 @@ class Wandb(Callback):
         self.run: Any = None
 
     def on_run_start(self, trainer: Any) -> None:
+        """Start or resume (the id in trackers.json) the W&B run with the resolved config, on the main process."""
         if not trainer.is_main:
             return
         import wandb
@@ -119,10 +124,12 @@ class Wandb(Callback):
         save_run(trainer.output_dir, "wandb", {"id": run_id, "project": c.project})
 
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        """Log the step's metrics under `train/` at its step."""
         if self.run is not None:
             self.run.log(step_scalars(info.metrics), step=info.step)
 
     def on_evaluate(self, trainer: Any, results: dict[str, Any]) -> None:
+        """Log the results under `eval/` at the step; a standalone evaluation on its own `eval_standalone/step` axis."""
         if self.run is None:
             return
         if trainer.standalone_evaluation:
@@ -131,6 +138,7 @@ class Wandb(Callback):
             self.run.log(eval_scalars(trainer, results), step=trainer.state.step)
 
     def on_run_end(self, trainer: Any, failed: bool) -> None:
+        """Finish the W&B run with exit code 1 if the run failed, else 0."""
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
@@ -138,6 +146,8 @@ class Wandb(Callback):
 
 # ---------------------------------------------------------------------------------------------- mlflow
 class MlflowConfig(ComponentConfig):
+    """Options of the `mlflow` callback: tracking URI, experiment, run name and tags (checks mlflow is installed)."""
+
     type: str = "mlflow"
     tracking_uri: str | None = Field(
         None, description="e.g. http://host:5000, sqlite:///mlflow.db, file:///abs/mlruns; default: the "
@@ -164,6 +174,7 @@ class Mlflow(Callback):
         self.run_id: str | None = None
 
     def on_run_start(self, trainer: Any) -> None:
+        """Reopen the saved run (same tracking URI) or create one with the config as params; upload config.yaml."""
         if not trainer.is_main:
             return
         from mlflow.tracking import MlflowClient
@@ -201,14 +212,17 @@ class Mlflow(Callback):
             self.client.log_batch(self.run_id, metrics=metrics[s:s + 1000])
 
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
+        """Log the step's metrics under `train/` at its step."""
         if self.run_id is not None:
             self._log(step_scalars(info.metrics), info.step)
 
     def on_evaluate(self, trainer: Any, results: dict[str, Any]) -> None:
+        """Log the results under `eval/` (`eval_standalone/` for `arctic_vl evaluate`) at the weights' step."""
         if self.run_id is not None:
             self._log(eval_scalars(trainer, results), trainer.state.step)
 
     def on_run_end(self, trainer: Any, failed: bool) -> None:
+        """Mark the MLflow run FAILED or FINISHED."""
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
             self.run_id = None

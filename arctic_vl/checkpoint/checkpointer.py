@@ -45,8 +45,12 @@ STATE_FILE = "trainer_state.json"
 
 
 class CheckpointConfig(ComponentConfig):
+    """The `checkpoint:` section: how often step-N checkpoints are saved, how many are kept, the final export."""
+
     type: str = "default"
-    every_n_steps: int | None = Field(None, ge=1, description="save every N optimizer steps (also on SIGTERM and at the end)")
+    every_n_steps: int | None = Field(
+        None, ge=1, description="save every N optimizer steps (also on SIGTERM and at the end)"
+    )
     keep_last: int | None = Field(2, ge=1, description="keep the newest N checkpoints (None keeps all)")
     save_on_sigterm: bool = True
     export_final: bool = Field(True, description="write OUTPUT_DIR/final (save_pretrained, safetensors, processor)")
@@ -67,6 +71,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the Python, numpy, torch (and CUDA, when saved and present) RNG states that `rng_state` returned."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
@@ -77,6 +82,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that require grad, detached contiguous CPU copies by name (what a checkpoint saves)."""
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -158,6 +164,7 @@ class Checkpointer(Component):
         return None
 
     def read_state(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's trainer state (its STATE_FILE); CheckpointError if that is not a JSON object."""
         state = load_json(path / STATE_FILE)
         if not isinstance(state, dict):
             raise CheckpointError(f"{path / STATE_FILE}: not a JSON object")

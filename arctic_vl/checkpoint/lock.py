@@ -86,12 +86,13 @@ class RunLock:
             info = _holder(_read(fd))
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"{where}: trainer.output_dir: cannot lock {path}: {e.strerror} (the filesystem may not support "
-                                  "file locks); put trainer.output_dir on a local or lock-capable filesystem") from None
+                raise ConfigError(f"{where}: trainer.output_dir: cannot lock {path}: {e.strerror} "
+                                  "(the filesystem may not support file locks); put trainer.output_dir on a local "
+                                  "or lock-capable filesystem") from None
             raise ConfigError(
-                f"{where}: trainer.output_dir: {path.parent} is in use by another run: {_describe(info)} holds {path}. Two runs on one "
-                "directory overwrite each other's checkpoints and metrics: wait for it to finish (or stop it), or "
-                "give this run another trainer.output_dir"
+                f"{where}: trainer.output_dir: {path.parent} is in use by another run: {_describe(info)} holds {path}. "
+                "Two runs on one directory overwrite each other's checkpoints and metrics: "
+                "wait for it to finish (or stop it), or give this run another trainer.output_dir"
             ) from None
         previous = _holder(_read(fd))
         if previous:

@@ -86,7 +86,9 @@ def _check_file(path: Path, name: str, want: Any) -> list[str]:
     except OSError as e:
         return [f"{name}: unreadable ({e.strerror})"]
     if digest != want["sha256"]:
-        return [f"{name}: contents differ from the manifest (sha256 {digest[:12]}..., expected {want['sha256'][:12]}...)"]
+        return [
+            f"{name}: contents differ from the manifest (sha256 {digest[:12]}..., expected {want['sha256'][:12]}...)"
+        ]
     return []
 
 

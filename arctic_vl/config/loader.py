@@ -49,10 +49,12 @@ class LocatedConfig:
             path = path[:-1]
 
     def where(self, path: KeyPath) -> str:
+        """Printable location of `path` (or its nearest written ancestor); `<config>` when none is known."""
         loc = self.loc(path)
         return loc.where if loc else "<config>"
 
     def base_dir(self, path: KeyPath) -> Path:
+        """The directory relative paths at `path` resolve against (the writing file's); the cwd when none is known."""
         loc = self.loc(path)
         return loc.base_dir if loc else Path.cwd()
 
@@ -145,7 +147,9 @@ class _Builder:
         for key_node, value_node in node.value:
             key_where = self.where(key_node)
             if key_node.tag == _YAML + "merge":
-                raise ConfigError(f"{key_where}: {dotted(path)}: YAML merge keys (<<) are not supported; use `extends:`")
+                raise ConfigError(
+                    f"{key_where}: {dotted(path)}: YAML merge keys (<<) are not supported; use `extends:`"
+                )
             key = self.build(key_node, (*path, "<key>"), {})
             if not isinstance(key, (str, int, float, bool)):
                 raise ConfigError(f"{key_where}: {dotted(path)}: a key must be a plain scalar")
@@ -164,7 +168,9 @@ class _Builder:
             self._refuse_tag(node, path)
 
     def _refuse_tag(self, node: yaml.Node, path: KeyPath) -> None:
-        raise ConfigError(f"{self.where(node)}: {dotted(path)}: YAML tag {_short_tag(node.tag)} is not allowed; {_PLAIN}")
+        raise ConfigError(
+            f"{self.where(node)}: {dotted(path)}: YAML tag {_short_tag(node.tag)} is not allowed; {_PLAIN}"
+        )
 
 
 def _yaml_error(shown: str, e: yaml.YAMLError, text: str = "") -> str:
@@ -235,41 +241,41 @@ def parse_value(text: str, shown: str) -> Any:
     return None if node is None else _Builder(shown, Path.cwd(), with_lines=False).build(node, (), {})
 
 
+def _compose_file(file: Path, shown: str, what: str) -> yaml.Node | None:
+    """`file`'s YAML node tree (None when empty); a missing, unreadable or non-UTF-8 file is a ConfigError
+    naming it (`what`: "config file" or "file")."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: {what} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{shown}: is a directory, not a {what}") from None
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read {what}: {e.strerror}") from None
+    return compose_text(decode_text(data, shown), shown)
+
+
 def read_plain_yaml(file: Path) -> Any:
     """Any YAML file (e.g. a data-source list) as plain data: UTF-8, plain types only, bounded size and depth;
     every problem is a ConfigError naming the file and line."""
     shown = _display(file)
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{shown}: cannot read: {e.strerror}") from None
-    text = decode_text(data, shown)
-    node = compose_text(text, shown)
+    node = _compose_file(file, shown, "file")
     return None if node is None else _Builder(shown, file.parent).build(node, (), {})
 
 
 def read_yaml(file: Path) -> LocatedConfig:
     """Parse one YAML file into a LocatedConfig (no `extends` processing)."""
     shown = _display(file)
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{shown}: is a directory, not a config file") from None
-    except OSError as e:
-        raise ConfigError(f"{shown}: cannot read config file: {e.strerror}") from None
-    text = decode_text(data, shown)
-    node = compose_text(text, shown)
+    node = _compose_file(file, shown, "config file")
     locs: dict[KeyPath, Loc] = {}
     root = Loc(f"{shown}:1", file.parent)
     if node is None:
         return LocatedConfig({}, {}, root)
     data = _Builder(shown, file.parent).build(node, (), locs)
     if not isinstance(data, dict):
-        raise ConfigError(f"{shown}:1: a config must be a mapping of sections (model, data, trainer, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{shown}:1: a config must be a mapping of sections (model, data, trainer, ...), got {type(data).__name__}"
+        )
     locs.pop((), None)
     return LocatedConfig(data, locs, root)
 
@@ -415,7 +421,9 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None) -> LocatedConf
 
     def rec(value: Any, path: KeyPath) -> None:
         if len(path) > MAX_DEPTH:  # also a dict that contains itself
-            raise ConfigError(f"config[{_short(path)}]: nested deeper than {MAX_DEPTH} levels; a run config needs a handful")
+            raise ConfigError(
+                f"config[{_short(path)}]: nested deeper than {MAX_DEPTH} levels; a run config needs a handful"
+            )
         if len(locs) >= MAX_VALUES:
             raise ConfigError(f"config: more than {MAX_VALUES} values; a run config is far smaller")
         locs[path] = Loc(f"config[{dotted(path)}]" if path else "config", base)

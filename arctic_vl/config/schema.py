@@ -212,7 +212,9 @@ def _validate_section(
     errors: list[str],
 ) -> ComponentConfig | None:
     if not isinstance(raw, dict):
-        errors.append(f"{located.where(path)}: {dotted(path)}: must be a mapping with a `type`, got {type(raw).__name__}")
+        errors.append(
+            f"{located.where(path)}: {dotted(path)}: must be a mapping with a `type`, got {type(raw).__name__}"
+        )
         return None
     raw = dict(raw)
     type_name = raw.setdefault("type", default_type)
@@ -222,7 +224,9 @@ def _validate_section(
         )
         return None
     if not isinstance(type_name, str) or type_name not in registry.names():
-        errors.append(f"{located.where((*path, 'type'))}: {dotted((*path, 'type'))}: {registry.unknown_message(type_name)}")
+        errors.append(
+            f"{located.where((*path, 'type'))}: {dotted((*path, 'type'))}: {registry.unknown_message(type_name)}"
+        )
         return None
     config_class = registry.get(type_name).config_class
     missing: list[tuple[KeyPath, str]] = []
@@ -356,7 +360,10 @@ def _fields_at(model: type[BaseModel], loc: KeyPath) -> list[str]:
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
             return []
-        models = [t for t in _unwrap(current.model_fields[part].annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        models = [
+            t for t in _unwrap(current.model_fields[part].annotation)
+            if isinstance(t, type) and issubclass(t, BaseModel)
+        ]
         if not models:
             return []
         current = models[0]
@@ -459,7 +466,9 @@ def json_schema() -> dict[str, Any]:
     """JSON Schema of the whole config: each section is a union of its registered types' schemas."""
     load_plugins()
     defs: dict[str, Any] = {}
-    properties: dict[str, Any] = {"extends": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}
+    properties: dict[str, Any] = {
+        "extends": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+    }
     for section, registry in REGISTRIES.items():
         variants = []
         for name, cls in registry.items():

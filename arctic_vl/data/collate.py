@@ -173,6 +173,7 @@ class Collator:
         self.encoder = encoder
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Collate a micro-batch: bad samples dropped (counted under DROPPED), padded, bookkeeping keys added."""
         samples, dropped = drop_bad(samples)
         samples = samples or [padding_sample(self.encoder)]
         indices = [s.pop(ITEM_INDEX) for s in samples]
@@ -203,6 +204,7 @@ class RopeIndex:
 
     def __call__(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
                  image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """3D (mRoPE) position ids (3, 1, L) of one sample, computed without grad."""
         kwargs: dict[str, Any] = {"image_grid_thw": image_grid_thw}
         if self._takes_types:
             kwargs["mm_token_type_ids"] = mm_token_type_ids
@@ -233,6 +235,7 @@ class PackedCollator:
         self.single_row = single_row
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pack a micro-batch by its ITEM_ROW tags (one row if `single_row`); an untagged one goes to `fallback`."""
         if not any(ITEM_ROW in s for s in samples):
             return self.fallback(samples)
         n_rows = len({s.get(ITEM_ROW, 0) for s in samples})  # as planned, before any sample is dropped

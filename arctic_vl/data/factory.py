@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from arctic_vl.config.paths import ConfigPath, ExistingPath
-from arctic_vl.data.bad_records import BadRecordReport, OnBadRecord
+from arctic_vl.data.bad_records import BadRecord, BadRecordReport, OnBadRecord, reject_record
 from arctic_vl.data.base import DataBundle, DataFactory
 from arctic_vl.data.cache import CachedSource, default_cache_dir, encoder_identity, entry_key
 from arctic_vl.data.cache import load as load_entry
@@ -44,7 +44,7 @@ from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE_IMAGE, im
 from arctic_vl.data.records import Conversation
 from arctic_vl.data.sampling import PADDING_INDEX, BalancedBatcher, PackingPlanner
 from arctic_vl.data.sources import SourceSpec, mix, read_source_records, read_sources, source_kind, weigh
-from arctic_vl.errors import DataError
+from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.registry import DATA, ComponentConfig
 
 
@@ -74,7 +74,9 @@ class VLMDataConfig(ComponentConfig):
     min_pixels: int | None = Field(None, ge=1, description="Qwen-VL image budget")
     max_pixels: int | None = Field(None, ge=1, description="Qwen-VL image budget")
     image_grid_pinpoints: list[list[int]] | None = Field(None, description="LLaVA any-res grid")
-    blank_images: bool = Field(False, description="replace every image by a blank one of the same size (blind baseline)")
+    blank_images: bool = Field(
+        False, description="replace every image by a blank one of the same size (blind baseline)"
+    )
     packing: bool = Field(False, description="pack whole samples into rows of up to max_length tokens "
                           "(best-fit, padding-free; micro_batch_size counts rows)")
     balance_ranks: bool = Field(True, description="share each global batch's samples (packed rows) out so every "
@@ -86,6 +88,19 @@ class VLMDataConfig(ComponentConfig):
                                          "~/.cache/arctic_vl/encoded)")
     preprocess_workers: int | None = Field(None, ge=1, description="processes that read and tokenize the records "
                                            "up front (default: the cores, shared by the ranks of a machine)")
+
+    @model_validator(mode="after")
+    def _sources_are_readable(self) -> VLMDataConfig:
+        # what validate can tell without reading records: a kind reads each source, and the files a YAML list
+        # names exist (a missing one is found here, not after the model loads)
+        for spec in [*self.sources, *self.eval_sources]:
+            path, fmt = (Path(spec.path), spec.format) if isinstance(spec, SourceSpec) else (Path(spec), "auto")
+            if path.exists():
+                try:
+                    source_kind(path, fmt).files(path)
+                except ConfigError as e:
+                    raise ValueError(str(e)) from None
+        return self
 
     @model_validator(mode="after")
     def _packing_needs_length(self) -> VLMDataConfig:
@@ -162,17 +177,51 @@ class VLMDataFactory(DataFactory):
                              max_pixels=c.max_pixels, image_grid_pinpoints=c.image_grid_pinpoints,
                              system_prompt=c.system_prompt)
 
+    # -- hooks for a factory built on this one (bbu_detection: its record format, objects vs the head's queries)
+    def source_spec(self, spec: SourceSpec | str) -> SourceSpec:
+        """The SourceSpec one configured source entry reads as (a bare path: `SourceSpec(path=...)`). Override to
+        change defaults, e.g. `format: auto` -> this factory's own record format; the spec is part of the
+        encoded-records cache key, so what it changes can never be served stale."""
+        return spec if isinstance(spec, SourceSpec) else SourceSpec(path=spec)
+
+    def check(self, conv: Conversation) -> Conversation:
+        """A record-level check of one read conversation against the built model, run on every build (cache hit
+        or not): return it (possibly with more `meta`) or raise `BadRecord(reason, field, detail)`, which follows
+        `data.on_bad_record` like every bad record (exit 2 naming file, record, field; or counted and skipped).
+        Default: unchanged."""
+        return conv
+
+    def _checked(self, pairs: list[tuple[Conversation, Any]], report: BadRecordReport
+                 ) -> list[tuple[Conversation, Any]]:
+        """(conversation, encoding) `pairs` with `check` applied to each conversation still encoded; the rejected
+        ones counted (skip) or raised (error)."""
+        if type(self).check is VLMDataFactory.check:
+            return pairs
+        kept = []
+        for conv, enc in pairs:
+            if not enc:  # already dropped by the encoding (and counted there): kept in place for the weighing
+                kept.append((conv, enc))
+                continue
+            try:
+                kept.append((self.check(conv), enc))
+            except BadRecord as e:
+                reject_record(self.config.on_bad_record, report, conv.source, conv.index, e.reason,
+                              f"{conv.source}: {conv.where}: field {e.field}: {e.detail} [reason: {e.reason}]")
+        return kept
+
     def read(self, specs: list[Any], *, seed: int, report: BadRecordReport, shuffle: bool | None = None,
              fingerprints: dict[str, Any] | None = None) -> list[Conversation]:
-        """The sources' conversations, sampled, weighted and mixed (paths resolved by the config already).
+        """The sources' conversations, sampled, weighted and mixed (paths resolved by the config already), each
+        through `check`.
 
         `shuffle` (default: `data.shuffle`) mixes the sources with a seeded shuffle; without it they stay in
         the order listed and each source's records in file order. `fingerprints` gets each source's.
         """
-        specs = [s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs]
-        return read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record,
-                            report=report, shuffle=self.config.shuffle if shuffle is None else shuffle,
-                            max_image_pixels=self.config.max_image_pixels, fingerprints=fingerprints)
+        specs = [self.source_spec(s) for s in specs]
+        convs = read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record,
+                             report=report, shuffle=self.config.shuffle if shuffle is None else shuffle,
+                             max_image_pixels=self.config.max_image_pixels, fingerprints=fingerprints)
+        return [conv for conv, _ in self._checked([(c, True) for c in convs], report)]
 
     def encode(self, conversations: list[Conversation], encoder: SampleEncoder,
                report: BadRecordReport) -> tuple[list[Conversation], list[EncodedText]]:
@@ -189,14 +238,15 @@ class VLMDataFactory(DataFactory):
         `data.shuffle`). `fingerprints` gets each source's; `cache_stats` whether it was a cache hit."""
         c = self.config
         pairs: list[tuple[Conversation, EncodedText | None]] = []
-        for spec in (s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs):
+        for spec in (self.source_spec(s) for s in specs):
             entry, state = self._source(spec, encoder, seed)
             report.merge(entry.report)
             if fingerprints is not None:
                 fingerprints[str(spec.path)] = entry.fingerprint
             if cache_stats is not None:
                 cache_stats[str(spec.path)] = state
-            pairs += weigh(list(zip(entry.conversations, entry.encoded)), spec, seed)
+            # checked before weighing: a record repeated by its weight is one record, counted once
+            pairs += weigh(self._checked(list(zip(entry.conversations, entry.encoded)), report), spec, seed)
         kept = [(conv, enc) for conv, enc in mix(pairs, seed, c.shuffle if shuffle is None else shuffle) if enc]
         return [conv for conv, _ in kept], [enc for _, enc in kept]
 
@@ -292,7 +342,8 @@ class VLMDataFactory(DataFactory):
         p = stats["packing"]
         logger.info(f"packing: {p['samples']} samples into {p['rows']} rows of <= {c.max_length} tokens "
                     f"({p['samples_per_row']:.2f} per row): efficiency {p['efficiency']:.1%} "
-                    f"(unpacked, padded to the longest of {c.micro_batch_size}: {p['unpacked_padding_efficiency']:.1%})")
+                    f"(unpacked, padded to the longest of {c.micro_batch_size}: "
+                    f"{p['unpacked_padding_efficiency']:.1%})")
         rope = RopeIndex(model_bundle.model) if model_bundle.family.is_qwen else None
         # Flash attention isolates packed samples only in a batch of one row (see PackedCollator).
         attn = str(getattr(getattr(model_bundle.model, "config", None), "_attn_implementation", None) or "")

@@ -138,6 +138,7 @@ class BalancedBatcher:
         self._cache: dict[tuple[int, int], list[list[list[int]]]] = {}  # the loop asks for a plan more than once
 
     def __call__(self, epoch: int, world_size: int) -> list[list[list[int]]]:
+        """plan[b][r]: rank r's b-th micro-batch of sample indices for `epoch` (cached for the last four epochs)."""
         key = (epoch, world_size)
         if key not in self._cache:
             if len(self._cache) >= 4:
@@ -211,6 +212,7 @@ class PackingPlanner:
         return self._cache[epoch]
 
     def __call__(self, epoch: int, world_size: int) -> list[list[list[PackKey]]]:
+        """plan[b][r]: rank r's b-th micro-batch of `(row, sample)` keys for `epoch`, rows dealt by `deal`."""
         def keys(part: list[list[int]]) -> list[PackKey]:
             return [(r, i) for r, row in enumerate(part) for i in row]
 

@@ -261,6 +261,10 @@ def _parsed(raws: list[RawRecord]) -> list[Any]:
 
 
 def _detect(path: Path, raws: list[RawRecord]) -> str:
+    if not raws:  # nothing to tell a format by: say what is wrong with the file instead
+        raise DataError(f"{path}: the file holds no records (empty, blank lines only, or an empty list); "
+                        "name a file with records or remove it from the sources",
+                        source=str(path), reason="empty_source")
     fmt = detect_record_format(_parsed(raws[:_DETECT_SCAN]))
     if fmt is not None:
         return fmt
@@ -422,7 +426,11 @@ class FileList(DataSource):
                 parse_sample(strategy)
             except ConfigError as e:
                 raise ConfigError(f"{where}.sampling_strategy: {e}") from None
-            entries.append((where, _resolve_path(entry["json_path"], path.parent), strategy))
+            child = _resolve_path(entry["json_path"], path.parent)
+            if not child.exists():
+                raise ConfigError(f"{where}.json_path: {child} does not exist (a relative json_path is relative to "
+                                  f"{path.name}'s folder)")
+            entries.append((where, child, strategy))
         return entries
 
 

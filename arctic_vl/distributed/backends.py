@@ -20,6 +20,8 @@ from arctic_vl.registry import DISTRIBUTED, Component, ComponentConfig
 
 
 class DistributedConfig(ComponentConfig):
+    """The `distributed:` section: the device to train on (all `single` has; the other backends add theirs)."""
+
     type: str = "single"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
 
@@ -43,6 +45,7 @@ class DistributedBackend(Component):
 
     # -- set-up -------------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Pick the device (`device: auto` takes CUDA when available); one process needs no process group."""
         self.device = self._pick_device()
 
     def _pick_device(self) -> torch.device:
@@ -56,10 +59,12 @@ class DistributedBackend(Component):
         """Move/wrap the model; returns (model, optimizer, scheduler) as the loop should use them."""
         return model, optimizer, scheduler
 
-    def teardown(self) -> None: ...
+    def teardown(self) -> None:
+        """Release what `setup` made (one process: nothing)."""
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that writes files and logs."""
         return self.rank == 0
 
     # -- the step -----------------------------------------------------------------------------------
@@ -69,6 +74,7 @@ class DistributedBackend(Component):
         yield
 
     def backward(self, model: Any, loss: torch.Tensor) -> None:
+        """Backpropagate `loss` (already scaled for the whole accumulated batch)."""
         loss.backward()
 
     def step(self, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float | None, *,
@@ -103,15 +109,19 @@ class DistributedBackend(Component):
         return {name: sq ** 0.5 for name, sq in squares.items()}
 
     def unwrap(self, model: Any) -> torch.nn.Module:
+        """The loop's own module inside what `prepare` returned (one process: `model` itself)."""
         return model
 
     # -- collectives --------------------------------------------------------------------------------
     def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums of `values` over all ranks, on every rank (one process: a copy)."""
         return list(values)
 
-    def barrier(self) -> None: ...
+    def barrier(self) -> None:
+        """Wait until every rank gets here (one process: return at once)."""
 
     def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` (picklable), on every rank."""
         return obj
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -130,6 +140,7 @@ class DistributedBackend(Component):
         return False
 
     def load_state(self, model: Any, optimizer: Any, path: str) -> bool:
+        """Load engine-owned state saved by `save_state` from `path`; False means the checkpointer loads it itself."""
         return False
 
     def full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
@@ -146,9 +157,12 @@ class Single(DistributedBackend):
 
 
 class DDPConfig(DistributedConfig):
+    """The `distributed:` section of `ddp`: unused-parameter detection and the collective timeout."""
+
     type: str = "ddp"
     find_unused_parameters: bool = Field(
-        True, description="needed when some parameters get no grad on a step (e.g. text-only batches, vision_feature_layer=-1)"
+        True, description="needed when some parameters get no grad on a step "
+        "(e.g. text-only batches, vision_feature_layer=-1)"
     )
     timeout_minutes: int = Field(30, ge=1, le=525_600, description="collective timeout (at most a year)")
 
@@ -180,6 +194,7 @@ class DDP(DistributedBackend):
     config_class = DDPConfig
 
     def setup(self) -> None:
+        """Read RANK/WORLD_SIZE/LOCAL_RANK, pick the device, join the process group (nccl on CUDA, else gloo)."""
         import datetime
 
         import torch.distributed as dist
@@ -196,6 +211,7 @@ class DDP(DistributedBackend):
                                     timeout=datetime.timedelta(minutes=self.config.timeout_minutes))
 
     def prepare(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+        """Wrap the model in DistributedDataParallel (one process: left as is); optimizer and scheduler unchanged."""
         from torch.nn.parallel import DistributedDataParallel
 
         if self.world_size == 1:
@@ -208,6 +224,7 @@ class DDP(DistributedBackend):
 
     @contextlib.contextmanager
     def no_sync(self, model: Any, sync: bool) -> Iterator[None]:
+        """Skip DDP's all-reduce unless `sync`; DDP's unused-parameter error becomes a ConfigError naming the fix."""
         try:
             if sync or not hasattr(model, "no_sync"):
                 yield
@@ -218,9 +235,11 @@ class DDP(DistributedBackend):
             raise unused_parameters_error(e, model, self.config) from None
 
     def unwrap(self, model: Any) -> torch.nn.Module:
+        """The module inside DistributedDataParallel (or `model` when not wrapped)."""
         return getattr(model, "module", model)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums of `values` over all ranks (float64, on the device for nccl), on every rank."""
         import torch.distributed as dist
 
         if self.world_size == 1:
@@ -230,12 +249,14 @@ class DDP(DistributedBackend):
         return t.tolist()
 
     def barrier(self) -> None:
+        """torch.distributed barrier, when a process group is up."""
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.barrier()
 
     def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` (picklable), on every rank."""
         import torch.distributed as dist
 
         if self.world_size == 1:
@@ -245,6 +266,7 @@ class DDP(DistributedBackend):
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
         import torch.distributed as dist
 
         if self.world_size == 1:
@@ -254,6 +276,7 @@ class DDP(DistributedBackend):
         return out
 
     def teardown(self) -> None:
+        """Destroy the process group, when one is up."""
         import torch.distributed as dist
 
         if dist.is_initialized():

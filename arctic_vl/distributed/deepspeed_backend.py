@@ -63,7 +63,8 @@ _ZERO_KEYS = {
         "prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold", "max_live_parameters",
         "max_reuse_distance", "gather_16bit_weights_on_model_save", "module_granularity_threshold",
         "use_all_reduce_for_fetch_params", "allgather_sequential")),
-    "leaf_module",  # {classes, names, name_suffixes}: DeepSpeed matches these strings against class NAMES, never imports
+    # {classes, names, name_suffixes}: DeepSpeed matches these strings against class NAMES, never imports
+    "leaf_module",
 }
 
 #: what `distributed.config` may pass to DeepSpeed: top-level key -> None (a plain value) or its allowed sub-keys.
@@ -71,7 +72,8 @@ _ZERO_KEYS = {
 #: source: none is resolved to an import, a file to load or a component that replaces the engine's own)
 PASS_THROUGH: dict[str, set[str] | None] = {
     "train_batch_size": None, "train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": None,
-    "gradient_clipping": None,  # (these four, bf16.enabled and zero_optimization.stage must agree with the engine config)
+    # (these four, bf16.enabled and zero_optimization.stage must agree with the engine config)
+    "gradient_clipping": None,
     "zero_optimization": _ZERO_KEYS,
     "bf16": {"enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
              "bf16_optimizer_states"},
@@ -165,6 +167,8 @@ def _leaf_module(value: Any) -> list[str]:
 
 
 class DeepSpeedConfig(DistributedConfig):
+    """The `distributed:` section of `deepspeed`: ZeRO stage, CPU offload, extra DeepSpeed keys, timeout."""
+
     type: str = "deepspeed"
     zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="keep optimizer state (and its step) on CPU")
@@ -335,14 +339,17 @@ class DeepSpeedModel:
         self.step_module = step_module
 
     def __call__(self, batch: dict[str, Any], counts: Any) -> Any:
+        """The engine's forward on `batch`; returns the trainer's LossOutput."""
         _, out = self.engine(batch, counts)
         return out
 
     def train(self, mode: bool = True) -> DeepSpeedModel:
+        """Set the engine's train (or eval) mode; returns self, like `nn.Module.train`."""
         self.engine.train(mode)
         return self
 
     def eval(self) -> DeepSpeedModel:
+        """`train(False)`."""
         return self.train(False)
 
 
@@ -357,6 +364,7 @@ class DeepSpeed(DDP):
         self.ds_config: dict[str, Any] = {}
 
     def setup(self) -> None:
+        """Join DeepSpeed's process group; with no launcher, set up a one-process environment (a free port) first."""
         import datetime
 
         # One process without a launcher: DeepSpeed still wants the launcher's environment.
@@ -376,6 +384,7 @@ class DeepSpeed(DDP):
                                    rank=self.rank, world_size=self.world_size)
 
     def prepare(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+        """`deepspeed.initialize` with the derived config; returns (DeepSpeedModel, ZeRO's optimizer, the scheduler)."""
         import deepspeed
 
         if self.engine_config is None:
@@ -390,12 +399,13 @@ class DeepSpeed(DDP):
     # -- the step -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def no_sync(self, model: DeepSpeedModel, sync: bool) -> Iterator[None]:
-        # The loop's last micro-batch of a step is the boundary: reduction and the optimizer step happen there.
+        """Mark whether this micro-batch ends the step (`sync`): DeepSpeed reduces and steps at that boundary."""
         model.engine.set_gradient_accumulation_boundary(sync)
         yield
 
     def backward(self, model: DeepSpeedModel, loss: torch.Tensor) -> None:
-        # The loop's loss is already normalised for the whole accumulated batch: no division by the accumulation.
+        """The engine's backward, not divided by the accumulation steps: the loop's loss is already normalised
+        for the whole accumulated batch."""
         model.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, model: DeepSpeedModel, optimizer: Any, scheduler: Any, max_grad_norm: float | None, *,
@@ -425,6 +435,7 @@ class DeepSpeed(DDP):
         return {}
 
     def unwrap(self, model: Any) -> torch.nn.Module:
+        """The loop's model+loss module inside a DeepSpeedModel (or `model` as is)."""
         return model.step_module if isinstance(model, DeepSpeedModel) else model
 
     @property

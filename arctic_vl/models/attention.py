@@ -118,7 +118,8 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # A mask (padding, or a model's own dense pattern) or a cache (q and k lengths differ) is sdpa's business.
     maybe_packed = (attention_mask is None and causal and query.shape[2] == key.shape[2] > 1
-                    and (kwargs.get("cu_seq_lens_q") is not None or isinstance(kwargs.get("position_ids"), torch.Tensor)))
+                    and (kwargs.get("cu_seq_lens_q") is not None
+                         or isinstance(kwargs.get("position_ids"), torch.Tensor)))
     if maybe_packed:
         return _packed_attention(module, query, key, value, dropout, scaling, is_causal, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -38,7 +38,9 @@ def final_hidden(model: torch.nn.Module, batch: dict[str, Any], *, dummy_vision:
     backbone = getattr(hf, "model", None)
     head = hf.get_output_embeddings()
     if backbone is None or head is None:
-        raise TypeError(f"{type(hf).__name__} has no backbone `.model` and output embeddings; cannot compute a lean loss")
+        raise TypeError(
+            f"{type(hf).__name__} has no backbone `.model` and output embeddings; cannot compute a lean loss"
+        )
     inputs = model_inputs(batch)
     if dummy_vision is None:
         dummy_vision = _multi_process()

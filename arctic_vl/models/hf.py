@@ -22,8 +22,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class HFModelConfig(ComponentConfig):
+    """The `model:` section of `hf_vlm`: a local HF directory (or an inline tiny model), dtype, freezing, LoRA."""
+
     type: str = "hf_vlm"
-    name_or_path: ModelPath | None = Field(None, description="a local HF model directory (config.json, safetensors, processor)")
+    name_or_path: ModelPath | None = Field(
+        None, description="a local HF model directory (config.json, safetensors, processor)"
+    )
     family: str | None = Field(None, description="with no name_or_path: build a tiny random model of this family")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig,
                                   description="shape of the tiny model (layers, hidden, heads, ...); with family")
@@ -114,6 +118,7 @@ class HFModelFactory(ModelFactory):
         return output_dir / "base_model"
 
     def describe(self) -> str:
+        """One line naming the model: its model type and directory, or the tiny family and shape."""
         if self.config.name_or_path is not None:
             return f"{read_model_type(self.config.name_or_path)} from {self.config.name_or_path}"
         shape = self.config.tiny.given()
@@ -179,6 +184,7 @@ class HFModelFactory(ModelFactory):
         return bundle
 
     def freeze(self, bundle: ModelBundle) -> None:
+        """Set requires_grad False on every parameter of the parts in `model.freeze` (vision, aligner, llm)."""
         frozen = set(self.config.freeze)
         if not frozen:
             return

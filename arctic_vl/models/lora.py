@@ -48,7 +48,8 @@ class LoraConfig(BaseModel):
         default_factory=lambda: ["llm"], min_length=1, description="parts whose linear layers get LoRA"
     )
     modules_to_save: list[str] = Field(
-        default_factory=list, description="extra module names (or name suffixes) trained fully and saved with the adapter"
+        default_factory=list,
+        description="extra module names (or name suffixes) trained fully and saved with the adapter",
     )
 
     @field_validator("target")
@@ -63,6 +64,7 @@ class LoraConfig(BaseModel):
 
     @property
     def scaling(self) -> float:
+        """PEFT's LoRA scaling, `alpha / r` (what a merge multiplies B @ A by)."""
         return self.alpha / self.r
 
 
@@ -161,6 +163,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, frozen: set[str],
 
 
 def is_peft(model: torch.nn.Module) -> bool:
+    """True for a PEFT model (it has `get_base_model` and `peft_config`)."""
     return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from arctic_vl.config.paths import output_directory
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.families import FAMILIES, FamilySpec, get_family
 
@@ -175,7 +176,8 @@ class TinyModelConfig(BaseModel):
     vision_hidden: int | None = Field(None, ge=4, le=4096, description="vision-tower width (default 64)")
     image_size: int | None = Field(None, ge=1, le=4096,
                                    description="LLaVA: the vision crop (default 32); Qwen: the largest image side")
-    patch_size: int | None = Field(None, ge=1, le=64, description="vision patch (default 8 LLaVA, 14 Qwen2/2.5, 16 Qwen3)")
+    patch_size: int | None = Field(None, ge=1, le=64,
+                                   description="vision patch (default 8 LLaVA, 14 Qwen2/2.5, 16 Qwen3)")
     vocab_size: int | None = Field(None, ge=1, le=262144, description="default: the tokenizer's size rounded up to 64")
     anyres_grid: int | None = Field(None, ge=1, le=8, description="LLaVA any-res grid: every tiling up to N x N tiles")
 
@@ -202,7 +204,9 @@ def check_tiny_shape(family: str, shape: dict[str, Any]) -> None:
     if hidden % heads:
         raise ValueError(f"tiny.heads ({heads}) must divide tiny.hidden ({hidden})")
     if (hidden // heads) % 2:
-        raise ValueError(f"tiny.hidden / tiny.heads (the head size, {hidden // heads}) must be even (rotary embeddings)")
+        raise ValueError(
+            f"tiny.hidden / tiny.heads (the head size, {hidden // heads}) must be even (rotary embeddings)"
+        )
     if heads % kv:
         raise ValueError(f"tiny.kv_heads ({kv}) must divide tiny.heads ({heads})")
     vision = s["vision_hidden"]
@@ -214,7 +218,9 @@ def check_tiny_shape(family: str, shape: dict[str, Any]) -> None:
         raise ValueError(f"tiny.vision_hidden ({vision}): the Qwen vision head size ({vision // vision_heads}) must "
                          "be a multiple of 4: e.g. a multiple of 16")
     if spec.is_qwen and s["anyres_grid"] is not None:
-        raise ValueError(f"tiny.anyres_grid applies to the LLaVA families, not {spec.name} (Qwen sizes images by pixels)")
+        raise ValueError(
+            f"tiny.anyres_grid applies to the LLaVA families, not {spec.name} (Qwen sizes images by pixels)"
+        )
     if not spec.is_qwen:
         size, patch = s["image_size"] or 32, s["patch_size"] or 8
         if patch > size:
@@ -400,6 +406,7 @@ def make_tiny_model_cli(argv: list[str]) -> int:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    output_directory(args.out_dir, "OUT_DIR")
     try:
         out = make_tiny_model(
             args.family, args.out_dir, seed=args.seed, text_layers=args.layers, hidden=args.hidden,

@@ -45,12 +45,16 @@ class ParamGroupConfig(BaseModel):
 
 
 class AdamWConfig(ComponentConfig):
+    """The `optimizer:` section of `adamw`: LR, weight decay, betas, eps, parameter groups, fused."""
+
     type: str = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
-    no_decay_on_bias_and_norm: bool = Field(True, description="no weight decay on biases and norm weights (1-D tensors)")
+    no_decay_on_bias_and_norm: bool = Field(
+        True, description="no weight decay on biases and norm weights (1-D tensors)"
+    )
     param_groups: list[ParamGroupConfig] = Field(default_factory=list)
     fused: bool | None = Field(None, description="torch's fused AdamW (None: on for CUDA)")
 
@@ -113,11 +117,13 @@ class Optimizer(Component):
         self.config = config
 
     def param_groups(self, model: torch.nn.Module, part_of: Callable[[str], str | None]) -> list[dict[str, Any]]:
+        """The trainable parameters as torch param groups (`param_groups` by part or regex; 1-D ones without decay)."""
         c = self.config
         return group_parameters(model.named_parameters(), c.param_groups, part_of, lr=c.lr,
                                 weight_decay=c.weight_decay, no_decay_1d=c.no_decay_on_bias_and_norm)
 
     def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The torch optimizer over `groups` (what `param_groups` returned); subclasses implement it."""
         raise NotImplementedError
 
 
@@ -131,6 +137,7 @@ class AdamW(Optimizer):
     config_class = AdamWConfig
 
     def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """torch.optim.AdamW over `groups`; fused when `fused` is set, or left unset and the parameters are on CUDA."""
         c = self.config
         device_is_cuda = any(p.is_cuda for g in groups for p in g["params"])
         fused = c.fused if c.fused is not None else device_is_cuda

@@ -229,10 +229,12 @@ class Trainer(Component):
     # ------------------------------------------------------------------------------------------- helpers
     @property
     def is_main(self) -> bool:
+        """True on the process that writes files and logs (rank 0)."""
         return self.dist.is_main
 
     @property
     def micro_batches_per_epoch(self) -> int:
+        """Micro-batches per rank in epoch 0's plan."""
         return len(self.plan(0))
 
     def plan(self, epoch: int) -> list[list[list[Any]]]:
@@ -243,9 +245,11 @@ class Trainer(Component):
                                       self.config.seed, epoch, self.data.shuffle)
 
     def steps_per_epoch(self) -> int:
+        """Optimizer steps in an epoch: micro-batches per epoch over gradient_accumulation_steps, rounded up."""
         return math.ceil(self.micro_batches_per_epoch / self.config.gradient_accumulation_steps)
 
     def compute_total_steps(self) -> int:
+        """`max_steps` if set, else the optimizer steps of `epochs` epochs (a fraction: part of one); at least 1."""
         if self.config.max_steps is not None:
             return self.config.max_steps
         if self.data.batcher is not None:  # e.g. packing: each epoch's packs give it its own micro-batch count
@@ -271,9 +275,11 @@ class Trainer(Component):
         return Prefetcher(batches, depth=self.config.gradient_accumulation_steps if self.config.prefetch else 0)
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with its tensors on this rank's device (non-blocking); other values as they are."""
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def autocast(self) -> Any:
+        """bf16 autocast on the device when `trainer.bf16`, else a no-op context."""
         if self.config.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
@@ -282,7 +288,8 @@ class Trainer(Component):
     def train(self) -> dict[str, Any]:
         """Train to the configured length, resuming from the latest checkpoint; returns a summary."""
         latest = self.setup()
-        if latest is not None and self.state.step >= self.total_steps and (self.output_dir / "final" / "config.json").is_file():
+        if (latest is not None and self.state.step >= self.total_steps
+                and (self.output_dir / "final" / "config.json").is_file()):
             if self.is_main:
                 logger.info(f"run already finished at step {self.state.step} (checkpoint {latest}); "
                             f"outputs in {self.output_dir}")
@@ -352,7 +359,8 @@ class Trainer(Component):
             if getattr(self.dist.config, "zero_stage", 0) == 3:
                 raise ConfigError("trainer.compile does not work with DeepSpeed ZeRO-3 (its parameter gathering "
                                   "hooks cannot be compiled); use zero_stage 2 or trainer.compile: false")
-            n = compile_decoder_layers(self.bundle.model, dynamic=c.dynamic, mode=None if c.mode == "default" else c.mode)
+            n = compile_decoder_layers(self.bundle.model, dynamic=c.dynamic,
+                                       mode=None if c.mode == "default" else c.mode)
             if self.is_main:
                 logger.info(f"trainer.compile: {n} decoder layers compiled (dynamic={c.dynamic}); the first step "
                             "compiles them (tens of seconds on CPU)")
@@ -378,7 +386,8 @@ class Trainer(Component):
                     micro = [self.to_device(self.data.accept(b)) for _, b in zip(range(gas), batches)]
                     if not micro:  # the plan promised more micro-batches than the loader gave: never spin on it
                         raise RunFailed(f"epoch {epoch} yielded no micro-batch at position "
-                                        f"{self.state.batch_in_epoch} of {self._per_epoch}; the data loader ended early")
+                                        f"{self.state.batch_in_epoch} of {self._per_epoch}; "
+                                        "the data loader ended early")
                     yield micro, time.perf_counter() - t_data
 
     def train_step(self, micro: list[dict[str, Any]], data_time: float) -> dict[str, Any]:
@@ -426,7 +435,9 @@ class Trainer(Component):
             metrics[k] = s / c if c else None
         return metrics
 
-    def forward_backward(self, micro: list[dict[str, Any]], counts: StepCounts) -> tuple[float, dict[str, tuple[float, float]]]:
+    def forward_backward(
+        self, micro: list[dict[str, Any]], counts: StepCounts
+    ) -> tuple[float, dict[str, tuple[float, float]]]:
         """Forward and backward of every micro-batch, gradients scaled to the step's global mean; returns this
         process's summed loss and side metrics (name -> (sum, count))."""
         scale = self.dist.world_size / max(counts.units, 1.0)
@@ -543,8 +554,8 @@ class Trainer(Component):
         saved_ws = saved.get("world_size", self.dist.world_size)
         if saved_ws != self.dist.world_size:  # the data plan and global batch depend on it; ZeRO state is sharded
             raise ConfigError(
-                f"{self.output_dir}: cannot resume from {latest.name}: it was saved by {saved_ws} processes and this run "
-                f"has {self.dist.world_size}. Resume with {saved_ws} processes, or start a new run (new "
+                f"{self.output_dir}: cannot resume from {latest.name}: it was saved by {saved_ws} processes "
+                f"and this run has {self.dist.world_size}. Resume with {saved_ws} processes, or start a new run (new "
                 "trainer.output_dir) from the exported weights."
             )
         _check_data_fingerprint(latest.name, saved.get("data_fingerprint"), self.data.fingerprint)
@@ -552,6 +563,7 @@ class Trainer(Component):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
+        """Write the step-N checkpoint (weights, optimizer, scheduler, trainer state, bad records); returns its path."""
         self._gather_bad_records()
         state = {**asdict(self.state), "config": self.run_config, "world_size": self.dist.world_size,
                  "data_fingerprint": self.data.fingerprint}
@@ -561,6 +573,7 @@ class Trainer(Component):
         return path
 
     def export(self) -> Path | None:
+        """Write OUTPUT_DIR/final (an HF directory, atomically); returns its path, None when `export_final` is off."""
         if not self.checkpointer.config.export_final:
             return None
         full = self.dist.full_state_dict(self.model)
@@ -592,6 +605,7 @@ class Trainer(Component):
             self.state.extra["bad_records"] = report.late_entries()
 
     def summary(self, checkpoint: Path | None, **extra: Any) -> dict[str, Any]:
+        """What `train` returns: steps, epoch, output_dir, checkpoint, skipped records by reason, plus `extra`."""
         self._gather_bad_records()
         out = {"steps": self.state.step, "epoch": self.state.epoch, "output_dir": str(self.output_dir),
                "checkpoint": str(checkpoint) if checkpoint else None,

@@ -32,7 +32,9 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, shifted[mask]
 
 
-def lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = 2048) -> tuple[torch.Tensor, int]:
+def lm_loss_sum(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = 2048
+) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross entropy over label tokens, and their count.
 
     Returning a sum (not a mean) lets the loop divide by the label tokens of the whole accumulated

@@ -20,6 +20,7 @@ class SFTTrainer(Trainer):
     config_class = TrainerConfig
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
+        """Summed next-token cross entropy over the label tokens (memory-lean, in chunks of `loss_chunk_size`)."""
         hidden, head, _ = final_hidden(model, batch)
         loss_sum, n = lm_loss_sum(hidden, head, batch["labels"], self.config.loss_chunk_size)
         return LossOutput(loss_sum, n)

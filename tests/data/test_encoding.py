@@ -191,7 +191,9 @@ def test_errors_and_system_prompt(tiny_dirs):
         encoder.encode_text(turns, [(32, 32), (32, 32)])
     assert err.value.reason == "image_token_mismatch"
     with pytest.raises(DataError) as err:
-        encoder.encode_text([{"role": "user", "content": "<|image_pad|>What?"}, {"role": "assistant", "content": "x"}], [])
+        encoder.encode_text(
+            [{"role": "user", "content": "<|image_pad|>What?"}, {"role": "assistant", "content": "x"}], []
+        )
     assert err.value.reason == "image_token_mismatch"
     for bad in ([{"role": "human", "content": "hi"}, {"role": "assistant", "content": "x"}],
                 [{"role": "user", "content": "hi"}], [], [{"role": "assistant", "content": 3}]):
@@ -252,4 +254,5 @@ def test_labels_cover_content_with_leading_space_and_every_assistant_turn(tiny_d
     enc = encoder.encode_text(turns, [(40, 40)])
     assert _labelled_runs(processor.tokenizer, enc.labels) == [" red star.<|im_end|>", "left<|im_end|>"]
     # Nothing but those tokens is trained: not the headers, newlines, system or user text.
-    assert sum(lab != IGNORE_INDEX for lab in enc.labels) == len(processor.tokenizer(" red star.<|im_end|>left<|im_end|>")["input_ids"])
+    trained = processor.tokenizer(" red star.<|im_end|>left<|im_end|>")["input_ids"]
+    assert sum(lab != IGNORE_INDEX for lab in enc.labels) == len(trained)

@@ -254,7 +254,8 @@ def test_shuffle_false_keeps_file_order_through_the_factory(synthetic_dir, tiny_
 
     bundle = SimpleNamespace(processor=load_processor(tiny_llava), family=family_of_dir(tiny_llava), model=None)
     heldout, train = synthetic_dir / "heldout.messages.jsonl", synthetic_dir / "train.llava.json"
-    sources = [SourceSpec(path=str(heldout), sample="first:4", weight=2.5), SourceSpec(path=str(train), sample="first:5")]
+    sources = [SourceSpec(path=str(heldout), sample="first:4", weight=2.5),
+               SourceSpec(path=str(train), sample="first:5")]
 
     def order(shuffle: bool) -> list[tuple[str, int]]:
         config = VLMDataConfig(sources=sources, shuffle=shuffle, micro_batch_size=2, max_length=None)
@@ -376,3 +377,11 @@ def test_report_merge():
     assert (a.total, a.by_reason(), a.by_source()) == (3, {"invalid_json": 2, "missing_image": 1},
                                                        {"f1": 1, "f2": 2})
     assert BadRecordReport().format() == "no bad records"
+
+
+@pytest.mark.parametrize("name, text", [("e.jsonl", ""), ("b.jsonl", "\n \n"), ("l.json", "[]")])
+def test_a_source_without_records_says_so(tmp_path, name, text):
+    """An empty file is named as empty (exit 2), not as a file whose record format cannot be told."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=rf"{name}: the file holds no records"):
+        read(tmp_path / name, tmp_path)

@@ -63,7 +63,8 @@ def test_answers_balanced_per_question_type(big):
     out, result = big
     assert result["train"]["qtypes"] == {"colour": 85, "shape": 85, "count": 85, "position": 85, "text": 60}
     recs = load(out / "train.messages.jsonl")
-    answers = {q: Counter(r["messages"][1]["content"] for r in recs if r["qtype"] == q) for q in result["train"]["qtypes"]}
+    answers = {q: Counter(r["messages"][1]["content"] for r in recs if r["qtype"] == q)
+               for q in result["train"]["qtypes"]}
     assert sorted(answers["colour"].values()) == [21, 21, 21, 22]
     assert set(answers["colour"]) == set(PALETTE)
     assert sorted(answers["shape"].values()) == [28, 28, 29]
@@ -155,7 +156,8 @@ def test_single_object_fraction_sets_the_train_mix_only(tmp_path):
     assert all(s < 0.2 for s in _single_object_shares(tmp_path / "low", "train").values())
     assert all(s == 0.0 for s in _single_object_shares(tmp_path / "none", "train").values())
     # multi-shape questions name their target: "the circle", "the red object", "the red circle"
-    qs = [r["conversations"][0]["value"] for r in load(tmp_path / "none" / "train.llava.json") if r["qtype"] == "colour"]
+    qs = [r["conversations"][0]["value"] for r in load(tmp_path / "none" / "train.llava.json")
+          if r["qtype"] == "colour"]
     assert qs and not any(q.endswith("the shape?") for q in qs)
     # balance and counts per qtype do not depend on the mix; the held-out split is the default one, byte for byte
     assert low["train"]["qtypes"] == default["train"]["qtypes"]

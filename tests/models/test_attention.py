@@ -110,7 +110,8 @@ def test_only_the_language_model_switches(family, models):
     others = {m.config._attn_implementation for m in model.modules()
               if hasattr(m, "config") and not any(m is x for x in lm.modules()) and m is not model}
     assert others == {"sdpa"}, others  # the vision tower (and its sub-models) keep sdpa
-    assert language_model_of(load_model(models[family], attn_implementation="eager")).config._attn_implementation == "eager"
+    eager = language_model_of(load_model(models[family], attn_implementation="eager"))
+    assert eager.config._attn_implementation == "eager"
     saved = model.config.to_dict()
     assert VARLEN_ATTENTION not in str(saved)  # never written into an exported config.json
 

@@ -149,7 +149,8 @@ def test_family_of_dir_and_errors(tiny_dirs, tmp_path):
     with pytest.raises(ConfigError, match=r"no config\.json"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match=r"model_type 'bert', which arctic_vl cannot train; supported model types: llava, llava_next"):
+    with pytest.raises(ConfigError, match=r"model_type 'bert', which arctic_vl cannot train; "
+                                          r"supported model types: llava, llava_next"):
         family_of_dir(tmp_path)
     with pytest.raises(ConfigError, match="flash_attention_2"):
         load_model(tiny_dirs["qwen2_vl"], attn_implementation="flash_attention_2")

@@ -197,7 +197,8 @@ class AlternatingModelFactory(HFModelFactory):
 
         register_auto()
         if exported:
-            model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
+            model = load_model(path, dtype=DTYPES[self.config.dtype],
+                               attn_implementation=self.config.attn_implementation)
             self._report = None
         else:
             model, self._report = self.build_model(path)

@@ -349,6 +349,7 @@ class AlternatingQwen2ForCausalLM(Qwen2ForCausalLM):
     create_masks_for_generate = _pass_2d_mask_through
 
     def prepare_inputs_for_generation(self, input_ids, *args, modality_ids=None, **kwargs):
+        """Qwen2's inputs for a generation step, plus `modality_ids` padded as text to the input length."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         if modality_ids is not None and input_ids is not None and input_ids.shape[1] > 0:
             missing = input_ids.shape[1] - modality_ids.shape[1]

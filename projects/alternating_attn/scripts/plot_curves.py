@@ -9,9 +9,9 @@
 
 With no `--run`, the three runs of configs/{base,alternating,alternating_cross}.yaml are used (OUTPUT_DIR
 `projects/alternating_attn/outputs/<variant>`). Reads each run's OUTPUT_DIR/metrics.jsonl (training loss per step)
-and OUTPUT_DIR/eval.jsonl (training-time evaluations; the one at the latest step is the final evaluation). With `--data`, chance
-levels per question type are computed from the synthetic data (see `chance_levels`). Prints a Markdown table of the
-final exact match next to the chance levels, and writes the PNG.
+and OUTPUT_DIR/eval.jsonl (training-time evaluations; the one at the latest step is the final evaluation). With
+`--data`, chance levels per question type are computed from the synthetic data (see `chance_levels`). Prints a
+Markdown table of the final exact match next to the chance levels, and writes the PNG.
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ def plot(runs: dict[str, Path], out: Path, chance: dict[str, dict[str, float]] |
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plot the runs' loss curves to `--out`, print their final exact match beside the chance levels; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", default=[], metavar="NAME=OUTPUT_DIR",
                         help="a run to plot (repeatable); default: the three variant runs under outputs/")

@@ -78,7 +78,8 @@ def test_validate_rejects_variant_mismatch_unless_forced(cli, write_config, tiny
     ({"family": "qwen2_vl"}, "model.family: family 'qwen2_vl'"),
     ({"family": "llava_onevision", "init_from_backbone": "nowhere"}, "model.init_from_backbone: init_from_backbone:"),
     ({"family": "llava_onevision", "variant": "sideways"}, "model.variant: Input should be 'auto', 'alternating'"),
-    ({"family": "llava_onevision", "skip_parts": ["head"]}, "model.skip_parts[0]: Input should be 'vision', 'aligner' or 'llm' (got 'head')"),
+    ({"family": "llava_onevision", "skip_parts": ["head"]},
+     "model.skip_parts[0]: Input should be 'vision', 'aligner' or 'llm' (got 'head')"),
     ({"family": "llava_onevision", "variant": "alternating", "attn_implementation": "flash_attention_2"},
      "cannot express the alternating mask"),
 ])

@@ -60,7 +60,10 @@ def greedy_match(pred: torch.Tensor, scores: torch.Tensor, gt: torch.Tensor, iou
 
 
 def coco_metrics(images: list[dict[str, Any]]) -> dict[str, float]:
-    """AP, AP50, AP75, AR100 of per-image records {width, height, gt: [[x1,y1,x2,y2]], pred: [[x1,y1,x2,y2]], scores}."""
+    """AP, AP50, AP75, AR100 of per-image records.
+
+    Each record: {width, height, gt: [[x1,y1,x2,y2]], pred: [[x1,y1,x2,y2]], scores}.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

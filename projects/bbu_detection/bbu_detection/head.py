@@ -122,6 +122,7 @@ class ResidualAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x + up(gelu(down(norm(x))))`, same shape as `x`."""
         return x + self.up(F.gelu(self.down(self.norm(x))))
 
 
@@ -332,7 +333,10 @@ class DetectionHead(nn.Module):
 # ----------------------------------------------------------------------------------------- save / load
 def save_detection_head(head: DetectionHead, out_dir: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `config.json` + `model.safetensors` into `out_dir`; `state_dict` (gathered weights) overrides the module's."""
+    """Write `config.json` + `model.safetensors` into `out_dir`; returns `out_dir`.
+
+    `state_dict` (gathered weights) overrides the module's.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)

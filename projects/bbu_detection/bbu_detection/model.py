@@ -47,6 +47,8 @@ VLM_PREFIX = "vlm."
 
 
 class DetectionModelConfig(HFModelConfig):
+    """The `model:` section of `bbu_detection`: an `hf_vlm` Qwen-VL model plus the detection head's shape."""
+
     type: str = "bbu_detection"
     detection: DetectionSettings = Field(default_factory=DetectionSettings, description="the detection head's shape")
 
@@ -56,7 +58,9 @@ class DetectionModelConfig(HFModelConfig):
         if self.name_or_path is not None and (Path(self.name_or_path) / "config.json").is_file():
             model_type = read_model_type(self.name_or_path)
         if model_type is not None and model_type not in FAMILIES:
-            raise ValueError(f"model type {model_type!r} is not supported by bbu_detection; allowed: {', '.join(FAMILIES)}")
+            raise ValueError(
+                f"model type {model_type!r} is not supported by bbu_detection; allowed: {', '.join(FAMILIES)}"
+            )
         return self
 
 
@@ -133,6 +137,7 @@ class DetectionModelFactory(HFModelFactory):
     parts = (*PARTS, *HEAD_PARTS)
 
     def describe(self) -> str:
+        """The VLM's description, then the head's queries, decoder and caption layers and width."""
         d = self.config.detection
         return (f"bbu_detection: {super().describe()}; head: {d.num_queries} queries, {d.decoder_layers} decoder "
                 f"layers, {d.caption_layers} caption layers, d_model {d.d_model}")

@@ -29,8 +29,10 @@ def synthetic_cli(argv: list[str]) -> int:
 
 def register() -> None:
     """Add the CLI verbs (idempotent); the components registered themselves on import."""
-    register_cli_verb("predict", predict_cli, help="boxes, scores and captions of a bbu_detection run's final model")
-    register_cli_verb("bbu-synthetic-data", synthetic_cli, help="teacher/student detection records from the shapes data")
+    register_cli_verb("predict", predict_cli,
+                      help="boxes, scores and captions of a bbu_detection run's final model")
+    register_cli_verb("bbu-synthetic-data", synthetic_cli,
+                      help="teacher/student detection records from the shapes data")
 
 
 register()

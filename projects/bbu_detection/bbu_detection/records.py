@@ -65,7 +65,8 @@ def check_detection_objects(objects: Any, width: int, height: int, *, max_object
         if box is None:
             raise BadRecord(MISSING_FIELD, f"{where}.bbox_2d", "required: [x1, y1, x2, y2] in pixels")
         if not isinstance(box, list) or len(box) != 4 or not all(_number(v) for v in box):
-            raise BadRecord(MALFORMED_RECORD, f"{where}.bbox_2d", f"must be 4 finite numbers [x1, y1, x2, y2], got {box!r}")
+            raise BadRecord(MALFORMED_RECORD, f"{where}.bbox_2d",
+                            f"must be 4 finite numbers [x1, y1, x2, y2], got {box!r}")
         x1, y1, x2, y2 = box
         if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
             raise BadRecord(GEOMETRY_OUT_OF_RANGE, f"{where}.bbox_2d",

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from arctic_vl import make_synthetic_data
+from arctic_vl import make_synthetic_data, output_directory
 
 PROMPT = "Describe the objects."
 SPLITS = ("train", "heldout")
@@ -29,7 +29,8 @@ def shape_objects(dense_objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"bbox_2d": [float(v) for v in obj["bbox_2d"]], "desc": obj["desc"]})
         elif "poly" in obj:
             xs, ys = obj["poly"][0::2], obj["poly"][1::2]
-            out.append({"bbox_2d": [float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))], "desc": obj["desc"]})
+            box = [float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))]
+            out.append({"bbox_2d": box, "desc": obj["desc"]})
     return out
 
 
@@ -89,6 +90,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.max_teachers < 0:
         p.error("--max-teachers must be >= 0")
+    output_directory(args.out_dir, "OUT")
     print(json.dumps(make_detection_data(args.out_dir, n=args.n, seed=args.seed, heldout=args.heldout,
                                          image_size=args.image_size, max_teachers=args.max_teachers), indent=1))
     return 0

@@ -33,18 +33,28 @@ from .matcher import MatcherWeights
 from .spans import STUDENT, TEACHER
 
 #: step_counts names
-GT_OBJECTS, CAPTION_TOKENS, TEACHER_TOKENS, STUDENT_TOKENS = "gt_objects", "caption_tokens", "teacher_tokens", "student_tokens"
+GT_OBJECTS, CAPTION_TOKENS, TEACHER_TOKENS, STUDENT_TOKENS = (
+    "gt_objects", "caption_tokens", "teacher_tokens", "student_tokens"
+)
 
 
 class DetectionTrainerConfig(TrainerConfig):
+    """The `trainer:` section of `bbu_detection`: the core trainer options, the loss weights and the matcher's costs."""
+
     type: str = "bbu_detection"
-    teacher_lm_weight: float = Field(1.0, ge=0, description="weight of the teacher-span LM loss (all assistant turns but the last)")
-    student_lm_weight: float = Field(1.0, ge=0, description="weight of the student-span LM loss (the last assistant turn)")
+    teacher_lm_weight: float = Field(
+        1.0, ge=0, description="weight of the teacher-span LM loss (all assistant turns but the last)"
+    )
+    student_lm_weight: float = Field(
+        1.0, ge=0, description="weight of the student-span LM loss (the last assistant turn)"
+    )
     bbox_weight: float = Field(5.0, ge=0, description="L1 of matched boxes (normalised cxcywh)")
     giou_weight: float = Field(2.0, ge=0, description="1 - GIoU of matched boxes")
     objectness_weight: float = Field(2.0, ge=0, description="sigmoid focal loss of the objectness logits")
     caption_weight: float = Field(1.0, ge=0, description="caption decoder cross entropy")
-    aux_loss: bool = Field(True, description="box, GIoU and objectness losses on every decoder layer, each matched on its own")
+    aux_loss: bool = Field(
+        True, description="box, GIoU and objectness losses on every decoder layer, each matched on its own"
+    )
     focal_alpha: float = Field(0.25, ge=0, le=1)
     focal_gamma: float = Field(2.0, ge=0)
     cost_bbox: float = Field(5.0, ge=0, description="matching cost weight of the L1 distance")
@@ -73,6 +83,7 @@ class DetectionTrainer(Trainer):
 
     @property
     def image_token_id(self) -> int:
+        """The processor's image token id."""
         return int(self.bundle.processor.image_token_id)
 
     # ------------------------------------------------------------------------------------ normalisers

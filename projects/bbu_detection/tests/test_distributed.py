@@ -37,7 +37,8 @@ def setup(bbu_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     wanted = []
     for i, rec in enumerate(lines[:N]):
         if i in EMPTY_POSITIONS:  # a negative: the image is kept, the record says there is nothing to find
-            rec = {**rec, "objects": [], "messages": [*rec["messages"][:-1], {"role": "assistant", "content": "no objects"}]}
+            messages = [*rec["messages"][:-1], {"role": "assistant", "content": "no objects"}]
+            rec = {**rec, "objects": [], "messages": messages}
         wanted.append(rec)
     order = list(range(N))
     random.Random(f"{SEED}:mix").shuffle(order)  # how data.sources mixes its records

@@ -1,4 +1,7 @@
-"""End to end on a tiny Qwen2.5-VL: train, metrics, export reload, evaluate, predict, groups, NaN guard, freeze, resume."""
+"""End to end on a tiny Qwen2.5-VL.
+
+Train, metrics, export reload, evaluate, predict, groups, NaN guard, freeze, resume.
+"""
 
 from __future__ import annotations
 
@@ -123,7 +126,8 @@ def test_evaluate_cli_reports_coco_metrics(trained, cli):
 def test_predict_cli(trained, bbu_data, cli, tmp_path):
     path, _, _ = trained
     images = sorted((bbu_data / "shapes" / "images").glob("heldout-*.png"))[:3]
-    code, _, err = run(cli, "predict", path, "--images", *images, "--out", tmp_path / "p.jsonl", "--score-threshold", "0")
+    code, _, err = run(cli, "predict", path, "--images", *images, "--out", tmp_path / "p.jsonl",
+                       "--score-threshold", "0")
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["image"] for r in rows] == [str(p) for p in images]
@@ -134,7 +138,8 @@ def test_predict_cli(trained, bbu_data, cli, tmp_path):
         for o in r["objects"]:
             x1, y1, x2, y2 = o["bbox_2d"]
             assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"] and isinstance(o["desc"], str)
-    code, _, _ = run(cli, "predict", path, "--images", images[0], "--out", tmp_path / "q.jsonl", "--score-threshold", "1")
+    code, _, _ = run(cli, "predict", path, "--images", images[0], "--out", tmp_path / "q.jsonl",
+                     "--score-threshold", "1")
     assert code == 0 and json.loads((tmp_path / "q.jsonl").read_text())["objects"] == []
     code, _, err = run(cli, "predict", path, "--images", tmp_path / "nope.png", "--out", tmp_path / "r.jsonl")
     assert code == 2 and "nope.png is neither an image file nor a directory" in err
@@ -208,7 +213,9 @@ def test_detection_freeze_epochs(bbu_data, tmp_path):
     vlm = [k for k in w[1] if k.startswith("model.vlm.")]
     torch.manual_seed(3)
     initial = DetectionHead(json_config(tmp_path / "out" / "final")).state_dict()
-    assert all(torch.equal(w[6][k], initial[k[len("model.detection_head."):]]) for k in head), "head trained while frozen"
+    assert all(torch.equal(w[6][k], initial[k[len("model.detection_head."):]]) for k in head), (
+        "head trained while frozen"
+    )
     assert any(not torch.equal(w[1][k], w[6][k]) for k in vlm), "the VLM trains during the freeze"
     assert any(not torch.equal(w[6][k], w[7][k]) for k in head), "the head trains after the freeze"
     m = read_metrics(tmp_path / "out")
@@ -259,7 +266,8 @@ def test_validate_refuses_a_llava_model(tmp_path, cli, bbu_data):
     cfg = config(tmp_path, bbu_data)
     cfg["model"]["family"] = "llava_next"
     code, _, err = run(cli, "validate", write_yaml(tmp_path / "run.yaml", cfg))
-    assert code == 2 and "'llava_next' is not supported by bbu_detection; allowed: qwen2_5_vl, qwen2_vl, qwen3_vl" in err
+    assert code == 2
+    assert "'llava_next' is not supported by bbu_detection; allowed: qwen2_5_vl, qwen2_vl, qwen3_vl" in err
 
 
 @pytest.mark.parametrize("name", ["small-cpu.yaml", "qwen2_5_vl-local.yaml"])

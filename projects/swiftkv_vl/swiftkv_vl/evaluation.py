@@ -154,7 +154,8 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="the distillation run's YAML config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--max-samples", type=int, default=None, help="first N held-out samples (default: eval.max_samples or all)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="first N held-out samples (default: eval.max_samples or all)")
     p.add_argument("--no-generate", action="store_true", help="top-1 agreement only (no greedy answers)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)

@@ -161,6 +161,7 @@ class SwiftKVModelFactory(ModelFactory):
         return Path(output_dir) / "teacher"
 
     def describe(self) -> str:
+        """The teacher (composite and text model type, layers, source) and the SwiftKV settings M and G."""
         composite, text_type, layers = self.config.layout
         source = self.config.teacher if self.config.teacher is not None else "teacher_tiny (OUTPUT_DIR/teacher)"
         return (f"swiftkv_vl: teacher {composite} ({text_type}, {layers} layers) from {source}; "
@@ -202,7 +203,8 @@ class SwiftKVModelFactory(ModelFactory):
 
         register_auto()
         source = Path(path) if path is not None else self.teacher_dir(output_dir)
-        loaded = load_model(source, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
+        loaded = load_model(source, dtype=DTYPES[self.config.dtype],
+                            attn_implementation=self.config.attn_implementation)
         if path is not None:
             model = loaded
         else:

@@ -176,6 +176,7 @@ class SwiftKVDecoderLayerMixin:
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        """The teacher layer's forward, with the SwiftKV key/value (when given) handed to its attention."""
         # The SwiftKV K/V are positional so that reentrant gradient checkpointing treats them as inputs
         # (their gradient reaches k_proj_swiftkv/v_proj_swiftkv); the teacher layer forwards **kwargs to attention.
         if swiftkv_key is not None:

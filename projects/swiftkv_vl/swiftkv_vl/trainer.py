@@ -25,6 +25,8 @@ HIDDEN_TOKENS = "hidden_tokens"
 
 
 class SwiftKVTrainerConfig(TrainerConfig):
+    """The `trainer:` section of `swiftkv_vl`: the core trainer options plus the distillation loss settings."""
+
     type: str = "swiftkv_vl"
     temperature: float = Field(2.0, gt=0, description="distillation temperature T (KL of softened distributions x T^2)")
     hidden_loss_mult: float = Field(1.0, ge=0, description="weight of the hidden-state MSE term (0: KL only)")
@@ -57,6 +59,7 @@ class SwiftKVTrainer(Trainer):
 
     @property
     def image_token_id(self) -> int:
+        """The processor's image token id."""
         return int(self.bundle.processor.image_token_id)
 
     def step_counts(self, micro: list[dict[str, Any]]) -> dict[str, float]:
@@ -89,6 +92,7 @@ class SwiftKVTrainer(Trainer):
         return s_hidden, t_hidden.detach(), head, s_mid, t_mid
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
+        """Distillation loss sum: KL to the teacher over label tokens (x T^2), plus the weighted hidden-state MSE."""
         from .loss import swiftkv_distill_loss_sums
 
         cfg = self.config
