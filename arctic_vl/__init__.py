@@ -11,7 +11,7 @@ Groups:
     registries:   Registry, Component, ComponentConfig, MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS,
                   CHECKPOINTERS, CALLBACKS, DISTRIBUTED, RECORD_FORMATS, DATA_SOURCES
     extending:    register_cli_verb, register_config_check, register_model_type
-    config:       ConfigPath, ModelPath, ExistingPath, Seed, LocatedConfig, where
+    config:       ConfigPath, ModelPath, ExistingPath, Seed, LocatedConfig, where, output_directory
     contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, IGNORE_INDEX, PARTS, epoch_seed
     models:       ModelFactory, ModelBundle, HFModelFactory, HFModelConfig, LoraConfig, DTYPES, FamilySpec,
                   FAMILIES, get_family, family_of_dir, read_model_type, load_model, load_processor,
@@ -67,6 +67,7 @@ _LAZY: dict[str, str] = {
     "ConfigPath": "arctic_vl.config.paths",
     "ModelPath": "arctic_vl.config.paths",
     "ExistingPath": "arctic_vl.config.paths",
+    "output_directory": "arctic_vl.config.paths",
     "Seed": "arctic_vl.config.types",
     "LocatedConfig": "arctic_vl.config.loader",
     "where": "arctic_vl.config.schema",
@@ -253,6 +254,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "model_inputs",
     "normalize_answer",
     "open_image",
+    "output_directory",
     "read_model_type",
     "register_cli_verb",
     "register_config_check",
@@ -268,7 +270,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.callbacks.base import Callback, StepInfo
     from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer
     from arctic_vl.config.loader import LocatedConfig
-    from arctic_vl.config.paths import ConfigPath, ExistingPath, ModelPath
+    from arctic_vl.config.paths import ConfigPath, ExistingPath, ModelPath, output_directory
     from arctic_vl.config.schema import EngineConfig, EvalConfig, load_config, where
     from arctic_vl.config.types import Seed
     from arctic_vl.constants import IGNORE_INDEX, PARTS, epoch_seed

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from arctic_vl.checkpoint.files import write_run_file
 from arctic_vl.checkpoint.lock import RunLock
 from arctic_vl.config.schema import EngineConfig, load_config, where
 from arctic_vl.plugins import load_plugins, plugin_summary
@@ -98,7 +99,7 @@ class Engine:
             finally:
                 trainer.dist.teardown()
             if trainer.is_main:
-                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+                write_run_file(self.output_dir / "summary.json", json.dumps(summary, indent=1, default=str))
             return summary
         finally:
             self.release_lock()
@@ -144,12 +145,12 @@ class Engine:
         return int(trainer.checkpointer.read_state(latest)["step"]) if latest is not None else 0
 
     def _write_run_files(self, trainer: Any) -> None:
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        write_run_file(self.output_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         info = {"versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
                 "config_source": self.config.source, "world_size": trainer.dist.world_size,
                 "data": trainer.data.stats, "parameters": trainer.bundle.parameter_counts()}
         info["plugins"] = plugin_summary()
-        (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+        write_run_file(self.output_dir / "run_info.json", json.dumps(info, indent=1, default=str))
 
 
 def _quiet_transformers() -> None:

@@ -100,3 +100,18 @@ def test_console_script_validate(good_yaml, cli_subprocess):
     rc, out, err = cli_subprocess("validate", "good.yaml", cwd=good_yaml.parent)
     assert rc == 0, err
     assert "# model: tiny llava_next" in out and "max_steps: 2" in out
+
+
+@pytest.mark.parametrize("verb", [["make-synthetic-data", "{out}", "--n", "3", "--seed", "0"],
+                                  ["make-tiny-model", "llava", "{out}"]])
+@pytest.mark.parametrize("case", ["under_a_file", "is_a_file"])
+def test_verbs_refuse_an_output_directory_they_cannot_create(verb, case, tmp_path, cli):
+    """A verb's output directory that lies under a file, or is one: exit 2 naming the option, the path and why,
+    before any work (was a raw FileNotFoundError / FileExistsError with exit 1)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = blocker / "sub" if case == "under_a_file" else blocker
+    rc, _, err = cli(*[a.format(out=out) for a in verb])
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert f"OUT_DIR {out}: " in err
+    assert ("cannot be created" if case == "under_a_file" else "exists and is not a directory") in err

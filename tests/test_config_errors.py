@@ -458,6 +458,32 @@ def test_plain_yaml_reader_for_data_lists(tmp_path):
             read_plain_yaml(good)
 
 
+def test_yaml_data_list_is_read_by_the_hardened_reader(tmp_path):
+    """A data-source YAML list with an alias bomb or a python tag: a ConfigError naming the list and the line, as
+    the config itself would get (the source kind reads it with `read_plain_yaml`, not yaml.safe_load)."""
+    from arctic_vl.data.sources import source_kind
+
+    (tmp_path / "a.json").write_text("[]")
+    mix = tmp_path / "mix.yaml"
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(6))
+    for text, says in ((bomb + "datasets: []\n", r"mix.yaml:\d+: .*expands to more than 100000 values"),
+                       ("datasets:\n  - !!python/name:os.system {}\n", "mix.yaml:2: .*YAML tag")):
+        mix.write_text(text)
+        with pytest.raises(ConfigError, match=says):
+            source_kind(mix, "auto").files(mix)
+
+
+def test_validate_finds_a_missing_file_of_a_yaml_data_list(in_tmp, cli):
+    """A `datasets:` list naming a file that does not exist: validate exits 2 naming the config line, the list,
+    the entry and the resolved path (before: validate passed and training failed with a raw FileNotFoundError)."""
+    (in_tmp / "mix.yaml").write_text("datasets:\n  - json_path: train.json\n  - json_path: nope.json\n")
+    (in_tmp / "bad.yaml").write_text(M + "data:\n  sources: [mix.yaml]\n")
+    rc, _, err = cli("validate", "bad.yaml")
+    assert rc == 2 and "Traceback" not in err
+    assert f"bad.yaml:3: data: {in_tmp / 'mix.yaml'}: datasets[1].json_path: {in_tmp / 'nope.json'} does not exist" in err
+
+
 def test_engine_dict_that_contains_itself_is_refused(in_tmp):
     from arctic_vl import Engine
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e_utils import read_metrics, run_python, write_yaml
+from tests.e2e_utils import KILL_AT_CALLBACK, read_metrics, run_python, write_yaml
 
 #: a trainer whose loss (or only its gradient) is NaN at chosen steps; defined in test processes only
 NAN_TRAINER = r"""
@@ -99,20 +99,8 @@ def test_consecutive_skips_stop_with_exit_1_naming_the_step(tmp_path, tiny_llava
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]  # step 3 stopped the run before its line
 
 
-RESUME_CHILD = NAN_TRAINER + r"""
-import os, signal, sys
-from arctic_vl import CALLBACKS, Callback, ComponentConfig, Engine
-
-class KillConfig(ComponentConfig):
-    type: str = "kill_at"
-    step: int
-
-@CALLBACKS.register("kill_at")
-class KillAt(Callback):
-    config_class = KillConfig
-    def on_step_end(self, trainer, info):
-        if info.step == self.config.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+RESUME_CHILD = NAN_TRAINER + KILL_AT_CALLBACK + r"""
+from arctic_vl import Engine
 
 overrides = [] if sys.argv[2] == "0" else ["callbacks=[{type: kill_at, step: %s}]" % sys.argv[2]]
 Engine(sys.argv[1], overrides).train()

@@ -65,3 +65,39 @@ def test_a_moved_run_directory_resumes_exactly(tmp_path, make_config):
     got, want = read_metrics(moved), read_metrics(tmp_path / "reference" / "out")
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) <= 1e-6
+
+
+def test_a_full_disk_while_logging_names_the_file_and_the_run_resumes(tmp_path, make_config, monkeypatch):
+    """The disk fills while step 3's metrics line is written: a CheckpointError (exit 1) naming metrics.jsonl and
+    the disk, not a raw OSError; the next run resumes from the step-2 checkpoint and logs steps 3 and 4 once."""
+    import errno
+
+    from arctic_vl import Engine
+    from arctic_vl.checkpoint import files
+    from arctic_vl.errors import CheckpointError
+
+    config = make_config(tmp_path / "run", 2)
+    Engine(config).train()
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", full, raising=False)
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl: the disk is full at .*this run file needs about "
+                                              r".*the run resumes from its latest checkpoint"):
+        Engine(config, ["trainer.max_steps=4"]).train()
+    monkeypatch.undo()
+    Engine(config, ["trainer.max_steps=4"]).train()
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "out")] == [1, 2, 3, 4]
+
+
+def test_an_unwritable_run_file_exits_1_naming_it(tmp_path, make_config, cli):
+    """run_info.json cannot be written (a directory sits at its path): exit 1 with the path, no traceback."""
+    config = make_config(tmp_path / "run", 1)
+    (tmp_path / "run" / "out" / "run_info.json").mkdir(parents=True)
+    rc, _, err = cli("train", str(config))
+    assert rc == 1, err[-2000:]
+    assert "run_info.json: cannot write this run file" in err and "Traceback" not in err

@@ -58,7 +58,8 @@ def write_error(path: Path, e: BaseException, needed: int, what: str = "checkpoi
     if disk_full(e, path, needed):
         free = free_bytes(path)
         room = f", {free:,} bytes ({human_bytes(free)}) are free" if free is not None else ""
-        after = ": the previous checkpoint is intact" if what == "checkpoint" else ""
+        after = (": the previous checkpoint is intact" if what == "checkpoint"
+                 else ": the run resumes from its latest checkpoint")
         return CheckpointError(
             f"{path}: the disk is full at {path.parent}: this {what} needs about {needed:,} bytes "
             f"({human_bytes(needed)}){room}. Free space there (or lower checkpoint.keep_last) and run the same "
@@ -66,21 +67,22 @@ def write_error(path: Path, e: BaseException, needed: int, what: str = "checkpoi
         )
     lines = str(e).strip().splitlines()
     reason = getattr(e, "strerror", None) or (lines[-1] if lines else type(e).__name__)
-    return CheckpointError(f"{path}: cannot write this {what} file: {reason}")
+    return CheckpointError(f"{path}: cannot write this {what if what == 'run file' else what + ' file'}: {reason}")
 
 
-def write_with(path: Path, write: Callable[[Path], None], needed: int) -> None:
-    """Run `write(path)`, turning any failure into a CheckpointError naming `path` (and a full disk)."""
+def write_with(path: Path, write: Callable[[Path], None], needed: int, what: str = "checkpoint") -> None:
+    """Run `write(path)`, turning any failure into a CheckpointError naming `path` (and a full disk); `what`
+    names the whole being written in the message ("checkpoint", "run file")."""
     try:
         write(path)
     except CheckpointError:
         raise
     except (OSError, RuntimeError, ValueError) as e:
-        raise write_error(path, e, needed) from None
+        raise write_error(path, e, needed, what) from None
     except Exception as e:  # safetensors' SafetensorError (a Rust error type) derives from Exception only
         if type(e).__name__ != "SafetensorError":
             raise
-        raise write_error(path, e, needed) from None
+        raise write_error(path, e, needed, what) from None
 
 
 def save_torch(obj: Any, path: Path, needed: int) -> None:
@@ -98,6 +100,34 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, needed: int) -> N
 def save_json(data: Any, path: Path, needed: int) -> None:
     """`data` as indented JSON, with named errors."""
     write_with(path, lambda p: p.write_text(json.dumps(data, indent=1)), needed)
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """Write one of the run's own files (config.yaml, run_info.json, summary.json, a rewritten metrics file)
+    through a temporary file, so a failure leaves the previous version; a full disk or any other write error
+    is a CheckpointError (exit 1) naming the file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+
+    def write(p: Path) -> None:
+        tmp.write_text(text)
+        tmp.replace(p)
+
+    try:
+        write_with(path, write, len(text.encode()), "run file")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` and a newline to the run's JSONL file `path` (metrics.jsonl, eval.jsonl) in one write; a
+    full disk or another write error is a CheckpointError (exit 1) naming the file. A partial line from a kill
+    is dropped on resume (the metrics file's torn-line rule)."""
+
+    def write(p: Path) -> None:
+        with open(p, "a") as fh:
+            fh.write(line + "\n")
+
+    write_with(path, write, len(line.encode()) + 1, "run file")
 
 
 def fsync_file(path: Path, needed: int) -> None:

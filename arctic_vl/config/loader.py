@@ -235,34 +235,32 @@ def parse_value(text: str, shown: str) -> Any:
     return None if node is None else _Builder(shown, Path.cwd(), with_lines=False).build(node, (), {})
 
 
+def _compose_file(file: Path, shown: str, what: str) -> yaml.Node | None:
+    """`file`'s YAML node tree (None when empty); a missing, unreadable or non-UTF-8 file is a ConfigError
+    naming it (`what`: "config file" or "file")."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: {what} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{shown}: is a directory, not a {what}") from None
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read {what}: {e.strerror}") from None
+    return compose_text(decode_text(data, shown), shown)
+
+
 def read_plain_yaml(file: Path) -> Any:
     """Any YAML file (e.g. a data-source list) as plain data: UTF-8, plain types only, bounded size and depth;
     every problem is a ConfigError naming the file and line."""
     shown = _display(file)
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{shown}: cannot read: {e.strerror}") from None
-    text = decode_text(data, shown)
-    node = compose_text(text, shown)
+    node = _compose_file(file, shown, "file")
     return None if node is None else _Builder(shown, file.parent).build(node, (), {})
 
 
 def read_yaml(file: Path) -> LocatedConfig:
     """Parse one YAML file into a LocatedConfig (no `extends` processing)."""
     shown = _display(file)
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{shown}: is a directory, not a config file") from None
-    except OSError as e:
-        raise ConfigError(f"{shown}: cannot read config file: {e.strerror}") from None
-    text = decode_text(data, shown)
-    node = compose_text(text, shown)
+    node = _compose_file(file, shown, "config file")
     locs: dict[KeyPath, Loc] = {}
     root = Loc(f"{shown}:1", file.parent)
     if node is None:

@@ -1,4 +1,5 @@
-"""Path markers for config fields. Imports nothing of the project, so every layer may declare path fields.
+"""Path markers for config fields, and the output-directory check of the CLI verbs. Imports nothing of the
+project but its error types, so every layer may declare path fields.
 
 A field typed `ConfigPath` (or `ModelPath`, `ExistingPath`) is resolved against the directory of the YAML
 file that sets it (or the current directory for `--set` and dicts) before validation, with `~` expanded.
@@ -8,9 +9,12 @@ whatever the current directory is.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator
+
+from arctic_vl.errors import ConfigError
 
 
 class PathField:
@@ -44,3 +48,23 @@ ModelPath = Annotated[str, PathField(hub_ok=True, must_exist=True), AfterValidat
 #: layer checks it (`arctic_vl.config.schema`), where the file and line that set it are known; a model built
 #: in code (e.g. a data source a YAML list names) is not checked here but where it is read.
 ExistingPath = Annotated[str, PathField(must_exist=True), AfterValidator(_usable)]
+
+
+def output_directory(path: str | Path, option: str) -> Path:
+    """Create (with parents) and return the directory a verb writes to, given on the command line as `option`
+    (e.g. "OUT_DIR", "--out"); one that cannot be created or written is a ConfigError (exit 2) naming the option,
+    the path and why, before any work is done."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{option} {out}: exists and is not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"{option} {out}: cannot be created: {e.strerror or e}") from None
+    probe = out / f".arctic_vl-write-test-{id(out)}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{option} {out}: not writable: {e.strerror or e}") from None
+    return out

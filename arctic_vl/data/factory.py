@@ -18,8 +18,8 @@ from loguru import logger
 from PIL import Image
 from pydantic import Field, model_validator
 
-from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
-from arctic_vl.data.bad_records import BadRecordReport, OnBadRecord
+from arctic_vl.config.paths import ConfigPath, ExistingPath
+from arctic_vl.data.bad_records import BadRecord, BadRecordReport, OnBadRecord, reject_record
 from arctic_vl.data.base import DataBundle, DataFactory
 from arctic_vl.data.cache import CachedSource, default_cache_dir, encoder_identity, entry_key
 from arctic_vl.data.cache import load as load_entry
@@ -44,7 +44,7 @@ from arctic_vl.data.images import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE_IMAGE, im
 from arctic_vl.data.records import Conversation
 from arctic_vl.data.sampling import PADDING_INDEX, BalancedBatcher, PackingPlanner
 from arctic_vl.data.sources import SourceSpec, mix, read_source_records, read_sources, source_kind, weigh
-from arctic_vl.errors import DataError
+from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.registry import DATA, ComponentConfig
 
 
@@ -52,10 +52,10 @@ class VLMDataConfig(ComponentConfig):
     """The `vlm` data section: sources (mixed by weight), lengths, the bad-record policy, images, packing."""
 
     type: str = "vlm"
-    sources: list[ConfigPath | SourceSpec] = Field(
+    sources: list[ExistingPath | SourceSpec] = Field(
         ..., min_length=1, description="data files: a path, or {path, format, sample, weight, image_root}"
     )
-    eval_sources: list[ConfigPath | SourceSpec] = Field(default_factory=list)
+    eval_sources: list[ExistingPath | SourceSpec] = Field(default_factory=list)
     micro_batch_size: int = Field(1, ge=1, description="samples per process per forward; with packing: packed rows")
     max_length: int | None = Field(2048, ge=8, description="tokens per sample; longer samples are truncated")
     on_image_truncation: Literal["drop", "keep"] = Field(
@@ -81,10 +81,24 @@ class VLMDataConfig(ComponentConfig):
                                 "process gets about the same number of tokens; the same samples per global batch")
     cache: bool = Field(True, description="keep each source's encoded records on disk, keyed by everything they "
                         "depend on (data bytes, tokenizer, chat template, settings, code): a second run loads them")
+    # created on first use, like output_dir: a path, not one that must exist
     cache_dir: ConfigPath | None = Field(None, description="where (default $ARCTIC_VL_CACHE_DIR, else "
                                          "~/.cache/arctic_vl/encoded)")
     preprocess_workers: int | None = Field(None, ge=1, description="processes that read and tokenize the records "
                                            "up front (default: the cores, shared by the ranks of a machine)")
+
+    @model_validator(mode="after")
+    def _sources_are_readable(self) -> VLMDataConfig:
+        # what validate can tell without reading records: a kind reads each source, and the files a YAML list
+        # names exist (a missing one is found here, not after the model loads)
+        for spec in [*self.sources, *self.eval_sources]:
+            path, fmt = (Path(spec.path), spec.format) if isinstance(spec, SourceSpec) else (Path(spec), "auto")
+            if path.exists():
+                try:
+                    source_kind(path, fmt).files(path)
+                except ConfigError as e:
+                    raise ValueError(str(e)) from None
+        return self
 
     @model_validator(mode="after")
     def _packing_needs_length(self) -> VLMDataConfig:
@@ -161,17 +175,51 @@ class VLMDataFactory(DataFactory):
                              max_pixels=c.max_pixels, image_grid_pinpoints=c.image_grid_pinpoints,
                              system_prompt=c.system_prompt)
 
+    # -- hooks for a factory built on this one (bbu_detection: its record format, objects vs the head's queries)
+    def source_spec(self, spec: SourceSpec | str) -> SourceSpec:
+        """The SourceSpec one configured source entry reads as (a bare path: `SourceSpec(path=...)`). Override to
+        change defaults, e.g. `format: auto` -> this factory's own record format; the spec is part of the
+        encoded-records cache key, so what it changes can never be served stale."""
+        return spec if isinstance(spec, SourceSpec) else SourceSpec(path=spec)
+
+    def check(self, conv: Conversation) -> Conversation:
+        """A record-level check of one read conversation against the built model, run on every build (cache hit
+        or not): return it (possibly with more `meta`) or raise `BadRecord(reason, field, detail)`, which follows
+        `data.on_bad_record` like every bad record (exit 2 naming file, record, field; or counted and skipped).
+        Default: unchanged."""
+        return conv
+
+    def _checked(self, pairs: list[tuple[Conversation, Any]], report: BadRecordReport
+                 ) -> list[tuple[Conversation, Any]]:
+        """(conversation, encoding) `pairs` with `check` applied to each conversation still encoded; the rejected
+        ones counted (skip) or raised (error)."""
+        if type(self).check is VLMDataFactory.check:
+            return pairs
+        kept = []
+        for conv, enc in pairs:
+            if not enc:  # already dropped by the encoding (and counted there): kept in place for the weighing
+                kept.append((conv, enc))
+                continue
+            try:
+                kept.append((self.check(conv), enc))
+            except BadRecord as e:
+                reject_record(self.config.on_bad_record, report, conv.source, conv.index, e.reason,
+                              f"{conv.source}: {conv.where}: field {e.field}: {e.detail} [reason: {e.reason}]")
+        return kept
+
     def read(self, specs: list[Any], *, seed: int, report: BadRecordReport, shuffle: bool | None = None,
              fingerprints: dict[str, Any] | None = None) -> list[Conversation]:
-        """The sources' conversations, sampled, weighted and mixed (paths resolved by the config already).
+        """The sources' conversations, sampled, weighted and mixed (paths resolved by the config already), each
+        through `check`.
 
         `shuffle` (default: `data.shuffle`) mixes the sources with a seeded shuffle; without it they stay in
         the order listed and each source's records in file order. `fingerprints` gets each source's.
         """
-        specs = [s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs]
-        return read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record,
-                            report=report, shuffle=self.config.shuffle if shuffle is None else shuffle,
-                            max_image_pixels=self.config.max_image_pixels, fingerprints=fingerprints)
+        specs = [self.source_spec(s) for s in specs]
+        convs = read_sources(specs, base_dir=Path.cwd(), seed=seed, on_bad_record=self.config.on_bad_record,
+                             report=report, shuffle=self.config.shuffle if shuffle is None else shuffle,
+                             max_image_pixels=self.config.max_image_pixels, fingerprints=fingerprints)
+        return [conv for conv, _ in self._checked([(c, True) for c in convs], report)]
 
     def encode(self, conversations: list[Conversation], encoder: SampleEncoder,
                report: BadRecordReport) -> tuple[list[Conversation], list[EncodedText]]:
@@ -188,14 +236,15 @@ class VLMDataFactory(DataFactory):
         `data.shuffle`). `fingerprints` gets each source's; `cache_stats` whether it was a cache hit."""
         c = self.config
         pairs: list[tuple[Conversation, EncodedText | None]] = []
-        for spec in (s if isinstance(s, SourceSpec) else SourceSpec(path=s) for s in specs):
+        for spec in (self.source_spec(s) for s in specs):
             entry, state = self._source(spec, encoder, seed)
             report.merge(entry.report)
             if fingerprints is not None:
                 fingerprints[str(spec.path)] = entry.fingerprint
             if cache_stats is not None:
                 cache_stats[str(spec.path)] = state
-            pairs += weigh(list(zip(entry.conversations, entry.encoded)), spec, seed)
+            # checked before weighing: a record repeated by its weight is one record, counted once
+            pairs += weigh(self._checked(list(zip(entry.conversations, entry.encoded)), report), spec, seed)
         kept = [(conv, enc) for conv, enc in mix(pairs, seed, c.shuffle if shuffle is None else shuffle) if enc]
         return [conv for conv, _ in kept], [enc for _, enc in kept]
 

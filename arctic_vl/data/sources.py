@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import pydantic
-import yaml
 
+from arctic_vl.config.loader import read_plain_yaml
 from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
 from arctic_vl.data.bad_records import (
     BAD_RECORD_REASONS,
@@ -261,6 +261,9 @@ def _parsed(raws: list[RawRecord]) -> list[Any]:
 
 
 def _detect(path: Path, raws: list[RawRecord]) -> str:
+    if not raws:  # nothing to tell a format by: say what is wrong with the file instead
+        raise DataError(f"{path}: the file holds no records (empty, blank lines only, or an empty list); name a file with "
+                        "records or remove it from the sources", source=str(path), reason="empty_source")
     fmt = detect_record_format(_parsed(raws[:_DETECT_SCAN]))
     if fmt is not None:
         return fmt
@@ -403,14 +406,9 @@ class FileList(DataSource):
     @staticmethod
     def _entries(path: Path) -> list[tuple[str, Path, str]]:
         """(where, file, sampling_strategy) of each entry."""
-        data = path.read_bytes()
-        try:
-            doc = yaml.safe_load(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        # the config loader's hardened reader: UTF-8, plain types only (no tags, aliases or merge keys),
+        # bounded size and depth; each problem a ConfigError naming the file and line
+        doc = read_plain_yaml(path)
         if not isinstance(doc, dict) or not isinstance(doc.get("datasets"), list):
             raise ConfigError(f"{path}: a YAML data source needs a top-level 'datasets:' list of "
                               "{json_path: ..., sampling_strategy: ...} entries")
@@ -427,7 +425,11 @@ class FileList(DataSource):
                 parse_sample(strategy)
             except ConfigError as e:
                 raise ConfigError(f"{where}.sampling_strategy: {e}") from None
-            entries.append((where, _resolve_path(entry["json_path"], path.parent), strategy))
+            child = _resolve_path(entry["json_path"], path.parent)
+            if not child.exists():
+                raise ConfigError(f"{where}.json_path: {child} does not exist (a relative json_path is relative to "
+                                  f"{path.name}'s folder)")
+            entries.append((where, child, strategy))
         return entries
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from arctic_vl.config.paths import output_directory
 from arctic_vl.data.records import IMAGE_TOKEN
 from arctic_vl.errors import ConfigError
 
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of train colour/shape/position questions about a one-shape image "
                         f"(default {SINGLE_OBJECT_SHARE}; the held-out split always uses the default)")
     args = p.parse_args(argv)
+    output_directory(args.out_dir, "OUT_DIR")
     result = make_synthetic_data(args.out_dir, n=args.n, seed=args.seed, heldout=args.heldout,
                                  image_size=args.image_size, text_fraction=args.text_fraction,
                                  questions_per_image=args.questions_per_image,

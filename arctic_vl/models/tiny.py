@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from arctic_vl.config.paths import output_directory
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.families import FAMILIES, FamilySpec, get_family
 
@@ -400,6 +401,7 @@ def make_tiny_model_cli(argv: list[str]) -> int:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    output_directory(args.out_dir, "OUT_DIR")
     try:
         out = make_tiny_model(
             args.family, args.out_dir, seed=args.seed, text_layers=args.layers, hidden=args.hidden,

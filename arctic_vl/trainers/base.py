@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
+from arctic_vl.checkpoint.files import append_line, write_run_file
 from arctic_vl.config.paths import ConfigPath
 from arctic_vl.config.types import Seed
 from arctic_vl.data.sampling import EpochBatchSampler
@@ -479,8 +480,7 @@ class Trainer(Component):
     def log_step(self, metrics: dict[str, Any]) -> None:
         """One metrics.jsonl line (main process), the console line, and the step callbacks."""
         if self.is_main:
-            with open(self.output_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+            append_line(self.output_dir / "metrics.jsonl", json.dumps(metrics))
             if self.state.step % self.config.log_every_n_steps == 0 and not self.config.progress_bar:
                 loss = metrics["loss"]
                 logger.info(f"step {self.state.step}/{self.total_steps} loss "
@@ -610,8 +610,7 @@ class Trainer(Component):
         if self.is_main:
             line = {"step": self.state.step, **({"standalone": True} if self.standalone_evaluation else {}), **results}
             name = STANDALONE_EVAL_FILE if self.standalone_evaluation else EVAL_FILE
-            with open(self.output_dir / name, "a") as fh:
-                fh.write(json.dumps(line) + "\n")
+            append_line(self.output_dir / name, json.dumps(line))
             what = "standalone evaluation" if self.standalone_evaluation else "evaluation"
             logger.info(f"{what} at step {self.state.step}: {format_results(results)}")
         self.callbacks.on_evaluate(self, results)
@@ -692,6 +691,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
             raise RunFailed(f"{path}: line {i + 1} has no integer 'step'; fix or remove that line to resume")
         if entry["step"] <= step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    tmp.replace(path)
+    write_run_file(path, "".join(ln + "\n" for ln in kept))

@@ -184,3 +184,43 @@ def test_plugin_data_source_kind(tmp_path):
             read_source(SourceSpec(path="d.tsv"), base_dir=tmp_path, seed=0, on_bad_record="error", report=report)
     finally:
         _unregister(DATA_SOURCES, "tsv")
+
+
+def _factory_with_hooks(on_bad_record: str, synthetic_data: Path, cache_dir: Path):
+    """A VLMDataFactory subclass whose `check` rejects records with an odd index and tags the rest, and whose
+    `source_spec` keeps only the first 12 records of any source."""
+    from arctic_vl import BadRecord, VLMDataConfig, VLMDataFactory
+
+    class EvenOnly(VLMDataFactory):
+        def source_spec(self, spec):
+            spec = super().source_spec(spec)
+            return spec.model_copy(update={"sample": "first:12"}) if spec.sample == "all" else spec
+
+        def check(self, conv):
+            if conv.index % 2:
+                raise BadRecord("odd_record", "index", f"{conv.index} is odd; this factory trains even ones")
+            conv.meta = {**conv.meta, "checked": True}
+            return conv
+
+    cfg = VLMDataConfig(sources=[str(synthetic_data / "train.llava.json")], max_length=512,
+                        on_bad_record=on_bad_record, cache=True, cache_dir=str(cache_dir))
+    return EvenOnly(cfg)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_factory_hooks_check_every_build_and_follow_the_policy(synthetic_data, tiny_llava, tmp_path, cached):
+    """`source_spec` and `check` (the hooks bbu_detection builds on) apply on a cache miss and on a hit alike:
+    skip counts the rejected records by reason; error exits 2 naming the file, the record and the field."""
+    from arctic_vl.models.base import ModelBundle
+    from arctic_vl.models.loading import family_of_dir, load_model, load_processor
+
+    bundle = ModelBundle(load_model(tiny_llava), load_processor(tiny_llava), family_of_dir(tiny_llava))
+    cache = tmp_path / "cache"
+    if cached:  # fill the cache first: the second build reads encodings from it and must still check
+        _factory_with_hooks("skip", synthetic_data, cache).build(bundle, seed=0)
+    data = _factory_with_hooks("skip", synthetic_data, cache).build(bundle, seed=0)
+    indices = sorted(c.index for c in data.train.conversations)
+    assert indices == [0, 2, 4, 6, 8, 10] and all(c.meta["checked"] for c in data.train.conversations)
+    assert data.report.by_reason().get("odd_record") == 6
+    with pytest.raises(DataError, match=r"train\.llava\.json: record 1: field index: 1 is odd.*\[reason: odd_record\]"):
+        _factory_with_hooks("error", synthetic_data, cache).build(bundle, seed=0)

@@ -376,3 +376,11 @@ def test_report_merge():
     assert (a.total, a.by_reason(), a.by_source()) == (3, {"invalid_json": 2, "missing_image": 1},
                                                        {"f1": 1, "f2": 2})
     assert BadRecordReport().format() == "no bad records"
+
+
+@pytest.mark.parametrize("name, text", [("e.jsonl", ""), ("b.jsonl", "\n \n"), ("l.json", "[]")])
+def test_a_source_without_records_says_so(tmp_path, name, text):
+    """An empty file is named as empty (exit 2), not as a file whose record format cannot be told."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=rf"{name}: the file holds no records"):
+        read(tmp_path / name, tmp_path)

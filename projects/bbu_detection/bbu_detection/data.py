@@ -20,7 +20,6 @@ import torch
 
 from arctic_vl import (
     DATA,
-    BadRecord,
     ConfigError,
     DataError,
     SourceSpec,
@@ -121,6 +120,7 @@ class DetectionDataFactory(VLMDataFactory):
             raise ConfigError("data.packing: bbu_detection reads one sample's image and text per row; set packing: false")
         self._head = head_config
         self._tokenizer = getattr(model_bundle.processor, "tokenizer", model_bundle.processor)
+        self._cut = 0
         bundle = super().build(model_bundle, seed=seed)
         bundle.train = self._wrap(bundle.train)
         if bundle.eval is not None:
@@ -130,36 +130,21 @@ class DetectionDataFactory(VLMDataFactory):
         bundle.stats.update(train_objects=objects, caption_tokens_cut=self._cut)
         return bundle
 
-    def read(self, specs: list[Any], *, seed: int, report: Any) -> list[Any]:
-        """The core's reading (`auto` sources with the `bbu_detection` record format, which checks the objects
-        with the file's line numbers), then each record's object count against the head (the policy applies)."""
-        specs = [self._detection_format(s) for s in specs]
-        kept = []
-        self._cut = getattr(self, "_cut", 0)
-        for conv in super().read(specs, seed=seed, report=report):
-            try:
-                sizes = conv.image_sizes or [image_size(ref) for ref in conv.images]
-                width, height = sizes[-1] if sizes else (0, 0)
-                objects = check_detection_record(conv.messages, len(conv.images), conv.meta.get("objects"), width,
-                                                 height, max_objects=self._max_objects())
-            except BadRecord as e:
-                message = (f"{conv.source}: record {conv.index}: field {e.field}: {e.detail} "
-                           f"[reason: {e.reason}; format: bbu_detection]")
-                if self.config.on_bad_record == "error":
-                    raise DataError(message + " (on_bad_record='skip' drops such records and counts them)",
-                                    source=conv.source, index=conv.index, reason=e.reason) from None
-                report.add(conv.source, conv.index, e.reason, message)
-                continue
-            conv.meta = {**conv.meta, "objects": objects, "student_size": (width, height)}
-            kept.append(conv)
-        return kept
+    def source_spec(self, spec: Any) -> SourceSpec:
+        """A source spec whose `format: auto` (or a bare path) becomes `format: bbu_detection`, the record format
+        that checks the objects with the file's line numbers."""
+        spec = super().source_spec(spec)
+        return spec.model_copy(update={"format": "bbu_detection"}) if spec.format == "auto" else spec
 
-    @staticmethod
-    def _detection_format(spec: Any) -> Any:
-        """A source spec whose `format: auto` (or a bare path) becomes `format: bbu_detection`."""
-        if isinstance(spec, SourceSpec):
-            return spec.model_copy(update={"format": "bbu_detection"}) if spec.format == "auto" else spec
-        return SourceSpec(path=spec, format="bbu_detection")
+    def check(self, conv: Any) -> Any:
+        """Each record's objects against the head (at most `num_queries`) and its last image; the core applies
+        `data.on_bad_record` to a BadRecord."""
+        sizes = conv.image_sizes or [image_size(ref) for ref in conv.images]
+        width, height = sizes[-1] if sizes else (0, 0)
+        objects = check_detection_record(conv.messages, len(conv.images), conv.meta.get("objects"), width, height,
+                                         max_objects=self._max_objects())
+        conv.meta = {**conv.meta, "objects": objects, "student_size": (width, height)}
+        return conv
 
     def _max_objects(self) -> int | None:
         """The head's query count: from the built model, else from the config (`inspect-data` reads only)."""

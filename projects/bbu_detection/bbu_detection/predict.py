@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl import DATA, MODELS, ConfigError, DataError, image_size, load_config
+from arctic_vl import DATA, MODELS, ConfigError, DataError, image_size, load_config, output_directory
 
 from .boxes import cxcywh_to_pixel_xyxy
 from .data import TARGETS
@@ -120,10 +120,10 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.score_threshold <= 1:
         p.error("--score-threshold must be in [0, 1]")
+    out = Path(args.out)
+    output_directory(out.parent, "--out's folder")  # before the model loads: a bad --out costs nothing
     rows = predict(args.config, image_files(args.images), score_threshold=args.score_threshold, prompt=args.prompt,
                    overrides=args.overrides, batch_size=args.batch_size)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} images, {sum(len(r['objects']) for r in rows)} objects to {out}")
     return 0

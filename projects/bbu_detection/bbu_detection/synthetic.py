@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from arctic_vl import make_synthetic_data
+from arctic_vl import make_synthetic_data, output_directory
 
 PROMPT = "Describe the objects."
 SPLITS = ("train", "heldout")
@@ -89,6 +89,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.max_teachers < 0:
         p.error("--max-teachers must be >= 0")
+    output_directory(args.out_dir, "OUT")
     print(json.dumps(make_detection_data(args.out_dir, n=args.n, seed=args.seed, heldout=args.heldout,
                                          image_size=args.image_size, max_teachers=args.max_teachers), indent=1))
     return 0
