@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         if not (model / "config.json").is_file():
             make_tiny_model("llava_next", model, seed=0)
         config = root / "run.yaml"
-        (root / "cache").mkdir(parents=True, exist_ok=True)  # a config's folders must exist (checked at validation)
         config.write_text(yaml.safe_dump({
             "model": {"name_or_path": str(model)},
             "data": {"sources": [str(data / "train.llava.json")], "max_length": 1024,
