@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             # Ratios within a round (the two runs back to back, under the same load), then their median.
             walls = [o["samples_per_s"] / h["samples_per_s"] for o, h in zip(runs[side], runs["hf"], strict=True)]
-            cpus = [o["samples_per_cpu_s"] / h["samples_per_cpu_s"] for o, h in zip(runs[side], runs["hf"], strict=True)]
+            cpus = [o["samples_per_cpu_s"] / h["samples_per_cpu_s"]
+                    for o, h in zip(runs[side], runs["hf"], strict=True)]
             summary[side]["ratio"], summary[side]["cpu_ratio"] = statistics.median(walls), statistics.median(cpus)
             print(f"{side}/hf: samples/s ratio={summary[side]['samples_per_s'] / base['samples_per_s']:.3f}, "
                   f"real tokens/s ratio={summary[side]['tokens_per_s'] / base['tokens_per_s']:.3f} (medians); per "

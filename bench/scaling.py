@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"round {r} {name:>8}: {rate:.2f} samples/s, {per_step * 1e3:.1f} ms/step")
 
     print(f"tiny llava_next (the shapes recipe's shape), {args.samples} samples, {args.steps} steps, global batch "
-          f"{2 * args.micro * args.gas} (1 proc x micro {2 * args.micro} | 2 procs x micro {args.micro}), gas {args.gas}, "
+          f"{2 * args.micro * args.gas} (1 proc x micro {2 * args.micro} | 2 procs x micro {args.micro}), "
+          f"gas {args.gas}, "
           f"{args.threads} thread(s) per process")
     two = [k for k in ("ddp", "zero2", "ddp_plain") if k in runs]
     print(f"{'step':>4} {'loss 1 proc':>14}" + "".join(f" {'loss ' + k:>14}" for k in two) + f" {'max |diff|':>11}")
