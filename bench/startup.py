@@ -5,13 +5,13 @@ model a tiny LLaVA-NeXT. Sides, each in a fresh interpreter so nothing is warm i
   cold-1   no cache, one process reads and tokenizes (`data.preprocess_workers: 1`)
   cold-N   no cache, N processes (`--workers`, default: the cores)
   warm     the encoded-records cache written by a first run (not timed), one process
-Each side runs `--rounds` times in alternating order; the median is printed, with the ratios cold-1/cold-N
-(the parallel speed-up) and cold-1/warm. The start-up is `Engine(...)` + `Engine._build()` (model load, data
-read, encode or cache load, trainer) plus the first batch of the loader: what a run waits before step 1 once
-the interpreter has imported torch, transformers' model classes and the plugins (printed apart as `imports`);
-the data build (`VLMDataFactory.build`) is printed apart too, and the speed-ups are of it. The data build's CPU seconds (the
-process and its encoding workers) are printed beside: on a shared machine the parallel wall-time speed-up needs
-idle cores, which the CPU seconds show were (not) there.
+Each side runs `--rounds` times in alternating order; the median is printed, with the ratios cold-1/cold-N (the
+parallel speed-up) and cold-1/warm. The start-up is `Engine(...)` + `Engine._build()` (model load, data read, encode
+or cache load, trainer) plus the first batch of the loader: what a run waits before step 1 once the interpreter has
+imported torch, transformers' model classes and the plugins (printed apart as `imports`); the data build
+(`VLMDataFactory.build`) is printed apart too, and the speed-ups are of it. The data build's CPU seconds (the
+process and its encoding workers) are printed beside: on a shared machine the parallel wall-time speed-up needs idle
+cores, which the CPU seconds show were (not) there.
 
     python bench/startup.py --records 20000                  # the figure in the README
     python bench/startup.py --records 300 --rounds 1         # smoke
