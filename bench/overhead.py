@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> float:
         from arctic_vl.models.loading import load_model
 
         params = sum(p.numel() for p in load_model(model).parameters())
-        print(f"model: tiny llava_next, {params / 1e6:.2f}M parameters; {args.warmup} warm-up + {args.steps} timed steps, "
+        print(f"model: tiny llava_next, {params / 1e6:.2f}M parameters; "
+              f"{args.warmup} warm-up + {args.steps} timed steps, "
               f"micro-batch {args.batch}, {args.rounds} rounds")
         ratios = []
         for r in range(args.rounds):

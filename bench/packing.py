@@ -133,7 +133,8 @@ def padded_batches(samples: list[dict], mbs: int, seed: int) -> list[list[int]]:
     return [step[0] for step in EpochBatchSampler.plan(len(samples), mbs, 1, seed, 0, True)]
 
 
-def packed_batches(samples: list[dict], max_length: int, mbs: int, seed: int) -> tuple[list[list[tuple[int, int]]], Any]:
+def packed_batches(samples: list[dict], max_length: int, mbs: int, seed: int
+                   ) -> tuple[list[list[tuple[int, int]]], Any]:
     from arctic_vl.data.sampling import PackingPlanner
 
     planner = PackingPlanner([len(s["input_ids"]) for s in samples], max_length, mbs, seed)
@@ -205,7 +206,8 @@ def skewed(args: argparse.Namespace) -> float:
     print(f"skewed mix: model {args.family}: {params / 1e6:.2f}M parameters, {args.layers} layers, hidden "
           f"{args.hidden}, attn {args.attn}, {args.threads} thread(s)")
     print(f"samples {stats['samples']} ({stats['tokens']} tokens): padding {len(pad_plan)} micro-batches of "
-          f"{args.micro_batch_size}, efficiency {stats['unpacked_padding_efficiency']:.1%}; packing {stats['rows']} rows "
+          f"{args.micro_batch_size}, efficiency {stats['unpacked_padding_efficiency']:.1%}; "
+          f"packing {stats['rows']} rows "
           f"of <= {args.max_length} in {len(pack_plan)} micro-batches, efficiency {stats['efficiency']:.1%}")
     return compare("skewed", model, {"padding": (pad_plan, padded), "packing": (pack_plan, packed)},
                    stats["tokens"], args)

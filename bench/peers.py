@@ -18,8 +18,11 @@ until the end.
 
 Throughput is timed the same way on every side: wall time from the end of step ``--warmup`` to the end of the
 last step (a step-end callback on both sides), so start-up, the first steps and the final save are excluded.
-Real tokens are the non-padding tokens of the timed steps' samples. Sides alternate within each round (the order
-rotates); the median of the rounds is reported with min and max, and the ratios to the HF side.
+Real tokens are the non-padding tokens of the timed steps' samples. The process's CPU time (every thread: the
+prefetch thread counts) is taken over the same window: samples per CPU second is the cost of a side that other
+processes on a shared machine do not inflate. Sides alternate within each round (the order rotates); the median
+of the rounds is reported with min and max, and the ratios to the HF side: of the medians, and the median of the
+per-round ratios (wall and CPU time).
 
     python bench/peers.py                              # 256 records, batch 8, 3 rounds (a few minutes)
     python bench/peers.py --samples 24 --micro-batch-size 4 --rounds 1 --warmup 1 --pack-length 256 \
@@ -64,18 +67,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class StepClock:
-    """perf_counter at the end of every optimizer step (the same measurement on every side)."""
+    """Wall time and this process's CPU time (all its threads) at the end of every optimizer step (the same
+    measurement on every side). CPU time is what a side costs even when other processes share the cores."""
 
     def __init__(self) -> None:
-        self.ends: list[float] = []
+        self.ends: list[tuple[float, float]] = []
 
     def tick(self) -> None:
-        self.ends.append(time.perf_counter())
+        self.ends.append((time.perf_counter(), time.process_time()))
 
-    def window(self, warmup: int) -> float:
+    def window(self, warmup: int) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) from the end of step `warmup` to the end of the last step."""
         if len(self.ends) <= warmup:
             raise SystemExit(f"only {len(self.ends)} steps ran; lower --warmup ({warmup}) or raise --samples")
-        return self.ends[-1] - self.ends[warmup - 1] if warmup else self.ends[-1] - self.ends[0]
+        first, last = self.ends[max(warmup - 1, 0)], self.ends[-1]
+        return last[0] - first[0], last[1] - first[1]
 
 
 CLOCK = StepClock()
@@ -118,7 +124,8 @@ def arctic_side(root: Path, model_dir: Path, sources: list[str], args: argparse.
     summary = Engine(config).train()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = metrics[args.warmup:]
-    return {"seconds": CLOCK.window(args.warmup), "samples": sum(m["samples"] for m in timed),
+    seconds, cpu = CLOCK.window(args.warmup)
+    return {"seconds": seconds, "cpu_seconds": cpu, "samples": sum(m["samples"] for m in timed),
             "tokens": sum(m["tokens"] for m in timed), "final_loss": summary["final_loss"], "steps": len(metrics)}
 
 
@@ -160,7 +167,8 @@ def hf_side(root: Path, model_dir: Path, dataset: Any, collate: Any, args: argpa
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     lengths = dataset.lengths
     timed = range(args.warmup * args.micro_batch_size, min(len(dataset), steps * args.micro_batch_size))
-    return {"seconds": CLOCK.window(args.warmup), "samples": len(timed), "tokens": sum(lengths[i] for i in timed),
+    seconds, cpu = CLOCK.window(args.warmup)
+    return {"seconds": seconds, "cpu_seconds": cpu, "samples": len(timed), "tokens": sum(lengths[i] for i in timed),
             "final_loss": losses[-1], "steps": len(losses)}
 
 
@@ -203,9 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res = arctic_side(root, model_dir, sources, args, packed=side.startswith("packed"),
                                   compiled=side.endswith("_compiled"))
             res["samples_per_s"], res["tokens_per_s"] = res["samples"] / res["seconds"], res["tokens"] / res["seconds"]
+            res["samples_per_cpu_s"] = res["samples"] / res["cpu_seconds"]
             runs[side].append(res)
             print(f"round {r} {side:>15}: {res['steps']} steps, {res['samples_per_s']:.1f} samples/s, "
-                  f"{res['tokens_per_s']:,.0f} real tokens/s, final loss {res['final_loss']:.6f}")
+                  f"{res['tokens_per_s']:,.0f} real tokens/s, {res['samples_per_cpu_s']:.1f} samples per CPU "
+                  f"second, final loss {res['final_loss']:.6f}")
     summary: dict[str, Any] = {}
     for side, rs in runs.items():
         sps = [x["samples_per_s"] for x in rs]
@@ -217,9 +227,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "hf" in summary:
         base = summary["hf"]
         for side in summary:
-            if side != "hf":
-                print(f"{side}/hf: samples/s ratio={summary[side]['samples_per_s'] / base['samples_per_s']:.3f}, "
-                      f"real tokens/s ratio={summary[side]['tokens_per_s'] / base['tokens_per_s']:.3f}")
+            if side == "hf":
+                continue
+            # Ratios within a round (the two runs back to back, under the same load), then their median.
+            walls = [o["samples_per_s"] / h["samples_per_s"] for o, h in zip(runs[side], runs["hf"], strict=True)]
+            cpus = [o["samples_per_cpu_s"] / h["samples_per_cpu_s"]
+                    for o, h in zip(runs[side], runs["hf"], strict=True)]
+            summary[side]["ratio"], summary[side]["cpu_ratio"] = statistics.median(walls), statistics.median(cpus)
+            print(f"{side}/hf: samples/s ratio={summary[side]['samples_per_s'] / base['samples_per_s']:.3f}, "
+                  f"real tokens/s ratio={summary[side]['tokens_per_s'] / base['tokens_per_s']:.3f} (medians); per "
+                  f"round: median {statistics.median(walls):.3f} (min {min(walls):.3f}, max {max(walls):.3f}); "
+                  f"CPU-time ratio (samples per CPU second, robust to a loaded machine): median "
+                  f"{statistics.median(cpus):.3f} (min {min(cpus):.3f}, max {max(cpus):.3f})")
         if "padded" in summary:
             diff = abs(summary["padded"]["final_loss"] - base["final_loss"])
             print(f"final loss padded {summary['padded']['final_loss']:.6f} vs hf {base['final_loss']:.6f}: "

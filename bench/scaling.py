@@ -6,6 +6,9 @@ throughput ratio is what the second process buys. Every process runs with ``--th
 (OMP_NUM_THREADS), the same on every side. A fourth run, 1 process at micro-batch b (one rank's share of the
 work, alone), gives the cost of being two: ``overhead = step time (2 processes) - step time (1 process at b)``,
 i.e. the gradient collectives, the wait for the slower rank and the contention of two processes on shared cores.
+A fifth, ``ddp_plain``, is DDP with `data.balance_ranks: false` (each rank takes its micro-batch of the global
+batch in order, whatever its tokens): its overhead beside DDP's is the wait on the other rank's longer batch
+that balancing removes.
 
 Runs alternate within each round (the order rotates); samples/s of a run = its samples / its seconds over the
 steps after ``--skip`` (start-up excluded); min / median / max over the rounds are printed, with the ratios
@@ -32,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without arctic_vl installed
 
 BIN = Path(sys.executable).parent
-RUNS = ("one", "ddp", "zero2", "one_half")
+RUNS = ("one", "ddp", "zero2", "one_half", "ddp_plain")
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -46,7 +49,7 @@ def _config(root: Path, name: str, model: Path, data: Path, micro: int, distribu
     path.write_text(yaml.safe_dump({
         "model": {"name_or_path": str(model)},
         "data": {"sources": [{"path": str(data), "sample": f"first:{args.samples}"}], "micro_batch_size": micro,
-                 "max_length": args.max_length, "shuffle": False},
+                 "max_length": args.max_length, "shuffle": False, "balance_ranks": name != "ddp_plain"},
         "trainer": {"output_dir": str(root / name), "max_steps": args.steps, "gradient_accumulation_steps": args.gas,
                     "progress_bar": False, "seed": 7, "log_every_n_steps": 10_000},
         "optimizer": {"lr": 1e-3},
@@ -61,7 +64,7 @@ def _command(name: str, config: Path) -> list[str]:
     from arctic_vl.distributed.deepspeed_backend import free_port
 
     train = [str(BIN / "arctic_vl"), "train", str(config)]
-    if name == "ddp":
+    if name in ("ddp", "ddp_plain"):
         return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *train]
     if name == "zero2":
         return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *train]
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip", type=int, default=2, help="steps not timed at the start of each run")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
-                   help="which runs (one: 1 process at 2b; one_half: 1 process at b, for the overhead)")
+                   help="which runs (one: 1 process at 2b; one_half: 1 process at b, for the overhead; ddp_plain: DDP "
+                        "without data.balance_ranks)")
     p.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
     args = p.parse_args(argv)
     if "one" not in args.runs:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = root / "data" / "train.llava.json"
     single, ds = {"type": "single"}, {"type": "deepspeed", "zero_stage": 2}
     plans = {"one": (2 * args.micro, single), "ddp": (args.micro, {"type": "ddp"}), "zero2": (args.micro, ds),
-             "one_half": (args.micro, single)}
+             "one_half": (args.micro, single), "ddp_plain": (args.micro, {"type": "ddp"})}
     runs = [k for k in RUNS if k in args.runs]
     rates: dict[str, list[float]] = {k: [] for k in runs}
     step_s: dict[str, list[float]] = {k: [] for k in runs}
@@ -134,9 +138,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"round {r} {name:>8}: {rate:.2f} samples/s, {per_step * 1e3:.1f} ms/step")
 
     print(f"tiny llava_next (the shapes recipe's shape), {args.samples} samples, {args.steps} steps, global batch "
-          f"{2 * args.micro * args.gas} (1 proc x micro {2 * args.micro} | 2 procs x micro {args.micro}), gas {args.gas}, "
+          f"{2 * args.micro * args.gas} (1 proc x micro {2 * args.micro} | 2 procs x micro {args.micro}), "
+          f"gas {args.gas}, "
           f"{args.threads} thread(s) per process")
-    two = [k for k in ("ddp", "zero2") if k in runs]
+    two = [k for k in ("ddp", "zero2", "ddp_plain") if k in runs]
     print(f"{'step':>4} {'loss 1 proc':>14}" + "".join(f" {'loss ' + k:>14}" for k in two) + f" {'max |diff|':>11}")
     worst = 0.0
     for i, a in enumerate(losses["one"]):

@@ -22,6 +22,8 @@ def test_bench_peers_toy_same_batches_same_final_loss():
     assert int(steps["packed"]) < 24  # several samples a packed row
     for side in ("padded", "packed"):
         assert float(re.search(rf"^{side}/hf: samples/s ratio=([0-9.]+)", out, re.M).group(1)) > 0, out
+        cpu = re.search(rf"^{side}/hf: .*CPU-time ratio .*median ([0-9.]+) \(min", out, re.M)
+        assert cpu and float(cpu.group(1)) > 0, out
     hf, ours = (float(x) for x in re.search(r"final loss padded ([0-9.]+) vs hf ([0-9.]+)", out).groups()[::-1])
     assert abs(hf - ours) < 5e-5 and "(equal to 4 decimals)" in out, out
     assert hf > 1.0  # a real loss of a random model, not an empty sum

@@ -118,3 +118,27 @@ def test_param_groups_on_lora_names(tiny_llava: Path, synthetic_data: Path, tmp_
     assert "base_model.model.model.image_newline" in aligner
     assert "base_model.model.model.multi_modal_projector.modules_to_save.default.linear_2.weight" in aligner
     assert sum(len(v[2]) for v in last.values()) == 2 * 7 * 2 + 5, "every trainable parameter in one group"
+
+
+def test_adamw_is_fused_on_cpu_by_default_with_the_loop_update():
+    """The default AdamW takes torch's fused kernel on CPU (`optimizer.fused: false` keeps the per-tensor loop);
+    both make the same update, weight decay and no-decay groups included."""
+    from arctic_vl.optim.optimizers import AdamW, AdamWConfig
+
+    def run(fused: bool | None) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        g = torch.Generator().manual_seed(0)
+        weights = [torch.randn(16, 8, generator=g).requires_grad_(), torch.randn(8, generator=g).requires_grad_()]
+        groups = [{"params": weights[:1], "weight_decay": 0.1}, {"params": weights[1:], "weight_decay": 0.0}]
+        opt = AdamW(AdamWConfig(lr=1e-2, weight_decay=0.1, fused=fused)).build(groups)
+        for _ in range(5):
+            for w in weights:
+                w.grad = torch.randn(w.shape, generator=g)
+            opt.step()
+        return opt, weights
+
+    default, w_default = run(None)
+    loop, w_loop = run(False)
+    assert default.defaults["fused"] is True and not loop.defaults["fused"]
+    for a, b in zip(w_default, w_loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert not torch.equal(a, torch.zeros_like(a))

@@ -29,6 +29,7 @@ from arctic_vl.constants import IGNORE_INDEX
 from arctic_vl.data.bad_records import BadRecordReport
 from arctic_vl.data.encoding import EncodedText, SampleEncoder
 from arctic_vl.data.images import DatasetImage, ImageBytes, ImageRef
+from arctic_vl.data.parallel import gc_paused
 from arctic_vl.data.records import Conversation
 
 #: bump when an entry's layout changes (the code hash changes anyway)
@@ -179,6 +180,11 @@ def save(directory: Path, key: str, entry: CachedSource) -> Path | None:
 
 def load(directory: Path, key: str) -> CachedSource | None:
     """The entry of `key`, or None: no entry, an unreadable one, or one whose images changed since."""
+    with gc_paused():  # a record's worth of lists and dicts at a time, no cycles: collections would cost 4x the load
+        return _load(directory, key)
+
+
+def _load(directory: Path, key: str) -> CachedSource | None:
     path = directory / f"{key}.npz"
     if not path.is_file():
         return None

@@ -4,13 +4,19 @@ The work of each item is a pure function of the item, so the result is the same 
 the caller applies every side effect (the bad-record policy, the report) to the results in item order, as a
 serial loop would. Workers are forked, so they inherit the function and what it closes over (the encoder and
 its tokenizer) without pickling them; only the items' results travel back.
+
+The cyclic garbage collector is kept out of this bulk work (`gc_paused`): building or unpickling a data set's
+records (hundreds of thousands of lists and dicts, no cycles among them) otherwise sets off collections that
+traverse the whole heap, torch's and transformers' millions of objects, over and over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
@@ -34,6 +40,22 @@ def default_workers() -> int:
     return max(1, min(cores, 16) // max(per_node, 1))
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (nests; the collector's state is restored after).
+
+    For code that builds many objects with no cycles among them (records, encodings, a cache entry): with a
+    large heap each automatic collection costs more than the objects (a 20k-record cache entry loads in 0.3 s
+    instead of 1.1-1.4 s)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _run(span: tuple[int, int]) -> list[Any]:
     assert _JOB is not None  # set before the pool forks
     fn, items = _JOB
@@ -52,11 +74,15 @@ def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = 
     chunk = max(1, min(CHUNK, -(-len(items) // (4 * workers))))  # a few tasks per worker at least
     spans = [(s, min(s + chunk, len(items))) for s in range(0, len(items), chunk)]
     _JOB = (fn, items)
+    # The workers inherit the heap frozen: their collections skip it (nor touch, and so copy, its pages).
+    gc.freeze()
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool, \
+                gc_paused():
             out: list[R] = []
             for part in pool.map(_run, spans):
                 out += part
             return out
     finally:
         _JOB = None
+        gc.unfreeze()
