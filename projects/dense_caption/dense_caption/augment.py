@@ -64,14 +64,20 @@ def _check_range(lo: float, hi: float, what: str) -> None:
 
 
 class FlipParams(OpParams):
+    """Parameters of `hflip` and `vflip`: only `prob`, here 0.5 by default."""
+
     prob: float = Field(0.5, ge=0, le=1)
 
 
 class RotateParams(OpParams):
+    """Parameters of `rotate`: `prob` and the largest angle `max_deg` (degrees, either way)."""
+
     max_deg: float = Field(10.0, gt=0, le=180, description="angle drawn uniformly in [-max_deg, max_deg] degrees")
 
 
 class ScaleParams(OpParams):
+    """Parameters of `scale`: `prob` and the zoom range `lo` <= `hi` (about the centre, canvas unchanged)."""
+
     lo: float = Field(0.9, gt=0, description="smallest zoom factor (about the image centre; canvas unchanged)")
     hi: float = Field(1.1, gt=0, description="largest zoom factor")
 
@@ -82,18 +88,24 @@ class ScaleParams(OpParams):
 
 
 class PadParams(BaseModel):
+    """Parameters of `pad_to_multiple`: the `multiple` both sides are padded up to (always applied, no `prob`)."""
+
     model_config = ConfigDict(extra="forbid")
 
     multiple: int = Field(32, ge=1, description="pad right and bottom up to a multiple of this many pixels")
 
 
 class ExpandParams(BaseModel):
+    """Parameters of `expand_to_fit_affine`: the `multiple` the grown canvas is rounded up to (always applied)."""
+
     model_config = ConfigDict(extra="forbid")
 
     multiple: int = Field(1, ge=1, description="round the expanded canvas up to a multiple of this")
 
 
 class ResizeParams(OpParams):
+    """Parameters of `resize_by_scale`: `prob`, the factor range `lo` <= `hi`, the `multiple` of the new size."""
+
     lo: float = Field(0.8, gt=0, description="smallest factor the canvas (image and geometry) is resized by")
     hi: float = Field(1.2, gt=0, description="largest factor")
     multiple: int = Field(1, ge=1, description="round the new size to a multiple of this")
@@ -105,6 +117,8 @@ class ResizeParams(OpParams):
 
 
 class CropParams(OpParams):
+    """Parameters of `random_crop`: `prob`, the crop `size` range (shares in (0, 1]) and `min_coverage`."""
+
     size: tuple[float, float] = Field((0.6, 1.0), description="crop side as a share of the image side: [low, high]")
     min_coverage: float = Field(0.3, ge=0, le=1, description="objects with less of their area (length) inside "
                                 "the crop are dropped")
@@ -119,6 +133,8 @@ class CropParams(OpParams):
 
 
 class FactorParams(OpParams):
+    """Parameters of the colour ops (brightness, contrast, saturation, gamma): `prob` and a factor `range` > 0."""
+
     range: tuple[float, float] = Field((0.8, 1.2), description="factor drawn uniformly in [low, high] (1 = unchanged)")
 
     @model_validator(mode="after")
@@ -210,23 +226,32 @@ class Op:
 
 
 class AffineOp(Op):
+    """An op that is only a matrix: it multiplies into the pending affine and touches no pixels itself."""
+
     kind = "affine"
 
     def matrix(self, state: State, rng: np.random.Generator) -> np.ndarray:
+        """The 3x3 affine of this op on the current canvas (image coordinates), drawn from `rng`."""
         raise NotImplementedError
 
 
 class BarrierOp(Op):
+    """An op that flushes the pending affine: it warps image and geometry once, into a new canvas."""
+
     kind = "barrier"
 
     def apply(self, state: State, rng: np.random.Generator) -> None:
+        """Warp `state` in place by this op's map times the pending matrix (through `State.warp`)."""
         raise NotImplementedError
 
 
 class ColourOp(Op):
+    """An op on pixels only (geometry unchanged); runs after every geometric op."""
+
     kind = "colour"
 
     def colour(self, image: Any, rng: np.random.Generator) -> Any:
+        """A new PIL image: `image` with this op's colour change, its factor drawn from `rng`."""
         raise NotImplementedError
 
 
@@ -236,6 +261,7 @@ class HFlip(AffineOp):
     name = "hflip"
 
     def matrix(self, state: State, rng: np.random.Generator) -> np.ndarray:
+        """x -> width - x."""
         return G.hflip(state.width)
 
 
@@ -245,6 +271,7 @@ class VFlip(AffineOp):
     name = "vflip"
 
     def matrix(self, state: State, rng: np.random.Generator) -> np.ndarray:
+        """y -> height - y."""
         return G.vflip(state.height)
 
 
@@ -254,6 +281,7 @@ class Rotate(AffineOp):
     name = "rotate"
 
     def matrix(self, state: State, rng: np.random.Generator) -> np.ndarray:
+        """Rotation about the canvas centre by an angle drawn uniformly in [-max_deg, max_deg]."""
         deg = float(rng.uniform(-self.params.max_deg, self.params.max_deg))
         return G.rotation(deg, state.width / 2, state.height / 2)
 
@@ -264,6 +292,7 @@ class Scale(AffineOp):
     name = "scale"
 
     def matrix(self, state: State, rng: np.random.Generator) -> np.ndarray:
+        """Uniform zoom about the canvas centre by a factor drawn in [lo, hi]."""
         s = float(rng.uniform(self.params.lo, self.params.hi))
         return G.scaling(s, s, state.width / 2, state.height / 2)
 
@@ -278,6 +307,7 @@ class PadToMultiple(BarrierOp):
     name = "pad_to_multiple"
 
     def apply(self, state: State, rng: np.random.Generator) -> None:
+        """Flush into a canvas padded right and bottom (draws nothing from `rng`)."""
         m = self.params.multiple
         state.warp(G.identity(), (_round_up(state.width, m), _round_up(state.height, m)))
 
@@ -288,6 +318,7 @@ class ExpandToFitAffine(BarrierOp):
     name = "expand_to_fit_affine"
 
     def apply(self, state: State, rng: np.random.Generator) -> None:
+        """Flush, shifted so the transformed image starts at (0, 0), into a canvas that holds all of it."""
         w, h = state.width, state.height
         corners = G.apply_affine(np.array([[0, 0], [w, 0], [w, h], [0, h]], float), state.pending)
         lo, hi = corners.min(axis=0), corners.max(axis=0)
@@ -303,6 +334,7 @@ class ResizeByScale(BarrierOp):
     name = "resize_by_scale"
 
     def apply(self, state: State, rng: np.random.Generator) -> None:
+        """Flush into a canvas resized by a drawn factor, each side rounded to a multiple of `multiple`."""
         s = float(rng.uniform(self.params.lo, self.params.hi))
         m = self.params.multiple
         w = max(m, round(state.width * s / m) * m)
@@ -316,6 +348,7 @@ class RandomCrop(BarrierOp):
     name = "random_crop"
 
     def apply(self, state: State, rng: np.random.Generator) -> None:
+        """Flush into a window at a drawn size and place; objects under `min_coverage` are dropped and counted."""
         s = float(rng.uniform(*self.params.size))
         cw, ch = max(1, round(state.width * s)), max(1, round(state.height * s))
         x0 = int(rng.integers(0, state.width - cw + 1))
@@ -369,6 +402,7 @@ class Gamma(ColourOp):
     name = "gamma"
 
     def colour(self, image: Any, rng: np.random.Generator) -> Any:
+        """`image` through a gamma lookup table, the exponent drawn in `range` (every band alike)."""
         g = float(rng.uniform(*self.params.range))
         lut = [min(255, max(0, round(255 * (v / 255) ** g))) for v in range(256)]
         return image.point(lut * len(image.getbands()))
@@ -423,7 +457,8 @@ class OpSpec(BaseModel):
             problems = []
             for err in e.errors(include_url=False):
                 key = ".".join(str(p) for p in err["loc"]) or "params"
-                what = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                what = ("unknown parameter" if err["type"] == "extra_forbidden"
+                        else err["msg"].removeprefix("Value error, "))
                 if err["type"] not in ("extra_forbidden", "value_error") and not isinstance(err.get("input"), dict):
                     what += f" (got {err['input']!r})"
                 problems.append(f"{key}: {what}")

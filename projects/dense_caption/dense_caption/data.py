@@ -60,6 +60,9 @@ AUGMENTATION_KEY = "_augmentation"
 
 
 class DenseCaptionDataConfig(VLMDataConfig):
+    """The `data:` section of `dense_caption`: the core VLM data options (packing must stay off) plus
+    augmentation, answer coordinates, summary mode, multi-image grouping, prompts and object order."""
+
     type: str = "dense_caption"
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig,
                                              description="geometry-aware augmentation of training samples")
@@ -427,6 +430,8 @@ class DenseCaptionDataFactory(VLMDataFactory):
         report.add(rec.source, rec.index, reason, text)
 
     def build(self, model_bundle: Any, *, seed: int) -> DataBundle:
+        """Dense train (and eval) datasets, the `DenseCollator`, the bad-record report, stats and the data
+        fingerprint; raises `DataError` on a bad record when `on_bad_record` is error."""
         from arctic_vl import BadRecordReport
 
         report = BadRecordReport()
@@ -457,6 +462,7 @@ class DenseCollator:
         self.inner = Collator(encoder)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The core batch of `samples`, with their augmentation counts summed under `_augmentation`."""
         counts: Counter[str] = Counter()
         for s in samples:
             counts.update(s.pop(AUGMENTATION_KEY, {}) or {})

@@ -69,7 +69,8 @@ def generalized_jsd_per_token(student_logits: torch.Tensor, teacher_logits: torc
 
 
 def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                         labels: torch.Tensor | None = None, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+                         labels: torch.Tensor | None = None, beta: float = 0.5,
+                         temperature: float = 1.0) -> torch.Tensor:
     """Mean generalized JSD over positions whose label is not -100 (all positions without labels).
 
     Logits are (batch, positions, vocab); `labels` (batch, positions) are aligned position by position with
@@ -85,6 +86,9 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
 
 
 class GKDTrainerConfig(DenseEvalConfig):
+    """The `trainer:` section of `gkd`: distil a frozen teacher into the student (generalized JSD, optional
+    on-policy completions and cross entropy), with the dense-caption evaluation settings."""
+
     type: str = "gkd"
     teacher: ModelPath | None = Field(None, description="local model directory of the frozen teacher (default: the "
                                       "student's base model)")
@@ -119,8 +123,8 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         else:
             model_dir = getattr(self.model_factory, "model_dir", None)
             if model_dir is None:
-                raise ConfigError(f"trainer.teacher: model.type {self.run_config.get('model', {}).get('type')!r} has no base model "
-                                  "directory to default to; name the teacher's local directory")
+                raise ConfigError(f"trainer.teacher: model.type {self.run_config.get('model', {}).get('type')!r} "
+                                  "has no base model directory to default to; name the teacher's local directory")
             path = Path(model_dir(self.output_dir))
         if not (path / "config.json").is_file():
             raise ConfigError(f"trainer.teacher: {path} is not a local model directory (no config.json)")
@@ -221,6 +225,8 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
 
     # -------------------------------------------------------------------------------------- loss
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
+        """Summed generalized JSD (`beta`, `temperature`) from the frozen teacher over the label tokens, plus
+        `sft_alpha` x the summed cross entropy; metrics: kl_loss, sft_loss, token_accuracy, augmentation counts."""
         cfg = self.config
         mask, targets = label_positions(batch["labels"])
         hidden, head, _ = final_hidden(model, batch)
@@ -242,6 +248,7 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         return LossOutput(loss_sum, n, metrics)
 
     def summary(self, checkpoint: Any, **extra: Any) -> dict[str, Any]:
+        """The core summary plus the run's augmentation totals and the teacher's directory."""
         out = super().summary(checkpoint, **extra)
         out["augmentation"] = self.augmentation_summary()
         out["teacher"] = str(self.teacher_dir)

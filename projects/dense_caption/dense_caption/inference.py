@@ -149,13 +149,15 @@ def read_groups(paths: list[str]) -> list[tuple[str, list[Path], dict[str, Any]]
                     if not isinstance(imgs, list) or not imgs or not all(isinstance(i, str) for i in imgs):
                         raise ValueError("images must be a non-empty list of paths")
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ConfigError(f"stage-a: {p}:{n}: a group line needs {{group, images: [paths]}} ({e})") from None
+                    raise ConfigError(f"stage-a: {p}:{n}: a group line needs {{group, images: [paths]}} "
+                                      f"({e})") from None
                 extra = {k: v for k, v in rec.items() if k not in ("group", "images")}
                 groups.append((gid, [(p.parent / i).resolve() for i in imgs], extra))
         elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
             groups.append((p.stem, [p], {}))
         else:
-            raise ConfigError(f"stage-a: {p}: not a directory, an image ({', '.join(IMAGE_SUFFIXES)}) or a groups .jsonl")
+            raise ConfigError(f"stage-a: {p}: not a directory, an image ({', '.join(IMAGE_SUFFIXES)}) "
+                              "or a groups .jsonl")
     return groups
 
 

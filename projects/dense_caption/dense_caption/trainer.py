@@ -90,11 +90,13 @@ class DenseCaptionTrainer(DenseTrainerMixin, SFTTrainer):
     config_class = DenseEvalConfig
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
+        """The SFT loss unchanged; the metrics add the batch's augmentation counts."""
         out = super().loss(model, batch, counts)
         out.metrics.update(self.augmentation_metrics(batch))
         return out
 
     def summary(self, checkpoint: Any, **extra: Any) -> dict[str, Any]:
+        """The core summary plus the run's augmentation totals (None when nothing was augmented)."""
         out = super().summary(checkpoint, **extra)
         out["augmentation"] = self.augmentation_summary()
         return out

@@ -52,7 +52,8 @@ def test_draws_depend_on_seed_and_index_only() -> None:
     cfg = _config([{"name": "rotate", "params": {"max_deg": 30, "prob": 0.5}},
                    {"name": "random_crop", "params": {"size": [0.5, 0.9], "min_coverage": 0.5}},
                    {"name": "brightness", "params": {"prob": 0.5}}], bypass_prob=0.2)
-    objs = [(Box(5, 5, 30, 30), "a"), (Polygon(((40, 10), (60, 10), (50, 40))), "b"), (Polyline(((0, 60), (64, 50))), "c")]
+    objs = [(Box(5, 5, 30, 30), "a"), (Polygon(((40, 10), (60, 10), (50, 40))), "b"),
+            (Polyline(((0, 60), (64, 50))), "c")]
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     a = Augmenter(cfg)(64, 64, objs, seed=11, index=3, image=image)
     b = Augmenter(cfg)(64, 64, objs, seed=11, index=3, image=image.copy())

@@ -41,11 +41,14 @@ def test_real_checkpoint_recipes_validate(name: str, tiny_qwen3: Path, tiny_qwen
         assert cfg.trainer.type == "gkd" and cfg.trainer.teacher is None  # teacher: the student's base
 
 
-def test_stage2_starts_from_stage1_and_gkd_teacher_defaults_to_it(tiny_qwen3: Path, shapes: Path, tmp_path: Path) -> None:
-    """Stage 2 builds on stage 1's export (model.name_or_path): LoRA on llm + aligner, the GKD teacher is that export."""
+def test_stage2_starts_from_stage1_and_gkd_teacher_defaults_to_it(tiny_qwen3: Path, shapes: Path,
+                                                                  tmp_path: Path) -> None:
+    """Stage 2 builds on stage 1's export (model.name_or_path): LoRA on llm + aligner, the GKD teacher is that
+    export."""
     from arctic_vl import Engine
 
-    overrides = [*_overrides(tiny_qwen3, shapes, tmp_path / "run"), "model.dtype=float32", "model.gradient_checkpointing=false",
+    overrides = [*_overrides(tiny_qwen3, shapes, tmp_path / "run"), "model.dtype=float32",
+                 "model.gradient_checkpointing=false",
                  "trainer.bf16=false", "data.sources=[{path: %s, sample: 'first:8'}]" % (shapes / "train.dense.jsonl"),
                  "data.eval_sources=[]", "data.num_workers=0", "callbacks=[]"]
     trainer = Engine(CONFIGS / "qwen3vl-stage2-gkd.yaml", overrides)._build()

@@ -40,7 +40,8 @@ def _decode_answer(bundle, item) -> str:
 def test_pixel_answers_use_the_processors_resize(tmp_path, shapes, tiny_qwen25) -> None:
     """qwen2_5_vl: pixels of the image the model sees; with a 48x48 budget a 64px image is seen at 48x48."""
     src = _write(tmp_path, shapes, _records(shapes))
-    data, bundle = _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "max_pixels": 48 * 48, "object_order": "record"})
+    data, bundle = _build(tmp_path, tiny_qwen25,
+                          {"sources": [str(src)], "max_pixels": 48 * 48, "object_order": "record"})
     rec = data.train.records[0]
     item = data.train[0]
     assert item["image_grid_thw"].tolist() == [[1, 6, 6]]  # 48 / 8

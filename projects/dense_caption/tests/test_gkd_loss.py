@@ -49,8 +49,10 @@ def test_ends_are_forward_and_reverse_kl(logits) -> None:
     s, t, labels = logits
     mask = labels != -100
     ps, pt = torch.softmax(s, -1), torch.softmax(t, -1)
-    torch.testing.assert_close(generalized_jsd_loss(s, t, labels, beta=0.0), _kl(pt, ps)[mask].mean(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(generalized_jsd_loss(s, t, labels, beta=1.0), _kl(ps, pt)[mask].mean(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(generalized_jsd_loss(s, t, labels, beta=0.0), _kl(pt, ps)[mask].mean(),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(generalized_jsd_loss(s, t, labels, beta=1.0), _kl(ps, pt)[mask].mean(),
+                               rtol=1e-12, atol=0)
 
 
 def test_ignored_positions_do_not_count_and_no_labels_means_all(logits) -> None:

@@ -84,7 +84,8 @@ def test_scores_per_type_desc_and_json_validity() -> None:
 
 
 def test_parsing() -> None:
-    ok = parse_dense_answer('[{"bbox_2d":[1,2,3,4],"desc":"a"},{"poly":[1,2],"desc":"short"},{"line":[0,0,5,5],"desc":"l"}]',
+    ok = parse_dense_answer('[{"bbox_2d":[1,2,3,4],"desc":"a"},{"poly":[1,2],"desc":"short"},'
+                            '{"line":[0,0,5,5],"desc":"l"}]',
                             1, "image_")
     assert ok.ok and [o.key for o in ok.images[0]] == ["bbox_2d", "line"] and ok.invalid_objects == 1
     assert not parse_dense_answer('[{"bbox_2d":[1,2,3', 1, "image_").ok
