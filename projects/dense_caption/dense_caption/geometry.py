@@ -285,7 +285,10 @@ def clip_polyline(points: np.ndarray, width: float, height: float) -> list[np.nd
             open_piece = False
             continue
         t0, t1 = span
-        a, b = p + t0 * (q - p), p + t1 * (q - p)
+        # an end inside the window is kept bit for bit (p + 1.0 * (q - p) can differ from q by an ulp), so
+        # clipping is idempotent: a clipped polyline clipped again comes back unchanged
+        a = p.copy() if t0 == 0.0 else p + t0 * (q - p)
+        b = q.copy() if t1 == 1.0 else p + t1 * (q - p)
         if open_piece and t0 == 0.0:
             pieces[-1].append(b)
         else:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from tests import e2e_utils
 
@@ -13,6 +15,12 @@ synthetic_data = e2e_utils.synthetic_data  # a session fixture shared with the c
 
 # Two cores shared by several engineers: one thread per test process.
 torch.set_num_threads(1)
+
+# The property tests draw the same examples on every run (a suite that passes on a clean clone passes again);
+# HYPOTHESIS_PROFILE=explore draws fresh, many more, to hunt for new counterexamples while developing.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", max_examples=2000, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[3]
 PROJECT = REPO / "projects" / "dense_caption"
