@@ -28,7 +28,7 @@ Groups:
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
-    errors:       UserError, ConfigError, DataError, CheckpointError
+    errors:       UserError, ConfigError, DataError (exit 2), RunFailed, CheckpointError (exit 1)
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ _LAZY: dict[str, str] = {
     "ConfigError": "arctic_vl.errors",
     "DataError": "arctic_vl.errors",
     "CheckpointError": "arctic_vl.errors",
+    "RunFailed": "arctic_vl.errors",
 }
 
 __all__ = [  # every public name; tests/test_api.py checks it equals the keys of _LAZY
@@ -231,6 +232,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "RecordFile",
     "RecordFormat",
     "Registry",
+    "RunFailed",
     "SFTTrainer",
     "Scheduler",
     "SchedulerConfig",
@@ -306,7 +308,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.data.synthetic import make_synthetic_data
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine
-    from arctic_vl.errors import CheckpointError, ConfigError, DataError, UserError
+    from arctic_vl.errors import CheckpointError, ConfigError, DataError, RunFailed, UserError
     from arctic_vl.models.base import ModelBundle, ModelFactory
     from arctic_vl.models.families import FAMILIES, FamilySpec, get_family, register_model_type
     from arctic_vl.models.forward import final_hidden, model_inputs, unwrap_peft, vision_keepalive
