@@ -96,8 +96,10 @@ class Engine:
                 self._write_run_files(trainer)
             try:
                 summary = trainer.train()
-            finally:
+            except BaseException:
                 trainer.dist.teardown()
+                raise
+            trainer.dist.teardown(clean=True)
             if trainer.is_main:
                 write_run_file(self.output_dir / "summary.json", json.dumps(summary, indent=1, default=str))
             return summary
@@ -126,8 +128,10 @@ class Engine:
 
                     raise ConfigError("evaluate: data.eval_sources is empty; name the held-out data files there")
                 results = trainer.evaluate_standalone(self._exported_step(trainer) if exported else 0)
-            finally:
+            except BaseException:
                 trainer.dist.teardown()
+                raise
+            trainer.dist.teardown(clean=True)
         finally:
             self.release_lock()
         results["model"] = str(final) if exported else self.describe_model()

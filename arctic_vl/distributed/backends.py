@@ -59,8 +59,10 @@ class DistributedBackend(Component):
         """Move/wrap the model; returns (model, optimizer, scheduler) as the loop should use them."""
         return model, optimizer, scheduler
 
-    def teardown(self) -> None:
-        """Release what `setup` made (one process: nothing)."""
+    def teardown(self, clean: bool = False) -> None:
+        """Release what `setup` made (one process: nothing). `clean`: every process got here the same way (the
+        run or evaluation finished), so they may wait for each other first; False on an error path, where a
+        peer may be gone and waiting would hang."""
 
     @property
     def is_main(self) -> bool:
@@ -275,9 +277,13 @@ class DDP(DistributedBackend):
         dist.all_gather_object(out, obj)
         return out
 
-    def teardown(self) -> None:
-        """Destroy the process group, when one is up."""
+    def teardown(self, clean: bool = False) -> None:
+        """Destroy the process group, when one is up; after a clean finish, first a barrier, so no process
+        tears its group down while a peer's last collective (gloo's worker threads) is still in flight, which
+        can abort that peer at exit ("terminate called without an active exception")."""
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if clean and self.world_size > 1:
+                dist.barrier()
             dist.destroy_process_group()
