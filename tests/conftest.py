@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -109,3 +109,14 @@ def good_yaml(in_tmp: Path) -> Path:
     path = in_tmp / "good.yaml"
     path.write_text(GOOD_CONFIG)
     return path
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[str]]:
+    """The messages logged at WARNING or above while the test runs (loguru), in order."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    yield lines
+    logger.remove(sink)

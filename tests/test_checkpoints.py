@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from loguru import logger
 
 from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer
 from arctic_vl.checkpoint.manifest import MANIFEST, sha256_of
@@ -57,14 +56,6 @@ def run(tmp_path: Path):
         ck.save(step=step, model=model, optimizer=opt, scheduler=sched, dist=dist,
                 trainer_state={"step": step, "epoch": 0, "batch_in_epoch": step, "config": {}})
     return {"ck": ck, "dist": dist, "model": model, "opt": opt, "sched": sched, "root": tmp_path}
-
-
-@pytest.fixture
-def warnings():
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 def test_manifest_lists_every_file_and_latest_verifies(run):

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
 from arctic_vl.checkpoint.lock import LOCK_FILE, RunLock
 from arctic_vl.errors import ConfigError
@@ -59,14 +58,6 @@ def _hold(run_dir: Path, mode: str = "plain") -> tuple[subprocess.Popen, int]:
     word, child = proc.stdout.readline().split()
     assert word == "held"
     return proc, int(child)
-
-
-@pytest.fixture
-def warnings():
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 def test_second_run_exits_2_naming_the_holder(in_tmp, cli):
