@@ -17,7 +17,7 @@ Groups:
                   FAMILIES, get_family, family_of_dir, read_model_type, load_model, load_processor,
                   make_tiny_model, tiny_config, TinyModelConfig
     forward/loss: final_hidden, model_inputs, unwrap_peft, vision_keepalive, lm_loss_sum, label_positions,
-                  count_label_tokens
+                  count_label_tokens, chunked_head_sums, agreed_rows, LEAN_THRESHOLD
     data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Collator, ITEM_INDEX, ITEM_BAD,
                   Conversation, BadRecord, BadRecordReport, SourceSpec, ImageRef, image_size, open_image,
                   make_synthetic_data, to_norm1000
@@ -104,6 +104,9 @@ _LAZY: dict[str, str] = {
     "lm_loss_sum": "arctic_vl.trainers.loss",
     "label_positions": "arctic_vl.trainers.loss",
     "count_label_tokens": "arctic_vl.trainers.loss",
+    "chunked_head_sums": "arctic_vl.trainers.loss",
+    "agreed_rows": "arctic_vl.trainers.loss",
+    "LEAN_THRESHOLD": "arctic_vl.trainers.loss",
     # data
     "DataFactory": "arctic_vl.data.base",
     "DataBundle": "arctic_vl.data.base",
@@ -180,6 +183,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "INVALID_JSON",
     "ITEM_BAD",
     "ITEM_INDEX",
+    "LEAN_THRESHOLD",
     "MALFORMED_RECORD",
     "MALFORMED_TURNS",
     "MISSING_FIELD",
@@ -247,6 +251,8 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "UserError",
     "VLMDataConfig",
     "VLMDataFactory",
+    "agreed_rows",
+    "chunked_head_sums",
     "count_label_tokens",
     "epoch_seed",
     "family_of_dir",
@@ -336,7 +342,14 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from arctic_vl.trainers.base import LossOutput, Trainer, TrainerConfig, TrainState
     from arctic_vl.trainers.evaluate import normalize_answer
-    from arctic_vl.trainers.loss import count_label_tokens, label_positions, lm_loss_sum
+    from arctic_vl.trainers.loss import (
+        LEAN_THRESHOLD,
+        agreed_rows,
+        chunked_head_sums,
+        count_label_tokens,
+        label_positions,
+        lm_loss_sum,
+    )
     from arctic_vl.trainers.sft import SFTTrainer
 
 

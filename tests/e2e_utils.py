@@ -76,6 +76,30 @@ class KillAt(Callback):
 
 """
 
+#: Registers a `term_at` callback: at the end of step N each rank in `ranks` sends itself SIGTERM, rank r after
+#: r x `stagger_ms` (a scheduler's signals reach the processes of a job a little apart).
+TERM_AT_CALLBACK = r"""
+import os, signal, sys, time
+from arctic_vl.callbacks.base import Callback
+from arctic_vl.registry import CALLBACKS, ComponentConfig
+
+class TermConfig(ComponentConfig):
+    type: str = "term_at"
+    step: int
+    ranks: list[int] = [0]
+    stagger_ms: int = 0
+
+@CALLBACKS.register("term_at")
+class TermAt(Callback):
+    config_class = TermConfig
+    def on_step_end(self, trainer, info):
+        rank = trainer.dist.rank
+        if info.step == self.config.step and rank in self.config.ranks:
+            time.sleep(rank * self.config.stagger_ms / 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+"""
+
 #: A child that trains: `MODE ARG CONFIG`; MODE plain | kill_step (SIGKILL at step ARG) | kill_in_save (SIGKILL
 #: in the middle of writing checkpoint step-ARG).
 TRAIN_CHILD = KILL_AT_CALLBACK + r"""

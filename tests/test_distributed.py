@@ -25,6 +25,7 @@ import torch
 
 from tests.e2e_utils import (
     KILL_AT_CALLBACK,
+    TERM_AT_CALLBACK,
     read_metrics,
     run_cli,
     subprocess_env,
@@ -144,6 +145,35 @@ def test_ddp_two_processes_equal_one(setup, reference):
                    MASTER_PORT=str(free_port()))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "saved by 2 processes and this run has 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+TERM_CHILD = TERM_AT_CALLBACK + r"""
+from arctic_vl.cli import main
+sys.exit(main(["train", sys.argv[1], "--set", "callbacks=[{type: term_at, step: 3, ranks: %s, stagger_ms: 20}]"
+               % sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("ranks", ["[0]", "[0, 1]"])
+def test_sigterm_to_one_or_both_processes_saves_and_resumes_exactly(setup, reference, tmp_path, ranks):
+    """SIGTERM to rank 0 only, or to both 20 ms apart: the processes agree to stop at the same step boundary,
+    save that step's checkpoint together and exit 0 (no hang in a checkpoint collective); the rerun resumes
+    from it and every step's loss equals the uninterrupted run's."""
+    name = "term-" + ("one" if ranks == "[0]" else "both")
+    config = setup["config"](name, {"type": "ddp"}, 2)
+    child = tmp_path / "term_child.py"
+    child.write_text(TERM_CHILD)
+    proc = _launch("torchrun", [str(child), str(config), ranks], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = setup["root"] / name
+    stopped_at = [m["step"] for m in read_metrics(out)][-1]
+    assert stopped_at == 3, "every process stops at the step boundary after the signal, none runs step 4"
+    assert (out / "checkpoints" / f"step-{stopped_at}").is_dir() and not (out / "final").exists()
+    assert "stopped by" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _launch("torchrun", [str(BIN / "arctic_vl"), str(config)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"step-{stopped_at}" in proc.stderr
+    _assert_matches(read_metrics(out), reference)
 
 
 def test_zero2_two_processes_equal_one(setup, reference):

@@ -182,7 +182,8 @@ class Trainer(Component):
         self.output_dir = Path(config.output_dir)
         self.state = TrainState()
         self.save_not_before = 0
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # set by this process's signal handler
+        self._stopping = False  # every process agreed to stop before the next step (`stop_requested`)
         self._last_results: dict[str, Any] | None = None
         self._last_ckpt: Path | None = None
         self._last_loss = math.nan
@@ -274,6 +275,16 @@ class Trainer(Component):
         unless `prefetch` is off: the next step's data is made while this step computes. Same batches, same order."""
         return Prefetcher(batches, depth=self.config.gradient_accumulation_steps if self.config.prefetch else 0)
 
+    def stop_requested(self) -> bool:
+        """Whether the run stops before its next step: a stop signal (SIGTERM) reached this process or, with
+        several processes, any of them. The processes agree with one all-reduce of their flags at the step
+        boundary, so they all save the same checkpoint and exit together: a process that stopped alone would
+        wait in the checkpoint's collectives while the others ran the next step's."""
+        local = self._stop_signal is not None
+        agreed = local if self.dist.world_size == 1 else self.dist.all_reduce_sum([float(local)])[0] > 0
+        self._stopping = self._stopping or bool(agreed)
+        return self._stopping
+
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` with its tensors on this rank's device (non-blocking); other values as they are."""
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -301,7 +312,7 @@ class Trainer(Component):
                 self.log_step(metrics)
                 self.maybe_evaluate()
                 self.maybe_save()
-            if self._stop_signal is not None:
+            if self._stopping:
                 return self.stop()
             return self.finish()
 
@@ -370,7 +381,7 @@ class Trainer(Component):
         """Each optimizer step's micro-batches (on the device) and the seconds spent waiting for them, epoch
         after epoch from the resumed position, until the run's length or a stop signal."""
         gas = self.config.gradient_accumulation_steps
-        while self.state.step < self.total_steps and self._stop_signal is None:
+        while self.state.step < self.total_steps and not self._stopping:
             epoch, start = self.state.epoch, self.state.batch_in_epoch
             self._per_epoch = len(self.plan(epoch))  # may differ by epoch with a batcher (packing)
             if self._per_epoch == 0:
@@ -379,7 +390,7 @@ class Trainer(Component):
                 raise DataError(f"epoch {epoch} has {self._per_epoch} micro-batches but the run is at micro-batch "
                                 f"{start} of it: the training data changed since the checkpoint")
             with self.prefetched(iter(self.loader(epoch, start))) as batches:
-                while self.state.step < self.total_steps and self._stop_signal is None and self.state.epoch == epoch:
+                while self.state.step < self.total_steps and self.state.epoch == epoch and not self.stop_requested():
                     t_data = time.perf_counter()
                     # samples that turned out bad as they loaded are counted (skip) or kept to raise (error) here,
                     # in the loop's thread, so the counts saved with a checkpoint match the steps taken
@@ -518,7 +529,8 @@ class Trainer(Component):
         if self.checkpointer.config.save_on_sigterm:
             self._last_ckpt = self.save()
         if self.is_main:
-            logger.warning(f"stopped by signal {self._stop_signal} at step {self.state.step}; "
+            by = f"signal {self._stop_signal}" if self._stop_signal is not None else "a stop signal to another process"
+            logger.warning(f"stopped by {by} at step {self.state.step}; "
                            f"checkpoint {self._last_ckpt}. Run the same command to resume.")
         summary = self.summary(self._last_ckpt, stopped=True, final_loss=self._last_loss)
         self.callbacks.on_train_end(self, summary)

@@ -17,17 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from arctic_vl import IGNORE_INDEX
+from arctic_vl import IGNORE_INDEX, LEAN_THRESHOLD, chunked_head_sums, label_positions
 
 from .boxes import cxcywh_to_xyxy, paired_generalized_box_iou, sigmoid_focal_loss
 from .head import DetectionHead, DetectionOutput
 from .matcher import MatcherWeights, hungarian_match
 from .spans import STUDENT, TEACHER
-
-#: label positions x vocabulary below which the span LM loss keeps its logits (one chunk, no recompute)
-_LEAN_THRESHOLD = 1 << 24
 
 
 @dataclass
@@ -117,33 +113,22 @@ def caption_loss_sum(head: DetectionHead, out: DetectionOutput, matches: list[tu
 # ------------------------------------------------------------------------------------------ span LM loss
 def _span_ce(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
              kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ce = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    ce = F.cross_entropy(head(hidden).float(), targets, reduction="none")  # 0 at IGNORE_INDEX (padding rows)
     return (ce * (kinds == TEACHER)).sum(), (ce * (kinds == STUDENT)).sum()
 
 
 def span_lm_loss_sums(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, spans: torch.Tensor,
-                      chunk_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+                      chunk_size: int = 2048, lean_threshold: int = LEAN_THRESHOLD,
+                      ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(teacher CE sum, student CE sum, teacher tokens, student tokens) of next-token prediction at label positions.
 
-    One pass over the label positions (the output layer runs once per chunk, and at least once even with no
-    label: the same module calls on every rank), large vocabularies in recomputed chunks like the core's lean loss.
+    One pass over the label positions through the core's `chunked_head_sums`: the output layer runs the same
+    number of times on every rank (chunks decided from the row count all ranks agree on, at least one call
+    even with no label), large vocabularies in recomputed chunks like the core's lean loss.
     """
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE_INDEX
-    targets, kinds = shifted[mask], spans[:, 1:][mask]
+    mask, targets = label_positions(labels)
+    kinds = spans[:, 1:][mask]
     h = hidden[:, :-1][mask]
     n_teacher, n_student = int((kinds == TEACHER).sum()), int((kinds == STUDENT).sum())
-    if targets.numel() == 0:
-        zero = head(hidden[:1, :1].reshape(1, -1)).float().sum() * 0.0
-        return zero, zero.clone(), 0, 0
-    weight = head.weight
-    vocab = int(getattr(weight, "ds_shape", weight.shape)[0])
-    if targets.numel() * vocab <= _LEAN_THRESHOLD:
-        t, s = _span_ce(h, head, targets, kinds)
-        return t, s, n_teacher, n_student
-    t = s = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, targets.numel(), chunk_size):
-        ct, cs = checkpoint(_span_ce, h[i:i + chunk_size], head, targets[i:i + chunk_size], kinds[i:i + chunk_size],
-                            use_reentrant=False)
-        t, s = t + ct, s + cs
+    t, s = chunked_head_sums(_span_ce, h, head, targets, kinds, chunk_size=chunk_size, lean_threshold=lean_threshold)
     return t, s, n_teacher, n_student

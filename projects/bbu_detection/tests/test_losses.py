@@ -72,14 +72,7 @@ def test_span_lm_loss_equals_the_core_lm_loss():
     student_only = torch.where(spans == STUDENT, labels, torch.full_like(labels, -100))
     assert torch.allclose(s, lm_loss_sum(hidden, head, student_only)[0], atol=1e-5)
     # the chunked, recomputed path (large vocabularies) gives the same sums
-    import bbu_detection.losses as losses
-
-    old = losses._LEAN_THRESHOLD
-    losses._LEAN_THRESHOLD = 0
-    try:
-        t2, s2, _, _ = span_lm_loss_sums(hidden, head, labels, spans, chunk_size=16)
-    finally:
-        losses._LEAN_THRESHOLD = old
+    t2, s2, _, _ = span_lm_loss_sums(hidden, head, labels, spans, chunk_size=16, lean_threshold=0)
     assert torch.allclose(t2, t, atol=1e-6) and torch.allclose(s2, s, atol=1e-6)
     # no label at all: the output layer still runs (same module calls on every rank), the sums are 0
     hidden.requires_grad_(True)

@@ -51,6 +51,8 @@ class TeacherTinyConfig(BaseModel):
     vision_hidden: int = Field(64, ge=16)
     image_size: int | None = Field(None, ge=16)
     patch_size: int | None = Field(None, ge=2)
+    vocab_size: int | None = Field(None, ge=1, le=262144, description="default: the tiny tokenizer's size rounded "
+                                   "up to 64 (150016 for a real-size output layer, as Qwen's)")
     seed: Seed | None = Field(None, description="seed of the random weights (default: trainer.seed)")
 
     @model_validator(mode="after")
@@ -180,6 +182,7 @@ class SwiftKVModelFactory(ModelFactory):
             "text_layers": tiny.layers, "hidden": tiny.hidden, "heads": tiny.heads, "kv_heads": tiny.kv_heads,
             "intermediate": tiny.intermediate or 2 * tiny.hidden, "vision_layers": tiny.vision_layers,
             "vision_hidden": tiny.vision_hidden, "image_size": tiny.image_size, "patch_size": tiny.patch_size,
+            "vocab_size": tiny.vocab_size,
         }
         make_tiny_model(tiny.family, target, seed=tiny.seed if tiny.seed is not None else seed, **shape)
 
