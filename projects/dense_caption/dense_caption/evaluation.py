@@ -12,9 +12,12 @@ a process with fewer answers to give generates stand-ins and discards them), so 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+
+from arctic_vl import RunFailed, lockstep_generation
 
 from .answers import parse_dense_answer, to_geometry
 from .metrics import DenseScores
@@ -35,7 +38,10 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 @torch.no_grad()
 def generate(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Any, max_new_tokens: int, *,
              do_sample: bool = False, temperature: float = 1.0, synced_gpus: bool = False) -> list[int]:
-    """The completion of a one-row batch (prompt only), without the prompt; stops at an end-of-turn token."""
+    """The completion of a one-row batch (prompt only), without the prompt; stops at an end-of-turn token.
+
+    `synced_gpus`: partitioned weights (ZeRO-3): every process must call this as often as the others, and the
+    images are encoded inside the prompt's forward, as in training (`arctic_vl.lockstep_generation`)."""
     inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
     stop = stop_token_ids(tokenizer)
     kwargs: dict[str, Any] = {"do_sample": do_sample}
@@ -43,8 +49,9 @@ def generate(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Any, max_
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     if synced_gpus:
         kwargs["synced_gpus"] = True
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                         pad_token_id=tokenizer.pad_token_id, **kwargs)
+    with lockstep_generation(model, inputs) if synced_gpus else nullcontext():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id, **kwargs)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
@@ -106,26 +113,31 @@ def dense_evaluate(trainer: Any, model: torch.nn.Module, *, line_tolerance: floa
 
 def _dense_scores(trainer: Any, model: torch.nn.Module, mine: list[int], line_tolerance: float
                   ) -> tuple[DenseScores, list[dict[str, Any]], int]:
-    """Greedy answers to this process's eval items (-1: padding, skipped), parsed and scored; (scores, a few
+    """Greedy answers to this process's dense eval items (-1: padding), parsed and scored; (scores, a few
     parse-failure examples, answers cut by max_new_tokens), this process's alone."""
     dataset, dist, ev = trainer.data.eval, trainer.dist, trainer.eval_config
     scores, examples, truncated = DenseScores(), [], 0
-    lockstep = dist.shards_parameters  # partitioned weights: generate in lockstep, the same calls everywhere
-    calls, stand_in = 0, None
+    # partitioned weights: every process generates once per position of `mine` (as long on every process), an
+    # item with nothing to score (padding, pass-through, undecodable) on a stand-in prompt, its answer discarded
+    lockstep, stand_in = dist.shards_parameters, None
     tok = getattr(trainer.bundle.processor, "tokenizer", trainer.bundle.processor)
     stop = set(stop_token_ids(tok))
     prefix = dataset.config.image_key_prefix
     for i in mine:
-        if i == -1 or i >= dataset.n_groups:  # padding, or a pass-through conversation: no dense ground truth
+        batch, target = None, None
+        if i != -1 and i < dataset.n_groups:  # not padding, not a pass-through conversation (no dense truth)
+            item, target = dataset.prompt_item(i)
+            batch = trainer.to_device(trainer.data.accept(trainer.data.collate([item])))
+            trainer.data.raise_pending(0)
+        if target is None:  # nothing to score (an undecodable image is counted in the run's skipped records)
+            if lockstep:
+                stand_in = stand_in or _stand_in_prompt(trainer)
+                with trainer.autocast():
+                    generate(model, stand_in, tok, ev.max_new_tokens, synced_gpus=True)
             continue
-        item, target = dataset.prompt_item(i)
-        batch = trainer.to_device(trainer.data.accept(trainer.data.collate([item])))
-        trainer.data.raise_pending(0)
-        if target is None:  # its image did not decode: counted in the run's skipped records, not scored
-            continue
+        stand_in = stand_in or batch
         with trainer.autocast():
             ids = generate(model, batch, tok, ev.max_new_tokens, synced_gpus=lockstep)
-        calls, stand_in = calls + 1, batch
         if not any(t in stop for t in ids):
             truncated += 1
         text = tok.decode([t for t in ids if t not in stop], skip_special_tokens=True)
@@ -144,18 +156,15 @@ def _dense_scores(trainer: Any, model: torch.nn.Module, mine: list[int], line_to
                 except ValueError:
                     scores.invalid_objects += 1
             scores.add_image(geoms, gts, conv.width, conv.height, line_tolerance)
-    if lockstep:
-        _stand_in_calls(trainer, model, tok, calls, stand_in)
     return scores, examples, truncated
 
 
-def _stand_in_calls(trainer: Any, model: torch.nn.Module, tok: Any, calls: int, batch: dict[str, Any] | None) -> None:
-    """Generate (and discard) until this process has made as many lockstep `generate` calls as the busiest one."""
-    missing = int(max(trainer.dist.all_gather_object(calls))) - calls
-    if missing and batch is None:  # this process answered nothing: any eval prompt will do
-        dataset = trainer.data.eval
-        batch = trainer.to_device(trainer.data.accept(trainer.data.collate([dataset.prompt_item(0)[0]])))
-        trainer.data.raise_pending(0)
-    for _ in range(missing):
-        with trainer.autocast():
-            generate(model, batch, tok, trainer.eval_config.max_new_tokens, synced_gpus=True)
+def _stand_in_prompt(trainer: Any) -> dict[str, Any]:
+    """The prompt of the first eval item whose images decode (a stand-in for lockstep generation)."""
+    dataset = trainer.data.eval
+    for i in range(dataset.n_groups):
+        item, target = dataset.prompt_item(i)
+        if target is not None:
+            return trainer.to_device(trainer.data.collate([item]))
+    raise RunFailed("evaluation under ZeRO-3: no eval item has images that decode, so no process can generate "
+                    "in lockstep with the others")

@@ -22,8 +22,9 @@ micro-batch) decides: u < lmbda -> the STUDENT generates every sample's completi
 with torch's RNG forked and seeded by the same triple, and both models score them. Every rank draws the same u,
 and a resumed run redraws it exactly. Under ZeRO-3 the teacher is kept whole on every process (a plain module
 outside the engine, not partitioned, no collectives in its forward), so it generates on its own; the student
-generates with `synced_gpus`, and every process makes the same number of `generate` calls (a padding row, or a
-process with fewer rows, generates on a stand-in prompt and discards it), so none waits on a peer.
+generates with `synced_gpus` (under `lockstep_generation`), and every process makes the same number of
+`generate` calls (a padding row, or a process with fewer rows, generates on a stand-in prompt and discards it),
+so none waits on a peer.
 """
 
 from __future__ import annotations
