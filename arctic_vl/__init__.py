@@ -25,7 +25,7 @@ Groups:
                   RecordFormat, DataSource, RecordFile, RawRecord, IMAGE_TOKEN, BAD_RECORD_REASONS,
                   INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
                   MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_VIDEO
-    training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer,
+    training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer, lockstep_generation,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
     errors:       UserError, ConfigError, DataError (exit 2), RunFailed, CheckpointError (exit 1)
@@ -147,6 +147,7 @@ _LAZY: dict[str, str] = {
     "LossOutput": "arctic_vl.trainers.base",
     "SFTTrainer": "arctic_vl.trainers.sft",
     "normalize_answer": "arctic_vl.trainers.evaluate",
+    "lockstep_generation": "arctic_vl.trainers.evaluate",
     "Callback": "arctic_vl.callbacks.base",
     "StepInfo": "arctic_vl.callbacks.base",
     "Checkpointer": "arctic_vl.checkpoint.checkpointer",
@@ -265,6 +266,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "load_model",
     "load_plugins",
     "load_processor",
+    "lockstep_generation",
     "make_synthetic_data",
     "make_tiny_model",
     "model_inputs",
@@ -341,7 +343,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Registry,
     )
     from arctic_vl.trainers.base import LossOutput, Trainer, TrainerConfig, TrainState
-    from arctic_vl.trainers.evaluate import normalize_answer
+    from arctic_vl.trainers.evaluate import lockstep_generation, normalize_answer
     from arctic_vl.trainers.loss import (
         LEAN_THRESHOLD,
         agreed_rows,

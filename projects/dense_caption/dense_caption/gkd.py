@@ -1,7 +1,7 @@
 """GKD: generalized knowledge distillation from a frozen teacher, with optional on-policy completions.
 
 Divergence (TRL's convention): with P_T, P_S the teacher's and student's next-token distributions (logits
-divided by `temperature` before the softmax),
+divided by `loss_temperature`, default 1 as in TRL and ms-swift, before the softmax),
 
     beta = 0:       KL(P_T || P_S)                                  (forward KL)
     beta = 1:       KL(P_S || P_T)                                  (reverse KL)
@@ -10,14 +10,21 @@ divided by `temperature` before the softmax),
 (not continuous at the ends: as beta -> 0 the mixture term vanishes, it does not become the forward KL).
 
 Loss of a step = (sum over its label tokens of divergence + sft_alpha x cross entropy) / (label tokens of the
-whole accumulated batch on all processes); metrics `kl_loss`, `sft_loss`, `token_accuracy` per label token.
+whole accumulated batch on all processes); metrics `kl_loss`, `sft_loss`, `token_accuracy` per label token, and
+per step `student_generated`, `teacher_generated`, `dataset_completions`: how many of the step's micro-batches
+took their completions from each source. Evaluation adds `eval_kl_loss`, `eval_sft_loss` and
+`eval_token_accuracy` (per eval label token, all processes) to the dense-caption metrics.
 
-On-policy (`lmbda`): for each micro-batch a draw u from an RNG seeded by (seed, step, micro-batch) decides:
-u < lmbda -> the completion of every sample is generated (by the student, or by the teacher with
-`seq_kd: true`; sampled at `temperature`, up to `max_completion_length` tokens, with torch's RNG forked and
-seeded by the same triple) and both models score it. Every rank draws the same u, and a resumed run redraws
-it exactly. Under ZeRO-3 the teacher is kept whole on every process (a plain module outside the engine, not
-partitioned, no collectives in its forward), so it cannot hang; the student generates with `synced_gpus`.
+Completions (TRL's and ms-swift's rule): for each micro-batch a draw u from an RNG seeded by (seed, step,
+micro-batch) decides: u < lmbda -> the STUDENT generates every sample's completion; otherwise, with
+`seq_kd: true`, the TEACHER does; otherwise the dataset's answers are kept. Completions are sampled at
+`temperature` (sampling only: the divergence uses `loss_temperature`), up to `max_completion_length` tokens,
+with torch's RNG forked and seeded by the same triple, and both models score them. Every rank draws the same u,
+and a resumed run redraws it exactly. Under ZeRO-3 the teacher is kept whole on every process (a plain module
+outside the engine, not partitioned, no collectives in its forward), so it generates on its own; the student
+generates with `synced_gpus` (under `lockstep_generation`), and every process makes the same number of
+`generate` calls (a padding row, or a process with fewer rows, generates on a stand-in prompt and discards it),
+so none waits on a peer.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ from .evaluation import generate
 from .trainer import DenseEvalConfig, DenseTrainerMixin
 
 _ONPOLICY_SALT = 0x67B0
+#: where a micro-batch's completions come from -> its per-step count in metrics.jsonl
+SOURCE_METRICS = {"student": "student_generated", "teacher": "teacher_generated", "dataset": "dataset_completions"}
 
 
 def generalized_jsd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
@@ -93,10 +102,14 @@ class GKDTrainerConfig(DenseEvalConfig):
     teacher: ModelPath | None = Field(None, description="local model directory of the frozen teacher (default: the "
                                       "student's base model)")
     beta: float = Field(0.5, ge=0, le=1, description="0 forward KL, 1 reverse KL, between: generalized JSD")
-    temperature: float = Field(1.0, gt=0, description="logits / temperature in the divergence and on-policy sampling")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of generated completions (student with "
+                               "lmbda, teacher with seq_kd); not used by the divergence")
+    loss_temperature: float = Field(1.0, gt=0, description="logits / loss_temperature in the divergence (1 as in TRL "
+                                    "and ms-swift)")
     sft_alpha: float = Field(0.0, ge=0, description="weight of the cross entropy on the labels added to the divergence")
-    lmbda: float = Field(0.0, ge=0, le=1, description="chance that a micro-batch's completions are generated on-policy")
-    seq_kd: bool = Field(False, description="on-policy completions come from the teacher instead of the student")
+    lmbda: float = Field(0.0, ge=0, le=1, description="chance that the student generates a micro-batch's completions")
+    seq_kd: bool = Field(False, description="when the student does not generate, the teacher does (else: the dataset's "
+                         "answers)")
     max_completion_length: int = Field(256, ge=1, description="tokens of an on-policy completion")
 
 
@@ -106,6 +119,8 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
 
     config_class = GKDTrainerConfig
     config: GKDTrainerConfig
+    # a jump in eval kl_loss is the sign of a teacher / template mismatch (ms-swift's reading)
+    eval_loss_metrics = ("kl_loss", "sft_loss", "token_accuracy")
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -114,8 +129,17 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         # Kept whole on every process (never handed to the distributed backend): see the module docstring.
         self.teacher = load_model(self.teacher_dir, dtype=dtype).to(self.device).eval().requires_grad_(False)
         if self.is_main:
-            logger.info(f"gkd: teacher {self.teacher_dir} (frozen), beta {self.config.beta}, "
-                        f"sft_alpha {self.config.sft_alpha}, lmbda {self.config.lmbda}, seq_kd {self.config.seq_kd}")
+            cfg = self.config
+            logger.info(f"gkd: teacher {self.teacher_dir} (frozen), beta {cfg.beta}, sft_alpha {cfg.sft_alpha}, "
+                        f"lmbda {cfg.lmbda}, seq_kd {cfg.seq_kd}, temperature {cfg.temperature} (sampling), "
+                        f"loss_temperature {cfg.loss_temperature}")
+            if cfg.temperature != 1.0 and "loss_temperature" not in cfg.model_fields_set:
+                # configs written before the two keys were split meant both by `temperature`
+                unused = "" if cfg.lmbda > 0 or cfg.seq_kd else " (unused: lmbda 0 and seq_kd false generate nothing)"
+                logger.warning(f"gkd: trainer.temperature {cfg.temperature} is the sampling temperature only{unused}; "
+                               f"the divergence uses trainer.loss_temperature {cfg.loss_temperature} (TRL's and "
+                               "ms-swift's objective). Earlier versions divided the divergence's logits by "
+                               "`temperature` too: set loss_temperature to keep that objective.")
 
     def _teacher_dir(self) -> Path:
         if self.config.teacher is not None:
@@ -131,55 +155,70 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         return path
 
     # --------------------------------------------------------------------------------- on-policy
-    def on_policy_draw(self, step: int, micro: int) -> bool:
-        """Whether micro-batch `micro` of optimizer step `step` gets on-policy completions (same on every rank)."""
-        if self.config.lmbda <= 0:
-            return False
-        rng = np.random.default_rng([epoch_seed(self.config.seed, step), _ONPOLICY_SALT, micro])
-        return bool(rng.random() < self.config.lmbda)
+    def completion_source(self, step: int, micro: int) -> str:
+        """Where micro-batch `micro` of optimizer step `step` takes its completions from (same on every rank):
+        'student' with probability lmbda, else 'teacher' with seq_kd, else 'dataset'."""
+        if self.config.lmbda > 0:
+            rng = np.random.default_rng([epoch_seed(self.config.seed, step), _ONPOLICY_SALT, micro])
+            if rng.random() < self.config.lmbda:
+                return "student"
+        return "teacher" if self.config.seq_kd else "dataset"
 
     def train_step(self, micro: list[dict[str, Any]], data_time: float) -> dict[str, Any]:
-        """Draw on-policy completions for the micro-batches whose draw says so, then the core's step (which
-        counts the label tokens of the batches as they now are)."""
+        """Replace the completions of the micro-batches whose source is a model, then the core's step (which
+        counts the label tokens of the batches as they now are); adds the step's per-source counts."""
         step = self.state.step + 1
-        on_policy = 0
+        used = dict.fromkeys(SOURCE_METRICS, 0)
         for n, batch in enumerate(micro):
-            if self.on_policy_draw(step, n):
-                self.replace_completions(batch, seed=epoch_seed(self.config.seed, step) * 1009 + n)
-                on_policy += 1
+            source = self.completion_source(step, n)
+            if source != "dataset":
+                self.replace_completions(batch, source, seed=epoch_seed(self.config.seed, step) * 1009 + n)
+            used[source] += 1
         metrics = super().train_step(micro, data_time)
-        if self.config.lmbda > 0:
-            metrics["on_policy_micro_batches"] = on_policy
+        # the draw is the same on every process: these count micro-batch positions once, not once per process
+        metrics.update({SOURCE_METRICS[k]: v for k, v in used.items()})
         return metrics
 
     @torch.no_grad()
-    def replace_completions(self, batch: dict[str, Any], *, seed: int) -> None:
-        """Replace each sample's answer by a sampled completion of its prompt, in place (text tensors only)."""
-        generator = self.teacher if self.config.seq_kd else self.dist.unwrap(self.model).model
+    def replace_completions(self, batch: dict[str, Any], source: str, *, seed: int) -> None:
+        """Replace each sample's answer by `source`'s ('student' or 'teacher') sampled completion of its prompt,
+        in place (text tensors only)."""
+        student = source == "student"
+        generator = self.dist.unwrap(self.model).model if student else self.teacher
+        # partitioned student weights: every process generates in lockstep (the teacher is whole everywhere)
+        lockstep = student and self.dist.shards_parameters
         tok = getattr(self.bundle.processor, "tokenizer", self.bundle.processor)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         image_id = getattr(self.bundle.processor, "image_token_id", None)
-        rows = []
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        jobs: list[tuple[int, int, bool]] = []  # (row, prompt length, keep its completion)
+        for r in range(batch["input_ids"].shape[0]):
+            labels = batch["labels"][r]
+            real = int(batch["attention_mask"][r].sum()) if "attention_mask" in batch else labels.numel()
+            trained = (labels[:real] != IGNORE_INDEX).nonzero()
+            rows.append((batch["input_ids"][r, :real], labels[:real]))
+            if len(trained):
+                jobs.append((r, int(trained[0]), True))
+            elif lockstep:  # a padding sample: a stand-in call on its own tokens, its completion discarded
+                jobs.append((r, real, False))
+        if lockstep:  # the same number of generate calls on every process: a rank-dependent count would hang
+            calls = int(max(self.dist.all_gather_object(len(jobs))))
+            jobs += [(jobs[-1][0], jobs[-1][1], False)] * (calls - len(jobs))
         was_training = generator.training
         generator.eval()
         with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
             torch.manual_seed(seed)
-            for r in range(batch["input_ids"].shape[0]):
-                labels = batch["labels"][r]
-                real = int(batch["attention_mask"][r].sum()) if "attention_mask" in batch else labels.numel()
-                trained = (labels[:real] != IGNORE_INDEX).nonzero()
-                if len(trained) == 0:  # a padding sample: nothing to complete
-                    rows.append((batch["input_ids"][r, :real], labels[:real]))
-                    continue
-                start = int(trained[0])
+            for r, start, keep in jobs:
                 prompt = batch["input_ids"][r:r + 1, :start]
                 one = self._row_inputs(batch, r, prompt)
                 completion = generate(generator, one, tok, self.config.max_completion_length, do_sample=True,
-                                      temperature=self.config.temperature, synced_gpus=self.dist.world_size > 1)
+                                      temperature=self.config.temperature, synced_gpus=lockstep)
+                if not keep:
+                    continue
                 ids = torch.cat([prompt[0], torch.tensor(completion, dtype=torch.long, device=prompt.device)])
                 lab = torch.cat([torch.full((start,), IGNORE_INDEX, dtype=torch.long, device=prompt.device),
                                  ids[start:]])
-                rows.append((ids, lab))
+                rows[r] = (ids, lab)
         generator.train(was_training)
         length = max(len(ids) for ids, _ in rows)
         B = len(rows)
@@ -225,7 +264,7 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
 
     # -------------------------------------------------------------------------------------- loss
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
-        """Summed generalized JSD (`beta`, `temperature`) from the frozen teacher over the label tokens, plus
+        """Summed generalized JSD (`beta`, `loss_temperature`) from the frozen teacher over the label tokens, plus
         `sft_alpha` x the summed cross entropy; metrics: kl_loss, sft_loss, token_accuracy, augmentation counts."""
         cfg = self.config
         mask, targets = label_positions(batch["labels"])
@@ -238,7 +277,7 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         if n == 0:
             zero = hidden.sum() * 0.0
             return LossOutput(zero, 0, {"kl_loss": (0.0, 0.0), "sft_loss": (0.0, 0.0), "token_accuracy": (0.0, 0.0)})
-        kl_sum = generalized_jsd_per_token(s_logits, t_logits, cfg.beta, cfg.temperature).sum()
+        kl_sum = generalized_jsd_per_token(s_logits, t_logits, cfg.beta, cfg.loss_temperature).sum()
         ce_sum = F.cross_entropy(s_logits, targets, reduction="sum")
         loss_sum = kl_sum + cfg.sft_alpha * ce_sum if cfg.sft_alpha else kl_sum
         correct = float((s_logits.argmax(-1) == targets).sum())

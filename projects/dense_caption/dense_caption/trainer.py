@@ -40,6 +40,8 @@ class DenseTrainerMixin:
     data: Any
     state: Any
     dist: Any
+    #: side metrics of `loss` that evaluation also reports over the eval set (as `eval_<name>`, per its count)
+    eval_loss_metrics: tuple[str, ...] = ()
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         """Eval loss and, with `eval.generate: true`, box_f1_50, json_valid_rate and the other dense metrics."""

@@ -1,5 +1,5 @@
 """End to end on a tiny Qwen2.5-VL: augmentation identical across workers and a SIGKILL + resume, dense metrics
-from `arctic_vl evaluate`, GKD (KL 0 against itself, on-policy completions), Stage-A / Stage-B verbs."""
+from `arctic_vl evaluate`, GKD (KL 0 against itself, student / teacher completions), Stage-A / Stage-B verbs."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def check_gkd_against_itself_then_on_policy(runs: dict[str, Path], shapes: Path)
     summary = Engine(cfg).train()
     assert summary["teacher"] == str(final)
     on = read_metrics(runs["root"] / "gkd_on")
-    assert [m["on_policy_micro_batches"] for m in on] == [1, 1]
+    assert [(m["student_generated"], m["teacher_generated"], m["dataset_completions"]) for m in on] == [(1, 0, 0)] * 2
     assert all(m["kl_loss"] >= 0 and m["label_tokens"] <= 4 * 6 for m in on)  # completions of <= 6 tokens
 
 
@@ -111,7 +111,8 @@ def _gkd_config(runs: dict[str, Path], shapes: Path, name: str, **trainer) -> di
 
 
 def check_on_policy_completion_is_the_generators(runs: dict[str, Path], shapes: Path) -> None:
-    """lmbda 1: the training step trains on the student's own completion of each prompt (seq_kd: the teacher's).
+    """lmbda 1: the training step trains on the student's own completion of each prompt, with or without seq_kd
+    (TRL's and ms-swift's rule: the student's draw comes first); lmbda 0 with seq_kd: on the teacher's.
 
     At temperature 1e-4 sampling is the greedy choice, so the expected completion is a plain greedy `generate`
     of the item's prompt, built on its own from the dataset (not sliced out of the batch as the trainer does)."""
@@ -120,16 +121,16 @@ def check_on_policy_completion_is_the_generators(runs: dict[str, Path], shapes: 
     from arctic_vl import Engine
 
     trained = {}
-    for seq_kd in (False, True):
-        cfg = _gkd_config(runs, shapes, f"gkd_policy_{seq_kd}", lmbda=1.0, seq_kd=seq_kd, temperature=1e-4,
-                          max_completion_length=5)
+    for lmbda, seq_kd, source in ((1.0, False, "student"), (1.0, True, "student"), (0.0, True, "teacher")):
+        cfg = _gkd_config(runs, shapes, f"gkd_policy_{lmbda}_{seq_kd}", lmbda=lmbda, seq_kd=seq_kd,
+                          temperature=1e-4, max_completion_length=5)
         engine = Engine(cfg)
         trainer = engine._build()
         trainer.setup()
         steps = trainer.step_batches()
         micro, data_time = next(steps)
         tok = trainer.bundle.processor.tokenizer
-        generator = trainer.teacher if seq_kd else trainer.bundle.model
+        generator = trainer.teacher if source == "teacher" else trainer.bundle.model
         expected = []
         for i in micro[0]["_indices"]:
             item, _ = trainer.data.train.prompt_item(i)
@@ -141,15 +142,16 @@ def check_on_policy_completion_is_the_generators(runs: dict[str, Path], shapes: 
         trainer.dist.teardown()
         engine.release_lock()
         batch = micro[0]
-        assert metrics["on_policy_micro_batches"] == 1
+        assert metrics[f"{source}_generated"] == 1 and metrics["dataset_completions"] == 0
         got = [batch["labels"][r][batch["labels"][r] != -100].tolist() for r in range(len(expected))]
         assert got == expected
         assert metrics["label_tokens"] == sum(len(e) for e in expected)
         for r, (start, completion) in enumerate(zip(starts, expected)):  # the prompt, then the completion
             assert batch["input_ids"][r][:start].tolist() == prompts[r].tolist()
             assert batch["input_ids"][r][start:start + len(completion)].tolist() == completion
-        trained[seq_kd] = got
-    assert trained[False] != trained[True]  # student and teacher answer differently: the test tells them apart
+        trained[lmbda, seq_kd] = got
+    assert trained[1.0, False] == trained[1.0, True]
+    assert trained[1.0, True] != trained[0.0, True]  # student and teacher answer differently: the test tells them apart
 
 
 def check_gkd_resume_is_exact(runs: dict[str, Path], shapes: Path) -> None:
@@ -170,7 +172,9 @@ def check_gkd_resume_is_exact(runs: dict[str, Path], shapes: Path) -> None:
     summary = Engine(cfg).train()  # resumes from step-2
     resumed = read_metrics(run)
     assert summary["steps"] == 4 and [m["step"] for m in resumed] == [1, 2, 3, 4]
-    assert [m["on_policy_micro_batches"] for m in straight] == [0, 1, 1, 1]  # both kinds, seeded by (seed, step)
+    assert [m["student_generated"] for m in straight] == [0, 1, 1, 1]  # both kinds, seeded by (seed, step)
+    assert [m["dataset_completions"] for m in straight] == [1, 0, 0, 0]
+    assert [m["student_generated"] for m in resumed] == [0, 1, 1, 1]
     for key in ("loss", "kl_loss", "sft_loss", "label_tokens", "grad_norm"):
         assert [m[key] for m in straight] == [m[key] for m in resumed], key
 
