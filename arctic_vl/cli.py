@@ -151,7 +151,8 @@ def cmd_make_tiny_model(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    """`arctic_vl export RUN_DIR --out OUT [--merge-lora]`: an HF model of the run's newest weights (`commands.export`)."""
+    """`arctic_vl export RUN_DIR --out OUT [--merge-lora]`: an HF model of the run's newest weights
+    (`commands.export`)."""
     from arctic_vl.commands.export import main
 
     return main(argv)

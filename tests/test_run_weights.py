@@ -28,6 +28,11 @@ def _config(out: Path, tiny_llava: Path, synthetic_data: Path) -> dict:
     }
 
 
+def _moved(cfg: dict, out: Path) -> dict:
+    """`cfg` with trainer.output_dir `out`."""
+    return {**cfg, "trainer": {**cfg["trainer"], "output_dir": str(out)}}
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A LoRA run of 2 steps (final/ at step 2), the same killed before its export (no final/), and the same
@@ -41,8 +46,8 @@ def runs(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPa
     shutil.copytree(root / "done", root / "killed")
     shutil.rmtree(root / "killed" / "final")
     shutil.copytree(root / "done", root / "stale")
-    killed = write_yaml(root / "killed.yaml", {**cfg, "trainer": {**cfg["trainer"], "output_dir": str(root / "killed")}})
-    stale = write_yaml(root / "stale.yaml", {**cfg, "trainer": {**cfg["trainer"], "output_dir": str(root / "stale")}})
+    killed = write_yaml(root / "killed.yaml", _moved(cfg, root / "killed"))
+    stale = write_yaml(root / "stale.yaml", _moved(cfg, root / "stale"))
     Engine(stale, ["trainer.max_steps=3", "checkpoint.export_final=false"]).train()
     assert json.loads((root / "stale" / "final" / "export_info.json").read_text())["step"] == 2
     assert (root / "stale" / "checkpoints" / "step-3").is_dir()
@@ -99,7 +104,7 @@ def test_evaluate_scores_the_latest_checkpoint_and_says_so(runs, name, step, cli
 
 def test_evaluate_base_is_explicit_and_no_weights_is_exit_2(runs, cli, tmp_path):
     cfg = runs["cfg"]
-    empty = write_yaml(tmp_path / "empty.yaml", {**cfg, "trainer": {**cfg["trainer"], "output_dir": str(tmp_path / "e")}})
+    empty = write_yaml(tmp_path / "empty.yaml", _moved(cfg, tmp_path / "e"))
     rc, out, err = cli("evaluate", str(empty))
     assert rc == 2 and str(tmp_path / "e") in err and "--base" in err and "Traceback" not in err, err
     assert not (tmp_path / "e" / "eval_standalone.jsonl").exists()
@@ -191,3 +196,29 @@ def test_merge_lora_is_not_needed_without_lora(tiny_llava, synthetic_data, tmp_p
     assert json.loads((tmp_path / "o" / "export_info.json").read_text())["step"] == 1
     rc, _, err = cli("export", str(tmp_path / "plain"), "--out", str(tmp_path / "o2"), "--merge-lora")
     assert rc == 0 and "nothing to merge" in err, err
+
+
+def test_newest_weights_without_export_info_or_verified_checkpoints(runs, tmp_path):
+    """An export from before export_info.json: final/ unless a checkpoint was written after it. Every checkpoint
+    failing verification: final/ when none of them is newer, else the CheckpointError naming them."""
+    from arctic_vl import CheckpointError, newest_weights
+
+    for name in ("done", "stale"):
+        shutil.copytree(runs["root"] / name, tmp_path / name)  # copy2: the files keep their times
+        (tmp_path / name / "final" / "export_info.json").unlink()
+    assert newest_weights(tmp_path / "done").path == tmp_path / "done" / "final"
+    assert newest_weights(tmp_path / "done").step == 2
+    assert newest_weights(tmp_path / "stale").path == tmp_path / "stale" / "checkpoints" / "step-3"
+    for name in ("done", "stale"):
+        shutil.copy(runs["root"] / name / "final" / "export_info.json", tmp_path / name / "final")
+        for ckpt in (tmp_path / name / "checkpoints").iterdir():
+            with open(ckpt / "optimizer.pt", "r+b") as fh:  # one flipped byte: fails its manifest
+                fh.seek(100)
+                byte = fh.read(1)
+                fh.seek(100)
+                fh.write(bytes([byte[0] ^ 0xFF]))
+    from arctic_vl import RunWeights
+
+    assert newest_weights(tmp_path / "done") == RunWeights(tmp_path / "done" / "final", 2, "final", 1)
+    with pytest.raises(CheckpointError, match="no checkpoint verifies"):
+        newest_weights(tmp_path / "stale")  # final/ is step 2, a (broken) step-3 is newer: not silently older

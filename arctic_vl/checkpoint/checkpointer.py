@@ -355,8 +355,9 @@ def newest_weights(run_dir: str | Path, checkpointer: Any = None) -> RunWeights:
     if info is not None:
         step = info.get("step")
         if step is None and state is not None:
-            # an export from before export info existed: written right after its run's last checkpoint
-            newer = latest.stat().st_mtime > final.stat().st_mtime  # type: ignore[union-attr]
+            # an export from before export info existed: written right after its run's last checkpoint, so a
+            # checkpoint written after it is newer weights
+            newer = (latest / STATE_FILE).stat().st_mtime > (final / "config.json").stat().st_mtime  # type: ignore[operator]
             step = None if newer else int(state["step"])
         elif step is None:
             step = 0

@@ -357,7 +357,8 @@ def main(argv: list[str]) -> int:
         q.add_argument("config", help="the training run's YAML config")
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         q.add_argument("--model", default=None,
-                       help="an HF model directory (default: the run's newest weights: final/ or its latest checkpoint)")
+                       help="an HF model directory (default: the run's newest weights: final/, or its latest "
+                            "checkpoint when that is newer)")
         q.add_argument("--out", type=Path, required=True)
         q.add_argument("--max-new-tokens", type=int, default=128)
     a.add_argument("--images", nargs="+", required=True, help="directories, image files or groups .jsonl files")

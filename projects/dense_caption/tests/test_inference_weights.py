@@ -49,7 +49,7 @@ def test_stage_a_and_b_of_a_killed_run_use_its_latest_checkpoint(runs, shapes, c
     for name in ("done", "killed"):
         summaries, verdicts = tmp_path / f"{name}.summaries.jsonl", tmp_path / f"{name}.verdicts.jsonl"
         lines: list[str] = []
-        sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+        sink = logger.add(lines.append, level="INFO", format="{message}")
         try:
             code, out, err = cli_in_process("dense-caption", "stage-a", str(runs[name]), "--images",
                                             str(tmp_path / "one.jsonl"), "--out", str(summaries),
