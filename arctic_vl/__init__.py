@@ -8,6 +8,7 @@ The names are imported lazily so `arctic_vl --help` does not pay for torch and t
 
 Groups:
     running:      Engine, EngineConfig, EvalConfig, load_config, load_plugins
+    a run's weights: newest_weights, RunWeights (what every verb that reads a run scores or exports)
     registries:   Registry, Component, ComponentConfig, MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS,
                   CHECKPOINTERS, CALLBACKS, DISTRIBUTED, RECORD_FORMATS, DATA_SOURCES
     extending:    register_cli_verb, register_config_check, register_model_type
@@ -46,6 +47,9 @@ _LAZY: dict[str, str] = {
     "EvalConfig": "arctic_vl.config.schema",
     "load_config": "arctic_vl.config.schema",
     "load_plugins": "arctic_vl.plugins",
+    # a run's weights
+    "newest_weights": "arctic_vl.checkpoint.checkpointer",
+    "RunWeights": "arctic_vl.checkpoint.checkpointer",
     # registries
     "Registry": "arctic_vl.registry",
     "Component": "arctic_vl.registry",
@@ -238,6 +242,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "RecordFormat",
     "Registry",
     "RunFailed",
+    "RunWeights",
     "SFTTrainer",
     "Scheduler",
     "SchedulerConfig",
@@ -270,6 +275,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "make_synthetic_data",
     "make_tiny_model",
     "model_inputs",
+    "newest_weights",
     "normalize_answer",
     "open_image",
     "output_directory",
@@ -287,7 +293,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
 if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.batch import BOOKKEEPING_KEYS, Batch, StepCounts
     from arctic_vl.callbacks.base import Callback, StepInfo
-    from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+    from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer, RunWeights, newest_weights
     from arctic_vl.config.loader import LocatedConfig
     from arctic_vl.config.paths import ConfigPath, ExistingPath, ModelPath, output_directory
     from arctic_vl.config.schema import EngineConfig, EvalConfig, load_config, where

@@ -2,7 +2,7 @@
 
     arctic_vl CONFIG [--set k=v ...]           train (same as `arctic_vl train CONFIG`)
     arctic_vl validate CONFIG                  print the resolved config and model type; exit 0
-    arctic_vl evaluate CONFIG                  eval loss (+ exact match with eval.generate) on data.eval_sources
+    arctic_vl evaluate CONFIG [--base]         eval loss (+ exact match with eval.generate) on data.eval_sources
     arctic_vl inspect-data CONFIG              counts and the first sample's tokens, trained parts marked
     arctic_vl plugins | schema                 installed plugins / JSON Schema of the config
     arctic_vl make-tiny-model | make-synthetic-data | export ...
@@ -26,13 +26,15 @@ USAGE = """usage: arctic_vl [VERB] ...
 verbs:
   CONFIG | train CONFIG        train from a YAML config (resumes from the latest checkpoint)
   validate CONFIG              check a config and print it resolved, with the model type
-  evaluate CONFIG              evaluate the run's final model on data.eval_sources
+  evaluate CONFIG [--base]     evaluate the run's newest weights (final/, or the latest checkpoint when it is
+                               newer) on data.eval_sources; --base: the untrained base model
   inspect-data CONFIG          record counts and the first sample's tokens (trained parts marked)
   plugins                      list installed plugins and what they registered (and their verbs)
   schema                       print the JSON Schema of the config
   make-tiny-model FAMILY DIR   write a tiny random VLM of a family, with tokenizer and processor
   make-synthetic-data DIR      write the synthetic shapes data set
-  export RUN_DIR --merge-lora OUT   HF model from the run's latest checkpoint (LoRA merged, adapter in OUT/adapter)
+  export RUN_DIR --out OUT [--merge-lora]   HF model of the run's newest weights (LoRA merged, adapter in
+                               OUT/adapter; --checkpoint step-N for another checkpoint)
 
 Config verbs take --set SECTION.KEY=VALUE (repeatable). Plugins may add verbs: see `arctic_vl plugins`.
 Exit codes: 0 success, 2 bad config or input, 1 other failure.
@@ -96,11 +98,16 @@ def cmd_validate(argv: list[str]) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    """`arctic_vl evaluate CONFIG`: evaluate the run's final model on data.eval_sources; prints the results."""
-    args = _config_parser("evaluate", "Evaluate the run's final model on data.eval_sources.").parse_args(argv)
+    """`arctic_vl evaluate CONFIG [--base]`: evaluate the run's newest weights (or, with --base, the untrained
+    base model) on data.eval_sources; prints which weights first (stderr), then the results."""
+    p = _config_parser("evaluate", "Evaluate the run's newest weights (final/, or the latest checkpoint when it is "
+                       "newer) on data.eval_sources.")
+    p.add_argument("--base", action="store_true",
+                   help="evaluate the configured base model, untrained (recorded at step 0), not the run's weights")
+    args = p.parse_args(argv)
     from arctic_vl.engine import Engine
 
-    results = Engine(args.config, args.overrides).evaluate()
+    results = Engine(args.config, args.overrides).evaluate(base=args.base)
     print(json.dumps(results, indent=1, default=str))
     return 0
 
@@ -144,7 +151,8 @@ def cmd_make_tiny_model(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    """`arctic_vl export RUN_DIR --merge-lora OUT`: an HF model from the run's latest checkpoint (`commands.export`)."""
+    """`arctic_vl export RUN_DIR --out OUT [--merge-lora]`: an HF model of the run's newest weights
+    (`commands.export`)."""
     from arctic_vl.commands.export import main
 
     return main(argv)

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from arctic_vl.checkpoint.checkpointer import RunWeights, load_trainable_weights, newest_weights
 from arctic_vl.checkpoint.files import write_run_file
 from arctic_vl.checkpoint.lock import RunLock
 from arctic_vl.config.schema import EngineConfig, load_config, where
@@ -52,8 +53,28 @@ class Engine:
         """The model type, read from config files only (what `validate` prints)."""
         return self.model_factory().describe()
 
-    def _build(self, model_dir: Path | None = None) -> Any:
-        """Every component from its registry, the trainer last with the others passed in."""
+    def checkpointer(self) -> Any:
+        """The run's checkpointer on OUTPUT_DIR/checkpoints (nothing is read until it is asked)."""
+        return CHECKPOINTERS.get(self.config.checkpoint.type)(self.config.checkpoint, self.output_dir)
+
+    def newest_weights(self) -> RunWeights:
+        """The newest verified weights of this run (`arctic_vl.newest_weights` on OUTPUT_DIR with the run's
+        checkpointer): final/ when it holds the last step, else the latest checkpoint; none is exit 2."""
+        return newest_weights(self.output_dir, self.checkpointer())
+
+    def build_model(self, weights: RunWeights | None, device: Any = None) -> Any:
+        """The run's ModelBundle holding `weights` (from `newest_weights()`), as the verbs that read a run load it:
+        a final/ export through the model factory's `build(path=final)`; a checkpoint as training rebuilds the
+        model (the configured base model, freezing, LoRA) with the checkpoint's trainable weights loaded;
+        None: the configured base model, untrained (an explicit choice, e.g. `evaluate --base`)."""
+        factory = self.model_factory()
+        factory.prepare(self.output_dir, self.config.trainer.seed)  # e.g. an inline tiny base model, if gone
+        _seed_everything(self.config.trainer.seed)
+        return _build_bundle(factory, weights, device, self.output_dir)
+
+    def _build(self, weights: RunWeights | None = None) -> Any:
+        """Every component from its registry, the trainer last with the others passed in; the model holds
+        `weights` (see `build_model`) when given, else it is built for training."""
         c = self.config
         _quiet_transformers()
         dist = DISTRIBUTED.get(c.distributed.type)(c.distributed, c)
@@ -68,7 +89,7 @@ class Engine:
             model_factory.prepare(self.output_dir, seed)
         dist.barrier()
         _seed_everything(seed)
-        bundle = model_factory.build(device=dist.device, output_dir=self.output_dir, path=model_dir)
+        bundle = _build_bundle(model_factory, weights, dist.device, self.output_dir)
         data = self.data_factory().build(bundle, seed=seed)
         callbacks = [CALLBACKS.get(cb.type)(cb) for cb in c.callbacks]
         if not any(cb.type == "progress" for cb in c.callbacks):
@@ -112,41 +133,43 @@ class Engine:
         if lock is not None:
             lock.release()
 
-    def evaluate(self) -> dict[str, Any]:
-        """Eval loss (and exact match with `eval.generate`) on `data.eval_sources`, for the trained
-        model in OUTPUT_DIR/final when it exists, else the configured model (step 0).
+    def evaluate(self, *, base: bool = False) -> dict[str, Any]:
+        """Eval loss (and exact match with `eval.generate`) on `data.eval_sources`, of the run's newest weights
+        (`newest_weights()`: final/ when it holds the last step, else the latest checkpoint); with `base`, of the
+        configured base model, untrained (step 0). A run without weights is a ConfigError (exit 2).
 
         Recorded in OUTPUT_DIR/eval_standalone.jsonl at the step of the weights evaluated (never in the
-        training-time eval.jsonl); the callbacks see it as a standalone evaluation."""
-        final = self.output_dir / "final"
-        exported = (final / "config.json").is_file()
+        training-time eval.jsonl); the callbacks see it as a standalone evaluation. The results carry `model`
+        (the path evaluated, or the base model's description), `step` and `weights` (final|checkpoint|base)."""
+        from arctic_vl.errors import ConfigError
+
+        if not base:
+            try:
+                weights: RunWeights | None = self.newest_weights()
+            except ConfigError as e:
+                raise ConfigError(f"evaluate: {e}; or pass --base to evaluate the untrained base model") from None
+        else:
+            weights = None
+            if int(os.environ.get("RANK", "0") or 0) == 0:
+                from loguru import logger
+
+                logger.info(f"weights: the base model ({self.describe_model()}), untrained: step 0 (--base)")
         try:
-            trainer = self._build(final if exported else None)
+            trainer = self._build(weights)
             try:
                 if trainer.data.eval is None:
-                    from arctic_vl.errors import ConfigError
-
                     raise ConfigError("evaluate: data.eval_sources is empty; name the held-out data files there")
-                results = trainer.evaluate_standalone(self._exported_step(trainer) if exported else 0)
+                results = trainer.evaluate_standalone(weights.step if weights is not None else 0)
             except BaseException:
                 trainer.dist.teardown()
                 raise
             trainer.dist.teardown(clean=True)
         finally:
             self.release_lock()
-        results["model"] = str(final) if exported else self.describe_model()
+        results["model"] = str(weights.path) if weights is not None else self.describe_model()
         results["step"] = trainer.state.step
+        results["weights"] = weights.kind if weights is not None else "base"
         return results
-
-    def _exported_step(self, trainer: Any) -> int:
-        """The step of the weights in OUTPUT_DIR/final: from its export info, else the latest checkpoint's."""
-        from arctic_vl.trainers.base import EXPORT_INFO_FILE
-
-        info = self.output_dir / "final" / EXPORT_INFO_FILE
-        if info.is_file():
-            return int(json.loads(info.read_text())["step"])
-        latest = trainer.checkpointer.latest()  # an export written before export info existed
-        return int(trainer.checkpointer.read_state(latest)["step"]) if latest is not None else 0
 
     def _write_run_files(self, trainer: Any) -> None:
         write_run_file(self.output_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
@@ -155,6 +178,17 @@ class Engine:
                 "data": trainer.data.stats, "parameters": trainer.bundle.parameter_counts()}
         info["plugins"] = plugin_summary()
         write_run_file(self.output_dir / "run_info.json", json.dumps(info, indent=1, default=str))
+
+
+def _build_bundle(factory: Any, weights: RunWeights | None, device: Any, output_dir: Path) -> Any:
+    """`factory.build` holding `weights`: final/ loaded as saved, a checkpoint's trainable weights on the
+    rebuilt model, or (None) the model as configured."""
+    if weights is not None and weights.kind == "final":
+        return factory.build(device=device, output_dir=output_dir, path=weights.path)
+    bundle = factory.build(device=device, output_dir=output_dir)
+    if weights is not None:
+        load_trainable_weights(bundle.model, weights.path)
+    return bundle
 
 
 def _quiet_transformers() -> None:

@@ -161,3 +161,17 @@ def test_the_loop_reads_in_one_screen():
     assert len(source.splitlines()) <= 25
     for step in ("setup", "step_batches", "train_step", "log_step", "maybe_evaluate", "maybe_save", "finish"):
         assert f"self.{step}(" in source
+
+
+def test_newest_weights_contract():
+    """The one rule for a run's weights: a function of the run directory (and its checkpointer), returning
+    path, step, kind and epoch; the Engine resolves it with the run's checkpointer and builds its model."""
+    import dataclasses
+
+    sig = inspect.signature
+    assert list(sig(arctic_vl.newest_weights).parameters) == ["run_dir", "checkpointer"]
+    assert [f.name for f in dataclasses.fields(arctic_vl.RunWeights)] == ["path", "step", "kind", "epoch"]
+    assert arctic_vl.RunWeights(Path("r/final"), 3, "final").describe() == "final r/final (step 3)"
+    assert list(sig(arctic_vl.Engine.newest_weights).parameters) == ["self"]
+    assert list(sig(arctic_vl.Engine.build_model).parameters) == ["self", "weights", "device"]
+    assert "base" in sig(arctic_vl.Engine.evaluate).parameters

@@ -15,11 +15,13 @@ names its file and why it failed; a full disk says so, with the bytes needed.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,6 +44,9 @@ from arctic_vl.errors import CheckpointError, ConfigError, DataError
 from arctic_vl.registry import CHECKPOINTERS, Component, ComponentConfig
 
 STATE_FILE = "trainer_state.json"
+#: written into every HF export (the run's final/, `arctic_vl export`'s OUT): the step, epoch and source
+#: checkpoint of the weights it holds
+EXPORT_INFO_FILE = "export_info.json"
 
 
 class CheckpointConfig(ComponentConfig):
@@ -290,14 +295,105 @@ def find_checkpoint(run_dir: Path, checkpointer: Any, checkpoint: str | None) ->
     return path
 
 
+@dataclass(frozen=True)
+class RunWeights:
+    """The weights a verb reads from a run (`newest_weights`): `path` (RUN_DIR/final or a checkpoint's
+    folder), `step` and `epoch` of those weights, and `kind`: "final" (an HF export, loaded as saved) or
+    "checkpoint" (the trainable weights: rebuild the base model as training does, then load them)."""
+
+    path: Path
+    step: int
+    kind: Literal["final", "checkpoint"]
+    epoch: int | None = None
+
+    def describe(self) -> str:
+        """`checkpoint RUN/checkpoints/step-10 (step 10)`: what a verb prints before it starts."""
+        return f"{self.kind} {self.path} (step {self.step})"
+
+
+def _final_info(final: Path) -> dict[str, Any] | None:
+    """final/'s export info ({} for an export from before it carried one); None when there is no complete export."""
+    if not (final / "config.json").is_file():  # written atomically: no config.json, no export
+        return None
+    info_file = final / EXPORT_INFO_FILE
+    if not info_file.is_file():
+        return {}
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        step = info["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step is {step!r}, not a count")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{info_file}: unreadable export info ({type(e).__name__}: {e}); "
+                              "the step of final/'s weights is unknown") from None
+    return info
+
+
+def newest_weights(run_dir: str | Path, checkpointer: Any = None) -> RunWeights:
+    """The newest verified weights of the run in `run_dir`, the rule every verb that reads a run follows.
+
+    `final/` when it holds the last step (its export_info.json step is not older than the newest checkpoint
+    that verifies, or there is no checkpoint); otherwise that checkpoint (a run killed or stopped before its
+    end, or resumed past an older export). `checkpointer`: the run's (its `latest()` and `read_state()`);
+    default: the core's on RUN_DIR/checkpoints. No weights at all is a ConfigError (exit 2) naming the run
+    directory: a base model is never a silent fallback. Logged (main process) as `RunWeights.describe()`.
+    """
+    run_dir = Path(run_dir)
+    ck = checkpointer if checkpointer is not None else Checkpointer(CheckpointConfig(), run_dir)
+    final = run_dir / "final"
+    info = _final_info(final)
+    try:
+        latest = ck.latest()
+    except CheckpointError:
+        # no checkpoint verifies: final/ is still the newest verified weights when no checkpoint is newer
+        newest = max((int(p.name[5:]) for p in ck.checkpoints()), default=-1)
+        if not info or info["step"] < newest:
+            raise
+        latest = None
+    state = ck.read_state(latest) if latest is not None else None
+    why = ""
+    if info is not None:
+        step = info.get("step")
+        if step is None and state is not None:
+            # an export from before export info existed: written right after its run's last checkpoint, so a
+            # checkpoint written after it is newer weights
+            newer = (latest / STATE_FILE).stat().st_mtime > (final / "config.json").stat().st_mtime  # type: ignore[operator]
+            step = None if newer else int(state["step"])
+        elif step is None:
+            step = 0
+            _warn(f"{final}: no {EXPORT_INFO_FILE} and no checkpoint: the step of its weights is unknown, taken as 0")
+        if step is not None and (state is None or step >= int(state["step"])):
+            epoch = info.get("epoch", state.get("epoch") if state is not None else None)
+            return _chosen(RunWeights(final, int(step), "final", epoch), run_dir, "")
+        why = (f"; final/ is older (step {info['step']})" if info.get("step") is not None
+               else "; final/ is older (written before it)")
+    if state is None:
+        raise ConfigError(f"{run_dir}: no trained weights: no final/ export and no complete checkpoint under "
+                          f"{run_dir / 'checkpoints'}; train the run first")
+    assert latest is not None
+    return _chosen(RunWeights(latest, int(state["step"]), "checkpoint", state.get("epoch")), run_dir, why)
+
+
+def _warn(message: str) -> None:
+    if _is_main_process():
+        logger.warning(message)
+
+
+def _chosen(weights: RunWeights, run_dir: Path, why: str) -> RunWeights:
+    if _is_main_process():
+        logger.info(f"weights: {weights.describe()}, the newest of run {run_dir}{why}")
+    return weights
+
+
 def load_trainable_weights(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     """Load `checkpoint/model.safetensors` (the trainable weights, named as the loop's `_StepModule`) into
     `model`; returns the names loaded. Names the model lacks, or shapes that differ, are an error."""
     file = checkpoint / "model.safetensors"
     if not file.is_file():
         raise DataError(
-            f"{checkpoint}: no model.safetensors (a DeepSpeed checkpoint keeps sharded engine state); "
-            "export from the run's final/ instead, or use the single/ddp backends"
+            f"{checkpoint}: no model.safetensors (a DeepSpeed checkpoint keeps sharded engine state), so the model "
+            "cannot be rebuilt from it here; rerun the training command to let the run finish and write final/, "
+            "or train with the single/ddp backends"
         )
     weights = {k.removeprefix(STEP_MODULE_PREFIX): v for k, v in load_tensors(file).items()}
     own = model.state_dict()

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
+from arctic_vl.checkpoint.checkpointer import EXPORT_INFO_FILE
 from arctic_vl.checkpoint.files import append_line, write_run_file
 from arctic_vl.config.paths import ConfigPath
 from arctic_vl.config.types import Seed
@@ -48,8 +49,6 @@ from arctic_vl.trainers.report import format_parameter_counts, format_results
 EVAL_FILE = "eval.jsonl"
 #: `arctic_vl evaluate` results, each marked `"standalone": true`, `step` the step of the weights evaluated
 STANDALONE_EVAL_FILE = "eval_standalone.jsonl"
-#: written into final/ by the export: the step (and epoch) of the weights it holds
-EXPORT_INFO_FILE = "export_info.json"
 
 #: settings that may differ on resume: they change neither the math nor the data order (a run directory
 #: that was moved or copied resumes: its location is not part of the math)
@@ -600,7 +599,9 @@ class Trainer(Component):
                 full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             self.model_factory.export(self.bundle, module, tmp, state_dict=full)
             # which weights these are: what a standalone evaluation of final/ records as its step
-            (tmp / EXPORT_INFO_FILE).write_text(json.dumps({"step": self.state.step, "epoch": self.state.epoch}))
+            source = self._last_ckpt.name if self._last_ckpt is not None else None
+            (tmp / EXPORT_INFO_FILE).write_text(json.dumps({"step": self.state.step, "epoch": self.state.epoch,
+                                                            "checkpoint": source}))
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
         self.dist.barrier()

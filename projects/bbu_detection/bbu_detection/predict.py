@@ -1,7 +1,9 @@
-"""`arctic_vl predict CONFIG --images DIR_OR_FILES --out preds.jsonl`: detections of a trained run's final model.
+"""`arctic_vl predict CONFIG --images DIR_OR_FILES --out preds.jsonl`: detections of a trained run's newest weights.
 
-The model is the run's export (OUTPUT_DIR/final: the HF VLM and `detection_head/`), built through the config's
-model factory exactly as `arctic_vl evaluate` builds it. Each image becomes one record of the run's own data
+The model holds the run's newest weights (`arctic_vl.newest_weights`: its export OUTPUT_DIR/final, the HF VLM
+and `detection_head/`, when that holds the last step, else the latest checkpoint of a run killed or stopped
+before its end), built through the config's model factory exactly as `arctic_vl evaluate` builds it; which
+weights is logged (stderr) before the images are read. Each image becomes one record of the run's own data
 factory: one user turn (`--prompt`, the synthetic data's prompt by default) and the assistant's answer, of which
 the head reads only what comes before (see `bbu_detection.forward`), as in training. One line per image::
 
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl import DATA, MODELS, ConfigError, DataError, image_size, load_config, output_directory
+from arctic_vl import DATA, ConfigError, DataError, Engine, image_size, output_directory
 
 from .boxes import cxcywh_to_pixel_xyxy
 from .data import TARGETS
@@ -50,17 +52,20 @@ def image_files(items: list[str]) -> list[Path]:
 
 def predict(config: str | Path, images: list[Path], *, score_threshold: float = 0.5, prompt: str = PROMPT,
             overrides: list[str] | tuple[str, ...] = (), batch_size: int = 8) -> list[dict[str, Any]]:
-    """Detections for `images` by the run of `config` (its OUTPUT_DIR/final); one dict per image, in order.
+    """Detections for `images` by the run of `config` (its newest weights, `Engine.newest_weights`); one dict per
+    image, in order. A run without weights is a ConfigError (exit 2) naming its directory.
 
     Each image goes through the run's own data factory (one record: the prompt and an empty answer), so the
     tokens, the image encoding and the memory the head reads are exactly those of training.
     """
-    cfg = load_config(config, overrides)
-    final = Path(cfg.trainer.output_dir) / "final"
+    engine = Engine(config, overrides)
+    cfg = engine.config
     if cfg.model.type != "bbu_detection":
         raise ConfigError(f"predict: model.type must be bbu_detection, got {cfg.model.type!r}")
-    if not (final / "detection_head" / "config.json").is_file():
-        raise ConfigError(f"{final}: no trained bbu_detection model (final/detection_head/); train the config first")
+    weights = engine.newest_weights()
+    if weights.kind == "final" and not (weights.path / "detection_head" / "config.json").is_file():
+        raise ConfigError(f"{weights.path}: no trained bbu_detection model (final/detection_head/); train the "
+                          "config first")
     paths = [p.resolve() for p in images]
     for path in paths:
         try:
@@ -69,8 +74,7 @@ def predict(config: str | Path, images: list[Path], *, score_threshold: float = 
             raise DataError(f"--images: {path}: {e}", source=str(path), reason=e.reason) from None
     want = getattr(cfg.distributed, "device", "auto")
     device = torch.device("cuda" if want != "cpu" and torch.cuda.is_available() else "cpu")
-    bundle = MODELS.get(cfg.model.type)(cfg.model, cfg).build(device=device, output_dir=Path(cfg.trainer.output_dir),
-                                                               path=final)
+    bundle = engine.build_model(weights, device)
     model = bundle.model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         records = Path(tmp) / "predict.bbu.jsonl"
@@ -110,7 +114,7 @@ def predict(config: str | Path, images: list[Path], *, score_threshold: float = 
 def main(argv: list[str]) -> int:
     """The `predict` verb; exit 0, or 2 for a bad config or input (through the CLI)."""
     p = argparse.ArgumentParser(prog="arctic_vl predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="the run's YAML config (its trainer.output_dir holds final/)")
+    p.add_argument("config", help="the run's YAML config (its trainer.output_dir holds final/ and checkpoints/)")
     p.add_argument("--images", nargs="+", required=True, help="image files and/or directories of images")
     p.add_argument("--out", required=True, help="JSONL file to write, one line per image")
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep queries with objectness >= this")

@@ -280,3 +280,37 @@ def test_shipped_configs_validate(name, tiny_qwen25, cli, tmp_path):
     code, out, err = run(cli, "validate", Path(__file__).parents[1] / "configs" / name, *overrides)
     assert code == 0, err
     assert "# model: bbu_detection:" in out
+
+
+def test_predict_of_a_killed_run_uses_its_latest_checkpoint(trained, bbu_data, cli, tmp_path):
+    """No final/ (killed before its export): the step-4 checkpoint on the rebuilt model predicts exactly what the
+    finished run's final/ predicts; the weights are logged with their step. No weights at all: exit 2."""
+    import shutil
+
+    import yaml
+    from loguru import logger
+
+    path, out, _ = trained
+    images = sorted((bbu_data / "shapes" / "images").glob("heldout-*.png"))[:2]
+    code, _, err = run(cli, "predict", path, "--images", *images, "--out", tmp_path / "final.jsonl",
+                       "--score-threshold", "0")
+    assert code == 0, err
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed, ignore=shutil.ignore_patterns("final"))
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["output_dir"] = str(killed)
+    killed_yaml = write_yaml(tmp_path / "killed.yaml", cfg)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+    try:
+        code, _, err = run(cli, "predict", killed_yaml, "--images", *images, "--out", tmp_path / "killed.jsonl",
+                           "--score-threshold", "0")
+    finally:
+        logger.remove(sink)
+    assert code == 0, err
+    assert f"weights: checkpoint {killed / 'checkpoints' / 'step-4'} (step 4)" in "\n".join(lines)
+    assert (tmp_path / "killed.jsonl").read_text() == (tmp_path / "final.jsonl").read_text()
+    cfg["trainer"]["output_dir"] = str(tmp_path / "never_trained")
+    code, _, err = run(cli, "predict", write_yaml(tmp_path / "none.yaml", cfg), "--images", images[0],
+                       "--out", tmp_path / "none.jsonl")
+    assert code == 2 and f"{tmp_path / 'never_trained'}: no trained weights" in err, err

@@ -9,7 +9,9 @@
 trained tokens in [[...]], with the counts and skipped records of each split (the core's `inspect-data` shows the
 records before this project's rendering).
 
-The model is the run's `OUTPUT_DIR/final` (or `--model DIR`); prompts, `images_per_sample` and the image key
+The model is the run's newest weights (`arctic_vl.newest_weights`: `OUTPUT_DIR/final` when it holds the last
+step, else the latest checkpoint, on the base model rebuilt as training builds it), logged with its step before
+anything is read; or `--model DIR`, an HF directory. Prompts, `images_per_sample` and the image key
 prefix come from the run's `data` section, so inference asks exactly what training taught.
 
 Stage-A: a group is a directory (its images, sorted by name), an image file (a group of one), or a line of a
@@ -93,15 +95,29 @@ class Runner:
         data = self.cfg.data
         if data.type != "dense_caption":
             raise ConfigError(f"dense-caption: {config}: data.type must be 'dense_caption', got {data.type!r}")
-        path = Path(model_dir) if model_dir else engine.output_dir / "final"
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"dense-caption: {path} holds no trained model; train first (arctic_vl {config}) "
-                              "or pass --model DIR")
+        if model_dir:
+            path = Path(model_dir)
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"dense-caption: --model {path} holds no HF model (no config.json)")
+            self.weights = None
+        else:
+            try:
+                self.weights = engine.newest_weights()
+            except ConfigError as e:
+                raise ConfigError(f"dense-caption: {e} (arctic_vl {config}), or pass --model DIR") from None
+            path = self.weights.path
         self.model_dir = path
         torch.manual_seed(self.cfg.trainer.seed)
-        self.model = load_model(path).eval()
-        processor = load_processor(path)
-        self.bundle = ModelBundle(self.model, processor, family_of_dir(path))
+        if self.weights is None or self.weights.kind == "final":
+            self.model = load_model(path).eval()
+            processor = load_processor(path)
+            self.bundle = ModelBundle(self.model, processor, family_of_dir(path))
+        else:  # a checkpoint: the base model as training rebuilds it (LoRA included) with its trainable weights
+            self.bundle = engine.build_model(self.weights)
+            self.model = self.bundle.model.eval()
+            processor = self.bundle.processor
+        #: the step of the weights answering (None for --model DIR): in the reports next to `model`
+        self.step = self.weights.step if self.weights is not None else None
         self.factory = DATA.get("dense_caption")(data, self.cfg)
         self.encoder = self.factory.encoder(self.bundle)
         self.tokenizer = processor.tokenizer
@@ -193,7 +209,7 @@ def stage_a(runner: Runner, groups: list[tuple[str, list[Path], dict[str, Any]]]
                         line["summary"] = summaries[j]
                         report["summaries"] += 1
                     fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return {**report, "errors": dict(errors), "out": str(out), "model": str(runner.model_dir)}
+    return {**report, "errors": dict(errors), "out": str(out), "model": str(runner.model_dir), "step": runner.step}
 
 
 # ------------------------------------------------------------------------------------------- stage B
@@ -248,7 +264,7 @@ def stage_b(runner: Runner, groups: list[tuple[str, list[str | None], dict[str, 
                 line.update(verdict=None, error=error, raw=text[:300], attempts=max_retries + 1)
                 report["invalid"] += 1
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-    result: dict[str, Any] = {**report, "out": str(out), "model": str(runner.model_dir)}
+    result: dict[str, Any] = {**report, "out": str(out), "model": str(runner.model_dir), "step": runner.step}
     if report["with_expected"]:
         result["agreement"] = report["agree"] / report["with_expected"]
     return result
@@ -340,7 +356,9 @@ def main(argv: list[str]) -> int:
     for q in (a, b):
         q.add_argument("config", help="the training run's YAML config")
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-        q.add_argument("--model", default=None, help="model directory (default: the run's final/)")
+        q.add_argument("--model", default=None,
+                       help="an HF model directory (default: the run's newest weights: final/, or its latest "
+                            "checkpoint when that is newer)")
         q.add_argument("--out", type=Path, required=True)
         q.add_argument("--max-new-tokens", type=int, default=128)
     a.add_argument("--images", nargs="+", required=True, help="directories, image files or groups .jsonl files")

@@ -216,7 +216,7 @@ def test_bad_records_and_verbs_exit_2(shapes: Path, cli_in_process, tmp_path: Pa
     assert code == 2 and "not a directory, an image" in err
     code, _, err = cli_in_process("dense-caption", "stage-a", str(config), "--images", str(shapes / "images"),
                                   "--out", str(tmp_path / "o.jsonl"))
-    assert code == 2 and "holds no trained model" in err
+    assert code == 2 and f"{tmp_path / 'run'}: no trained weights" in err
 
 
 def test_inspect_shows_the_built_items(shapes: Path, cli_in_process, tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ On the config's `data.eval_sources` (held-out samples) it reports:
   question type (record field `qtype`);
 * `answer_agreement`: the share of questions where student and teacher give the same answer.
 
-The student is the run's `OUTPUT_DIR/final` (SwiftKV on: its generation takes the SwiftKV prefill path); the
+The student is the run's newest weights (`arctic_vl.newest_weights`: `OUTPUT_DIR/final` when it holds the last
+step, else the latest checkpoint, on the student the model factory converts from the teacher), SwiftKV on: its
+generation takes the SwiftKV prefill path; which weights (path and step) is logged first and reported. The
 teacher is loaded from the model section's teacher directory. Both see exactly the same batches.
 """
 
@@ -117,7 +119,8 @@ def compare(student: torch.nn.Module, teacher: torch.nn.Module, dataset: Any, co
 
 def evaluate_run(config: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                  max_samples: int | None = None, generate: bool = True) -> dict[str, Any]:
-    """Load the run's student (`final/`) and its teacher and compare them on `data.eval_sources`."""
+    """Load the run's student (its newest weights) and its teacher and compare them on `data.eval_sources`; the
+    results name the student's weights (`student`, `step`, `weights`: final|checkpoint)."""
     from arctic_vl import DATA, Engine, ModelBundle, family_of_dir, load_model, load_processor
 
     from . import register_auto, set_swiftkv
@@ -129,14 +132,18 @@ def evaluate_run(config: str | Path, overrides: list[str] | tuple[str, ...] = ()
         raise ConfigError(f"swiftkv-eval: model.type must be 'swiftkv_vl', got {cfg.model.type!r}")
     if not getattr(cfg.data, "eval_sources", None):
         raise ConfigError("swiftkv-eval: data.eval_sources is empty; name the held-out data files there")
-    final = engine.output_dir / "final"
-    if not (final / "config.json").is_file():
-        raise ConfigError(f"swiftkv-eval: {final} has no trained student; train first: arctic_vl {config}")
+    try:
+        weights = engine.newest_weights()
+    except ConfigError as e:
+        raise ConfigError(f"swiftkv-eval: {e}: arctic_vl {config}") from None
     register_auto()
     torch.manual_seed(cfg.trainer.seed)
     teacher_dir = SwiftKVModelFactory(cfg.model, cfg).teacher_dir(engine.output_dir)
     teacher = load_model(teacher_dir)
-    student = set_swiftkv(load_model(final), True)
+    if weights.kind == "final":
+        student = set_swiftkv(load_model(weights.path), True)
+    else:  # the student as training builds it (converted from the teacher), with the checkpoint's SwiftKV weights
+        student = set_swiftkv(engine.build_model(weights).model, True)
     bundle = ModelBundle(teacher, load_processor(teacher_dir), family_of_dir(teacher_dir))
     data = DATA.get(cfg.data.type)(cfg.data, cfg).build(bundle, seed=cfg.trainer.seed)
     ev = cfg.eval
@@ -144,7 +151,8 @@ def evaluate_run(config: str | Path, overrides: list[str] | tuple[str, ...] = ()
                       max_samples=max_samples or ev.max_samples,
                       micro_batch_size=ev.micro_batch_size or cfg.data.micro_batch_size,
                       max_new_tokens=ev.max_new_tokens, generate=generate)
-    results = {"student": str(final), "teacher": str(teacher_dir), **results}
+    results = {"student": str(weights.path), "step": weights.step, "weights": weights.kind,
+               "teacher": str(teacher_dir), **results}
     return results
 
 

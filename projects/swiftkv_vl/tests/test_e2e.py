@@ -89,3 +89,28 @@ def test_swiftkv_eval_verb(trained, capsys):
     # 3 small steps from an init that equals the teacher up to layer M: the student still mostly agrees
     assert results["top1_agreement"] >= 0.5, results
     assert results["student"] == str(out / "final") and results["teacher"] == str(out / "teacher")
+
+
+def test_swiftkv_eval_of_a_killed_run_uses_its_latest_checkpoint(trained, capsys, tmp_path):
+    """No final/ (killed before its export): the student is the step-3 checkpoint's SwiftKV weights on the student
+    converted from the teacher, with exactly final/'s figures; a run without weights is exit 2 naming it."""
+    import shutil
+
+    from arctic_vl.cli import main
+
+    out, overrides = trained
+    args = ["--max-samples", "4"]
+    capsys.readouterr()
+    assert main(["swiftkv-eval", str(CONFIG), *overrides, *args]) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert (final["weights"], final["step"]) == ("final", 3)
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed, ignore=shutil.ignore_patterns("final"))
+    assert main(["swiftkv-eval", str(CONFIG), *overrides, "--set", f"trainer.output_dir={killed}", *args]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["weights"], got["step"], got["student"]) == ("checkpoint", 3, str(killed / "checkpoints" / "step-3"))
+    for key in ("label_tokens", "top1_agreement", "teacher_exact_match", "student_exact_match", "answer_agreement"):
+        assert got[key] == final[key], key
+    none = tmp_path / "never_trained"
+    assert main(["swiftkv-eval", str(CONFIG), *overrides, "--set", f"trainer.output_dir={none}", *args]) == 2
+    assert f"{none}: no trained weights" in capsys.readouterr().err
