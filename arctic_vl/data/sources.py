@@ -93,7 +93,7 @@ class SourceSpec(pydantic.BaseModel, extra="forbid"):
         "auto", description="auto (detect per file), a registered record format (llava, messages, dense_caption, "
                             "a plugin's) or hf_disk (a save_to_disk directory)")
     sample: str = "all"
-    weight: float = pydantic.Field(1.0, gt=0, le=MAX_WEIGHT,
+    weight: float = pydantic.Field(1.0, gt=0,
                                    description=f"repeat (>1) or subsample (<1) the source's records; at most "
                                                f"{MAX_WEIGHT:g}, and at most {MAX_WEIGHTED_RECORDS} records after it")
     image_root: ConfigPath | None = None
@@ -107,6 +107,15 @@ class SourceSpec(pydantic.BaseModel, extra="forbid"):
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown format {v!r}: should be {_either(allowed)} (auto-detection, a registered "
                              f"record format, or a source kind).{hint}")
+        return v
+
+    @pydantic.field_validator("weight")
+    @classmethod
+    def _check_weight(cls, v: float) -> float:
+        if math.isfinite(v) and v > MAX_WEIGHT:  # inf / nan: the config's finite-number check names those
+            raise ValueError(f"weight {v:g} is absurd: at most {MAX_WEIGHT:g} (a weight repeats the source's "
+                             f"records that many times; a source may contribute at most {MAX_WEIGHTED_RECORDS} "
+                             "records)")
         return v
 
     @pydantic.field_validator("sample")
