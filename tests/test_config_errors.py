@@ -573,4 +573,5 @@ def test_an_absurd_source_weight_is_refused_at_validate(in_tmp, cli):
     """issue 24 item 8: weight 1e9 (a ~96 GB list on a 12-record file) is refused by validate, with file and line."""
     (in_tmp / "bad.yaml").write_text(M + "data:\n  sources:\n    - path: train.json\n      weight: 1.0e9\n")
     rc, _, err = cli("validate", "bad.yaml")
-    check_error(rc, err, Bad("weight", {}, "bad.yaml:6", "data.sources[0].weight", ["weight 1e+09 is absurd: at most 10000"]))
+    check_error(rc, err, Bad("weight", {}, "bad.yaml:6", "data.sources[0].weight",
+                             ["weight 1e+09 is absurd: at most 10000"]))

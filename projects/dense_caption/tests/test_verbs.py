@@ -80,8 +80,9 @@ def test_stage_a_and_b_check_their_paths_before_the_model(dense: Path, tmp_path:
 
 
 def test_stage_input_lines_are_named_by_line_and_field(tmp_path: Path) -> None:
-    from arctic_vl import DataError
     from dense_caption.inference import read_groups, read_summaries
+
+    from arctic_vl import DataError
 
     groups = tmp_path / "groups.jsonl"
     groups.write_text('\ufeff{"group": "g", "images": ["a.png"]}\n{"group": "h", "images": []}\n', encoding="utf-8")
