@@ -575,3 +575,14 @@ def test_an_absurd_source_weight_is_refused_at_validate(in_tmp, cli):
     rc, _, err = cli("validate", "bad.yaml")
     check_error(rc, err, Bad("weight", {}, "bad.yaml:6", "data.sources[0].weight",
                              ["weight 1e+09 is absurd: at most 10000"]))
+
+
+def test_a_model_config_json_past_the_parsers_limits_is_named(in_tmp, cli):
+    """issue 24 item 4 (sibling): a model directory's config.json nested past the recursion limit is exit 2 naming
+    it (was a RecursionError traceback): every JSON a user hands the engine goes through one parser."""
+    (in_tmp / "m").mkdir()
+    (in_tmp / "m" / "config.json").write_text('{"model_type": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (in_tmp / "bad.yaml").write_text("model:\n  name_or_path: m\n" + D)
+    rc, _, err = cli("validate", "bad.yaml")
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"{in_tmp / 'm' / 'config.json'} is not a valid HF config (not valid JSON (nested deeper than" in err, err
