@@ -12,7 +12,8 @@ Groups:
     registries:   Registry, Component, ComponentConfig, MODELS, DATA, TRAINERS, OPTIMIZERS, SCHEDULERS,
                   CHECKPOINTERS, CALLBACKS, DISTRIBUTED, RECORD_FORMATS, DATA_SOURCES
     extending:    register_cli_verb, register_config_check, register_model_type
-    config:       ConfigPath, ModelPath, ExistingPath, Seed, LocatedConfig, where, output_directory
+    config:       ConfigPath, ModelPath, ExistingPath, Seed, LocatedConfig, where, output_directory, output_file,
+                  resolve_user_path, parse_json, JsonTextError
     contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, IGNORE_INDEX, PARTS, epoch_seed
     models:       ModelFactory, ModelBundle, HFModelFactory, HFModelConfig, LoraConfig, DTYPES, FamilySpec,
                   FAMILIES, get_family, family_of_dir, read_model_type, load_model, load_processor,
@@ -21,7 +22,7 @@ Groups:
                   count_label_tokens, chunked_head_sums, agreed_rows, LEAN_THRESHOLD
     data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Collator, ITEM_INDEX, ITEM_BAD,
                   Conversation, BadRecord, BadRecordReport, SourceSpec, ImageRef, image_size, open_image,
-                  make_synthetic_data, to_norm1000
+                  make_synthetic_data, to_norm1000, read_json_lines
     record formats and data sources (a plugin's own `format:` or file kind):
                   RecordFormat, DataSource, RecordFile, RawRecord, IMAGE_TOKEN, BAD_RECORD_REASONS,
                   INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
@@ -73,6 +74,10 @@ _LAZY: dict[str, str] = {
     "ModelPath": "arctic_vl.config.paths",
     "ExistingPath": "arctic_vl.config.paths",
     "output_directory": "arctic_vl.config.paths",
+    "output_file": "arctic_vl.config.paths",
+    "resolve_user_path": "arctic_vl.config.paths",
+    "parse_json": "arctic_vl.config.jsontext",
+    "JsonTextError": "arctic_vl.config.jsontext",
     "Seed": "arctic_vl.config.types",
     "LocatedConfig": "arctic_vl.config.loader",
     "where": "arctic_vl.config.schema",
@@ -124,6 +129,7 @@ _LAZY: dict[str, str] = {
     "ITEM_INDEX": "arctic_vl.data.collate",
     "ITEM_BAD": "arctic_vl.data.collate",
     "SourceSpec": "arctic_vl.data.sources",
+    "read_json_lines": "arctic_vl.data.sources",
     "ImageRef": "arctic_vl.data.images",
     "image_size": "arctic_vl.data.images",
     "open_image": "arctic_vl.data.images",
@@ -229,6 +235,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "HFModelConfig",
     "HFModelFactory",
     "ImageRef",
+    "JsonTextError",
     "LocatedConfig",
     "LoraConfig",
     "LossOutput",
@@ -279,10 +286,14 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "normalize_answer",
     "open_image",
     "output_directory",
+    "output_file",
+    "parse_json",
+    "read_json_lines",
     "read_model_type",
     "register_cli_verb",
     "register_config_check",
     "register_model_type",
+    "resolve_user_path",
     "tiny_config",
     "to_norm1000",
     "unwrap_peft",
@@ -294,8 +305,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.batch import BOOKKEEPING_KEYS, Batch, StepCounts
     from arctic_vl.callbacks.base import Callback, StepInfo
     from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer, RunWeights, newest_weights
+    from arctic_vl.config.jsontext import JsonTextError, parse_json
     from arctic_vl.config.loader import LocatedConfig
-    from arctic_vl.config.paths import ConfigPath, ExistingPath, ModelPath, output_directory
+    from arctic_vl.config.paths import (
+        ConfigPath,
+        ExistingPath,
+        ModelPath,
+        output_directory,
+        output_file,
+        resolve_user_path,
+    )
     from arctic_vl.config.schema import EngineConfig, EvalConfig, load_config, where
     from arctic_vl.config.types import Seed
     from arctic_vl.constants import IGNORE_INDEX, PARTS, epoch_seed
@@ -318,7 +337,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.data.images import ImageRef, image_size, open_image
     from arctic_vl.data.records import IMAGE_TOKEN, Conversation, RecordFormat, to_norm1000
-    from arctic_vl.data.sources import DataSource, RawRecord, RecordFile, SourceSpec
+    from arctic_vl.data.sources import DataSource, RawRecord, RecordFile, SourceSpec, read_json_lines
     from arctic_vl.data.synthetic import make_synthetic_data
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig
     from arctic_vl.engine import Engine

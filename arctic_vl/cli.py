@@ -119,6 +119,8 @@ def cmd_inspect_data(argv: list[str]) -> int:
     )
     p.add_argument("--n", type=int, default=1, help="samples to show")
     args = p.parse_args(argv)
+    if args.n < 0:
+        p.error("--n must be >= 0")
     from arctic_vl.commands.inspect_data import inspect_data
 
     print(inspect_data(args.config, args.overrides, n=args.n))

@@ -5,8 +5,10 @@ components (`@MODELS.register(...)`), CLI verbs (`register_cli_verb`) and config
 (`register_config_check`). Discovery runs once, called by the entry points (the Engine, the CLI's
 dispatch, config validation and the schema), never from inside a registry lookup. A plugin that fails
 to import (any exception, `SystemExit` included: only KeyboardInterrupt passes) is reported (which
-one, what error) and the others still load. Only installed entry points are imported: never a module
-path named in a config.
+one, what error) and the others still load; everything it registered before it failed is rolled back (every
+registry, CLI verbs, config checks, and the state other layers declare with `track_plugin_state`, such as the
+model-type table), so a half-loaded plugin changes nothing. Only installed entry points are imported: never a
+module path named in a config.
 
 The core's own component modules are named here as strings and imported with importlib, so this
 module sits low in the layers (it imports only the registries) and nothing imports in a circle.
@@ -55,6 +57,8 @@ class PluginInfo:
     error: str = ""
     registered: dict[str, list[str]] = field(default_factory=dict)
     cli_verbs: list[str] = field(default_factory=list)
+    #: what a plugin that failed had registered before it failed, all of it undone ("cli" for its verbs)
+    rolled_back: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,6 +119,43 @@ def _snapshot() -> dict[str, set[str]]:
     return {section: set(reg._classes) for section, reg in ALL_REGISTRIES.items()}
 
 
+#: (snapshot, restore) of registration tables kept above this layer (e.g. the model-type table)
+_TRACKED: list[tuple[Callable[[], Any], Callable[[Any], None]]] = []
+#: while a plugin loads: (restore, saved) of every tracked table, to undo what it did if it fails
+_saves: list[tuple[Callable[[Any], None], Any]] = []
+
+
+def track_plugin_state(snapshot: Callable[[], Any], restore: Callable[[Any], None]) -> None:
+    """Declare a registration table kept outside the registries (called once by the module that owns it):
+    `snapshot()` returns a copy of it, `restore(copy)` puts that copy back. A plugin that fails to load gets
+    its entries undone by it, like its registry entries. Declared while a plugin loads (the owning module
+    imported by the plugin itself), the table is saved as it is then: before the plugin could add to it."""
+    _TRACKED.append((snapshot, restore))
+    if _state["origin"] != "arctic_vl":
+        _saves.append((restore, snapshot()))
+
+
+def _save_all() -> dict[str, Any]:
+    _saves[:] = [(restore, snap()) for snap, restore in _TRACKED]
+    return {"classes": {s: dict(r._classes) for s, r in ALL_REGISTRIES.items()},
+            "origins": {s: dict(r._origin) for s, r in ALL_REGISTRIES.items()},
+            "verbs": dict(CLI_VERBS), "checks": list(CONFIG_CHECKS)}
+
+
+def _restore_all(saved: dict[str, Any]) -> None:
+    """Undo everything registered since `_save_all` (a plugin that failed half-way)."""
+    for section, reg in ALL_REGISTRIES.items():
+        reg._classes.clear()
+        reg._classes.update(saved["classes"][section])
+        reg._origin.clear()
+        reg._origin.update(saved["origins"][section])
+    CLI_VERBS.clear()
+    CLI_VERBS.update(saved["verbs"])
+    CONFIG_CHECKS[:] = saved["checks"]
+    for restore, copy in _saves:
+        restore(copy)
+
+
 def _set_origin(origin: str) -> None:
     _state["origin"] = origin
     for reg in ALL_REGISTRIES.values():
@@ -137,6 +178,8 @@ def load_plugins() -> list[PluginInfo]:
             info = PluginInfo(ep.name, ep.value, f"{dist.name} {dist.version}" if dist else "?")
             before = _snapshot()
             verbs_before = set(CLI_VERBS)
+            checks_before = len(CONFIG_CHECKS)
+            saved = _save_all()
             _set_origin(ep.name)
             try:
                 module = ep.load()
@@ -154,6 +197,19 @@ def load_plugins() -> list[PluginInfo]:
             after = _snapshot()
             info.registered = {s: sorted(after[s] - before[s]) for s in after if after[s] - before[s]}
             info.cli_verbs = sorted(set(CLI_VERBS) - verbs_before)
+            if not info.ok:
+                # nothing of a plugin that failed stays: its checks would reject good configs, its verbs and
+                # components would run half-initialised code
+                info.rolled_back = dict(info.registered)
+                if info.cli_verbs:
+                    info.rolled_back["cli"] = info.cli_verbs
+                checks = len(CONFIG_CHECKS) - checks_before
+                if checks > 0:
+                    info.rolled_back["config checks"] = [getattr(c, "__qualname__", repr(c))
+                                                         for _, c in CONFIG_CHECKS[checks_before:]]
+                _restore_all(saved)
+                info.registered, info.cli_verbs = {}, []
+            _saves.clear()
             PLUGINS.append(info)
     finally:
         _set_origin("arctic_vl")
@@ -179,6 +235,9 @@ def describe() -> str:
     for info in PLUGINS:
         status = "ok" if info.ok else f"FAILED: {info.error}"
         lines.append(f"{info.name} ({info.module}, {info.distribution}): {status}")
+        if info.rolled_back:
+            undone = "; ".join(f"{section}: {', '.join(names)}" for section, names in info.rolled_back.items())
+            lines.append(f"  rolled back (not usable): {undone}")
         for section, names in info.registered.items():
             lines.append(f"  {section}: {', '.join(names)}")
         if info.cli_verbs:

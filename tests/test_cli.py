@@ -115,3 +115,44 @@ def test_verbs_refuse_an_output_directory_they_cannot_create(verb, case, tmp_pat
     assert rc == 2 and "Traceback" not in err, err[-2000:]
     assert f"OUT_DIR {out}: " in err
     assert ("cannot be created" if case == "under_a_file" else "exists and is not a directory") in err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--layers", "0"], "--layers 0: Input should be greater than or equal to 1"),
+    (["--hidden", "100000"], "--hidden 100000: Input should be less than or equal to 8192"),
+    (["--heads", "0"], "--heads 0: Input should be greater than or equal to 1"),
+    (["--kv-heads", "-1"], "--kv-heads -1: Input should be greater than or equal to 1"),
+    (["--vision-layers", "0"], "--vision-layers 0: Input should be greater than or equal to 1"),
+    (["--image-size", "0"], "--image-size 0: Input should be greater than or equal to 1"),
+    (["--heads", "3"], "tiny.heads (3) must divide tiny.hidden (64)"),
+    (["--seed", "-1"], "--seed -1: must be in 0..2**32-1"),
+])
+def test_make_tiny_model_refuses_absurd_sizes(args, says, tmp_path, cli):
+    """issue 24 item 8: a non-positive or absurd size is exit 2 naming the option, and nothing is written."""
+    rc, _, err = cli("make-tiny-model", "llava", str(tmp_path / "m"), *args)
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"make-tiny-model: {says}" in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_output_file_checks_a_verbs_output_file(tmp_path):
+    """The API's check of a file a verb writes: folder created, a directory or an unwritable file refused."""
+    from arctic_vl import ConfigError, output_file
+
+    assert output_file(tmp_path / "new" / "deeper" / "p.jsonl", "--out") == tmp_path / "new" / "deeper" / "p.jsonl"
+    assert (tmp_path / "new" / "deeper").is_dir() and not (tmp_path / "new" / "deeper" / "p.jsonl").exists()
+    with pytest.raises(ConfigError, match=rf"--out {tmp_path}: is an existing directory"):
+        output_file(tmp_path, "--out")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=r"--out .*/f/p\.jsonl: its folder .*/f: exists and is not a directory"):
+        output_file(tmp_path / "f" / "p.jsonl", "--out")
+    if os.geteuid() != 0:  # root writes anything
+        (tmp_path / "ro").write_text("x")
+        (tmp_path / "ro").chmod(0o444)
+        with pytest.raises(ConfigError, match="exists and is not writable"):
+            output_file(tmp_path / "ro", "--out")
+
+
+def test_inspect_data_refuses_a_negative_count(good_yaml, cli):
+    rc, _, err = cli("inspect-data", str(good_yaml), "--n", "-1")
+    assert rc == 2 and "--n must be >= 0" in err

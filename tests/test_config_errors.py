@@ -521,3 +521,68 @@ def test_seed_type_is_public_and_bounded():
     assert arctic_vl.TinyModelConfig(layers=2).given() == {"layers": 2}
     assert issubclass(arctic_vl.CheckpointError, Exception)
     assert not issubclass(arctic_vl.CheckpointError, arctic_vl.UserError)
+
+
+# ------------------------------------------------------- issue 24 items 7, 8: paths through loops, absurd weights
+def _loop(root: Path, name: str = "loop") -> str:
+    """A symbolic link loop `name` -> `name`2 -> `name` under root; returns its name."""
+    (root / name).symlink_to(root / f"{name}2")
+    (root / f"{name}2").symlink_to(root / name)
+    return name
+
+
+@pytest.mark.parametrize("case", ["config", "extends", "extends_nul", "source", "name_or_path", "image_root"])
+def test_paths_through_a_symlink_loop_or_with_a_nul_byte_are_named(in_tmp, cli, case):
+    """issue 24 item 7: a path through a symbolic link loop (or with a NUL byte) is exit 2 naming the config file,
+    its line and the path, never `RuntimeError: Symlink loop` / `ValueError: embedded null byte`."""
+    loop = _loop(in_tmp)
+    texts = {
+        "config": (None, "", "config file: loop.yaml: a symbolic link loop"),
+        "extends": (f"extends: {loop}/base.yaml\n" + M + D, 1, f"extends: {loop}/base.yaml: a symbolic link loop"),
+        "extends_nul": ('extends: "base\\0.yaml"\n' + M + D, 1, "extends: 'base\\x00.yaml': a path must not contain a "
+                                                               "NUL byte"),
+        "source": (M + f"data:\n  sources:\n    - {loop}/train.json\n", 5, f"data.sources[0]: {loop}/train.json: a "
+                                                                           "symbolic link loop"),
+        "name_or_path": (f"model:\n  name_or_path: {loop}/model\n" + D, 2, f"model.name_or_path: {loop}/model: a "
+                                                                           "symbolic link loop"),
+        "image_root": (M + f"data:\n  sources:\n    - path: train.json\n      image_root: {loop}\n", 6,
+                       f"data.sources[0].image_root: {loop}: a symbolic link loop"),
+    }
+    text, line, says = texts[case]
+    if case == "config":
+        (in_tmp / "loop.yaml").symlink_to(in_tmp / "loop.yaml")
+        rc, _, err = cli("validate", "loop.yaml")
+    else:
+        (in_tmp / "bad.yaml").write_text(text)
+        rc, _, err = cli("validate", "bad.yaml")
+        says = f"bad.yaml:{line}: {says}"
+    assert rc == 2 and "Traceback" not in err, err
+    assert says in err, err
+
+
+def test_extends_naming_a_binary_file_names_both_files(in_tmp, cli):
+    """issue 19 item 16: the binary's "line 1" AND the config file and line that named it."""
+    (in_tmp / "blob.bin").write_bytes(b"\x00\x01\xff\xfe" * 8)
+    (in_tmp / "bad.yaml").write_text(M + D + "extends: blob.bin\n")
+    rc, _, err = cli("validate", "bad.yaml")
+    assert rc == 2 and "Traceback" not in err, err
+    assert "blob.bin:1: not UTF-8 text: byte 0xff" in err and "(named by bad.yaml:6: extends)" in err, err
+
+
+def test_an_absurd_source_weight_is_refused_at_validate(in_tmp, cli):
+    """issue 24 item 8: weight 1e9 (a ~96 GB list on a 12-record file) is refused by validate, with file and line."""
+    (in_tmp / "bad.yaml").write_text(M + "data:\n  sources:\n    - path: train.json\n      weight: 1.0e9\n")
+    rc, _, err = cli("validate", "bad.yaml")
+    check_error(rc, err, Bad("weight", {}, "bad.yaml:6", "data.sources[0].weight",
+                             ["weight 1e+09 is absurd: at most 10000"]))
+
+
+def test_a_model_config_json_past_the_parsers_limits_is_named(in_tmp, cli):
+    """issue 24 item 4 (sibling): a model directory's config.json nested past the recursion limit is exit 2 naming
+    it (was a RecursionError traceback): every JSON a user hands the engine goes through one parser."""
+    (in_tmp / "m").mkdir()
+    (in_tmp / "m" / "config.json").write_text('{"model_type": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (in_tmp / "bad.yaml").write_text("model:\n  name_or_path: m\n" + D)
+    rc, _, err = cli("validate", "bad.yaml")
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"{in_tmp / 'm' / 'config.json'} is not a valid HF config (not valid JSON (nested deeper than" in err, err

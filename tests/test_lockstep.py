@@ -78,8 +78,8 @@ Engine(config, ["callbacks=[{type: count_calls, out: %s}]" % config[:-len(".yaml
 
 
 def _llava(image: str | None, answer: str) -> dict[str, Any]:
-    record: dict[str, Any] = {"conversations": [{"from": "human", "value": ("<image>\n" if image else "") + "Describe."},
-                                                {"from": "gpt", "value": answer}]}
+    prompt = ("<image>\n" if image else "") + "Describe."
+    record: dict[str, Any] = {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
     if image:
         record["image"] = image
     return record

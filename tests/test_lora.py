@@ -218,6 +218,10 @@ def test_freeze_parts_get_no_grad_and_stay_unchanged(tiny_llava: Path, synthetic
     ({"target": "q_proj("}, "model.lora.target"),
     ({"parts": ["text"]}, "model.lora.parts"),
     ({"modules_to_save": ["no_such_module"]}, "no_such_module"),
+    # issue 24 item 8: a rank above a target's smallest side allocates r x (in + out) per layer and adds nothing
+    ({"r": 4096}, "model.lora.r: rank 4096 exceeds the smallest dimension of the target layer "
+                  "model.language_model.layers.0.self_attn.k_proj (64 -> 32, so at most rank 32)"),
+    ({"r": 33, "target": "q_proj|k_proj"}, "the target layer model.language_model.layers.0.self_attn.k_proj"),
 ])
 def test_bad_lora_config_is_a_config_error(tiny_llava: Path, synthetic_data: Path, lora, expect):
     from arctic_vl.engine import Engine

@@ -56,6 +56,44 @@ def no_forbidden_label(cfg, located):
 
 
 register_config_check(no_forbidden_label)
+
+
+def model_types(argv):
+    from arctic_vl.models.families import _MODEL_TYPES
+
+    print("model types:", " ".join(sorted(_MODEL_TYPES)))
+    return 0
+
+
+register_cli_verb("tp-model-types", model_types, help="list the model types")
+'''
+
+#: issue 24 item 11: registers in every table, then fails; none of it may stay
+HALFWAY = '''
+from arctic_vl.callbacks.base import Callback
+from arctic_vl.errors import ConfigError
+from arctic_vl.models.families import register_model_type
+from arctic_vl.plugins import register_cli_verb, register_config_check
+from arctic_vl.registry import CALLBACKS, ComponentConfig
+
+
+class HalfConfig(ComponentConfig):
+    type: str = "hw_callback"
+
+
+@CALLBACKS.register("hw_callback")
+class Half(Callback):
+    config_class = HalfConfig
+
+
+def reject_everything(cfg, located):
+    raise ConfigError("rejected by the half-loaded plugin")
+
+
+register_config_check(reject_everything)
+register_cli_verb("hw-verb", lambda argv: 0, help="never usable")
+register_model_type("hw_model_type", "llava_next")
+raise RuntimeError("halfway on purpose")
 '''
 
 
@@ -75,6 +113,7 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path) -
     _dist(root, "broken_plugin", "broken_plugin", "broken", 'raise RuntimeError("broken on purpose")\n')
     # SystemExit is no Exception: a plugin that exits on import must not take the process (and its exit code) down
     _dist(root, "exiting_plugin", "exiting_plugin", "exiting", 'import sys\nsys.exit(3)\n')
+    _dist(root, "halfway_plugin", "halfway_plugin", "halfway", HALFWAY)
     (root / "train.yaml").write_text(
         "model:\n  family: llava_next\n  tiny: {layers: 1, hidden: 32, heads: 2, kv_heads: 1, intermediate: 64}\n"
         f"data:\n  sources: [{{path: {synthetic_data / 'train.llava.json'}, sample: 'first:4'}}]\n"
@@ -88,6 +127,7 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path) -
     (root / "range.yaml").write_text(base + "  - type: progress\n  - type: tp_counter\n    every: 0\n")
     (root / "rejected.yaml").write_text(base + "  - type: tp_counter\n    label: forbidden\n")
     (root / "unknown.yaml").write_text(base + "  - type: tp_countr\n")
+    (root / "halfway.yaml").write_text(base + "  - type: hw_callback\n")
     return root
 
 
@@ -113,7 +153,8 @@ def runs(plugin_dir: Path) -> dict[str, tuple[int, str, str]]:
 
     argvs = [["plugins"], ["tp-hello", "a", "b"], ["validate", "good.yaml"], ["validate", "typo.yaml"],
              ["validate", "range.yaml"], ["validate", "rejected.yaml"], ["validate", "unknown.yaml"], ["schema"],
-             ["no-such-verb"], ["train", "train.yaml"]]
+             ["no-such-verb"], ["train", "train.yaml"], ["hw-verb"], ["validate", "halfway.yaml"],
+             ["tp-model-types"]]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=plugin_dir, env=env,
@@ -148,6 +189,26 @@ def test_plugin_calling_sys_exit_is_reported_and_the_rest_works(runs, plugin_dir
     summary = json.loads(out[out.index("{"):])
     assert summary["steps"] == 1 and (plugin_dir / "run" / "final" / "config.json").is_file()
     assert json.loads((plugin_dir / "run" / "run_info.json").read_text())["plugins"]["exiting"]["ok"] is False
+
+
+def test_failed_plugin_registrations_are_rolled_back(runs):
+    """issue 24 item 11: a plugin that registers a config check (and a callback, a verb, a model type) and then
+    raises is reported as failed, and none of what it registered stays: good configs validate, its names are
+    unknown."""
+    rc, out, err = runs["plugins"]
+    assert rc == 0, err
+    assert "halfway (halfway_plugin, halfway_plugin 0.1): FAILED: RuntimeError: halfway on purpose" in out
+    assert ("rolled back (not usable): callbacks: hw_callback; cli: hw-verb; config checks: reject_everything"
+            in out), out
+    rc, out, err = runs["validate good.yaml"]
+    assert rc == 0 and "rejected by the half-loaded plugin" not in err, err
+    rc, _, err = runs["hw-verb"]
+    assert rc == 2 and "unknown verb or config file 'hw-verb'" in err
+    rc, _, err = runs["validate halfway.yaml"]
+    assert rc == 2 and "halfway.yaml:6: callbacks[0].type: unknown callback type 'hw_callback'" in err, err
+    rc, out, err = runs["tp-model-types"]
+    assert rc == 0, err
+    assert "llava_next" in out.split() and "hw_model_type" not in out.split()
 
 
 def test_plugin_cli_verb(runs):

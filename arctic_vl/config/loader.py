@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from arctic_vl.config.paths import resolve_user_path
 from arctic_vl.errors import ConfigError
 
 KeyPath = tuple[Any, ...]
@@ -86,9 +87,13 @@ _PLAIN = "a config holds plain mappings, lists, strings, numbers, booleans and n
 
 def _display(path: Path) -> str:
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop or a NUL byte: resolve_user_path names those
+        return str(path)
+    try:
+        return str(resolved.relative_to(Path.cwd()))
     except ValueError:
-        return str(path.resolve())
+        return str(resolved)
 
 
 def _short(path: KeyPath) -> str:
@@ -316,7 +321,7 @@ def merge(base: LocatedConfig, top: LocatedConfig) -> LocatedConfig:
 
 def load_file(file: str | Path, _chain: tuple[Path, ...] = ()) -> LocatedConfig:
     """Read a config file and everything it `extends`, merged."""
-    file = Path(file).resolve() if not _chain else Path(file)
+    file = resolve_user_path(file, where="config file") if not _chain else Path(file)
     cfg = read_yaml(file)
     parents = cfg.data.pop("extends", None)
     ext_loc = cfg.locs.get(("extends",))
@@ -330,16 +335,20 @@ def load_file(file: str | Path, _chain: tuple[Path, ...] = ()) -> LocatedConfig:
         raise ConfigError(f"{where}: extends: must be a file path or a list of file paths, got {parents!r}")
     merged: LocatedConfig | None = None
     for i, parent in enumerate(parents):
-        parent_path = (file.parent / parent).resolve()
         where = ext_locs.get(("extends", i), ext_loc) if len(parents) > 1 else ext_loc
         where_s = where.where if where else _display(file)
         field = f"extends[{i}]" if len(parents) > 1 else "extends"
+        parent_path = resolve_user_path(parent, file.parent, f"{where_s}: {field}")
         if not parent_path.is_file():
             raise ConfigError(f"{where_s}: {field}: file not found: {parent} (looked at {_display(parent_path)})")
         if parent_path in (*_chain, file):
             cycle = " -> ".join(_display(p) for p in (*_chain, file, parent_path))
             raise ConfigError(f"{where_s}: {field}: cycle: {cycle}")
-        base = load_file(parent_path, (*_chain, file))
+        try:
+            base = load_file(parent_path, (*_chain, file))
+        except ConfigError as e:
+            # the parent's own problem names the parent (e.g. a binary file's "line 1"): say who named it too
+            raise ConfigError(f"{e} (named by {where_s}: {field})") from None
         merged = base if merged is None else merge(merged, base)
     assert merged is not None
     return merge(merged, cfg)

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError
 
 from arctic_vl.config.loader import KeyPath, LocatedConfig, apply_overrides, dotted, from_dict, load_file
-from arctic_vl.config.paths import PathField
+from arctic_vl.config.paths import PathField, resolve_user_path
 from arctic_vl.errors import ConfigError
 from arctic_vl.plugins import load_plugins, run_config_checks
 from arctic_vl.registry import REGISTRIES, ComponentConfig, non_finite_values
@@ -98,8 +98,8 @@ def load_config(
     elif not isinstance(config, (str, os.PathLike)):
         raise ConfigError(f"config: expected a YAML path or a mapping of sections, got {type(config).__name__}")
     else:
+        source = str(resolve_user_path(config, where="config file"))
         located = load_file(config)
-        source = str(Path(config).resolve())
     located = apply_overrides(located, list(overrides))
     cfg = build_config(located, writable_output)
     cfg.source = source
@@ -378,12 +378,13 @@ def _fields_at(model: type[BaseModel], loc: KeyPath) -> list[str]:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_path(value: str, base_dir: Path, hub_ok: bool = False) -> str:
-    """`value` made absolute against `base_dir` (with `~` expanded)."""
+def resolve_path(value: str, base_dir: Path, hub_ok: bool = False, where: str = "") -> str:
+    """`value` made absolute against `base_dir` (with `~` expanded); an absolute path is kept as written. A NUL
+    byte or a symbolic link loop is a ConfigError starting with `where` (see `resolve_user_path`)."""
+    resolved = resolve_user_path(value, base_dir, where)
     expanded = Path(os.path.expanduser(value))
     if expanded.is_absolute():
         return str(expanded)
-    resolved = (base_dir / expanded).resolve()
     if hub_ok and not resolved.exists() and _HUB_ID.match(value):
         return value
     return str(resolved)
@@ -404,7 +405,7 @@ def _resolve_value(annotation: Any, metadata: list[Any], value: Any, path: KeyPa
                    missing: list[tuple[KeyPath, str]]) -> Any:
     marker = _path_marker(annotation, metadata)
     if marker is not None and isinstance(value, str) and value.strip() and "\x00" not in value:
-        resolved = resolve_path(value, located.base_dir(path), marker.hub_ok)
+        resolved = resolve_path(value, located.base_dir(path), marker.hub_ok, f"{located.where(path)}: {dotted(path)}")
         kept_hub_id = marker.hub_ok and resolved == value and not Path(value).is_absolute()
         if marker.must_exist and not kept_hub_id and not Path(resolved).exists():
             missing.append((path, resolved))
@@ -448,7 +449,8 @@ def resolve_raw_paths(model: type[BaseModel], raw: dict[str, Any], path: KeyPath
             marker = _path_marker(info.annotation, list(info.metadata))
             if marker is not None:
                 base = located.root.base_dir if located.root else Path.cwd()
-                raw[key] = resolve_path(info.default, base, marker.hub_ok)
+                raw[key] = resolve_path(info.default, base, marker.hub_ok, f"{located.where((*path, key))}: "
+                                                                           f"{dotted((*path, key))} (default)")
 
 
 def located_of(cfg: EngineConfig) -> LocatedConfig | None:

@@ -238,7 +238,11 @@ class SampleEncoder:
             # The processor's own multi-image rule (base tile + newline) lives in replace_image_token.
             text = self.processor.replace_image_token({"batch_num_images": [multi]}, image_idx=0)
             return text.count(self.image_token)
-        data = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+        try:
+            data = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+        except ValueError as e:  # e.g. Qwen's resize refuses an aspect ratio over 200: as `encode_images` says it
+            raise DataError(f"the image processor cannot use an image of size {width}x{height} ({e})",
+                            reason=UNREADABLE_IMAGE) from None
         return int(data.num_image_tokens[0])
 
     # ------------------------------------------------------------------------------------------- text

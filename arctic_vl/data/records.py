@@ -219,7 +219,59 @@ class MessagesFormat(TurnsFormat):
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float (e.g. 400 digits): no pixel coordinate
+        return False
+
+
+def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def _on_segment(p: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether `p`, collinear with a-b, lies on the closed segment a-b."""
+    return min(a[0], b[0]) <= p[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= p[1] <= max(a[1], b[1])
+
+
+def segments_meet(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float],
+                  d: tuple[float, float]) -> bool:
+    """Whether the closed segments a-b and c-d share a point (crossing, touching or overlapping)."""
+    d1, d2, d3, d4 = _cross(c, d, a), _cross(c, d, b), _cross(a, b, c), _cross(a, b, d)
+    if ((d1 > 0 > d2) or (d1 < 0 < d2)) and ((d3 > 0 > d4) or (d3 < 0 < d4)):
+        return True
+    return ((d1 == 0 and _on_segment(a, c, d)) or (d2 == 0 and _on_segment(b, c, d))
+            or (d3 == 0 and _on_segment(c, a, b)) or (d4 == 0 and _on_segment(d, a, b)))
+
+
+def polygon_problem(coords: list[float]) -> str | None:
+    """Why the polygon [x1, y1, x2, y2, ...] is no simple polygon with an area (None when it is one): its edges
+    cross or touch other than at a shared corner, an edge doubles back over the previous one, or its area is 0.
+    Repeated consecutive points (and a last point equal to the first) are allowed and ignored."""
+    points: list[tuple[float, float]] = []
+    for x, y in zip(coords[0::2], coords[1::2]):
+        if not points or points[-1] != (x, y):
+            points.append((x, y))
+    if len(points) > 1 and points[-1] == points[0]:
+        points.pop()
+    n = len(points)
+    area2 = sum(points[i][0] * points[(i + 1) % n][1] - points[(i + 1) % n][0] * points[i][1] for i in range(n))
+    if n < 3 or area2 == 0:
+        return f"encloses no area ({n} distinct points)"
+    edges = [(points[i], points[(i + 1) % n]) for i in range(n)]
+    for i, (a, b) in enumerate(edges):
+        c = edges[(i + 1) % n][1]
+        if _cross(a, b, c) == 0 and (b[0] - a[0]) * (c[0] - b[0]) + (b[1] - a[1]) * (c[1] - b[1]) < 0:
+            return f"doubles back on itself at point {(i + 1) % n} {list(b)}"
+        for j in range(i + 2, n):
+            if i == 0 and j == n - 1:  # the closing edge shares point 0 with the first
+                continue
+            if segments_meet(a, b, *edges[j]):
+                return f"is self-intersecting: edge {i} ({list(a)} -> {list(b)}) meets edge {j} " \
+                       f"({list(edges[j][0])} -> {list(edges[j][1])})"
+    return None
 
 
 def check_dense_object(obj: Any, width: int, height: int, field_name: str) -> dict[str, Any]:
@@ -249,6 +301,9 @@ def check_dense_object(obj: Any, width: int, height: int, field_name: str) -> di
         raise BadRecord(GEOMETRY_OUT_OF_RANGE, where, f"{coords} is outside [0, {width}] x [0, {height}]")
     if key == "bbox_2d" and not (coords[0] < coords[2] and coords[1] < coords[3]):
         raise BadRecord(GEOMETRY_OUT_OF_RANGE, where, f"{coords} needs x1 < x2 and y1 < y2")
+    if key == "poly" and (problem := polygon_problem(coords)) is not None:
+        raise BadRecord(MALFORMED_RECORD, where, f"the polygon {problem}; a poly must be a simple polygon "
+                                                 "(edges meeting only at shared corners) with an area")
     out = {"desc": desc, key: list(coords)}
     return out
 

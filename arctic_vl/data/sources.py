@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import pydantic
 
+from arctic_vl.config.jsontext import BOM, JsonTextError, parse_json
 from arctic_vl.config.loader import read_plain_yaml
 from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
+from arctic_vl.config.paths import resolve_user_path
 from arctic_vl.data.bad_records import (
     BAD_RECORD_REASONS,
     INVALID_JSON,
@@ -56,6 +58,10 @@ YAML_ENTRY_KEYS = ("json_path", "sampling_strategy")
 _DETECT_SCAN = 100  # records looked at to auto-detect a format (the first ones may be bad records)
 #: bytes hashed at each end of a file for a source's fingerprint (saved with checkpoints, checked on resume)
 FINGERPRINT_SPAN = 64 * 1024
+#: the most a source's weight may be, and the most records one source may contribute after weighting: a weight
+#: of 1e9 on a small file would otherwise build a list of billions of records (a MemoryError, not an error)
+MAX_WEIGHT = 10_000.0
+MAX_WEIGHTED_RECORDS = 100_000_000
 
 
 def parse_sample(s: str) -> tuple[str, int | None]:
@@ -87,7 +93,9 @@ class SourceSpec(pydantic.BaseModel, extra="forbid"):
         "auto", description="auto (detect per file), a registered record format (llava, messages, dense_caption, "
                             "a plugin's) or hf_disk (a save_to_disk directory)")
     sample: str = "all"
-    weight: float = pydantic.Field(1.0, gt=0)
+    weight: float = pydantic.Field(1.0, gt=0,
+                                   description=f"repeat (>1) or subsample (<1) the source's records; at most "
+                                               f"{MAX_WEIGHT:g}, and at most {MAX_WEIGHTED_RECORDS} records after it")
     image_root: ConfigPath | None = None
 
     @pydantic.field_validator("format")
@@ -99,6 +107,15 @@ class SourceSpec(pydantic.BaseModel, extra="forbid"):
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown format {v!r}: should be {_either(allowed)} (auto-detection, a registered "
                              f"record format, or a source kind).{hint}")
+        return v
+
+    @pydantic.field_validator("weight")
+    @classmethod
+    def _check_weight(cls, v: float) -> float:
+        if math.isfinite(v) and v > MAX_WEIGHT:  # inf / nan: the config's finite-number check names those
+            raise ValueError(f"weight {v:g} is absurd: at most {MAX_WEIGHT:g} (a weight repeats the source's "
+                             f"records that many times; a source may contribute at most {MAX_WEIGHTED_RECORDS} "
+                             "records)")
         return v
 
     @pydantic.field_validator("sample")
@@ -208,9 +225,8 @@ def source_kind(path: Path, requested_format: str) -> DataSource:
     return chosen[0]
 
 
-def _resolve_path(path: str, base: Path) -> Path:
-    p = Path(path).expanduser()
-    return (p if p.is_absolute() else base / p).resolve()
+def _resolve_path(path: str, base: Path, where: str = "") -> Path:
+    return resolve_user_path(path, base, where)
 
 
 def _parse(raw: RawRecord) -> Any:
@@ -219,15 +235,29 @@ def _parse(raw: RawRecord) -> Any:
     if raw.text is None:
         return raw.value
     try:
-        return json.loads(raw.text)
-    except json.JSONDecodeError as e:
-        raise BadRecord(INVALID_JSON, "<line>", f"not valid JSON ({e.msg} at column {e.colno})") from None
+        return parse_json(raw.text)
+    except JsonTextError as e:  # bad syntax, a 5000-digit number, nesting past the recursion limit
+        at = f" at column {e.colno}" if e.colno is not None else ""
+        raise BadRecord(INVALID_JSON, "<line>", f"not valid JSON ({e.msg}{at})") from None
+
+
+_BOM_BYTES = BOM.encode("utf-8")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of a data file; one that cannot be read is a DataError naming it and why."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file: {e.strerror or e}", source=str(path)) from None
 
 
 def _jsonl_raws(data: bytes) -> list[RawRecord]:
     """One record per non-blank line, each decoded on its own: a line that is not UTF-8 is a bad record
-    (`invalid`), not a bad file. Lines end at \\n only (JSON text may hold U+2028 and other separators)."""
+    (`invalid`), not a bad file. Lines end at \\n only (JSON text may hold U+2028 and other separators).
+    A UTF-8 byte-order mark at the start of the file is dropped (editors on Windows write one)."""
     raws = []
+    data = data.removeprefix(_BOM_BYTES)
     for lineno, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():  # blank lines are not records (trailing newlines, hand-edited files)
             continue
@@ -239,12 +269,42 @@ def _jsonl_raws(data: bytes) -> list[RawRecord]:
     return raws
 
 
+def read_json_lines(path: str | os.PathLike[str], convert: Callable[[Any], T] | None = None, *,
+                    on_bad_record: OnBadRecord = "error", report: BadRecordReport | None = None,
+                    what: str = "a JSON Lines file", skip_option: str | None = None) -> list[tuple[int, T]]:
+    """(line number, record) for each non-blank line of a JSON Lines file a verb reads (a groups file, Stage-A
+    output, records to turn into other data), under the rules of training data: a UTF-8 BOM is dropped, each line
+    decoded and parsed on its own (numbers of any length and any nesting are named, not crashed on), and
+    `convert(value)` (when given) checks it and may raise BadRecord naming the field. A bad line is reported
+    as a training source's bad record is: `on_bad_record="error"` raises a DataError naming the file, line,
+    field and reason (exit 2; `skip_option`, when the verb has one, is named as the way to skip such lines);
+    "skip" counts it in `report` and goes on. A file that is missing or cannot be read is a DataError naming it
+    (`what` says what it should be)."""
+    file = Path(path)
+    if not file.is_file():
+        problem = "is a directory" if file.is_dir() else "not found"
+        raise DataError(f"{file}: {problem}; expected {what}", source=str(file))
+    report = report if report is not None else BadRecordReport()
+    out: list[tuple[int, Any]] = []
+    for raw in _jsonl_raws(_read_bytes(file)):
+        try:
+            value = _parse(raw)
+            out.append((raw.line or 0, convert(value) if convert is not None else value))
+        except BadRecord as e:
+            message = f"{file}: line {raw.line}: field {e.field}: {e.detail} [reason: {e.reason}]"
+            if on_bad_record == "error":
+                hint = f" ({skip_option} drops such lines and counts them)" if skip_option else ""
+                raise DataError(message + hint, source=str(file), index=raw.index, reason=e.reason) from None
+            report.add(str(file), raw.index, e.reason, message)
+    return out
+
+
 def _lines_of_json(data: bytes) -> bool:
     """Whether a .json file that is not UTF-8 as a whole is JSON Lines: its first line is a JSON value."""
-    first = next((ln for ln in data.split(b"\n") if ln.strip()), b"")
+    first = next((ln for ln in data.removeprefix(_BOM_BYTES).split(b"\n") if ln.strip()), b"")
     try:
-        json.loads(first.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        parse_json(first)
+    except JsonTextError:
         return False
     return True
 
@@ -288,9 +348,9 @@ class JsonFile(DataSource):
 
     def load(self, path: Path, record_format: str, image_root: Path | None) -> list[RecordFile]:
         """The file's records; images resolve against `image_root` or the file's directory."""
-        data = path.read_bytes()
+        data = _read_bytes(path)
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a BOM at the start is dropped
         except UnicodeDecodeError as e:
             if path.suffix != ".jsonl" and not _lines_of_json(data):
                 line = data[:e.start].count(b"\n") + 1
@@ -302,11 +362,11 @@ class JsonFile(DataSource):
             raws = _jsonl_raws(data)
         else:
             try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
+                data = parse_json(text)
+            except JsonTextError as e:  # bad syntax, a 5000-digit number, nesting past the recursion limit
                 if e.msg != "Extra data":  # "Extra data" after the first value: a JSONL file named .json
-                    raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
-                                    source=str(path), reason=INVALID_JSON) from None
+                    raise DataError(f"{path}: {e}; a .json data file holds one JSON list of records (or JSON "
+                                    "Lines: one record per line)", source=str(path), reason=INVALID_JSON) from None
                 raws = _jsonl_raws(data)
             else:
                 if isinstance(data, dict):
@@ -426,7 +486,7 @@ class FileList(DataSource):
                 parse_sample(strategy)
             except ConfigError as e:
                 raise ConfigError(f"{where}.sampling_strategy: {e}") from None
-            child = _resolve_path(entry["json_path"], path.parent)
+            child = _resolve_path(entry["json_path"], path.parent, f"{where}.json_path")
             if not child.exists():
                 raise ConfigError(f"{where}.json_path: {child} does not exist (a relative json_path is relative to "
                                   f"{path.name}'s folder)")
@@ -570,8 +630,8 @@ def read_source_records(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_r
                         fingerprints: dict[str, Any] | None = None, workers: int | None = 1) -> list[Conversation]:
     """Read and sample one source, before its weight: each picked record once, in file order (see
     `read_source`). `workers`: processes converting the records of a `sample: all` file."""
-    path = _resolve_path(spec.path, Path(base_dir))
-    image_root = _resolve_path(spec.image_root, Path(base_dir)) if spec.image_root else None
+    path = _resolve_path(spec.path, Path(base_dir), "data source path")
+    image_root = _resolve_path(spec.image_root, Path(base_dir), "data source image_root") if spec.image_root else None
     salt = f"{seed}:{spec.path}"
     files = source_kind(path, spec.format).load(path, spec.format, image_root)
     if fingerprints is not None:
@@ -599,7 +659,14 @@ def read_source_records(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_r
 
 
 def weigh(items: list[T], spec: SourceSpec, seed: int) -> list[T]:
-    """A source's items (its records, or anything made of them one to one) repeated / subsampled by its weight."""
+    """A source's items (its records, or anything made of them one to one) repeated / subsampled by its weight.
+
+    More than MAX_WEIGHTED_RECORDS items after weighting is a ConfigError naming the source, its weight and the
+    count it would make (before anything is allocated)."""
+    wanted = math.floor(spec.weight * len(items) + 0.5)
+    if wanted > MAX_WEIGHTED_RECORDS:
+        raise ConfigError(f"{spec.path}: weight {spec.weight:g} x {len(items)} records would sample {wanted} records; "
+                          f"a source may contribute at most {MAX_WEIGHTED_RECORDS} (lower the weight)")
     out = _apply_weight(items, spec.weight, random.Random(f"{seed}:{spec.path}:weight"))
     if not out:
         raise DataError(f"{spec.path}: weight {spec.weight} leaves no records; raise the weight or drop the source",

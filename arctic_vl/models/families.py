@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from arctic_vl.errors import ConfigError
+from arctic_vl.plugins import track_plugin_state
 
 # What one image looks like in a rendered prompt before the processor expands it.
 _LLAVA_PLACEHOLDER = "<image>"
@@ -124,6 +125,15 @@ def unsupported_model_type(model_type: str | None, where: str) -> str:
     """The message for a checkpoint (`where`: its config.json) whose model_type no family claims."""
     return (f"{where} has model_type {model_type!r}, which arctic_vl cannot train; supported model types: "
             f"{', '.join(supported_model_types())} (plugins add model types with register_model_type)")
+
+
+def _restore_model_types(saved: dict[str, str]) -> None:
+    _MODEL_TYPES.clear()
+    _MODEL_TYPES.update(saved)
+
+
+# a plugin that fails to load has its model types undone with the rest of what it registered
+track_plugin_state(lambda: dict(_MODEL_TYPES), _restore_model_types)
 
 
 def register_model_type(model_type: str, family: str) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_serializer, model_validator
 
+from arctic_vl.config.jsontext import JsonTextError, parse_json
 from arctic_vl.config.paths import ModelPath
 from arctic_vl.config.types import Seed
 from arctic_vl.errors import ConfigError
@@ -85,8 +85,8 @@ class HFModelConfig(ComponentConfig):
 
 def _config_model_type(config_file: Path) -> str | None:
     try:
-        return json.loads(config_file.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        return parse_json(config_file.read_bytes()).get("model_type")
+    except (OSError, JsonTextError, AttributeError) as e:
         raise ValueError(f"{config_file} is not a valid HF config ({e})") from None
 
 
@@ -94,10 +94,10 @@ def read_model_type(path: str | Path) -> str:
     """`model_type` from a model directory's config.json (no weights read)."""
     cfg_file = Path(path) / "config.json"
     try:
-        return json.loads(cfg_file.read_text())["model_type"]
+        return parse_json(cfg_file.read_bytes())["model_type"]
     except FileNotFoundError:
         raise ConfigError(f"{cfg_file}: not found (model.name_or_path must be a local HF model directory)") from None
-    except (json.JSONDecodeError, KeyError) as e:
+    except (JsonTextError, KeyError, TypeError) as e:
         raise ConfigError(f"{cfg_file}: not a valid HF config ({e})") from None
 
 

@@ -102,6 +102,20 @@ def lora_targets(model: torch.nn.Module, lora: LoraConfig, part_of: Callable[[st
     return targets
 
 
+def check_lora_rank(model: torch.nn.Module, lora: LoraConfig, targets: list[str]) -> None:
+    """Refuse a rank above the smallest dimension of a target layer (ConfigError naming it and its size): such a
+    rank adds no expressiveness (an update to an in x out matrix has rank at most min(in, out)) and only allocates
+    r x (in + out) values per layer, gigabytes for a rank in the thousands."""
+    modules = dict(model.named_modules())
+    name, smallest = min(((t, min(modules[t].in_features, modules[t].out_features)) for t in targets),
+                         key=lambda x: x[1])
+    if lora.r > smallest:
+        layer = modules[name]
+        raise ConfigError(f"model.lora.r: rank {lora.r} exceeds the smallest dimension of the target layer {name} "
+                          f"({layer.in_features} -> {layer.out_features}, so at most rank {smallest}); lower r to "
+                          f"{smallest} or less, or narrow model.lora.target / parts")
+
+
 def whole_part_modules(model: torch.nn.Module, parts: set[str],
                        part_of: Callable[[str], str | None]) -> tuple[list[str], list[str]]:
     """(modules, loose parameters) that cover exactly the parameters of `parts`.
@@ -138,6 +152,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, frozen: set[str],
     from peft import get_peft_model
 
     targets = lora_targets(model, lora, part_of)
+    check_lora_rank(model, lora, targets)
     full_parts = {p for p in ("vision", "aligner", "llm") if p not in frozen and p not in lora.parts}
     save_modules, loose = whole_part_modules(model, full_parts, part_of) if full_parts else ([], [])
     save_modules += [m for m in lora.modules_to_save if m not in save_modules]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from arctic_vl.config.paths import output_directory
 from arctic_vl.errors import ConfigError
@@ -406,6 +406,24 @@ def make_tiny_model_cli(argv: list[str]) -> int:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # the ranges of `model.tiny` (TinyModelConfig) bound the command line too: `--layers 0` or a width of a
+    # million is refused by option name, before anything is built or written
+    options = {"layers": "--layers", "hidden": "--hidden", "heads": "--heads", "kv_heads": "--kv-heads",
+               "vision_layers": "--vision-layers", "vision_hidden": "--vision-hidden", "image_size": "--image-size",
+               "intermediate": "--hidden (the MLP is 2 x hidden)"}
+    given = {k: getattr(args, k) for k in options if k != "intermediate"}
+    try:
+        TinyModelConfig.model_validate({**given, "intermediate": 2 * args.hidden})
+    except ValidationError as e:
+        problems = "; ".join(f"{options.get(str(err['loc'][0]), err['loc'][0])} {err['input']!r}: {err['msg']}"
+                             for err in e.errors(include_url=False))
+        raise ConfigError(f"make-tiny-model: {problems}") from None
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"make-tiny-model: --seed {args.seed}: must be in 0..2**32-1")
+    try:
+        check_tiny_shape(args.family, given)
+    except ValueError as e:
+        raise ConfigError(f"make-tiny-model: {e}") from None
     output_directory(args.out_dir, "OUT_DIR")
     try:
         out = make_tiny_model(

@@ -385,3 +385,175 @@ def test_a_source_without_records_says_so(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=rf"{name}: the file holds no records"):
         read(tmp_path / name, tmp_path)
+
+
+# ------------------------------------------------------------- issue 24: inputs that crashed instead of being named
+
+HUGE_INT = "9" * 5000  # past Python's 4300-digit int conversion limit
+DEEP = "[" * 100_000 + "]" * 100_000  # past the recursion limit of json's decoder
+
+
+@pytest.mark.parametrize("text, says", [(f'{{"id": {HUGE_INT}}}', "a number with more than 4300 digits"),
+                                        (DEEP, "nested deeper than")])
+def test_json_past_the_parsers_limits_is_an_invalid_json_record(bad_dir, text, says):
+    """issue 24 item 4: a JSONL line with a 5000-digit integer or 100000-deep nesting is a bad record naming its
+    line (error mode) or one counted invalid_json (skip mode); in a .json list it is an exit-2 file error."""
+    (bad_dir / "d.jsonl").write_text("\n".join([json.dumps(llava(0)), text, json.dumps(llava(2))]) + "\n")
+    with pytest.raises(DataError) as e:
+        read("d.jsonl", bad_dir)
+    assert (e.value.index, e.value.reason) == (1, "invalid_json")
+    assert str(e.value).startswith(f"{bad_dir / 'd.jsonl'}: record 1 (line 2): field <line>: not valid JSON ({says}")
+    report = BadRecordReport()
+    convs = read("d.jsonl", bad_dir, on_bad_record="skip", report=report)
+    assert [c.index for c in convs] == [0, 2] and report.by_reason() == {"invalid_json": 1}
+    (bad_dir / "l.json").write_text(f"[{json.dumps(llava(0))}, {text}]")
+    with pytest.raises(DataError) as e:
+        read("l.json", bad_dir)
+    assert e.value.reason == "invalid_json" and str(e.value).startswith(f"{bad_dir / 'l.json'}: not valid JSON ({says}")
+
+
+def test_a_utf8_bom_is_accepted_in_every_data_file(bad_dir):
+    """issue 24 item 4: a BOM at the start of a JSONL, a .json list or a data-list YAML changes nothing."""
+    bom = "\ufeff"
+    (bad_dir / "d.jsonl").write_text(bom + "".join(json.dumps(llava(i)) + "\n" for i in range(3)), encoding="utf-8")
+    (bad_dir / "l.json").write_text(bom + json.dumps([llava(i) for i in range(3)]), encoding="utf-8")
+    (bad_dir / "list.yaml").write_text(bom + "datasets:\n  - json_path: d.jsonl\n", encoding="utf-8")
+    plain = [(c.messages, c.index) for c in read("d.jsonl", bad_dir)]
+    assert len(plain) == 3 and plain[0][1] == 0
+    assert [(c.messages, c.index) for c in read("l.json", bad_dir)] == plain
+    assert [(c.messages, c.index) for c in read("list.yaml", bad_dir)] == plain
+
+
+def test_read_json_lines_applies_the_bad_record_rules(tmp_path):
+    """The verbs' JSONL reader (dense-caption stage data, groups, summaries): BOM, digit limit, non-UTF-8 lines,
+    a line that is no object: named by line and field (error) or counted (skip)."""
+    from arctic_vl import MALFORMED_RECORD, BadRecord, read_json_lines
+
+    def record(v):
+        if not isinstance(v, dict):
+            raise BadRecord(MALFORMED_RECORD, "<record>", f"must be an object, got {type(v).__name__}")
+        return v["k"]
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"k": 1}\n[1, 2]\n\xff\xfe\n{"k": ' + HUGE_INT.encode() + b'}\n\n{"k": 5}\n')
+    with pytest.raises(DataError) as e:
+        read_json_lines(path, record, skip_option="--on-bad-record skip")
+    assert str(e.value) == (f"{path}: line 2: field <record>: must be an object, got list [reason: malformed_record] "
+                            "(--on-bad-record skip drops such lines and counts them)")
+    report = BadRecordReport()
+    assert read_json_lines(path, record, on_bad_record="skip", report=report) == [(1, 1), (6, 5)]
+    assert report.by_reason() == {"malformed_record": 1, "invalid_json": 2}
+    with pytest.raises(DataError, match=r"missing\.jsonl: not found; expected a JSON Lines file"):
+        read_json_lines(tmp_path / "missing.jsonl")
+
+
+def test_parse_json_names_every_failure():
+    from arctic_vl import JsonTextError, parse_json
+
+    assert parse_json("\ufeff[1, 2]") == [1, 2] and parse_json(b'{"a": 1}') == {"a": 1}
+    for text, says in [(HUGE_INT, "more than 4300 digits"), (DEEP, "nested deeper"), ("[1,", "Expecting value"),
+                       (b"\xff", "not UTF-8 text: byte 0xff")]:
+        with pytest.raises(JsonTextError, match=says):
+            parse_json(text)
+
+
+def test_overflowing_and_degenerate_dense_geometry_is_malformed(tmp_path, png, jsonl):
+    """issue 24 items 5 and 12: a coordinate too large for a float, a self-intersecting polygon, a polygon with
+    no area and one that doubles back are malformed records naming the object, not an OverflowError or a sample."""
+    png(tmp_path / "img.png")
+
+    def rec(**obj):
+        return {"images": ["img.png"], "width": 10, "height": 8, "objects": [{"desc": "x", "bbox_2d": [0, 0, 1, 1]},
+                                                                              {"desc": "y", **obj}]}
+
+    big = int("9" * 400)
+    cases = [(rec(bbox_2d=[1, 1, big, 5]), "objects[1].bbox_2d", "finite numbers"),
+             (rec(poly=[0, 0, 6, 4, 6, 0, 0, 2]), "objects[1].poly", "self-intersecting: edge 0"),
+             (rec(poly=[0, 0, 2, 2, 4, 4]), "objects[1].poly", "encloses no area"),
+             (rec(poly=[1, 1, 1, 1, 1, 1]), "objects[1].poly", "encloses no area (1 distinct points)"),
+             (rec(poly=[0, 0, 6, 0, 6, 6, 6, 3]), "objects[1].poly", "doubles back on itself at point 2"),
+             (rec(line=[0, 0, big, 1]), "objects[1].line", "finite numbers")]
+    good = [rec(poly=[0, 0, 6, 0, 6, 6, 0, 6, 0, 0]), rec(poly=[0, 0, 6, 0, 6, 0, 3, 5])]  # closed; a repeated point
+    jsonl(tmp_path / "d.jsonl", [c[0] for c in cases] + good)
+    report = BadRecordReport()
+    convs = read("d.jsonl", tmp_path, on_bad_record="skip", report=report)
+    assert [c.index for c in convs] == [6, 7]
+    assert report.by_reason() == {"malformed_record": 6}
+    for k, (record, field, says) in enumerate(cases):
+        jsonl(tmp_path / f"{k}.jsonl", [good[0], record])
+        with pytest.raises(DataError) as e:
+            read(f"{k}.jsonl", tmp_path)
+        assert e.value.reason == "malformed_record" and "record 1 (line 2): field " + field + ": " in str(e.value)
+        assert says in str(e.value), str(e.value)
+
+
+def test_polygon_check_agrees_with_shapely():
+    """The hand-written simple-polygon test against shapely (the oracle) on random small-grid polygons, which hit
+    crossings, touching corners, collinear edges and zero areas often."""
+    import random
+
+    shapely = pytest.importorskip("shapely")
+    from arctic_vl.data.records import polygon_problem
+
+    rng = random.Random(0)
+    seen = Counter()
+    for _ in range(3000):
+        n = rng.randint(3, 7)
+        coords = [rng.randint(0, 4) for _ in range(2 * n)]
+        points = list(zip(coords[0::2], coords[1::2]))
+        dedup = [p for i, p in enumerate(points) if i == 0 or p != points[i - 1]]
+        if len(dedup) > 1 and dedup[-1] == dedup[0]:
+            dedup.pop()
+        poly = shapely.Polygon(dedup) if len(dedup) >= 3 else None
+        oracle = poly is not None and poly.is_valid and poly.area > 0
+        assert (polygon_problem(coords) is None) == oracle, (coords, polygon_problem(coords))
+        seen[oracle] += 1
+    assert seen[True] > 300 and seen[False] > 300  # both kinds really tested
+
+
+def test_an_absurd_weight_is_refused_before_the_list_is_built(synthetic_dir, monkeypatch):
+    """issue 24 item 8: weight 1e9 is refused by the spec (at validate); a weight x records above the bound is
+    named with the count it would sample, before anything is allocated."""
+    from arctic_vl.data import sources
+
+    with pytest.raises(pydantic.ValidationError, match=r"weight 1e\+09 is absurd: at most 10000"):
+        SourceSpec(path="x.jsonl", weight=1e9)
+    monkeypatch.setattr(sources, "MAX_WEIGHTED_RECORDS", 100)
+    with pytest.raises(ConfigError, match=r"weight 3 x 40 records would sample 120 records; a source may contribute "
+                                          r"at most 100"):
+        read("train.llava.json", synthetic_dir, weight=3)
+    assert len(read("train.llava.json", synthetic_dir, weight=2.5)) == 100
+
+
+def test_a_symlink_loop_in_a_data_list_is_named(tmp_path):
+    """issue 24 item 7: a data-list YAML whose json_path goes through a symbolic link loop names the entry."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "list.yaml").write_text("datasets:\n  - json_path: a/d.jsonl\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: datasets\[0\]\.json_path: a/d\.jsonl: a symbolic link loop"):
+        read("list.yaml", tmp_path)
+
+
+def test_the_token_count_refusing_an_aspect_ratio_is_a_bad_record(tmp_path, png):
+    """issue 24 item 6: Qwen2.5-VL refuses a 1x300 image in the up-front token count: the record is an
+    unreadable_image bad record (skipped and counted, or named), as the pixel path already made it."""
+    from arctic_vl.data.encoding import SampleEncoder, encode_conversations
+    from arctic_vl.models.families import get_family
+    from arctic_vl.models.loading import load_processor
+    from arctic_vl.models.tiny import make_tiny_model
+
+    model = make_tiny_model("qwen2_5_vl", tmp_path / "qwen", seed=0)
+    encoder = SampleEncoder(load_processor(model), get_family("qwen2_5_vl"))
+    png(tmp_path / "thin.png", (1, 300))
+    png(tmp_path / "ok.png", (32, 32))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(llava(i, name)) + "\n"
+                                              for i, name in enumerate(["ok.png", "thin.png", "ok.png"])))
+    convs = read("d.jsonl", tmp_path)
+    report = BadRecordReport()
+    kept, encoded = encode_conversations(convs, encoder, report, max_length=None, on_bad_record="skip")
+    assert [c.index for c in kept] == [0, 2] and len(encoded) == 2
+    assert report.by_reason() == {"unreadable_image": 1}
+    with pytest.raises(DataError) as e:
+        encode_conversations(convs, encoder, BadRecordReport(), max_length=None, on_bad_record="error")
+    assert e.value.reason == "unreadable_image" and e.value.index == 1
+    assert "cannot use an image of size 1x300" in str(e.value) and "aspect ratio" in str(e.value)

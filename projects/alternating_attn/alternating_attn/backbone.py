@@ -30,7 +30,6 @@ shard at a time and only the tensors that are copied; pickled `.bin` files are r
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -165,7 +164,9 @@ def _safetensors_files(path: Path) -> list[Path]:
         return [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        from arctic_vl import parse_json
+
+        weight_map = parse_json(index.read_bytes()).get("weight_map", {})
         shards = sorted(set(weight_map.values()))
         if not shards:
             raise ValueError(f"{index} has an empty weight_map")

@@ -18,7 +18,6 @@ origin repo. Every other key is that of the core's `hf_vlm` factory (dtype, atte
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,10 +31,12 @@ from arctic_vl import (
     ExistingPath,
     HFModelConfig,
     HFModelFactory,
+    JsonTextError,
     ModelBundle,
     family_of_dir,
     load_model,
     load_processor,
+    parse_json,
 )
 
 from .variants import VARIANT_MODEL_TYPES, check_variant
@@ -61,8 +62,8 @@ def _model_type_of(path: str, field: str) -> str:
         what = "does not exist" if not Path(path).exists() else "has no config.json"
         raise ValueError(f"{field}: {path} {what}; the alternating_attn factory reads local checkpoints only")
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        model_type = parse_json(config_file.read_bytes()).get("model_type")
+    except (OSError, JsonTextError, AttributeError) as e:
         raise ValueError(f"{field}: {config_file} is not a valid HF config ({e})") from None
     if not isinstance(model_type, str) or not model_type:
         raise ValueError(f"{field}: {config_file} has no model_type")

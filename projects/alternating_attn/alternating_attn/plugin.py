@@ -32,6 +32,8 @@ def inspect_weights_cli(argv: list[str]) -> int:
                         help="override a config value (repeatable)")
     parser.add_argument("--first", type=int, default=20, help="entries shown per list (default 20)")
     args = parser.parse_args(argv)
+    if args.first < 0:
+        parser.error("--first must be >= 0")
     print(inspect_weights(args.config, args.overrides, first=args.first))
     return 0
 

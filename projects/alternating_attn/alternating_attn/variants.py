@@ -9,7 +9,6 @@ checkpoint is". Everything here reads configs only: no weights, no network, and 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,8 +93,12 @@ def read_model_type(path: str | Path) -> str:
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         raise FileNotFoundError(f"No config.json at {config_file}")
-    with config_file.open(encoding="utf-8") as handle:
-        data = json.load(handle)
+    from arctic_vl import JsonTextError, parse_json
+
+    try:
+        data = parse_json(config_file.read_bytes())
+    except JsonTextError as e:
+        raise ValueError(f"{config_file}: {e}") from None
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if not isinstance(model_type, str) or not model_type:
         raise ValueError(f"{config_file} has no 'model_type' field")

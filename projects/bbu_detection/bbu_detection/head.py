@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from arctic_vl import parse_json
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 #: prior probability of "object" at initialisation (RetinaNet's focal-loss prior)
@@ -351,7 +353,7 @@ def read_head_config(path: str | Path) -> DetectionHeadConfig:
     """The `DetectionHeadConfig` saved in a head directory (ValueError naming the file if it is not one)."""
     file = Path(path) / CONFIG_FILE
     try:
-        return DetectionHeadConfig.model_validate(json.loads(file.read_text()))
+        return DetectionHeadConfig.model_validate(parse_json(file.read_bytes()))
     except (OSError, ValueError) as e:
         raise ValueError(f"{file}: not a detection head config ({e})") from None
 

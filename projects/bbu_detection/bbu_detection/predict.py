@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl import DATA, ConfigError, DataError, Engine, image_size, output_directory
+from arctic_vl import DATA, ConfigError, DataError, Engine, image_size, output_file
 
 from .boxes import cxcywh_to_pixel_xyxy
 from .data import TARGETS
@@ -56,8 +56,11 @@ def predict(config: str | Path, images: list[Path], *, score_threshold: float = 
     image, in order. A run without weights is a ConfigError (exit 2) naming its directory.
 
     Each image goes through the run's own data factory (one record: the prompt and an empty answer), so the
-    tokens, the image encoding and the memory the head reads are exactly those of training.
+    tokens, the image encoding and the memory the head reads are exactly those of training. An image that factory
+    rejects (e.g. an aspect ratio the processor refuses) is a DataError naming it and why (exit 2).
     """
+    if batch_size < 1:
+        raise ConfigError(f"predict: --batch-size {batch_size}: must be >= 1")
     engine = Engine(config, overrides)
     cfg = engine.config
     if cfg.model.type != "bbu_detection":
@@ -82,8 +85,14 @@ def predict(config: str | Path, images: list[Path], *, score_threshold: float = 
             "id": str(i), "images": [str(path)], "objects": [],
             "messages": [{"role": "user", "content": f"<image>\n{prompt}"}, {"role": "assistant", "content": "-"}],
         }) + "\n" for i, path in enumerate(paths)))
-        data_cfg = cfg.data.model_copy(update={"sources": [str(records)], "eval_sources": [], "on_bad_record": "error"})
-        data = DATA.get(cfg.data.type)(data_cfg, cfg).build(bundle, seed=cfg.trainer.seed)
+        # skip, then name every image that made no sample (below): the record file is a temporary one
+        data_cfg = cfg.data.model_copy(update={"sources": [str(records)], "eval_sources": [], "on_bad_record": "skip"})
+        try:
+            data = DATA.get(cfg.data.type)(data_cfg, cfg).build(bundle, seed=cfg.trainer.seed)
+        except DataError as e:  # every image rejected: record k of the temporary file is image k
+            named = ", ".join(f"record {k} = {p}" for k, p in enumerate(paths[:5]))
+            raise DataError(f"--images: no image can be used ({named}{', ...' if len(paths) > 5 else ''}): {e}",
+                            reason=e.reason) from None
     found: dict[int, dict[str, Any]] = {}
     dataset, head = data.train, model.detection_head
     tok = getattr(bundle.processor, "tokenizer", bundle.processor)
@@ -124,8 +133,11 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.score_threshold <= 1:
         p.error("--score-threshold must be in [0, 1]")
-    out = Path(args.out)
-    output_directory(out.parent, "--out's folder")  # before the model loads: a bad --out costs nothing
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if not args.prompt.strip():
+        p.error("--prompt must not be empty")
+    out = output_file(args.out, "predict: --out")  # before the model loads: a bad --out costs nothing
     rows = predict(args.config, image_files(args.images), score_threshold=args.score_threshold, prompt=args.prompt,
                    overrides=args.overrides, batch_size=args.batch_size)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))

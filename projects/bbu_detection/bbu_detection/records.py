@@ -36,7 +36,12 @@ TOO_MANY_OBJECTS = "too_many_objects"
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float (e.g. 400 digits): no pixel coordinate
+        return False
 
 
 def check_detection_objects(objects: Any, width: int, height: int, *, max_objects: int | None = None,

@@ -20,6 +20,8 @@ from arctic_vl import BadRecord
     ([{"desc": "a"}], "objects[0].bbox_2d", "missing_field", "x1, y1, x2, y2"),
     ([{"desc": "a", "bbox_2d": [1, 2, 3]}], "objects[0].bbox_2d", "malformed_record", "4 finite numbers"),
     ([{"desc": "a", "bbox_2d": [1, 2, 3, float("nan")]}], "objects[0].bbox_2d", "malformed_record", "finite"),
+    # issue 24 item 5: an integer too large for a float (was OverflowError from math.isfinite)
+    ([{"desc": "a", "bbox_2d": [1, 1, int("9" * 400), 5]}], "objects[0].bbox_2d", "malformed_record", "finite"),
     ([{"desc": "a", "bbox_2d": [5, 2, 3, 4]}], "objects[0].bbox_2d", "geometry_out_of_range", "x1 < x2"),
     ([{"desc": "a", "bbox_2d": [1, 2, 70, 4]}], "objects[0].bbox_2d", "geometry_out_of_range", "<= 64"),
     ([{"desc": "a", "bbox_2d": [1, 2, 3, 4], "poly": [1]}], "objects[0]", "malformed_record", "unknown key"),

@@ -143,6 +143,16 @@ def test_predict_cli(trained, bbu_data, cli, tmp_path):
     assert code == 0 and json.loads((tmp_path / "q.jsonl").read_text())["objects"] == []
     code, _, err = run(cli, "predict", path, "--images", tmp_path / "nope.png", "--out", tmp_path / "r.jsonl")
     assert code == 2 and "nope.png is neither an image file nor a directory" in err
+    # issue 24 item 6: Qwen refuses a 1x300 image in the token count: named (exit 2), never a ValueError
+    from PIL import Image
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 300)).save(thin)
+    code, _, err = run(cli, "predict", path, "--images", images[0], thin, "--out", tmp_path / "s.jsonl")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"--images: no prediction for {thin}" in err and "unreadable_image" in err and "aspect ratio" in err, err
+    code, _, err = run(cli, "predict", path, "--images", thin, "--out", tmp_path / "s.jsonl")
+    assert code == 2 and f"--images: no image can be used (record 0 = {thin.resolve()})" in err, err
 
 
 def test_parameter_outside_the_groups_exits_2(bbu_data, tmp_path, cli):

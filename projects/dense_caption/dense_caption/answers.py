@@ -11,8 +11,11 @@ Coordinates are integers in the image's answer convention (`coords.AnswerCoords`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from arctic_vl import JsonTextError, parse_json
 
 from .coords import AnswerCoords
 from .geometry import GEOMETRY_KEYS, Box, Geometry, Polygon, Polyline, from_coords
@@ -89,6 +92,10 @@ class ParsedAnswer:
         return self.error is None
 
 
+def _where(e: Any) -> str:
+    return e.msg + (f" at line {e.lineno}, column {e.colno}" if e.lineno is not None else "")
+
+
 def _parse_objects(value: Any) -> tuple[list[ParsedObject], int] | None:
     if not isinstance(value, list):
         return None
@@ -107,16 +114,24 @@ def _parse_objects(value: Any) -> tuple[list[ParsedObject], int] | None:
         if (keys[0] == "bbox_2d" and len(nums) != 4) or len(nums) < need:
             bad += 1
             continue
-        out.append(ParsedObject(keys[0], [float(v) for v in nums], entry["desc"]))
+        try:
+            coords = [float(v) for v in nums]
+        except OverflowError:  # a generated integer too large for a float: an invalid object, not a crash
+            bad += 1
+            continue
+        if not all(math.isfinite(c) for c in coords):
+            bad += 1
+            continue
+        out.append(ParsedObject(keys[0], coords, entry["desc"]))
     return out, bad
 
 
 def parse_dense_answer(text: str, n_images: int, prefix: str) -> ParsedAnswer:
     """Parse a generated dense answer for `n_images` images; never raises (failures are in `error`)."""
     try:
-        value = json.loads(text.strip())
-    except json.JSONDecodeError as e:
-        return ParsedAnswer(error=f"not JSON ({e.msg} at character {e.pos})")
+        value = parse_json(text.strip())
+    except JsonTextError as e:  # also a generated 5000-digit number or nesting past the recursion limit
+        return ParsedAnswer(error=f"not JSON ({_where(e)})")
     if n_images == 1:
         parsed = _parse_objects(value)
         if parsed is None:
@@ -144,9 +159,9 @@ def parse_summaries(text: str, n_images: int, prefix: str) -> tuple[list[str] | 
         s = text.strip()
         return ([s], None) if s else (None, "empty summary")
     try:
-        value = json.loads(text.strip())
-    except json.JSONDecodeError as e:
-        return None, f"not JSON ({e.msg} at character {e.pos})"
+        value = parse_json(text.strip())
+    except JsonTextError as e:
+        return None, f"not JSON ({_where(e)})"
     if not isinstance(value, dict):
         return None, f"expected a JSON object keyed {image_key(prefix, 0)}..., got {type(value).__name__}"
     out = []

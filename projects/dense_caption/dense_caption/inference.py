@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from arctic_vl import read_json_lines
+
 from .answers import image_key, parse_summaries
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -141,6 +143,80 @@ class Runner:
         return self.tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True)
 
 
+# ------------------------------------------------------------------------------------------- input lines
+def _object(value: Any, what: str) -> dict[str, Any]:
+    from arctic_vl import MALFORMED_RECORD, BadRecord
+
+    if not isinstance(value, dict):
+        raise BadRecord(MALFORMED_RECORD, "<record>", f"must be a JSON object ({what}), got {type(value).__name__}")
+    return value
+
+
+def _field(rec: dict[str, Any], key: str, what: str) -> Any:
+    from arctic_vl import MISSING_FIELD, BadRecord
+
+    if key not in rec:
+        raise BadRecord(MISSING_FIELD, key, f"required ({what})")
+    return rec[key]
+
+
+def _image_paths(value: Any, base: Path, key: str = "images") -> list[Path]:
+    """A record's list of image paths (relative to `base`), resolved; BadRecord naming the field otherwise."""
+    from arctic_vl import MALFORMED_RECORD, BadRecord, ConfigError, resolve_user_path
+
+    if not isinstance(value, list) or not value or not all(isinstance(i, str) and i.strip() for i in value):
+        raise BadRecord(MALFORMED_RECORD, key, f"must be a non-empty list of image paths, got {value!r:.80}")
+    try:
+        return [resolve_user_path(i, base) for i in value]
+    except ConfigError as e:  # a NUL byte, a symbolic link loop
+        raise BadRecord(MALFORMED_RECORD, key, str(e)) from None
+
+
+def _group_line(value: Any, base: Path) -> tuple[str, list[Path], dict[str, Any]]:
+    """A Stage-A groups line: (group id, its images, its other fields)."""
+    from arctic_vl import MALFORMED_RECORD, BadRecord
+
+    rec = _object(value, "a group line {group, images: [paths]}")
+    gid = _field(rec, "group", "the group's id")
+    if not isinstance(gid, str | int) or isinstance(gid, bool) or not str(gid).strip():
+        raise BadRecord(MALFORMED_RECORD, "group", f"must be a non-empty string or an integer, got {gid!r:.80}")
+    images = _image_paths(_field(rec, "images", "the group's image paths"), base)
+    return str(gid), images, {k: v for k, v in rec.items() if k not in ("group", "images")}
+
+
+def _summary_line(value: Any) -> tuple[str, int, str | None, dict[str, Any]]:
+    """A Stage-A output line: (group id, image index, summary or None, the group's meta)."""
+    from arctic_vl import MALFORMED_RECORD, BadRecord
+
+    rec = _object(value, "a Stage-A line {group, index, summary}")
+    gid, index = _field(rec, "group", "the group's id"), _field(rec, "index", "the image's index in its group")
+    if not isinstance(gid, str | int) or isinstance(gid, bool):
+        raise BadRecord(MALFORMED_RECORD, "group", f"must be a string or an integer, got {gid!r:.80}")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise BadRecord(MALFORMED_RECORD, "index", f"must be an integer >= 0, got {index!r:.80}")
+    summary, meta = rec.get("summary"), rec.get("meta") or {}
+    if summary is not None and not isinstance(summary, str):
+        raise BadRecord(MALFORMED_RECORD, "summary", f"must be a string or null, got {type(summary).__name__}")
+    if not isinstance(meta, dict):
+        raise BadRecord(MALFORMED_RECORD, "meta", f"must be an object, got {type(meta).__name__}")
+    return str(gid), index, summary, meta
+
+
+def _dense_line(value: Any, base: Path) -> tuple[dict[str, Any], list[str], str]:
+    """A dense-caption record for make-stage-data: (the record, its image paths resolved, its summary)."""
+    from arctic_vl import MALFORMED_RECORD, BadRecord
+
+    rec = _object(value, "a dense-caption record")
+    images = _image_paths(_field(rec, "images", "the record's image paths"), base)
+    summary = _field(rec, "summary", "the Stage-B prompt is built from the summaries")
+    if not isinstance(summary, str) or not summary.strip():
+        raise BadRecord(MALFORMED_RECORD, "summary", f"must be a non-empty string, got {summary!r:.80}")
+    objects = rec.get("objects", [])
+    if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
+        raise BadRecord(MALFORMED_RECORD, "objects", "must be a list of objects {desc, bbox_2d|poly|line}")
+    return rec, [str(i) for i in images], summary
+
+
 # ------------------------------------------------------------------------------------------- stage A
 def read_groups(paths: list[str]) -> list[tuple[str, list[Path], dict[str, Any]]]:
     """(group id, image paths, the line's other fields) from directories, image files and groups JSONL files,
@@ -156,19 +232,9 @@ def read_groups(paths: list[str]) -> list[tuple[str, list[Path], dict[str, Any]]
                 raise ConfigError(f"stage-a: {p}: no images ({', '.join(IMAGE_SUFFIXES)})")
             groups.append((p.name, images, {}))
         elif p.suffix == ".jsonl" and p.is_file():
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    gid, imgs = str(rec["group"]), rec["images"]
-                    if not isinstance(imgs, list) or not imgs or not all(isinstance(i, str) for i in imgs):
-                        raise ValueError("images must be a non-empty list of paths")
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ConfigError(f"stage-a: {p}:{n}: a group line needs {{group, images: [paths]}} "
-                                      f"({e})") from None
-                extra = {k: v for k, v in rec.items() if k not in ("group", "images")}
-                groups.append((gid, [(p.parent / i).resolve() for i in imgs], extra))
+            for _, (gid, imgs, extra) in read_json_lines(p, lambda v, base=p.parent: _group_line(v, base),
+                                                         what="a groups .jsonl of {group, images: [paths]}"):
+                groups.append((gid, imgs, extra))
         elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
             groups.append((p.stem, [p], {}))
         else:
@@ -219,15 +285,12 @@ def read_summaries(path: Path) -> list[tuple[str, list[str | None], dict[str, An
 
     groups: dict[str, dict[int, str | None]] = {}
     metas: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            groups.setdefault(str(rec["group"]), {})[int(rec["index"])] = rec.get("summary")
-            metas.setdefault(str(rec["group"]), rec.get("meta") or {})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"stage-b: {path}:{n}: not a Stage-A line {{group, index, summary}} ({e})") from None
+    lines = read_json_lines(path, _summary_line, what="Stage-A output (stage-a --out): lines {group, index, summary}")
+    for _, (gid, index, summary, meta) in lines:
+        groups.setdefault(gid, {})[index] = summary
+        metas.setdefault(gid, meta)
+    if not groups:
+        raise ConfigError(f"stage-b: --summaries {path}: holds no Stage-A lines")
     return [(g, [by[i] for i in sorted(by)], metas[g]) for g, by in groups.items()]
 
 
@@ -277,23 +340,28 @@ def has_circle(record: dict[str, Any]) -> bool:
 
 
 def make_stage_data(dense: Path, out_dir: Path, group_size: int, seed: int, prefix: str = "image_",
-                    criterion: str = DEFAULT_CRITERION) -> dict[str, Any]:
-    """groups.jsonl and stage_b.messages.jsonl from dense-caption records (see the module docstring)."""
-    from arctic_vl import DataError
+                    criterion: str = DEFAULT_CRITERION, on_bad_record: str = "error") -> dict[str, Any]:
+    """groups.jsonl and stage_b.messages.jsonl from dense-caption records (see the module docstring).
 
-    records = []
-    for n, line in enumerate(dense.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-                images, summary = rec["images"], rec["summary"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise DataError(f"{dense}:{n}: a dense-caption record with images and summary is needed ({e})",
-                                source=str(dense), index=n) from None
-            records.append((rec, [str((dense.parent / i).resolve()) for i in images], summary))
+    The records are read as training data is (`read_json_lines`): a line that is not UTF-8, not JSON, or no
+    record with `images` and `summary` stops it (exit 2, naming the line and field) or, with
+    `on_bad_record="skip"`, is counted in the result's `skipped`. Arguments are checked before anything is read."""
+    from arctic_vl import BadRecordReport, ConfigError, DataError, output_directory
+
+    if group_size < 1:
+        raise ConfigError(f"make-stage-data: --group-size {group_size}: must be >= 1 (records per group)")
+    if on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"make-stage-data: --on-bad-record {on_bad_record!r}: must be error or skip")
+    out_dir = output_directory(out_dir, "make-stage-data: --out-dir")
+    report = BadRecordReport()
+    records = [r for _, r in read_json_lines(dense, lambda v: _dense_line(v, dense.parent), what="dense-caption "
+                                             "records (JSONL)", on_bad_record=on_bad_record,  # type: ignore[arg-type]
+                                             report=report, skip_option="--on-bad-record skip")]
+    if len(records) < group_size:
+        raise DataError(f"make-stage-data: {dense}: {len(records)} usable records, fewer than --group-size "
+                        f"{group_size}{': ' + report.format() if report.total else ''}", source=str(dense))
     order = list(range(len(records)))
     random.Random(f"dense_caption-stage:{seed}").shuffle(order)
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts: Counter[str] = Counter()
     with open(out_dir / "groups.jsonl", "w") as groups, open(out_dir / "stage_b.messages.jsonl", "w") as chats:
         for g in range(0, len(order) - group_size + 1, group_size):
@@ -309,7 +377,8 @@ def make_stage_data(dense: Path, out_dir: Path, group_size: int, seed: int, pref
                 {"role": "user", "content": prompt},
                 {"role": "assistant", "content": f"{verdict}\nreason: {reason}"}]}) + "\n")
             counts[verdict] += 1
-    return {"groups": sum(counts.values()), **counts, "out_dir": str(out_dir)}
+    return {"groups": sum(counts.values()), **counts, "out_dir": str(out_dir),
+            "skipped": dict(Counter({reason: n for (_, reason), n in report.counts.items()}))}
 
 
 # ------------------------------------------------------------------------------------------- inspect
@@ -346,6 +415,36 @@ def inspect(config: str, overrides: list[str], n: int, epoch: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad arguments (argparse's exit 2) and unusable output paths (ConfigError, exit 2) up front."""
+    from arctic_vl import output_file
+
+    if args.verb == "inspect":
+        if args.n < 1:
+            p.error("--n must be >= 1")
+        if args.epoch < 0:
+            p.error("--epoch must be >= 0")
+        return
+    if args.verb == "make-stage-data":
+        if args.group_size < 1:
+            p.error("--group-size must be >= 1")
+        if not args.dense.is_file():
+            p.error(f"DENSE {args.dense}: {'is a directory' if args.dense.is_dir() else 'not found'}; "
+                    "name a dense-caption JSONL file")
+        return
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    if args.model is not None and not Path(args.model).is_dir():
+        p.error(f"--model {args.model}: not a directory (a trained model directory, e.g. OUTPUT_DIR/final)")
+    if args.verb == "stage-b":
+        if args.max_retries < 0:
+            p.error("--max-retries must be >= 0")
+        if not args.summaries.is_file():
+            p.error(f"--summaries {args.summaries}: {'is a directory' if args.summaries.is_dir() else 'not found'}; "
+                    "name the Stage-A output file (stage-a --out)")
+    output_file(args.out, f"dense-caption {args.verb}: --out")
+
+
 def main(argv: list[str]) -> int:
     """`arctic_vl dense-caption stage-a|stage-b|make-stage-data ...` (see the module docstring)."""
     p = argparse.ArgumentParser(prog="arctic_vl dense-caption", description=__doc__,
@@ -370,23 +469,25 @@ def main(argv: list[str]) -> int:
     m.add_argument("--out-dir", type=Path, required=True)
     m.add_argument("--group-size", type=int, default=2)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
+                   help="a bad record line stops (error, exit 2) or is skipped and counted (skip)")
     i = sub.add_parser("inspect", help="the first training items as the workers build them")
     i.add_argument("config")
     i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     i.add_argument("--n", type=int, default=2)
     i.add_argument("--epoch", type=int, default=0)
     args = p.parse_args(argv)
+    _check_args(p, args)  # every argument and output path before any model loads
     if args.verb == "inspect":
         print(inspect(args.config, args.overrides, args.n, args.epoch))
         return 0
     if args.verb == "make-stage-data":
-        result = make_stage_data(args.dense, args.out_dir, args.group_size, args.seed)
+        result = make_stage_data(args.dense, args.out_dir, args.group_size, args.seed,
+                                 on_bad_record=args.on_bad_record)
     elif args.verb == "stage-a":
         groups = read_groups(args.images)  # bad input is found before the model loads
         result = stage_a(Runner(args.config, args.overrides, args.model), groups, args.out, args.max_new_tokens)
     else:
-        if args.max_retries < 0:
-            p.error("--max-retries must be >= 0")
         summaries = read_summaries(args.summaries)
         result = stage_b(Runner(args.config, args.overrides, args.model), summaries, args.out, args.criterion,
                          args.max_retries, args.max_new_tokens)

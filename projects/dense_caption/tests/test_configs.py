@@ -50,7 +50,8 @@ def test_stage2_starts_from_stage1_and_gkd_teacher_defaults_to_it(tiny_qwen3: Pa
     overrides = [*_overrides(tiny_qwen3, shapes, tmp_path / "run"), "model.dtype=float32",
                  "model.gradient_checkpointing=false",
                  "trainer.bf16=false", "data.sources=[{path: %s, sample: 'first:8'}]" % (shapes / "train.dense.jsonl"),
-                 "data.eval_sources=[]", "data.num_workers=0", "callbacks=[]"]
+                 "data.eval_sources=[]", "data.num_workers=0", "callbacks=[]",
+                 "model.lora.r=8"]  # the shipped rank 32 exceeds the tiny model's k_proj (32 -> 16): refused
     trainer = Engine(CONFIGS / "qwen3vl-stage2-gkd.yaml", overrides)._build()
     assert trainer.teacher_dir == tiny_qwen3
     trainable = {trainer.bundle.part_of(n) for n, p in trainer.bundle.model.named_parameters() if p.requires_grad}

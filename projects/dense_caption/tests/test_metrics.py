@@ -83,6 +83,19 @@ def test_scores_per_type_desc_and_json_validity() -> None:
     assert DenseScores.from_vector(s.vector()).results() == r
 
 
+def test_generated_answers_past_the_parsers_limits_never_raise() -> None:
+    """issue 24 item 4 (sibling): a model may generate a 5000-digit number, a number too large for a float or
+    nesting past the recursion limit; parsing says so ("never raises"), as for any other malformed answer."""
+    huge = parse_dense_answer('[{"bbox_2d":[1,2,3,' + "9" * 5000 + '],"desc":"a"}]', 1, "image_")
+    assert huge.error == "not JSON (a number with more than 4300 digits)"
+    deep = parse_dense_answer("[" * 100_000, 1, "image_")
+    assert deep.error is not None and deep.error.startswith("not JSON (nested deeper than")
+    big = parse_dense_answer('[{"bbox_2d":[1,2,3,' + "9" * 400 + '],"desc":"a"},{"bbox_2d":[1,2,3,4],"desc":"b"}]',
+                             1, "image_")
+    assert big.ok and big.invalid_objects == 1 and [o.desc for o in big.images[0]] == ["b"]
+    assert parse_summaries('{"image_1": ' + "[" * 100_000, 2, "image_")[1].startswith("not JSON (nested deeper")
+
+
 def test_parsing() -> None:
     ok = parse_dense_answer('[{"bbox_2d":[1,2,3,4],"desc":"a"},{"poly":[1,2],"desc":"short"},'
                             '{"line":[0,0,5,5],"desc":"l"}]',

@@ -167,6 +167,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-generate", action="store_true", help="top-1 agreement only (no greedy answers)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
+    if args.max_samples is not None and args.max_samples < 1:
+        p.error("--max-samples must be >= 1")
+    if args.out is not None:  # before the model loads: a bad --out costs nothing
+        from arctic_vl import output_file
+
+        output_file(args.out, "swiftkv-eval: --out")
     results = evaluate_run(args.config, args.overrides, max_samples=args.max_samples, generate=not args.no_generate)
     text = json.dumps(results, indent=1)
     print(text)

@@ -18,14 +18,13 @@ initialises the SwiftKV parameters from the teacher and freezes everything else.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from arctic_vl import MODELS, ComponentConfig, ExistingPath, ModelBundle, ModelFactory, Seed
+from arctic_vl import MODELS, ComponentConfig, ExistingPath, JsonTextError, ModelBundle, ModelFactory, Seed, parse_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,8 +127,8 @@ def read_teacher_layout(path: str | Path) -> tuple[str, str, int]:
         raise ValueError(f"teacher directory {path} {what} (train or build the teacher first; see "
                          "projects/swiftkv_vl/README.md)")
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = parse_json(cfg_file.read_bytes())
+    except (OSError, JsonTextError) as e:
         raise ValueError(f"teacher {cfg_file} is not a readable HF config: {e}") from None
     composite = cfg.get("model_type")
     if composite not in SUPPORTED_TEACHERS:
