@@ -108,6 +108,8 @@ class HFModelFactory(ModelFactory):
     config_class = HFModelConfig
     #: the dtype the loaded source checkpoint's config.json names (what `export_dtype: auto` writes)
     source_dtype: str | None = None
+    #: set by `build_for_data`: `load` builds the model on the meta device, reading no weights
+    _skeleton: bool = False
 
     def model_dir(self, output_dir: Path | None = None) -> Path:
         """The directory the model is loaded from (an inline tiny model is written under OUTPUT_DIR/base_model)."""
@@ -143,11 +145,12 @@ class HFModelFactory(ModelFactory):
         loaded exactly as saved. Subclasses that convert a source checkpoint override this and skip the
         conversion for an export.
         """
-        from arctic_vl.models.loading import family_of_dir, load_model, load_processor
+        from arctic_vl.models.loading import family_of_dir, load_model, load_processor, model_skeleton
 
         if not exported:
             self.source_dtype = checkpoint_dtype(path)
-        model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
+        load = model_skeleton if self._skeleton else load_model
+        model = load(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
         return model, load_processor(path), family_of_dir(path)
 
     def export_dtype(self) -> str:
@@ -155,6 +158,16 @@ class HFModelFactory(ModelFactory):
         if self.config.export_dtype != "auto":
             return self.config.export_dtype
         return self.source_dtype or self.config.dtype
+
+    def build_for_data(self, output_dir: Path) -> ModelBundle:
+        """`build` with the model made from its config on the meta device (`load` reads no weights; a subclass
+        that overrides `load` without calling this one builds in full, on the CPU)."""
+        self._skeleton = True
+        try:
+            bundle = self.build(device=None, output_dir=output_dir)
+        finally:
+            self._skeleton = False
+        return bundle
 
     def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
         """(processor, family) of the configured model directory, without its weights."""

@@ -3,11 +3,9 @@
     arctic_vl dense-caption stage-a CONFIG --images PATH [PATH ...] --out summaries.jsonl
     arctic_vl dense-caption stage-b CONFIG --summaries summaries.jsonl --out verdicts.jsonl [--max-retries 2]
     arctic_vl dense-caption make-stage-data DENSE.jsonl --out-dir DIR [--group-size 2 --seed 0]
-    arctic_vl dense-caption inspect CONFIG [--n 2 --epoch 0]
 
-`inspect` shows the training items as the workers build them (grouped, mode drawn, augmented, encoded), the
-trained tokens in [[...]], with the counts and skipped records of each split (the core's `inspect-data` shows the
-records before this project's rendering).
+The training items as the workers build them (grouped, mode drawn, augmented, encoded): the core's
+`arctic_vl inspect-data CONFIG [--n 2 --epoch 0]`, which builds the data with this project's factory.
 
 The model is the run's `OUTPUT_DIR/final` (or `--model DIR`); prompts, `images_per_sample` and the image key
 prefix come from the run's `data` section, so inference asks exactly what training taught.
@@ -296,39 +294,6 @@ def make_stage_data(dense: Path, out_dir: Path, group_size: int, seed: int, pref
     return {"groups": sum(counts.values()), **counts, "out_dir": str(out_dir)}
 
 
-# ------------------------------------------------------------------------------------------- inspect
-def inspect(config: str, overrides: list[str], n: int, epoch: int) -> str:
-    """The first `n` training items of `epoch` as text with the trained tokens in [[...]], and the data stats."""
-    from arctic_vl import Engine
-
-    trainer = Engine(config, overrides)._build()
-    data, tok = trainer.data, trainer.bundle.processor.tokenizer
-    image_id = trainer.bundle.processor.image_token_id
-    lines = [f"data: {json.dumps(data.stats, default=str)}"]
-    if data.report is not None and data.report.total:
-        lines.append(data.report.format())
-    data.train.set_epoch(epoch)
-    for i in range(min(n, len(data.train))):
-        item = data.train[i]
-        ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
-        text, trained, images = [], False, 0
-        for t, label in zip(ids, labels):
-            if t == image_id:
-                images += 1
-                continue
-            if (label != -100) != trained:
-                text.append("[[" if not trained else "]]")
-                trained = not trained
-            text.append(tok.decode([t]))
-        if trained:
-            text.append("]]")
-        mode = data.train.mode(i) if i < data.train.n_groups else "as recorded"
-        lines.append(f"--- item {i} (epoch {epoch}, {mode}): {data.train.where(i)}: {len(ids)} tokens, "
-                     f"{images} image tokens, augmentation {item.get('_augmentation', {})}")
-        lines.append("".join(text))
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str]) -> int:
     """`arctic_vl dense-caption stage-a|stage-b|make-stage-data ...` (see the module docstring)."""
@@ -352,15 +317,7 @@ def main(argv: list[str]) -> int:
     m.add_argument("--out-dir", type=Path, required=True)
     m.add_argument("--group-size", type=int, default=2)
     m.add_argument("--seed", type=int, default=0)
-    i = sub.add_parser("inspect", help="the first training items as the workers build them")
-    i.add_argument("config")
-    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    i.add_argument("--n", type=int, default=2)
-    i.add_argument("--epoch", type=int, default=0)
     args = p.parse_args(argv)
-    if args.verb == "inspect":
-        print(inspect(args.config, args.overrides, args.n, args.epoch))
-        return 0
     if args.verb == "make-stage-data":
         result = make_stage_data(args.dense, args.out_dir, args.group_size, args.seed)
     elif args.verb == "stage-a":
