@@ -188,3 +188,19 @@ def test_inspect_data_shows_the_first_training_batch(name, tmp_path, tiny_dirs, 
     first_item = shown.items[0]
     assert render_tokens(tokenizer, first_item.input_ids, first_item.labels, image_ids) in out
     assert f"--- {first_item.where}: {len(first_item.input_ids)} tokens" in out
+
+
+def test_inspect_data_reads_no_weights(tmp_path, tiny_dirs, synthetic_data, cli):
+    """The model a data build is handed is made from its config (meta device): a checkpoint directory without its
+    weight files still inspects, LoRA and freezing of the shipped config included."""
+    import shutil
+
+    model = tmp_path / "no-weights"
+    shutil.copytree(tiny_dirs["qwen2_5_vl"], model, ignore=shutil.ignore_patterns("*.safetensors*"))
+    assert not list(model.glob("*.safetensors"))
+    sets = ["--set", f"model.name_or_path={model}", "--set", f"trainer.output_dir={tmp_path / 'run'}",
+            "--set", f"data.sources=[{{path: {synthetic_data / 'train.llava.json'}, sample: 'first:4'}}]",
+            "--set", "data.eval_sources=[]"]
+    rc, out, err = cli("inspect-data", str(CONFIGS / "qwen2_5_vl.yaml"), *sets)
+    assert rc == 0, err
+    assert "train: 4 samples" in out and "[[" in out
