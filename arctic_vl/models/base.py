@@ -110,11 +110,11 @@ class ModelFactory(Component, ABC):
         return self.build(device=torch.device("cpu"), output_dir=output_dir)
 
     def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
-        """(processor, family) without loading weights, for `arctic_vl inspect-data`."""
+        """(processor, family) without loading weights (a tool that needs only the tokenizer and the family)."""
         from arctic_vl.errors import ConfigError
 
         raise ConfigError(f"model.type {self.registered_name!r}: this model factory cannot load a processor alone; "
-                          "inspect-data needs one")
+                          "this tool needs one")
 
 
 MODELS.bind_base(ModelFactory)
