@@ -248,7 +248,7 @@ def render_grounding(messages: list[dict[str, Any]], grounding: dict[str, Any], 
     refs, boxes = iter(grounding["ref"]), iter(zip(grounding["bbox"], grounding["image_id"]))
 
     def box_text(box: list[float], image: int) -> str:
-        width, height = image_sizes[image] if image < len(image_sizes) else (1, 1)
+        width, height = image_sizes[image]  # parse_grounding checked the index against the record's images
         extent = (width, height) if source is None else (source, source)
         target = encoder.seen_size(width, height) if pixels else (1000, 1000)
         values = [_scaled(v, target[i % 2], extent[i % 2], target[i % 2]) for i, v in enumerate(box)]

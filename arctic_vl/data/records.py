@@ -260,15 +260,14 @@ def parse_grounding(objects: Any, messages: list[dict[str, Any]], n_images: int,
     if bbox_type not in BBOX_TYPES:
         raise BadRecord(MALFORMED_RECORD, "objects.bbox_type", f"{bbox_type!r}; allowed: {', '.join(BBOX_TYPES)}")
     _check_boxes(boxes, bbox_type)
+    if boxes and n_images == 0:  # its size scales the box (and a resized image's, for pixel families)
+        raise BadRecord(MALFORMED_RECORD, "objects.bbox", "boxes need the image they are on; the record has none")
     image_ids = objects.get("image_id")
     image_ids = [0] * len(boxes) if image_ids is None else image_ids
     if (not isinstance(image_ids, list) or len(image_ids) != len(boxes)
-            or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < max(n_images, 1)
-                       for k in image_ids)):
+            or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < n_images for k in image_ids)):
         raise BadRecord(MALFORMED_RECORD, "objects.image_id", f"must list, per box, the index of its image "
-                        f"(0..{max(n_images, 1) - 1}), got {image_ids!r:.80}")
-    if boxes and bbox_type == "real" and n_images == 0:
-        raise BadRecord(MALFORMED_RECORD, "objects.bbox", "pixel boxes (bbox_type real) need the image they are on")
+                        f"(0..{n_images - 1}), got {image_ids!r:.80}")
     for token, values, name in ((REF_TOKEN, refs, "ref"), (BBOX_TOKEN, boxes, "bbox")):
         n = _count(messages, token)
         if n != len(values):

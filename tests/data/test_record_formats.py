@@ -8,6 +8,7 @@ stop the run (exit 2, naming file, record, line, field, reason) or are counted b
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -336,3 +337,30 @@ def test_leftover_placeholders_are_bad_records_in_every_format(qa_format, tmp_pa
         rc, out, err = cli("inspect-data", str(config))
         assert rc == 0, (case, err)
         assert "train: 1 samples" in out and "skipped 1" in out and f"{reason}: 1" in out, (case, out)
+
+
+def test_malformed_grounding_objects_are_bad_records(tmp_path, png, jsonl):
+    """ms-swift `objects` that cannot be rendered are named bad records: the field and the reason."""
+    image = str(png(tmp_path / "a.png", (200, 100)))
+    chat = [{"role": "user", "content": "<image>Find the <ref-object>"}, {"role": "assistant", "content": "<bbox>"}]
+    bad = [({"ref": ["a"], "bbox": [[1, 2, 3]]}, "objects.bbox[0]", "malformed_record"),
+           ({"ref": ["a"], "bbox": [[0.1, 0.2, 1.5, 0.4]], "bbox_type": "norm1"}, "objects.bbox[0]",
+            "geometry_out_of_range"),
+           ({"ref": ["a"], "bbox": [[1, 2, 3, 4]], "bbox_type": "xyxy"}, "objects.bbox_type", "malformed_record"),
+           ({"ref": ["a"], "bbox": [[1, 2, 3, 4]], "image_id": [1]}, "objects.image_id", "malformed_record"),
+           ({"ref": ["a", "b"], "bbox": [[1, 2, 3, 4]]}, "messages", "grounding_mismatch"),
+           ([{"ref": "a"}], "objects", "malformed_record")]
+    good = {"ref": ["a"], "bbox": [[1, 2, 3, 4]]}
+    path = jsonl(tmp_path / "bad.jsonl", [{"messages": chat, "images": [image], "objects": o}
+                                          for o in [*(o for o, _, _ in bad), good]])
+    report = BadRecordReport()
+    kept = read_source(SourceSpec(path=str(path)), base_dir=tmp_path, seed=0, on_bad_record="skip", report=report)
+    assert [c.index for c in kept] == [len(bad)] and report.total == len(bad)
+    assert kept[0].meta["grounding"] == {"ref": ["a"], "bbox": [[1, 2, 3, 4]], "bbox_type": "real", "image_id": [0]}
+    assert report.by_reason() == {"malformed_record": 4, "geometry_out_of_range": 1, "grounding_mismatch": 1}
+    for i, (objects, field, reason) in enumerate(bad):
+        one = jsonl(tmp_path / f"bad{i}.jsonl", [{"messages": chat, "images": [image], "objects": o}
+                                                 for o in (good, objects)])
+        with pytest.raises(DataError, match=rf"record 1 \(line 2\): field {re.escape(field)}: .*reason: {reason}"):
+            read_source(SourceSpec(path=str(one)), base_dir=tmp_path, seed=0, on_bad_record="error",
+                        report=BadRecordReport())
