@@ -186,11 +186,13 @@ class TurnsFormat(RecordFormat):
         return isinstance(record, dict) and self.messages_field in record
 
     def convert(self, record: Any, resolve: ResolveImage) -> Converted:
-        """(messages, images, meta); meta holds the fields other than the turns and the images, and an ms-swift
-        grounding `objects` field parsed under `GROUNDING_KEY` (`parse_grounding`)."""
+        """(messages, images, meta); meta holds the fields other than the turns and the images, an ms-swift
+        grounding `objects` mapping parsed under `GROUNDING_KEY` (`parse_grounding`). An `objects` list is another
+        schema's (a project's detection boxes): kept in meta as it is; a placeholder left in the text is refused
+        when it is encoded."""
         messages = self._turns(record)
         images = _image_list(record.get(self.images_key), self.images_key, resolve, allow_str=self.single_image_str)
-        if "objects" not in record:
+        if not isinstance(record.get("objects"), dict):
             return messages, images, _extras(record, (self.images_key, self.messages_field))
         meta = _extras(record, (self.images_key, self.messages_field, "objects"))
         meta[GROUNDING_KEY] = parse_grounding(record["objects"], messages, len(images), self.messages_field)

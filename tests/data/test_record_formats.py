@@ -349,7 +349,7 @@ def test_malformed_grounding_objects_are_bad_records(tmp_path, png, jsonl):
            ({"ref": ["a"], "bbox": [[1, 2, 3, 4]], "bbox_type": "xyxy"}, "objects.bbox_type", "malformed_record"),
            ({"ref": ["a"], "bbox": [[1, 2, 3, 4]], "image_id": [1]}, "objects.image_id", "malformed_record"),
            ({"ref": ["a", "b"], "bbox": [[1, 2, 3, 4]]}, "messages", "grounding_mismatch"),
-           ([{"ref": "a"}], "objects", "malformed_record")]
+           ({"ref": ["a"], "box": [[1, 2, 3, 4]]}, "objects", "malformed_record")]
     good = {"ref": ["a"], "bbox": [[1, 2, 3, 4]]}
     path = jsonl(tmp_path / "bad.jsonl", [{"messages": chat, "images": [image], "objects": o}
                                           for o in [*(o for o, _, _ in bad), good]])
