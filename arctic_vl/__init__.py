@@ -26,7 +26,8 @@ Groups:
     record formats and data sources (a plugin's own `format:` or file kind):
                   RecordFormat, DataSource, RecordFile, RawRecord, IMAGE_TOKEN, BAD_RECORD_REASONS,
                   INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
-                  MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_VIDEO
+                  MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_VIDEO, UNRENDERED_PLACEHOLDER,
+                  GROUNDING_MISMATCH
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer, lockstep_generation,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
                   ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
@@ -150,6 +151,8 @@ _LAZY: dict[str, str] = {
     "UNREADABLE_IMAGE": "arctic_vl.data.bad_records",
     "IMAGE_TOO_LARGE": "arctic_vl.data.bad_records",
     "UNSUPPORTED_VIDEO": "arctic_vl.data.bad_records",
+    "UNRENDERED_PLACEHOLDER": "arctic_vl.data.bad_records",
+    "GROUNDING_MISMATCH": "arctic_vl.data.bad_records",
     # training
     "Trainer": "arctic_vl.trainers.base",
     "TrainerConfig": "arctic_vl.trainers.base",
@@ -187,6 +190,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "DISTRIBUTED",
     "DTYPES",
     "FAMILIES",
+    "GROUNDING_MISMATCH",
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
     "IMAGE_TOKEN_MISMATCH",
@@ -206,6 +210,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "SCHEDULERS",
     "TRAINERS",
     "UNREADABLE_IMAGE",
+    "UNRENDERED_PLACEHOLDER",
     "UNSUPPORTED_VIDEO",
     "AdamWConfig",
     "BadRecord",
@@ -320,6 +325,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.constants import IGNORE_INDEX, PARTS, epoch_seed
     from arctic_vl.data.bad_records import (
         BAD_RECORD_REASONS,
+        GROUNDING_MISMATCH,
         IMAGE_TOKEN_MISMATCH,
         IMAGE_TOO_LARGE,
         INVALID_JSON,
@@ -328,6 +334,7 @@ if TYPE_CHECKING:  # pragma: no cover
         MISSING_FIELD,
         MISSING_IMAGE,
         UNREADABLE_IMAGE,
+        UNRENDERED_PLACEHOLDER,
         UNSUPPORTED_VIDEO,
         BadRecord,
         BadRecordReport,

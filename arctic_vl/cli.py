@@ -3,7 +3,7 @@
     arctic_vl CONFIG [--set k=v ...]           train (same as `arctic_vl train CONFIG`)
     arctic_vl validate CONFIG                  print the resolved config and model type; exit 0
     arctic_vl evaluate CONFIG [--base]         eval loss (+ exact match with eval.generate) on data.eval_sources
-    arctic_vl inspect-data CONFIG              counts and the first sample's tokens, trained parts marked
+    arctic_vl inspect-data CONFIG              counts and the first training item's tokens, trained parts marked
     arctic_vl plugins | schema                 installed plugins / JSON Schema of the config
     arctic_vl make-tiny-model | make-synthetic-data | export ...
 
@@ -28,7 +28,7 @@ verbs:
   validate CONFIG              check a config and print it resolved, with the model type
   evaluate CONFIG [--base]     evaluate the run's newest weights (final/, or the latest checkpoint when it is
                                newer) on data.eval_sources; --base: the untrained base model
-  inspect-data CONFIG          record counts and the first sample's tokens (trained parts marked)
+  inspect-data CONFIG          counts and the first training item's tokens (trained parts marked)
   plugins                      list installed plugins and what they registered (and their verbs)
   schema                       print the JSON Schema of the config
   make-tiny-model FAMILY DIR   write a tiny random VLM of a family, with tokenizer and processor
@@ -113,17 +113,19 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_inspect_data(argv: list[str]) -> int:
-    """`arctic_vl inspect-data CONFIG [--n N]`: record counts and the first N samples' tokens."""
+    """`arctic_vl inspect-data CONFIG [--n N] [--epoch E]`: counts and the first N training items' tokens."""
     p = _config_parser(
-        "inspect-data", "Count records and show the first sample's tokens (reads image sizes, not pixels)."
+        "inspect-data", "Build the run's data as training does (no weights, no process group): counts, skipped "
+        "records, and the first items of an epoch in training order with their trained tokens marked."
     )
-    p.add_argument("--n", type=int, default=1, help="samples to show")
+    p.add_argument("--n", type=int, default=1, help="items to show")
+    p.add_argument("--epoch", type=int, default=0, help="the epoch whose items (order, augmentation) to show")
     args = p.parse_args(argv)
     if args.n < 0:
         p.error("--n must be >= 0")
     from arctic_vl.commands.inspect_data import inspect_data
 
-    print(inspect_data(args.config, args.overrides, n=args.n))
+    print(inspect_data(args.config, args.overrides, n=args.n, epoch=args.epoch))
     return 0
 
 

@@ -172,7 +172,7 @@ def test_inspect_data_marks_trained_text(synthetic_data: Path, tiny_llava: Path,
     n_images = sum(1 for r in records[:10] if r.get("image"))
     assert f"train: 10 samples ({n_images} with images, {10 - n_images} text-only)" in proc.stdout
     assert "skipped 0" in proc.stdout
-    # the first record of the first source (file order, not the training mix), named by its index in the file
+    # the first item of the training order (file order here: shuffle false), named by its index in the file
     shown = re.search(r"^--- (.+) record (\d+): (\d+) tokens", proc.stdout, re.MULTILINE)
     assert shown and shown.group(1) == str(source) and int(shown.group(2)) == 0
     record = records[0]

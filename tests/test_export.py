@@ -110,3 +110,85 @@ def test_export_keeps_the_source_checkpoints_dtype(tiny_llava: Path, synthetic_d
     lora = Path(Engine(write_yaml(tmp_path / "lora.yaml", run)).train()["export"])
     assert json.loads((lora / "config.json").read_text())["dtype"] == "float32"
     assert {t.dtype for t in load_file(str(lora / "model.safetensors")).values()} == {torch.float32}
+
+
+def _dtype_fields(cfg: dict, path: str = "") -> dict[str, str]:
+    """Every dtype field of a config.json, by its path (`dtype`, `text_config.dtype`, ...)."""
+    out = {f"{path}{k}": v for k, v in cfg.items() if k in ("dtype", "torch_dtype")}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_dtype_fields(v, f"{path}{k}."))
+    return out
+
+
+def _export(source: Path, out: Path) -> Path:
+    """`source` built by the core's HF factory (export_dtype auto) and exported to `out` as training would."""
+    from arctic_vl.models.hf import HFModelConfig, HFModelFactory
+
+    factory = HFModelFactory(HFModelConfig(name_or_path=str(source)))
+    bundle = factory.build(device=torch.device("cpu"))
+    return factory.export(bundle, bundle.model, out)
+
+
+def _stored(out: Path) -> dict[torch.dtype, int]:
+    from collections import Counter
+
+    counts: Counter[torch.dtype] = Counter()
+    for f in out.glob("*.safetensors"):
+        for t in load_file(str(f)).values():
+            counts[t.dtype] += t.numel()
+    return dict(counts)
+
+
+def test_export_dtype_auto_is_the_stored_dtype_not_a_config_field(tiny_llava: Path, tmp_path: Path):
+    """A float32 checkpoint whose config says bfloat16 in its sub-configs (and nothing at the top) exports in
+    float32, the dtype its tensors are stored in, and every dtype field of the exported config says so."""
+    import shutil
+
+    source = Path(shutil.copytree(tiny_llava, tmp_path / "fp32"))
+    cfg = json.loads((source / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    cfg["text_config"]["dtype"] = cfg["vision_config"]["dtype"] = "bfloat16"
+    (source / "config.json").write_text(json.dumps(cfg))
+    assert set(_stored(source)) == {torch.float32}
+    out = _export(source, tmp_path / "out")
+    assert set(_stored(out)) == {torch.float32}
+    fields = _dtype_fields(json.loads((out / "config.json").read_text()))
+    assert {"dtype", "text_config.dtype", "vision_config.dtype"} <= set(fields)
+    assert set(fields.values()) == {"float32"}, fields
+
+
+def test_export_dtype_auto_of_mixed_shards_is_the_majoritys(tiny_llava: Path, tmp_path: Path):
+    """Weights stored mostly in bfloat16 (the vision tower in float32) across several shards, the config saying
+    float32: the export is bfloat16 (the dtype of most parameters, read from every shard's header), the
+    mix is said, and every dtype field of the exported config is bfloat16."""
+    from loguru import logger
+
+    from arctic_vl.models.loading import load_model, load_processor
+
+    model = load_model(tiny_llava, dtype=torch.bfloat16)
+    model.model.vision_tower.to(torch.float32)
+    source = tmp_path / "mixed"
+    model.save_pretrained(source, safe_serialization=True, max_shard_size="200KB")
+    load_processor(tiny_llava).save_pretrained(source)
+    cfg = json.loads((source / "config.json").read_text())
+    cfg["dtype"] = "float32"
+    (source / "config.json").write_text(json.dumps(cfg))
+    counts = _stored(source)
+    assert set(counts) == {torch.bfloat16, torch.float32} and counts[torch.bfloat16] > counts[torch.float32]
+    shards = sorted(source.glob("*.safetensors"))
+    assert len(shards) > 1 and (source / "model.safetensors.index.json").is_file()
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="INFO")
+    try:
+        out = _export(source, tmp_path / "out")
+    finally:
+        logger.remove(sink)
+    assert set(_stored(out)) == {torch.bfloat16}
+    assert set(_dtype_fields(json.loads((out / "config.json").read_text())).values()) == {"bfloat16"}
+    assert any("mixed dtypes" in m and f"BF16 {counts[torch.bfloat16]}" in m for m in messages), messages
+    from arctic_vl.models.export_dtype import stored_dtype
+
+    stored = stored_dtype(source)  # from the headers of both shards, no tensor loaded
+    assert stored.name == "bfloat16" and stored.mixed
+    assert stored.params == {"BF16": counts[torch.bfloat16], "F32": counts[torch.float32]}

@@ -97,3 +97,110 @@ def test_readme_verb_table_lists_every_core_verb():
     table = readme.split("## Command line", 1)[1].split("\n\n", 2)[1]
     listed = {v for row in table.splitlines() for v in re.findall(r"`([a-z][a-z-]*)[^`]*`", row.split("|")[1])}
     assert set(COMMANDS) <= listed, sorted(set(COMMANDS) - listed)
+
+
+# ------------------------------------------------------------------- inspect-data shows what trains
+PROJECTS = REPO / "projects"
+#: every shipped config that runs on tiny models and the synthetic data (the family configs with a tiny checkpoint
+#: swapped in); qwen2_5_vl+packing: the same config with packing on (packed rows, mRoPE positions)
+INSPECTED = (*FAMILY_CONFIGS, "qwen2_5_vl+packing", "shapes-llava-cpu", "bbu_detection/small-cpu",
+             "dense_caption/small-cpu", "dense_caption/small-cpu-gkd", "dense_caption/small-cpu-stage-b",
+             "swiftkv_vl/small-cpu")
+
+
+@pytest.fixture(scope="module")
+def bbu_records(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bbu_detection project's synthetic teacher/student records (24 train, 8 held out)."""
+    from bbu_detection.synthetic import make_detection_data
+
+    out = tmp_path_factory.mktemp("bbu")
+    make_detection_data(out, n=24, heldout=8, seed=0)
+    return out
+
+
+def _inspected_run(name: str, tmp_path: Path, tiny_dirs: dict[str, Path], synthetic_data: Path,
+                   bbu_records: Path) -> tuple[Path, list[str]]:
+    """(config path, overrides) of shipped config `name` at toy size: local data, a tiny model, a fresh run dir."""
+    out = [f"trainer.output_dir={tmp_path / 'run'}"]
+    llava = [f"data.sources=[{{path: {synthetic_data / 'train.llava.json'}, sample: 'first:8'}}]",
+             "data.eval_sources=[]"]
+    dense = [f"data.sources=[{{path: {synthetic_data / 'train.dense.jsonl'}, sample: 'first:24'}}]",
+             "data.eval_sources=[]", "data.micro_batch_size=4"]
+    family = name.split("+")[0]
+    if family in FAMILY_CONFIGS:
+        extra = ["data.packing=true", "data.max_length=512", "data.micro_batch_size=2"] if "+packing" in name else []
+        return CONFIGS / f"{family}.yaml", [f"model.name_or_path={tiny_dirs[family]}", *llava, *out, *extra]
+    if name == "shapes-llava-cpu":
+        return CONFIGS / "shapes-llava-cpu.yaml", [*llava, *out, "data.micro_batch_size=4"]
+    project, config = name.split("/")
+    path = PROJECTS / project / "configs" / f"{config}.yaml"
+    if project == "bbu_detection":
+        return path, [f"data.sources=[{bbu_records / 'train.bbu.jsonl'}]", "data.eval_sources=[]", *out]
+    if project == "swiftkv_vl":
+        return path, [*llava, *out, "data.micro_batch_size=4"]
+    if config == "small-cpu":
+        return path, [*dense, *out]
+    model = [f"model.name_or_path={tiny_dirs['qwen3_vl']}"]  # small-cpu's final/ in the recipe
+    if config == "small-cpu-gkd":
+        return path, [*model, *dense, *out]
+    from dense_caption.inference import make_stage_data
+
+    stage = make_stage_data(synthetic_data / "train.dense.jsonl", tmp_path / "stage", 2, 0)["out_dir"]
+    sources = (f"data.sources=[{{path: {synthetic_data / 'train.dense.jsonl'}, sample: 'first:8'}}, "
+               f"{{path: {Path(stage) / 'stage_b.messages.jsonl'}, sample: 'first:8'}}]")
+    return path, [*model, sources, "data.eval_sources=[]", "data.micro_batch_size=4", *out]
+
+
+@pytest.mark.parametrize("name", INSPECTED)
+def test_inspect_data_shows_the_first_training_batch(name, tmp_path, tiny_dirs, synthetic_data, bbu_records, cli):
+    """What `inspect-data` shows is what trains: its items are the first micro-batch the training loader yields
+    at epoch 0 (same tokens, same labels, after the factory's own augmentation and rendering), for the core's
+    factory and every project's."""
+    from arctic_vl.commands.inspect_data import inspect, render_tokens
+    from arctic_vl.engine import Engine
+
+    path, overrides = _inspected_run(name, tmp_path, tiny_dirs, synthetic_data, bbu_records)
+    sets = [a for o in overrides for a in ("--set", o)]
+    rc, out, err = cli("inspect-data", str(path), *sets, "--n", "2")
+    assert rc == 0, err
+    engine = Engine(path, overrides)
+    try:
+        trainer = engine._build()
+        first = trainer.plan(0)[0][0]
+        batch = next(iter(trainer.loader(0, 0)))
+    finally:
+        engine.release_lock()
+    shown = inspect(path, overrides, n=len(first))
+    assert [item.key for item in shown.items] == list(first)
+    ids, labels = batch["input_ids"], batch["labels"]
+    rows: dict[int, list] = {}
+    for b, item in enumerate(shown.items):  # packed: items of a row are laid end to end in it
+        rows.setdefault(item.key[0] if isinstance(item.key, tuple) else b, []).append(item)
+    for r, items in rows.items():
+        want_ids = [t for item in items for t in item.input_ids]
+        want_labels = [t for item in items for t in item.labels]
+        n = len(want_ids)
+        assert ids[r, :n].tolist() == want_ids and labels[r, :n].tolist() == want_labels, (name, r)
+        assert (labels[r, n:] == -100).all()  # the rest of the row is padding
+    # and the CLI prints the first trained item exactly
+    tokenizer = trainer.bundle.processor.tokenizer
+    image_ids = {tokenizer.convert_tokens_to_ids(trainer.bundle.family.image_token)}
+    first_item = shown.items[0]
+    assert render_tokens(tokenizer, first_item.input_ids, first_item.labels, image_ids) in out
+    assert f"--- {first_item.where}: {len(first_item.input_ids)} tokens" in out
+
+
+def test_inspect_data_reads_no_weights(tmp_path, tiny_dirs, synthetic_data, cli):
+    """The model a data build is handed is made from its config (meta device): a checkpoint directory without its
+    weight files still inspects, LoRA and freezing of the shipped config included."""
+    import shutil
+
+    model = tmp_path / "no-weights"
+    shutil.copytree(tiny_dirs["qwen2_5_vl"], model, ignore=shutil.ignore_patterns("*.safetensors*"))
+    assert not list(model.glob("*.safetensors"))
+    sets = ["--set", f"model.name_or_path={model}", "--set", f"trainer.output_dir={tmp_path / 'run'}",
+            "--set", f"data.sources=[{{path: {synthetic_data / 'train.llava.json'}, sample: 'first:4'}}]",
+            "--set", "data.eval_sources=[]"]
+    rc, out, err = cli("inspect-data", str(CONFIGS / "qwen2_5_vl.yaml"), *sets)
+    assert rc == 0, err
+    assert "train: 4 samples" in out and "[[" in out

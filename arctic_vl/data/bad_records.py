@@ -23,8 +23,13 @@ MALFORMED_TURNS = "malformed_turns"
 IMAGE_TOKEN_MISMATCH = "image_token_mismatch"
 #: a record with video (a `videos` / `video` field, a `<video>` placeholder): only images are supported
 UNSUPPORTED_VIDEO = "unsupported_video"
+#: a placeholder (ms-swift's `<bbox>`, `<ref-object>`, ...) left in the text after rendering: it would train as text
+UNRENDERED_PLACEHOLDER = "unrendered_placeholder"
+#: an ms-swift grounding record whose `<ref-object>` / `<bbox>` count differs from its `objects.ref` / `objects.bbox`
+GROUNDING_MISMATCH = "grounding_mismatch"
 BAD_RECORD_REASONS = (INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
-                      MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_VIDEO)
+                      MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_VIDEO, UNRENDERED_PLACEHOLDER,
+                      GROUNDING_MISMATCH)
 #: the dense_caption format's own reason (declared in its `reasons`)
 GEOMETRY_OUT_OF_RANGE = "geometry_out_of_range"
 

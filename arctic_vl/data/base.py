@@ -11,6 +11,7 @@ import torch
 from loguru import logger
 
 from arctic_vl.batch import DROPPED
+from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import DataError
 from arctic_vl.registry import DATA, Component, ComponentConfig
 
@@ -43,6 +44,14 @@ class DataBundle:
     on_bad_record: str = "error"
     #: the message of a bad sample found under on_bad_record "error", until the loop raises it (`raise_pending`)
     pending_error: str | None = None
+
+    def plan(self, epoch: int, world_size: int, seed: int) -> list[list[list[Any]]]:
+        """Every rank's micro-batches of `epoch`: plan[b][r] is rank r's b-th micro-batch, a list of `train`
+        indices (deterministic in seed and epoch): the `batcher`'s, else fixed `micro_batch_size` micro-batches
+        in a seeded (`shuffle`) or file order. The training loop and `inspect-data` both read it here."""
+        if self.batcher is not None:
+            return self.batcher(epoch, world_size)
+        return EpochBatchSampler.plan(len(self.train), self.micro_batch_size, world_size, seed, epoch, self.shuffle)
 
     def accept(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Apply `on_bad_record` to the samples `batch` lost when they were loaded (its `_dropped` entries, e.g.

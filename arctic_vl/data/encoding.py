@@ -1,7 +1,9 @@
 """Encoding: the one place that checks a conversation, places its image tokens and sets its labels.
 
 `prepare_messages` is the conversation rule every record format and every caller of the encoder shares
-(roles, turns, one `<image>` per image, placed LLaVA-style when the text has none). `SampleEncoder.encode_text`
+(roles, turns, one `<image>` per image, placed LLaVA-style when the text has none); ms-swift's grounding
+placeholders are rendered in the family's convention (`render_grounding`), and any placeholder left is refused
+(`check_rendered`). `SampleEncoder.encode_text`
 renders a conversation with the family's chat template, expands each image placeholder to the token count
 the processor itself would produce for that image size, and masks labels to the assistant turns (content +
 end-of-turn token); `encode_images` runs the processor's image path on decoded pixels (in DataLoader
@@ -13,9 +15,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Literal
 
 import torch
@@ -24,6 +29,7 @@ from arctic_vl.constants import IGNORE_INDEX
 from arctic_vl.data.bad_records import (
     IMAGE_TOKEN_MISMATCH,
     MALFORMED_TURNS,
+    UNRENDERED_PLACEHOLDER,
     UNSUPPORTED_VIDEO,
     BadRecord,
     BadRecordReport,
@@ -32,7 +38,16 @@ from arctic_vl.data.bad_records import (
 )
 from arctic_vl.data.images import UNREADABLE_IMAGE, image_size
 from arctic_vl.data.parallel import ordered_map
-from arctic_vl.data.records import IMAGE_TOKEN, ROLES, Conversation
+from arctic_vl.data.records import (
+    BBOX_TOKEN,
+    BBOX_TYPES,
+    GROUNDING_KEY,
+    IMAGE_TOKEN,
+    PLACEHOLDERS,
+    REF_TOKEN,
+    ROLES,
+    Conversation,
+)
 from arctic_vl.errors import ConfigError, DataError
 from arctic_vl.models.families import FamilySpec
 
@@ -200,6 +215,71 @@ def _unmark(rendered: str) -> tuple[str, dict[int, tuple[int, int]]]:
     return "".join(clean), spans
 
 
+#: families whose grounding boxes are absolute pixels of the image the model sees (after the processor's resize);
+#: every other family writes them in [0, 1000] (ms-swift's `norm_bbox`: 'none' for Qwen2.5-VL, else 'norm1000')
+PIXEL_BOX_FAMILIES = ("qwen2_5_vl",)
+
+
+def _scaled(v: float, num: int, den: int, limit: int) -> int:
+    """round(v * num / den), halves up, on the exact rational value, clamped to [0, limit]."""
+    rounded = math.floor(Fraction(v) * num / den + Fraction(1, 2))
+    return min(limit, max(0, rounded))
+
+
+def _points(values: list[int]) -> str:
+    """[x1, y1, x2, y2] -> `(x1,y1),(x2,y2)` (ms-swift's bbox string)."""
+    return ",".join(f"({x},{y})" for x, y in zip(values[0::2], values[1::2]))
+
+
+def render_grounding(messages: list[dict[str, Any]], grounding: dict[str, Any], encoder: SampleEncoder,
+                     image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+    """`messages` with each `<ref-object>` / `<bbox>` replaced, in order, by the next `grounding` ref / box, as
+    ms-swift renders them for the encoder's family.
+
+    Coordinates: Qwen2.5-VL, absolute pixels of the image the model sees (`SampleEncoder.seen_size`); every other
+    family, integers in [0, 1000] (x by the image width, y by its height; round half up). Text: the Qwen families
+    `<|object_ref_start|>REF<|object_ref_end|>` and `<|box_start|>(x1,y1),(x2,y2)<|box_end|>` (their grounding
+    tokens); the LLaVA families `REF` and `[(x1,y1),(x2,y2)]` (ms-swift's default template). A point [x, y]
+    renders as one pair. A new list: the caller's messages are not changed.
+    """
+    family = encoder.family
+    pixels = family.name in PIXEL_BOX_FAMILIES
+    source = BBOX_TYPES[grounding["bbox_type"]]  # None: pixels of the image as given
+    refs, boxes = iter(grounding["ref"]), iter(zip(grounding["bbox"], grounding["image_id"]))
+
+    def box_text(box: list[float], image: int) -> str:
+        width, height = image_sizes[image]  # parse_grounding checked the index against the record's images
+        extent = (width, height) if source is None else (source, source)
+        target = encoder.seen_size(width, height) if pixels else (1000, 1000)
+        values = [_scaled(v, target[i % 2], extent[i % 2], target[i % 2]) for i, v in enumerate(box)]
+        if family.is_qwen:
+            return f"<|box_start|>{_points(values)}<|box_end|>"
+        return f"[{_points(values)}]"
+
+    def ref_text(ref: str) -> str:
+        return f"<|object_ref_start|>{ref}<|object_ref_end|>" if family.is_qwen else ref
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == REF_TOKEN:
+            return ref_text(next(refs))
+        return box_text(*next(boxes))
+
+    pattern = re.compile(f"{re.escape(REF_TOKEN)}|{re.escape(BBOX_TOKEN)}")
+    return [{**m, "content": pattern.sub(replace, m["content"])} for m in messages]
+
+
+def check_rendered(messages: list[dict[str, Any]], field: str = "messages") -> None:
+    """DataError `unrendered_placeholder` when a message still holds an ms-swift placeholder (`PLACEHOLDERS`):
+    nothing replaced it, so it would train as literal text."""
+    for i, m in enumerate(messages):
+        found = [p for p in PLACEHOLDERS if p in m["content"]]
+        if found:
+            hint = (" (ms-swift grounding records give `objects: {ref: [...], bbox: [[...]]}` for them)"
+                    if REF_TOKEN in found or BBOX_TOKEN in found else "")
+            raise DataError(f"field {field}[{i}].content: holds the placeholder {found[0]} after rendering; it would "
+                            f"train as literal text{hint}", reason=UNRENDERED_PLACEHOLDER)
+
+
 class SampleEncoder:
     """Tokenize conversations once and encode images lazily, for one VLM family."""
 
@@ -244,6 +324,21 @@ class SampleEncoder:
             raise DataError(f"the image processor cannot use an image of size {width}x{height} ({e})",
                             reason=UNREADABLE_IMAGE) from None
         return int(data.num_image_tokens[0])
+
+    def seen_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the image the model sees for a `width` x `height` input: for the Qwen families the
+        image processor's own resize (its module's `smart_resize`, factor patch x merge size, this encoder's pixel
+        budget); for the LLaVA families the input size (the model sees tiles of it, not one resized image)."""
+        if not self.family.is_qwen:
+            return width, height
+        ip = self.processor.image_processor
+        resize = getattr(importlib.import_module(type(ip).__module__), "smart_resize", None)
+        if resize is None:  # every Qwen image processor module defines or imports it
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as resize
+        size = ip.size if isinstance(ip.size, dict) else dict(ip.size)
+        factor = int(ip.patch_size) * int(ip.merge_size)
+        h, w = resize(height, width, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        return int(w), int(h)
 
     # ------------------------------------------------------------------------------------------- text
     @property
@@ -321,6 +416,7 @@ class SampleEncoder:
             messages = prepare_messages(messages, len(image_sizes))
         except BadRecord as e:
             raise DataError(str(e), reason=e.reason) from None
+        check_rendered(messages)
         if self.system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         conversation = [{"role": m["role"], "content": _split_parts(m["content"])} for m in messages]
@@ -361,6 +457,15 @@ class SampleEncoder:
             if token_id != self.image_token_id and end > start and any(start < e and s < end for s, e in spans):
                 labels[k] = token_id
         return EncodedText(input_ids, labels, self._image_spans(input_ids, counts), unended)
+
+    def encode_conversation(self, conv: Conversation, image_sizes: Sequence[tuple[int, int]]) -> EncodedText:
+        """`encode_text` of a read record: its ms-swift grounding objects (`meta[GROUNDING_KEY]`) rendered into
+        its messages first (`render_grounding`)."""
+        messages = conv.messages
+        grounding = conv.meta.get(GROUNDING_KEY)
+        if grounding:
+            messages = render_grounding(messages, grounding, self, image_sizes)
+        return self.encode_text(messages, image_sizes)
 
     def _image_spans(self, input_ids: list[int], counts: list[int]) -> list[tuple[int, int]]:
         spans, k = [], 0
@@ -409,9 +514,10 @@ def _encode_one(conv: Conversation, encoder: SampleEncoder, max_length: int | No
     """One conversation's encoding under the `max_length` policy, or (is a bad record, reason, message)."""
     try:
         sizes = conv.image_sizes if conv.image_sizes is not None else [image_size(r) for r in conv.images]
-        enc = encoder.encode_text(conv.messages, sizes)
+        enc = encoder.encode_conversation(conv, sizes)
     except DataError as e:
-        return True, e.reason or "invalid_record", f"{conv.source}: {conv.where}: {e}"
+        reason = e.reason or "invalid_record"
+        return True, reason, f"{conv.source}: {conv.where}: {e} [reason: {reason}]"
     if max_length is not None and len(enc.input_ids) > max_length:
         cut = max_length
         if any(start < cut < end or start >= cut for start, end in enc.image_spans):

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from arctic_vl.data.bad_records import (
     GEOMETRY_OUT_OF_RANGE,
+    GROUNDING_MISMATCH,
     MALFORMED_RECORD,
     MALFORMED_TURNS,
     MISSING_FIELD,
@@ -34,6 +35,16 @@ ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                "system": "system"}
 GEOMETRY_KEYS = ("bbox_2d", "poly", "line")
+#: ms-swift's grounding placeholders: each `REF_TOKEN` takes the next `objects.ref`, each `BBOX_TOKEN` the next
+#: `objects.bbox`, in the family's convention (`arctic_vl.data.encoding.render_grounding`)
+REF_TOKEN, BBOX_TOKEN = "<ref-object>", "<bbox>"
+#: placeholders that must not reach the tokenizer: ms-swift's tags other than `<image>` (counted against the
+#: images) and `<video>` (refused as unsupported). A record still holding one after rendering is a bad record.
+PLACEHOLDERS = (REF_TOKEN, BBOX_TOKEN, "<audio>", "<cot-process>", "<start-image>")
+#: `meta` key of a record's parsed ms-swift `objects` (see `parse_grounding`)
+GROUNDING_KEY = "grounding"
+#: ms-swift's `objects.bbox_type`: `real` pixels of the image (default), `norm1` in [0, 1], `norm1000` in [0, 1000]
+BBOX_TYPES = {"real": None, "norm1": 1, "norm1000": 1000}
 DENSE_PROMPT = "Describe every object with its location."
 
 
@@ -166,6 +177,7 @@ class TurnsFormat(RecordFormat):
     content_key: ClassVar[str] = "content"
     roles: ClassVar[dict[str, str] | None] = None
     images_key: ClassVar[str] = "images"
+    reasons = (GEOMETRY_OUT_OF_RANGE,)  # an ms-swift grounding box outside its range (`parse_grounding`)
     #: whether the image field may hold one path string instead of a list
     single_image_str: ClassVar[bool] = False
 
@@ -174,10 +186,17 @@ class TurnsFormat(RecordFormat):
         return isinstance(record, dict) and self.messages_field in record
 
     def convert(self, record: Any, resolve: ResolveImage) -> Converted:
-        """(messages, images, meta); meta holds the fields other than the turns and the images."""
+        """(messages, images, meta); meta holds the fields other than the turns and the images, an ms-swift
+        grounding `objects` mapping parsed under `GROUNDING_KEY` (`parse_grounding`). An `objects` list is another
+        schema's (a project's detection boxes): kept in meta as it is; a placeholder left in the text is refused
+        when it is encoded."""
         messages = self._turns(record)
         images = _image_list(record.get(self.images_key), self.images_key, resolve, allow_str=self.single_image_str)
-        return messages, images, _extras(record, (self.images_key, self.messages_field))
+        if not isinstance(record.get("objects"), dict):
+            return messages, images, _extras(record, (self.images_key, self.messages_field))
+        meta = _extras(record, (self.images_key, self.messages_field, "objects"))
+        meta[GROUNDING_KEY] = parse_grounding(record["objects"], messages, len(images), self.messages_field)
+        return messages, images, meta
 
     def _turns(self, record: Any) -> list[dict[str, Any]]:
         key, role_key, content_key = self.messages_field, self.role_key, self.content_key
@@ -198,6 +217,65 @@ class TurnsFormat(RecordFormat):
                                     f"unknown role {t[role_key]!r} (allowed: human, gpt, system)")
             messages.append({"role": role, "content": t[content_key]})
         return messages
+
+
+def _count(messages: list[dict[str, Any]], token: str) -> int:
+    return sum(m["content"].count(token) for m in messages if isinstance(m.get("content"), str))
+
+
+def _check_boxes(boxes: list[Any], bbox_type: str) -> None:
+    """Each box [x1, y1, x2, y2] or point [x, y] of finite numbers, in [0, scale] of its `bbox_type`."""
+    scale = BBOX_TYPES[bbox_type]
+    for i, box in enumerate(boxes):
+        where = f"objects.bbox[{i}]"
+        if not isinstance(box, list) or len(box) not in (2, 4) or not all(_is_number(v) for v in box):
+            raise BadRecord(MALFORMED_RECORD, where, f"must be [x1, y1, x2, y2] or a point [x, y] of finite numbers, "
+                            f"got {box!r:.80}")
+        if min(box) < 0 or (scale is not None and max(box) > scale):
+            raise BadRecord(GEOMETRY_OUT_OF_RANGE, where, f"{box} is outside [0, {scale if scale else 'the image'}]"
+                            f" (bbox_type {bbox_type})")
+
+
+def parse_grounding(objects: Any, messages: list[dict[str, Any]], n_images: int,
+                    messages_field: str = "messages") -> dict[str, Any]:
+    """ms-swift's grounding `objects` of one record, checked: {ref, bbox, bbox_type, image_id}.
+
+    `ref`: strings, one per `<ref-object>` of the messages, in order; `bbox`: boxes [x1, y1, x2, y2] or points
+    [x, y] (finite numbers), one per `<bbox>`; `bbox_type`: `real` (pixels of the image, the default), `norm1`
+    (in [0, 1]) or `norm1000` (in [0, 1000], already normalised); `image_id`: per box, the index of the image it
+    is on (default 0). BadRecord `malformed_record` naming the field, or `grounding_mismatch` when a placeholder
+    count differs from its list.
+    """
+    if not isinstance(objects, dict):
+        raise BadRecord(MALFORMED_RECORD, "objects", "ms-swift grounding objects must be an object {ref: [...], "
+                        f"bbox: [[...]], bbox_type?, image_id?}}, got {type(objects).__name__}")
+    unknown = sorted(set(objects) - {"ref", "bbox", "bbox_type", "image_id"})
+    if unknown:
+        raise BadRecord(MALFORMED_RECORD, "objects", f"unknown keys {unknown} (allowed: ref, bbox, bbox_type, "
+                        "image_id)")
+    refs, boxes = objects.get("ref") or [], objects.get("bbox") or []
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise BadRecord(MALFORMED_RECORD, "objects.ref", "must be a list of strings")
+    if not isinstance(boxes, list):
+        raise BadRecord(MALFORMED_RECORD, "objects.bbox", f"must be a list of boxes, got {type(boxes).__name__}")
+    bbox_type = objects.get("bbox_type") or "real"
+    if bbox_type not in BBOX_TYPES:
+        raise BadRecord(MALFORMED_RECORD, "objects.bbox_type", f"{bbox_type!r}; allowed: {', '.join(BBOX_TYPES)}")
+    _check_boxes(boxes, bbox_type)
+    if boxes and n_images == 0:  # its size scales the box (and a resized image's, for pixel families)
+        raise BadRecord(MALFORMED_RECORD, "objects.bbox", "boxes need the image they are on; the record has none")
+    image_ids = objects.get("image_id")
+    image_ids = [0] * len(boxes) if image_ids is None else image_ids
+    if (not isinstance(image_ids, list) or len(image_ids) != len(boxes)
+            or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < n_images for k in image_ids)):
+        raise BadRecord(MALFORMED_RECORD, "objects.image_id", f"must list, per box, the index of its image "
+                        f"(0..{n_images - 1}), got {image_ids!r:.80}")
+    for token, values, name in ((REF_TOKEN, refs, "ref"), (BBOX_TOKEN, boxes, "bbox")):
+        n = _count(messages, token)
+        if n != len(values):
+            raise BadRecord(GROUNDING_MISMATCH, messages_field, f"{n} {token} placeholders for {len(values)} "
+                            f"objects.{name} entries (each {token} takes the next one, in order)")
+    return {"ref": list(refs), "bbox": [list(b) for b in boxes], "bbox_type": bbox_type, "image_id": list(image_ids)}
 
 
 @RECORD_FORMATS.register("llava")

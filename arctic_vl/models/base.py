@@ -66,7 +66,8 @@ class ModelFactory(Component, ABC):
 
     The engine calls, in this order: `prepare` (main process only, before any rank builds: write files the
     build needs), `build` (every rank), and at the end `export`. `describe` (for `arctic_vl validate`) and
-    `load_processor` (for `arctic_vl inspect-data`) must read config files only, never weights.
+    `load_processor` must read config files only, never weights; `build_for_data` (for `arctic_vl inspect-data`)
+    should read as little as the data factory needs.
     `parts` names the parameter groups the model's parameters fall into (`ModelBundle.part_of`); the
     optimizer's `param_groups[].parts` may name any of them.
     """
@@ -98,12 +99,22 @@ class ModelFactory(Component, ABC):
         `state_dict`: the full weights when the backend gathered them (ZeRO-3); else read `model` itself.
         """
 
+    def build_for_data(self, output_dir: Path) -> ModelBundle:
+        """The bundle a data factory's `build` is handed, as cheaply as this factory can make it, on no process
+        group (`arctic_vl inspect-data` builds the run's data exactly as training does with it).
+
+        Default: the full `build` on the CPU. `HFModelFactory` builds the model from its config on the meta
+        device instead (no weights read): a data factory reads the processor, the family, the model's config
+        and `extras`, never weights.
+        """
+        return self.build(device=torch.device("cpu"), output_dir=output_dir)
+
     def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
-        """(processor, family) without loading weights, for `arctic_vl inspect-data`."""
+        """(processor, family) without loading weights (a tool that needs only the tokenizer and the family)."""
         from arctic_vl.errors import ConfigError
 
         raise ConfigError(f"model.type {self.registered_name!r}: this model factory cannot load a processor alone; "
-                          "inspect-data needs one")
+                          "this tool needs one")
 
 
 MODELS.bind_base(ModelFactory)

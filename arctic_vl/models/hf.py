@@ -13,7 +13,7 @@ from arctic_vl.config.paths import ModelPath
 from arctic_vl.config.types import Seed
 from arctic_vl.errors import ConfigError
 from arctic_vl.models.base import ModelBundle, ModelFactory
-from arctic_vl.models.export_dtype import cast_state_dict, checkpoint_dtype, stamp_config_dtype
+from arctic_vl.models.export_dtype import cast_state_dict, stamp_config_dtype, stored_dtype
 from arctic_vl.models.lora import LoraConfig, apply_lora, is_peft, save_lora_export
 from arctic_vl.models.tiny import TinyModelConfig, check_tiny_shape
 from arctic_vl.registry import MODELS, ComponentConfig
@@ -35,8 +35,9 @@ class HFModelConfig(ComponentConfig):
         "float32", description="dtype the weights train in (float32: fp32 master weights, with trainer.bf16 autocast)"
     )
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the exported weights (final/, `arctic_vl export`); auto: the source "
-        "checkpoint's (its config.json `dtype` / `torch_dtype`), else model.dtype"
+        "auto", description="dtype of the exported weights (final/, `arctic_vl export`); auto: the dtype the source "
+        "checkpoint's weights are stored in (its safetensors headers, all shards; the majority of parameters when "
+        "mixed), else model.dtype"
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="default: flash_attention_2 when it imports, else sdpa"
@@ -106,8 +107,10 @@ class HFModelFactory(ModelFactory):
     """Loads with the real `from_pretrained` path; never `trust_remote_code`."""
 
     config_class = HFModelConfig
-    #: the dtype the loaded source checkpoint's config.json names (what `export_dtype: auto` writes)
+    #: the dtype the source checkpoint's weights are stored in (what `export_dtype: auto` writes)
     source_dtype: str | None = None
+    #: set by `build_for_data`: `load` builds the model on the meta device, reading no weights
+    _skeleton: bool = False
 
     def model_dir(self, output_dir: Path | None = None) -> Path:
         """The directory the model is loaded from (an inline tiny model is written under OUTPUT_DIR/base_model)."""
@@ -143,18 +146,38 @@ class HFModelFactory(ModelFactory):
         loaded exactly as saved. Subclasses that convert a source checkpoint override this and skip the
         conversion for an export.
         """
-        from arctic_vl.models.loading import family_of_dir, load_model, load_processor
+        from arctic_vl.models.loading import family_of_dir, load_model, load_processor, model_skeleton
 
-        if not exported:
-            self.source_dtype = checkpoint_dtype(path)
-        model = load_model(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
+        load = model_skeleton if self._skeleton else load_model
+        model = load(path, dtype=DTYPES[self.config.dtype], attn_implementation=self.config.attn_implementation)
         return model, load_processor(path), family_of_dir(path)
 
+    def _read_source_dtype(self, source: Path) -> None:
+        """`source_dtype` from the source checkpoint's stored weights; mixed dtypes are said once."""
+        stored = stored_dtype(source)
+        self.source_dtype = stored.name if stored is not None else None
+        if stored is not None and stored.mixed and self.config.export_dtype == "auto":
+            from loguru import logger
+
+            logger.info(f"{source}: weights stored in mixed dtypes; model.export_dtype auto exports in the dtype of "
+                        f"most parameters: {stored.describe()}")
+
     def export_dtype(self) -> str:
-        """The dtype name `export` writes: `model.export_dtype`, or for `auto` the source checkpoint's."""
+        """The dtype name `export` writes: `model.export_dtype`, or for `auto` the dtype the source checkpoint's
+        weights are stored in (its safetensors headers; the majority of parameters when mixed)."""
         if self.config.export_dtype != "auto":
             return self.config.export_dtype
         return self.source_dtype or self.config.dtype
+
+    def build_for_data(self, output_dir: Path) -> ModelBundle:
+        """`build` with the model made from its config on the meta device (`load` reads no weights; a subclass
+        that overrides `load` without calling this one builds in full, on the CPU)."""
+        self._skeleton = True
+        try:
+            bundle = self.build(device=None, output_dir=output_dir)
+        finally:
+            self._skeleton = False
+        return bundle
 
     def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
         """(processor, family) of the configured model directory, without its weights."""
@@ -168,6 +191,8 @@ class HFModelFactory(ModelFactory):
         """Load the configured model, or the one in `path` (what `Engine.evaluate` passes: the run's final/);
         freeze `model.freeze`; enable gradient checkpointing; then wrap with LoRA (`model.lora`)."""
         source = Path(path) if path is not None else self.model_dir(output_dir)
+        if path is None:  # here, not in `load`: a subclass's own `load` (a conversion) exports the same way
+            self._read_source_dtype(source)
         model, processor, family = self.load(source, exported=path is not None)
         bundle = ModelBundle(model, processor, family, part_names=self.parts)
         self.freeze(bundle)

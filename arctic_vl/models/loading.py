@@ -78,6 +78,19 @@ def load_model(
     return model
 
 
+def model_skeleton(path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """The model of `path` built from its config.json on the meta device: the modules, shapes and config of
+    `load_model`'s, no weights read and no memory held (what a data build reads of a model, for inspect-data)."""
+    import transformers
+    from transformers import AutoConfig
+
+    family_of_dir(path)  # an unsupported model type is refused as load_model refuses it
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with torch.device("meta"):
+        return transformers.AutoModelForImageTextToText.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation or "sdpa", trust_remote_code=False)
+
+
 def load_processor(path: str | Path):
     """Load the processor saved in `path` (image-only variants where HF's needs torchvision)."""
     from transformers import AutoProcessor

@@ -128,7 +128,9 @@ def whole_part_modules(model: torch.nn.Module, parts: set[str],
 
     def visit(prefix: str, module: torch.nn.Module) -> None:
         names = [prefix + n for n, _ in module.named_parameters()]
-        if names and prefix and all(part_of(n) in parts for n in names):
+        # PEFT cannot wrap a bare container (Qwen3-VL's deepstack_merger_list): its children are saved instead
+        container = isinstance(module, torch.nn.ModuleList | torch.nn.ModuleDict)
+        if names and prefix and not container and all(part_of(n) in parts for n in names):
             modules.append(prefix[:-1])
             return
         for pname, _ in module.named_parameters(recurse=False):

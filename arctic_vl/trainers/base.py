@@ -239,10 +239,7 @@ class Trainer(Component):
 
     def plan(self, epoch: int) -> list[list[list[Any]]]:
         """Every rank's micro-batches of `epoch` (deterministic in seed and epoch)."""
-        if self.data.batcher is not None:
-            return self.data.batcher(epoch, self.dist.world_size)
-        return EpochBatchSampler.plan(len(self.data.train), self.data.micro_batch_size, self.dist.world_size,
-                                      self.config.seed, epoch, self.data.shuffle)
+        return self.data.plan(epoch, self.dist.world_size, self.config.seed)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps in an epoch: micro-batches per epoch over gradient_accumulation_steps, rounded up."""

@@ -8,6 +8,7 @@ stop the run (exit 2, naming file, record, line, field, reason) or are counted b
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from arctic_vl import (
     DATA_SOURCES,
+    IGNORE_INDEX,
     MISSING_FIELD,
     RECORD_FORMATS,
     BadRecord,
@@ -224,3 +226,141 @@ def test_factory_hooks_check_every_build_and_follow_the_policy(synthetic_data, t
     assert data.report.by_reason().get("odd_record") == 6
     with pytest.raises(DataError, match=r"train\.llava\.json: record 1: field index: 1 is odd.*\[reason: odd_record\]"):
         _factory_with_hooks("error", synthetic_data, cache).build(bundle, seed=0)
+
+
+# --------------------------------------------------------------------------- ms-swift grounding records
+GROUNDING_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision")
+
+
+def _grounding_records(image: str) -> list[dict[str, Any]]:
+    """ms-swift's grounding examples on a 200 x 100 image: pixel boxes with a ref, a norm1000 box, a norm1 point."""
+    def chat(query: str, response: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+
+    return [
+        {"messages": chat("<image>Find the <ref-object> in the image", "<bbox><bbox>"), "images": [image],
+         "objects": {"ref": ["sheep"], "bbox": [[20, 10, 60, 50], [100, 30, 150, 90]]}},
+        {"messages": chat("<image>Where is it?", "<bbox>"), "images": [image],
+         "objects": {"ref": [], "bbox": [[100, 200, 300, 400]], "bbox_type": "norm1000"}},
+        {"messages": chat("<image>Open the browser", "Action: click(start_box='<bbox>')"), "images": [image],
+         "objects": {"ref": [], "bbox": [[0.25, 0.5]], "bbox_type": "norm1"}},
+    ]
+
+
+@pytest.mark.parametrize("family", GROUNDING_FAMILIES)
+def test_ms_swift_grounding_records_train_on_the_family_coordinates(family, tmp_path, png, jsonl):
+    """`<ref-object>` / `<bbox>` + `objects` are rendered as ms-swift renders them for the family: Qwen2-VL and
+    Qwen3-VL in 0-1000, Qwen2.5-VL in pixels of the resized image the model sees (its processor's own grid), the
+    LLaVA families in 0-1000 as `[(x1,y1),(x2,y2)]`; the trained tokens are exactly those numbers."""
+    from fractions import Fraction
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
+    from arctic_vl.models.loading import family_of_dir, load_processor
+    from arctic_vl.models.tiny import make_tiny_model
+
+    model = make_tiny_model(family, tmp_path / "model", seed=0, layers=1, hidden=32, heads=2, kv_heads=1,
+                            intermediate=64, vision_layers=1, vision_hidden=32)
+    image = png(tmp_path / "a.png", (200, 100))
+    path = jsonl(tmp_path / "grounding.jsonl", _grounding_records(str(image)))
+    factory = VLMDataFactory(VLMDataConfig(sources=[str(path)], cache=False, shuffle=False))
+    encoder = factory.encoder(SimpleNamespace(processor=load_processor(model), family=family_of_dir(model)))
+    report = BadRecordReport()
+    _, encoded = factory.load(factory.config.sources, encoder, seed=0, report=report)
+    assert report.total == 0 and len(encoded) == 3
+    qwen = family.startswith("qwen")
+    if family == "qwen2_5_vl":  # the resized image: the processor's own patch grid of it
+        grid = encoder.encode_images([Image.open(image)])["image_grid_thw"][0].tolist()
+        patch = encoder.processor.image_processor.patch_size
+        extent = (grid[2] * patch, grid[1] * patch)
+        assert extent != (200, 100)  # resized: pixels of the input would be wrong
+    else:
+        extent = (1000, 1000)
+
+    def scaled(values: list[float], size: tuple[float, float]) -> str:
+        ints = [int(Fraction(v) * extent[i % 2] / size[i % 2] + Fraction(1, 2)) for i, v in enumerate(values)]
+        text = ",".join(f"({x},{y})" for x, y in zip(ints[0::2], ints[1::2]))
+        return f"<|box_start|>{text}<|box_end|>" if qwen else f"[{text}]"
+
+    answers = [scaled([20, 10, 60, 50], (200, 100)) + scaled([100, 30, 150, 90], (200, 100)),
+               scaled([100, 200, 300, 400], (1000, 1000)),
+               f"Action: click(start_box='{scaled([0.25, 0.5], (1, 1))}')"]
+    if family != "qwen2_5_vl":  # the numbers themselves, worked by hand
+        assert answers[0] == ("<|box_start|>(100,100),(300,500)<|box_end|><|box_start|>(500,300),(750,900)<|box_end|>"
+                              if qwen else "[(100,100),(300,500)][(500,300),(750,900)]")
+        assert "(100,200),(300,400)" in answers[1] and "(250,500)" in answers[2]
+    tok = encoder.tokenizer
+    for enc, answer in zip(encoded, answers):
+        trained = tok.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX])
+        assert trained.startswith(answer) and trained[len(answer):].strip() in tok.all_special_tokens, trained
+        text = tok.decode(enc.input_ids)
+        assert "<bbox>" not in text and "<ref-object>" not in text
+    ref = "<|object_ref_start|>sheep<|object_ref_end|>" if qwen else "sheep"
+    assert f"Find the {ref} in the image" in tok.decode(encoded[0].input_ids)
+
+
+def _placeholder_files(root: Path, image: str, write_jsonl: Any) -> dict[str, tuple[Path, int, str]]:
+    """case -> (a file whose record 1 is bad for it, 1, reason); record 0 of each is good."""
+    good = _grounding_records(image)[0]
+    chat = [{"role": "user", "content": "<image>Where is the sheep?"}, {"role": "assistant", "content": "<bbox>"}]
+    llava = {"image": image, "conversations": [{"from": "human", "value": "<image>Find the <ref-object>"},
+                                               {"from": "gpt", "value": "There."}]}
+    llava_good = {"image": image, "conversations": [{"from": "human", "value": "<image>Hi"},
+                                                    {"from": "gpt", "value": "Hello."}]}
+    return {
+        "no_objects": (write_jsonl(root / "no_objects.jsonl", [good, {"messages": chat, "images": [image]}]), 1,
+                       "unrendered_placeholder"),
+        "llava": (write_jsonl(root / "llava.jsonl", [llava_good, llava]), 1, "unrendered_placeholder"),
+        "more_bbox_than_boxes": (write_jsonl(root / "mismatch.jsonl", [good, {
+            "messages": [chat[0], {"role": "assistant", "content": "<bbox> and <bbox>"}], "images": [image],
+            "objects": {"ref": [], "bbox": [[1, 2, 3, 4]]}}]), 1, "grounding_mismatch"),
+    }
+
+
+def test_leftover_placeholders_are_bad_records_in_every_format(qa_format, tmp_path, tiny_llava, png, jsonl, cli):
+    """A record still holding `<bbox>` / `<ref-object>` after rendering (no `objects`, any format, a plugin's
+    too) or with more `<bbox>` than boxes is a bad record: counted under skip, exit 2 naming it under error."""
+    image = str(png(tmp_path / "a.png", (200, 100)))
+    files = _placeholder_files(tmp_path, image, jsonl)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "2 + 2?", "answer": "4"}) + "\n"
+                  + json.dumps({"question": "Find it", "answer": "<bbox>"}) + "\n")
+    files["plugin_format"] = (qa, 1, "unrendered_placeholder")
+    for case, (path, index, reason) in files.items():
+        config = _config(tmp_path / f"{case}.yaml", tiny_llava, {"path": str(path)})
+        rc, _, err = cli("inspect-data", str(config))
+        assert rc == 2 and "Traceback" not in err, (case, err[-2000:])
+        assert f"{path}: record {index} (line {index + 1}): field " in err and f"reason: {reason}" in err, (case, err)
+        config = _config(tmp_path / f"{case}-skip.yaml", tiny_llava, {"path": str(path)}, on_bad_record="skip")
+        rc, out, err = cli("inspect-data", str(config))
+        assert rc == 0, (case, err)
+        assert "train: 1 samples" in out and "skipped 1" in out and f"{reason}: 1" in out, (case, out)
+
+
+def test_malformed_grounding_objects_are_bad_records(tmp_path, png, jsonl):
+    """ms-swift `objects` that cannot be rendered are named bad records: the field and the reason."""
+    image = str(png(tmp_path / "a.png", (200, 100)))
+    chat = [{"role": "user", "content": "<image>Find the <ref-object>"}, {"role": "assistant", "content": "<bbox>"}]
+    bad = [({"ref": ["a"], "bbox": [[1, 2, 3]]}, "objects.bbox[0]", "malformed_record"),
+           ({"ref": ["a"], "bbox": [[0.1, 0.2, 1.5, 0.4]], "bbox_type": "norm1"}, "objects.bbox[0]",
+            "geometry_out_of_range"),
+           ({"ref": ["a"], "bbox": [[1, 2, 3, 4]], "bbox_type": "xyxy"}, "objects.bbox_type", "malformed_record"),
+           ({"ref": ["a"], "bbox": [[1, 2, 3, 4]], "image_id": [1]}, "objects.image_id", "malformed_record"),
+           ({"ref": ["a", "b"], "bbox": [[1, 2, 3, 4]]}, "messages", "grounding_mismatch"),
+           ({"ref": ["a"], "box": [[1, 2, 3, 4]]}, "objects", "malformed_record")]
+    good = {"ref": ["a"], "bbox": [[1, 2, 3, 4]]}
+    path = jsonl(tmp_path / "bad.jsonl", [{"messages": chat, "images": [image], "objects": o}
+                                          for o in [*(o for o, _, _ in bad), good]])
+    report = BadRecordReport()
+    kept = read_source(SourceSpec(path=str(path)), base_dir=tmp_path, seed=0, on_bad_record="skip", report=report)
+    assert [c.index for c in kept] == [len(bad)] and report.total == len(bad)
+    assert kept[0].meta["grounding"] == {"ref": ["a"], "bbox": [[1, 2, 3, 4]], "bbox_type": "real", "image_id": [0]}
+    assert report.by_reason() == {"malformed_record": 4, "geometry_out_of_range": 1, "grounding_mismatch": 1}
+    for i, (objects, field, reason) in enumerate(bad):
+        one = jsonl(tmp_path / f"bad{i}.jsonl", [{"messages": chat, "images": [image], "objects": o}
+                                                 for o in (good, objects)])
+        with pytest.raises(DataError, match=rf"record 1 \(line 2\): field {re.escape(field)}: .*reason: {reason}"):
+            read_source(SourceSpec(path=str(one)), base_dir=tmp_path, seed=0, on_bad_record="error",
+                        report=BadRecordReport())

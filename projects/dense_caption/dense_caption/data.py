@@ -281,7 +281,7 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
         conv = self.plain[j]
         where = f"{conv.source}: record {conv.index}"
         images = [_load(ref, conv.source, conv.index, where) for ref in conv.images]
-        enc = self.encoder.encode_text(conv.messages, [im.size for im in images])
+        enc = self.encoder.encode_conversation(conv, [im.size for im in images])
         vision = self.encoder.encode_images(images) if images else {}
         return {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
                 "labels": torch.tensor(enc.labels, dtype=torch.long), **vision, AUGMENTATION_KEY: {}}
@@ -406,7 +406,7 @@ class DenseCaptionDataFactory(VLMDataFactory):
         plain_kept = []
         for conv in plain:
             try:
-                enc = encoder.encode_text(conv.messages, [image_size(ref) for ref in conv.images])
+                enc = encoder.encode_conversation(conv, [image_size(ref) for ref in conv.images])
             except DataError as e:
                 self._bad(conv, e.reason or "invalid_record", str(e), report)
                 continue

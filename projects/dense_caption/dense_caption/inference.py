@@ -3,11 +3,9 @@
     arctic_vl dense-caption stage-a CONFIG --images PATH [PATH ...] --out summaries.jsonl
     arctic_vl dense-caption stage-b CONFIG --summaries summaries.jsonl --out verdicts.jsonl [--max-retries 2]
     arctic_vl dense-caption make-stage-data DENSE.jsonl --out-dir DIR [--group-size 2 --seed 0]
-    arctic_vl dense-caption inspect CONFIG [--n 2 --epoch 0]
 
-`inspect` shows the training items as the workers build them (grouped, mode drawn, augmented, encoded), the
-trained tokens in [[...]], with the counts and skipped records of each split (the core's `inspect-data` shows the
-records before this project's rendering).
+The training items as the workers build them (grouped, mode drawn, augmented, encoded): the core's
+`arctic_vl inspect-data CONFIG [--n 2 --epoch 0]`, which builds the data with this project's factory.
 
 The model is the run's newest weights (`arctic_vl.newest_weights`: `OUTPUT_DIR/final` when it holds the last
 step, else the latest checkpoint, on the base model rebuilt as training builds it), logged with its step before
@@ -381,50 +379,11 @@ def make_stage_data(dense: Path, out_dir: Path, group_size: int, seed: int, pref
             "skipped": dict(Counter({reason: n for (_, reason), n in report.counts.items()}))}
 
 
-# ------------------------------------------------------------------------------------------- inspect
-def inspect(config: str, overrides: list[str], n: int, epoch: int) -> str:
-    """The first `n` training items of `epoch` as text with the trained tokens in [[...]], and the data stats."""
-    from arctic_vl import Engine
-
-    trainer = Engine(config, overrides)._build()
-    data, tok = trainer.data, trainer.bundle.processor.tokenizer
-    image_id = trainer.bundle.processor.image_token_id
-    lines = [f"data: {json.dumps(data.stats, default=str)}"]
-    if data.report is not None and data.report.total:
-        lines.append(data.report.format())
-    data.train.set_epoch(epoch)
-    for i in range(min(n, len(data.train))):
-        item = data.train[i]
-        ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
-        text, trained, images = [], False, 0
-        for t, label in zip(ids, labels):
-            if t == image_id:
-                images += 1
-                continue
-            if (label != -100) != trained:
-                text.append("[[" if not trained else "]]")
-                trained = not trained
-            text.append(tok.decode([t]))
-        if trained:
-            text.append("]]")
-        mode = data.train.mode(i) if i < data.train.n_groups else "as recorded"
-        lines.append(f"--- item {i} (epoch {epoch}, {mode}): {data.train.where(i)}: {len(ids)} tokens, "
-                     f"{images} image tokens, augmentation {item.get('_augmentation', {})}")
-        lines.append("".join(text))
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse bad arguments (argparse's exit 2) and unusable output paths (ConfigError, exit 2) up front."""
     from arctic_vl import output_file
 
-    if args.verb == "inspect":
-        if args.n < 1:
-            p.error("--n must be >= 1")
-        if args.epoch < 0:
-            p.error("--epoch must be >= 0")
-        return
     if args.verb == "make-stage-data":
         if args.group_size < 1:
             p.error("--group-size must be >= 1")
@@ -471,16 +430,8 @@ def main(argv: list[str]) -> int:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
                    help="a bad record line stops (error, exit 2) or is skipped and counted (skip)")
-    i = sub.add_parser("inspect", help="the first training items as the workers build them")
-    i.add_argument("config")
-    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    i.add_argument("--n", type=int, default=2)
-    i.add_argument("--epoch", type=int, default=0)
     args = p.parse_args(argv)
     _check_args(p, args)  # every argument and output path before any model loads
-    if args.verb == "inspect":
-        print(inspect(args.config, args.overrides, args.n, args.epoch))
-        return 0
     if args.verb == "make-stage-data":
         result = make_stage_data(args.dense, args.out_dir, args.group_size, args.seed,
                                  on_bad_record=args.on_bad_record)

@@ -214,3 +214,25 @@ def test_pixels_that_do_not_decode_are_dropped_and_counted(tmp_path, shapes, tin
         else:
             with pytest.raises(DataError, match=r"dense.jsonl: record 4: .*found when loading the sample"):
                 data.raise_pending(0)
+
+
+def test_passed_through_grounding_records_are_rendered_and_leftovers_refused(tmp_path, shapes, tiny_qwen2) -> None:
+    """A messages record beside the dense ones (passed through) trains on its ms-swift `objects` rendered in the
+    family's convention (Qwen2-VL: 0-1000 in its box tokens), never on `<bbox>`; one with no `objects` is a bad
+    record (skip: counted; error: DataError naming it)."""
+    dense = _write(tmp_path, shapes, _records(shapes, 2))
+    image = str(shapes / "images" / "train-000000.png")  # 64 x 64
+    chat = [{"role": "user", "content": "<image>Find the <ref-object>"}, {"role": "assistant", "content": "<bbox>"}]
+    swift = tmp_path / "swift.jsonl"
+    swift.write_text(json.dumps({"messages": chat, "images": [image],
+                                 "objects": {"ref": ["circle"], "bbox": [[8, 16, 32, 48]]}}) + "\n"
+                     + json.dumps({"messages": chat, "images": [image]}) + "\n")
+    data, bundle = _build(tmp_path, tiny_qwen2, {"sources": [str(dense), str(swift)], "on_bad_record": "skip",
+                                                 "shuffle": False})
+    assert data.report.by_reason() == {"unrendered_placeholder": 1} and len(data.train.plain) == 1
+    item = data.train[data.train.n_groups]
+    assert _decode_answer(bundle, item) == "<|box_start|>(125,250),(500,750)<|box_end|>"
+    assert "<|object_ref_start|>circle<|object_ref_end|>" in bundle.processor.tokenizer.decode(item["input_ids"])
+    with pytest.raises(DataError, match=r"swift.jsonl: record 1: field messages\[0\]\.content: holds the "
+                                        r"placeholder <ref-object>.*reason: unrendered_placeholder"):
+        _build(tmp_path / "error", tiny_qwen2, {"sources": [str(dense), str(swift)]})

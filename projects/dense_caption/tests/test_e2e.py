@@ -219,8 +219,23 @@ def test_bad_records_and_verbs_exit_2(shapes: Path, cli_in_process, tmp_path: Pa
     assert code == 2 and f"{tmp_path / 'run'}: no trained weights" in err
 
 
-def test_inspect_shows_the_built_items(shapes: Path, cli_in_process, tmp_path: Path) -> None:
-    config = write_yaml(tmp_path / "run.yaml", _config(tmp_path / "run", shapes))
-    code, out, err = cli_in_process("dense-caption", "inspect", str(config), "--n", "2")
+def test_core_inspect_data_shows_the_built_items(shapes: Path, cli_in_process, tmp_path: Path) -> None:
+    """The core's inspect-data builds this factory's items (the former `dense-caption inspect`): augmented,
+    answered in the family's coordinates (Qwen2.5-VL: pixels, the geometry key first), encoded."""
+    import json
+    import re
+
+    config = write_yaml(tmp_path / "run.yaml", _config(tmp_path / "run", shapes, summary_ratio=0.0))
+    code, out, err = cli_in_process("inspect-data", str(config), "--n", "2")
     assert code == 0, err
-    assert out.count("--- item") == 2 and "[[" in out and "]]" in out and "image tokens" in out
+    assert out.count("\n--- ") == 2 and "augmentation {" in out
+    records = [json.loads(x) for x in (shapes / "train.dense.jsonl").read_text().splitlines()]
+    for block in out.split("\n--- ")[1:]:
+        index = int(re.search(r"record (\d+): \d+ tokens", block).group(1))
+        objects = json.loads(re.search(r"\[\[(.*)<\|im_end\|>\]\]", block, re.S).group(1))
+        rec = records[index]
+        assert objects and all(next(iter(o)) != "desc" for o in objects)
+        for o in objects:  # pixels of the 64 x 64 image (norm1000 would exceed it)
+            assert all(0 <= v <= max(rec["width"], rec["height"]) for v in next(iter(o.values())))
+    code, _, err = cli_in_process("dense-caption", "inspect", str(config))
+    assert code == 2 and "invalid choice: 'inspect'" in err

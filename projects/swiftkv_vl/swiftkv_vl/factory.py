@@ -186,7 +186,7 @@ class SwiftKVModelFactory(ModelFactory):
         make_tiny_model(tiny.family, target, seed=tiny.seed if tiny.seed is not None else seed, **shape)
 
     def load_processor(self, output_dir: Path) -> tuple[Any, Any]:
-        """(processor, family) of the teacher, without its weights (for `arctic_vl inspect-data`)."""
+        """(processor, family) of the teacher, without its weights."""
         from arctic_vl import family_of_dir, load_processor
 
         teacher = self.teacher_dir(output_dir)
