@@ -38,6 +38,7 @@ from arctic_vl.checkpoint.files import (
     write_error,
 )
 from arctic_vl.checkpoint.manifest import CHECKPOINT_FORMAT, MANIFEST, build_manifest, verify
+from arctic_vl.config.run_files import fresh_dir, make_dir, refuse_link, remove_tree
 from arctic_vl.errors import CheckpointError, ConfigError, DataError
 from arctic_vl.registry import CHECKPOINTERS, Component, ComponentConfig
 
@@ -178,9 +179,11 @@ class Checkpointer(Component):
         needed = self._estimate_bytes(dist.unwrap(model))
         try:
             if dist.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
+                # never through a link planted at checkpoints/, .tmp-step-N or step-N (ConfigError naming it)
+                make_dir(self.dir)
+                refuse_link(final)
                 try:
-                    tmp.mkdir(parents=True)
+                    fresh_dir(tmp)
                 except OSError as e:
                     raise write_error(tmp, e, needed) from None
             dist.barrier()
@@ -204,8 +207,7 @@ class Checkpointer(Component):
                 save_json(build_manifest(tmp), tmp / MANIFEST, needed)
                 fsync_file(tmp / MANIFEST, needed)
                 fsync_dir(tmp)
-                if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
-                    shutil.rmtree(final)
+                remove_tree(final)  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
                 os.replace(tmp, final)
                 fsync_dir(self.dir)
                 self.prune()

@@ -36,6 +36,7 @@ from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
 from arctic_vl.checkpoint.files import append_line, write_run_file
 from arctic_vl.config.paths import ConfigPath
+from arctic_vl.config.run_files import fresh_dir, remove_tree, replace_file
 from arctic_vl.config.types import Seed
 from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import ConfigError, DataError, RunFailed
@@ -579,17 +580,14 @@ class Trainer(Component):
         full = self.dist.full_state_dict(self.model)
         out = self.output_dir / "final"
         if self.is_main:
-            tmp = self.output_dir / ".tmp-final"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = fresh_dir(self.output_dir / ".tmp-final")  # a link at .tmp-final or final/: refused, not followed
             module = self.dist.unwrap(self.model).model
             if full is not None:
                 full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             self.model_factory.export(self.bundle, module, tmp, state_dict=full)
             # which weights these are: what a standalone evaluation of final/ records as its step
-            (tmp / EXPORT_INFO_FILE).write_text(json.dumps({"step": self.state.step, "epoch": self.state.epoch}))
-            shutil.rmtree(out, ignore_errors=True)
+            replace_file(tmp / EXPORT_INFO_FILE, json.dumps({"step": self.state.step, "epoch": self.state.epoch}))
+            remove_tree(out)
             tmp.rename(out)
         self.dist.barrier()
         return out
