@@ -355,3 +355,29 @@ def test_deepspeed_resume_is_weights_only_and_refuses_a_planted_pickle(tmp_path)
         assert not r["marker"], f"ZeRO-{stage}: the planted pickle ran"
     assert results["marker_with_plain_load"], "the planted file is a real exploit for a plain torch.load"
     shutil.rmtree(tmp_path / "ck2")
+
+
+@pytest.mark.parametrize("stray", [{"step": 999, "epoch": 0, "batch_in_epoch": 0},
+                                   {"step": 999, "epoch": 0, "batch_in_epoch": 0, "checkpoint_format": 2}],
+                         ids=["no-format", "format-2"])
+def test_a_stray_step_dir_holding_only_a_trainer_state_is_skipped_by_name(run, warnings, stray):
+    """checkpoints/step-999/ with only trainer_state.json (before: taken as the latest, then refused with every
+    setting 'differing'): incomplete, named in a warning, and the latest complete checkpoint is used."""
+    ck = run["ck"]
+    stray_dir = ck.dir / "step-999"
+    stray_dir.mkdir()
+    (stray_dir / "trainer_state.json").write_text(json.dumps(stray))
+    assert ck.latest() == ck.dir / "step-3"
+    text = "\n".join(warnings)
+    assert f"{stray_dir}: checkpoint fails verification" in text, text
+    assert "falling back to step-3" in text
+    if "checkpoint_format" not in stray:
+        assert "incomplete: no manifest.json and no scheduler.pt, model.safetensors, optimizer.pt" in text, text
+
+
+def test_a_checkpoint_whose_state_names_another_step_is_skipped(run, warnings):
+    """A whole checkpoint copied to another step's name (step-3 as step-7): its step does not match its folder."""
+    ck = run["ck"]
+    shutil.copytree(ck.dir / "step-3", ck.dir / "step-7")
+    assert ck.latest() == ck.dir / "step-3"
+    assert "trainer_state.json: step is 3, but the folder is step-7" in "\n".join(warnings)

@@ -294,3 +294,24 @@ def test_an_output_dir_that_is_a_broken_symlink_exits_2_naming_it(tmp_path, make
     assert rc == 2 and "Traceback" not in err, err[-2000:]
     assert f"run.yaml:" in err and want in err, err[-2000:]
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_stray_incomplete_checkpoint_is_ignored_and_the_run_resumes_exactly(tmp_path, make_config, warnings):
+    """A `checkpoints/step-999/` holding only a trainer_state.json (before: refused with a list of 'settings that
+    differ'): a warning names it and the run resumes from step-2 with the losses of an uninterrupted run."""
+    import json
+
+    from arctic_vl import Engine
+
+    reference = make_config(tmp_path / "reference", 4)
+    Engine(reference).train()
+    config = make_config(tmp_path / "run", 2)
+    Engine(config).train()
+    stray = tmp_path / "run" / "out" / "checkpoints" / "step-999"
+    stray.mkdir()
+    (stray / "trainer_state.json").write_text(json.dumps({"step": 999, "epoch": 0, "batch_in_epoch": 0}))
+    Engine(config, ["trainer.max_steps=4"]).train()
+    assert any(f"{stray}: checkpoint fails verification" in w and "incomplete" in w for w in warnings), warnings
+    got, want = read_metrics(tmp_path / "run" / "out"), read_metrics(tmp_path / "reference" / "out")
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) <= 1e-6

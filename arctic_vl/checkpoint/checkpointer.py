@@ -136,7 +136,11 @@ class Checkpointer(Component):
             bad = [k for k in ("step", "epoch", "batch_in_epoch")
                    if not (isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0)]
             problems = [f"{STATE_FILE}: {k} is {state.get(k, 'missing')!r}, not a count" for k in bad]
+            if not bad and path.name != f"step-{state['step']}":
+                problems.append(f"{STATE_FILE}: step is {state['step']}, but the folder is {path.name}")
         found, has_manifest = verify(path, state)
+        if not has_manifest:
+            found = _missing_parts(path) + found
         if state is not None and not problems and not found and not has_manifest and _is_main_process():
             logger.warning(f"{path}: written before checkpoints carried a manifest: checked for truncation and "
                            "zip CRCs only")
@@ -267,6 +271,20 @@ class Checkpointer(Component):
 
 
 CHECKPOINTERS.bind_base(Checkpointer)
+
+
+def _missing_parts(path: Path) -> list[str]:
+    """What a checkpoint without a manifest lacks of the files every checkpoint has: scheduler.pt, and the weights
+    (model.safetensors with optimizer.pt, or an engine's shard folder). A stray `step-N/` holding only a
+    trainer_state.json is then incomplete, by name, instead of a checkpoint whose settings all differ."""
+    missing = [name for name in ("scheduler.pt",) if not (path / name).is_file()]
+    engine_shards = any(p.is_dir() for p in path.iterdir())
+    if not engine_shards:
+        missing += [name for name in ("model.safetensors", "optimizer.pt") if not (path / name).is_file()]
+    if not missing:
+        return []
+    return [f"incomplete: no {MANIFEST} and no {', '.join(missing)} (a write cut short, or not a checkpoint this "
+            "engine wrote)"]
 
 
 #: `_StepModule` holds the model as `.model`: checkpoint names start with this
