@@ -292,7 +292,7 @@ def test_an_output_dir_that_is_a_broken_symlink_exits_2_naming_it(tmp_path, make
         want = f"trainer.output_dir: {out} is a loop of symbolic links"
     rc, _, err = cli("train", str(config))
     assert rc == 2 and "Traceback" not in err, err[-2000:]
-    assert f"run.yaml:" in err and want in err, err[-2000:]
+    assert "run.yaml:" in err and want in err, err[-2000:]
     assert not (tmp_path / "nowhere").exists()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl.config.run_files import no_follow_opener, refuse_link, replace_file
+from arctic_vl.config.run_files import no_follow_opener, replace_file
 from arctic_vl.errors import CheckpointError
 
 

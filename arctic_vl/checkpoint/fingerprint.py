@@ -52,3 +52,20 @@ def files_digest(paths: list[Path], **kwargs: int) -> str:
     for p in paths:
         h.update(f"{Path(p).name}\0{file_digest(p, **kwargs)}\0".encode())
     return h.hexdigest()
+
+
+def images_digest(paths: list[str]) -> dict[str, int | str]:
+    """{count, bytes, digest} of the distinct image files `paths` (sorted): each one's path and `file_digest`
+    (whole up to IMAGE_WHOLE_BELOW bytes, else IMAGE_BLOCKS blocks of IMAGE_BLOCK bytes). A missing file counts
+    as such (the reader reports it as a bad record)."""
+    h = hashlib.blake2b(digest_size=16)
+    total = 0
+    unique = sorted(set(paths))
+    for p in unique:
+        try:
+            digest = file_digest(p, whole_below=IMAGE_WHOLE_BELOW, block=IMAGE_BLOCK, blocks=IMAGE_BLOCKS)
+            total += os.stat(p).st_size
+        except OSError:
+            digest = "missing"
+        h.update(f"{p}\0{digest}\0".encode())
+    return {"count": len(unique), "bytes": total, "digest": h.hexdigest()}

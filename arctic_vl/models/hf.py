@@ -117,6 +117,11 @@ class HFModelFactory(ModelFactory):
             raise ValueError("an inline tiny model needs the run's output directory")
         return output_dir / "base_model"
 
+    def source_dirs(self, output_dir: Path) -> dict[str, Path]:
+        """`model.name_or_path` (an inline tiny model: OUTPUT_DIR/base_model), fingerprinted with each checkpoint."""
+        key = "model.name_or_path" if self.config.name_or_path is not None else "model.family (OUTPUT_DIR/base_model)"
+        return {key: self.model_dir(output_dir)}
+
     def describe(self) -> str:
         """One line naming the model: its model type and directory, or the tiny family and shape."""
         if self.config.name_or_path is not None:

@@ -102,7 +102,7 @@ def _check_loading_info(root: Path, info: dict[str, Any], located: dict[str, str
 
     mismatched = sorted(info.get("mismatched_keys") or [], key=str)
     if mismatched:
-        key, saved, wanted = (tuple(mismatched[0]) + (None, None))[:3]
+        key, saved, wanted = (*tuple(mismatched[0]), None, None)[:3]
         shapes = f": {list(saved)} in the file, {list(wanted)} by config.json" if saved is not None else ""
         raise ConfigError(f"model directory {root}: {where(key)}: tensor {key!r} does not fit the model config.json "
                           f"describes{shapes} ({len(mismatched)} such tensors); config.json does not match the "
@@ -127,9 +127,8 @@ def load_processor(path: str | Path):
     """Load the processor saved in `path` (image-only variants where HF's needs torchvision)."""
     from transformers import AutoProcessor
 
-    from arctic_vl.models.processors import PROCESSOR_CLASSES
-
     from arctic_vl.models.model_dir import JSON_FILES, read_json_file
+    from arctic_vl.models.processors import PROCESSOR_CLASSES
 
     spec = family_of_dir(path)
     root = Path(path)
