@@ -6,8 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from loguru import logger  # noqa: F401  (at collection: its default sink keeps the sys.stderr of import time, not
-# the first in-process CLI test's captured stream, which is closed by the next test)
+
+# imported at collection: loguru's default sink keeps the sys.stderr of its import, which must not be the first
+# in-process CLI test's captured stream (closed once that test ends)
+from loguru import logger  # noqa: F401
 
 from tests.e2e_utils import TRAIN_CHILD, read_metrics, run_python, train_child, write_yaml
 
