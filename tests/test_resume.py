@@ -253,3 +253,32 @@ def test_resume_with_unchanged_inputs_still_goes_on(tiny_llava, synthetic_data, 
     Engine(config).train()
     assert Engine(config, ["trainer.max_steps=4"]).train()["steps"] == 4
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3, 4]
+
+
+def test_model_fingerprints_cover_the_model_a_trainers_teacher_and_swiftkvs_teacher(tiny_llava, tmp_path):
+    """The model directory (`model.name_or_path`), a trainer's `teacher_dir` (dense_caption's GKD) and the SwiftKV
+    factory's teacher are fingerprinted; a same-size edit of the teacher's tokenizer.json is refused by name."""
+    from types import SimpleNamespace
+
+    from swiftkv_vl.factory import SwiftKVModelConfig, SwiftKVModelFactory
+
+    from arctic_vl.errors import ConfigError
+    from arctic_vl.models.hf import HFModelConfig, HFModelFactory
+    from arctic_vl.trainers.base import _check_model_fingerprints, model_fingerprints
+
+    teacher = Path(shutil.copytree(tiny_llava, tmp_path / "teacher"))
+    trainer = SimpleNamespace(model_factory=HFModelFactory(HFModelConfig(name_or_path=str(tiny_llava))),
+                              output_dir=tmp_path / "out", teacher_dir=teacher)
+    saved = model_fingerprints(trainer)
+    assert sorted(saved) == ["model.name_or_path", "trainer.teacher"]
+    assert saved["trainer.teacher"]["dir"] == str(teacher)
+    assert sorted(saved["trainer.teacher"]["files"]) == sorted(p.name for p in teacher.iterdir())
+    _check_model_fingerprints("step-2", saved, model_fingerprints(trainer))  # unchanged: no error
+    text = (teacher / "tokenizer.json").read_text()
+    i = text.index('"vocab"') + 1
+    (teacher / "tokenizer.json").write_text(text[:i] + text[i:].replace("vocab", "VOCAB", 1))
+    with pytest.raises(ConfigError, match=rf"the model directory {teacher} \(trainer.teacher\) changed since the "
+                                          r"checkpoint: tokenizer.json changed"):
+        _check_model_fingerprints("step-2", saved, model_fingerprints(trainer))
+    swiftkv = SwiftKVModelFactory(SwiftKVModelConfig(teacher=str(tiny_llava), num_key_value_layers=1))
+    assert swiftkv.source_dirs(tmp_path / "out") == {"model.teacher": tiny_llava}
