@@ -315,3 +315,24 @@ def test_a_stray_incomplete_checkpoint_is_ignored_and_the_run_resumes_exactly(tm
     got, want = read_metrics(tmp_path / "run" / "out"), read_metrics(tmp_path / "reference" / "out")
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) <= 1e-6
+
+
+def test_links_planted_inside_an_unfinished_base_model_are_not_written_through(tmp_path, make_config):
+    """OUTPUT_DIR/base_model/ without a config.json (an interrupted write) holding a link: the inline tiny model is
+    written into a fresh folder, the link's target untouched."""
+    import yaml
+
+    from arctic_vl import Engine
+
+    config = make_config(tmp_path / "run", 1)
+    data = yaml.safe_load(config.read_text())
+    data["model"] = {"family": "llava_next"}
+    config.write_text(yaml.safe_dump(data))
+    victim = tmp_path / "victim"
+    victim.write_bytes(OUTSIDE)
+    base = tmp_path / "run" / "out" / "base_model"
+    base.mkdir(parents=True)
+    (base / "model.safetensors").symlink_to(victim)
+    Engine(config).train()
+    assert victim.read_bytes() == OUTSIDE
+    assert not (base / "model.safetensors").is_symlink() and (base / "config.json").is_file()

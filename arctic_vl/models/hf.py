@@ -134,9 +134,12 @@ class HFModelFactory(ModelFactory):
         if self.config.family is None:
             return
         target = self.model_dir(output_dir)
-        if (target / "config.json").is_file():
+        if (target / "config.json").is_file() and not (target / "config.json").is_symlink():
             return
+        from arctic_vl.config.run_files import fresh_dir
         from arctic_vl.models.tiny import make_tiny_model
+
+        fresh_dir(target)  # an interrupted write's leftovers (or links planted in it) go; a link at it is refused
 
         make_tiny_model(self.config.family, target, seed=self.config.seed if self.config.seed is not None else seed,
                         **self.config.tiny.given())
