@@ -336,3 +336,23 @@ def test_links_planted_inside_an_unfinished_base_model_are_not_written_through(t
     Engine(config).train()
     assert victim.read_bytes() == OUTSIDE
     assert not (base / "tokenizer.json").is_symlink() and (base / "config.json").is_file()
+
+
+#: files written in place (config.yaml is renamed over: a hard link there is replaced, never written through)
+IN_PLACE = [w for w in WRITERS if not w[2] and w[1] != "config.yaml"]
+
+
+@pytest.mark.parametrize(("write", "name", "is_dir"), IN_PLACE, ids=[f"{w.__name__}:{n}" for w, n, _ in IN_PLACE])
+def test_each_file_write_refuses_a_hard_link_without_truncating_it(tmp_path, write, name, is_dir):
+    """A hard link to someone's file where a run file is written in place: refused by name, the file keeps its
+    bytes (the check comes before any truncation)."""
+    from arctic_vl.errors import ConfigError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(OUTSIDE)
+    os.link(victim, out / name)
+    with pytest.raises(ConfigError, match=f"{re.escape(str(out / name))}: has 2 hard links"):
+        write(out)
+    assert victim.read_bytes() == OUTSIDE

@@ -61,9 +61,10 @@ def no_follow_opener(path: str | os.PathLike[str], flags: int) -> int:
     hard links at `path` is a ConfigError (exit 2) naming it. The one way a run opens a file for writing in
     its run directory."""
     p = Path(path)
+    truncate = bool(flags & os.O_TRUNC)  # only once the file is known to be ours (a hard link would lose its data)
     try:
         # O_NONBLOCK: a FIFO planted there fails at once (ENXIO) instead of waiting for a reader
-        fd = os.open(p, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        fd = os.open(p, (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP or p.is_symlink():
             raise ConfigError(f"{p}: is a symbolic link (to {_link_target(p)}); {_ADVICE}") from None
@@ -83,6 +84,8 @@ def no_follow_opener(path: str | os.PathLike[str], flags: int) -> int:
         os.close(fd)
         raise ConfigError(f"{p}: {problem}, where arctic_vl writes its own file; {_ADVICE}")
     os.set_blocking(fd, True)
+    if truncate:
+        os.ftruncate(fd, 0)
     return fd
 
 
