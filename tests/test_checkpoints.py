@@ -381,3 +381,32 @@ def test_a_checkpoint_whose_state_names_another_step_is_skipped(run, warnings):
     shutil.copytree(ck.dir / "step-3", ck.dir / "step-7")
     assert ck.latest() == ck.dir / "step-3"
     assert "trainer_state.json: step is 3, but the folder is step-7" in "\n".join(warnings)
+
+
+def test_file_digest_hashes_small_files_whole_and_large_ones_in_spread_blocks(tmp_path):
+    """Below `whole_below` every byte counts; above it, the blocks spread from the first byte to the last (and the
+    size) do: the ends and the middle block are seen, a byte between blocks is not (what the README states)."""
+    from arctic_vl.checkpoint.fingerprint import file_digest
+
+    f = tmp_path / "data.bin"
+    base = bytes(range(256)) * 16  # 4096 bytes
+    f.write_bytes(base)
+    kw = {"whole_below": 1024, "block": 16, "blocks": 5}  # blocks at 0, 1020, 2040, 3060, 4080
+
+    def digest_with(offset: int) -> str:
+        data = bytearray(base)
+        data[offset] ^= 0xFF
+        f.write_bytes(bytes(data))
+        return file_digest(f, **kw)
+
+    f.write_bytes(base)
+    original = file_digest(f, **kw)
+    for seen in (0, 2040 + 7, 4095):
+        assert digest_with(seen) != original, seen
+    assert digest_with(500) == original  # between two sampled blocks of a large file
+    f.write_bytes(base[:-1])
+    assert file_digest(f, **kw) != original  # any size change
+    f.write_bytes(base)
+    whole = file_digest(f)  # the default: a 4 KiB file is hashed whole
+    digest_with(500)
+    assert file_digest(f) != whole
