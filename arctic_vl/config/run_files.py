@@ -41,20 +41,6 @@ def refuse_link(path: str | os.PathLike[str]) -> None:
         raise ConfigError(f"{p}: is a symbolic link (to {_link_target(p)}); {_ADVICE}")
 
 
-def refuse_links_below(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
-    """`refuse_link` for every component of `path` below `root` (`root` itself may be a link)."""
-    root, path = Path(root), Path(path)
-    try:
-        parts = path.relative_to(root).parts
-    except ValueError:
-        parts = (path.name,)
-        root = path.parent
-    current = root
-    for part in parts:
-        current = current / part
-        refuse_link(current)
-
-
 def no_follow_opener(path: str | os.PathLike[str], flags: int) -> int:
     """An `opener` for `open(path, mode, opener=no_follow_opener)`: the file is opened with `O_NOFOLLOW` and
     must be a regular file with one link; a symbolic link, a directory, a device, a FIFO or a file with other
@@ -110,12 +96,10 @@ def replace_file(path: str | os.PathLike[str], data: str) -> None:
             tmp.unlink()
 
 
-def make_dir(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> Path:
-    """Create the folder `path` (and its parents) unless it exists; a link at `path` (or, with `root`, at any
-    component below `root`) or a file there is a ConfigError naming it."""
+def make_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the folder `path` (and its parents) unless it exists; a link or a file there is a ConfigError
+    naming it."""
     p = Path(path)
-    if root is not None:
-        refuse_links_below(root, p)
     refuse_link(p)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -126,8 +110,8 @@ def make_dir(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | Non
 
 
 def fresh_dir(path: str | os.PathLike[str]) -> Path:
-    """An empty new folder at `path`: what was there (a leftover of an interrupted write) is removed first.
-    A link there is refused (`shutil.rmtree` would fail on it and `mkdir` write through nothing else)."""
+    """An empty new folder at `path`: what was there (a leftover of an interrupted write) is removed first. A
+    link there is refused, not removed (and never followed into: the new folder is made by this process)."""
     p = Path(path)
     refuse_link(p)
     if p.is_dir():
