@@ -15,7 +15,8 @@ import yaml
 
 from arctic_vl.checkpoint.checkpointer import RunWeights, load_trainable_weights, newest_weights
 from arctic_vl.checkpoint.files import write_run_file
-from arctic_vl.checkpoint.lock import RunLock
+from arctic_vl.checkpoint.lock import LOCK_FILE, RunLock
+from arctic_vl.config.run_files import refuse_link, run_directory
 from arctic_vl.config.schema import EngineConfig, load_config, where
 from arctic_vl.plugins import load_plugins, plugin_summary
 from arctic_vl.registry import (
@@ -82,10 +83,11 @@ class Engine:
         seed = c.trainer.seed
         model_factory = self.model_factory()
         if dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            run_directory(self.output_dir, where(c, ("trainer", "output_dir")))
             # the run directory is this run's until it ends: before anything is written into it
             if self._lock is None:  # (a second build of the same Engine keeps its lock)
                 self._lock = RunLock.acquire(self.output_dir, where(c, ("trainer", "output_dir")))
+            check_run_dir(self.output_dir)
             model_factory.prepare(self.output_dir, seed)
         dist.barrier()
         _seed_everything(seed)
@@ -189,6 +191,28 @@ def _build_bundle(factory: Any, weights: RunWeights | None, device: Any, output_
     if weights is not None:
         load_trainable_weights(bundle.model, weights.path)
     return bundle
+
+
+def run_dir_entries() -> tuple[str, ...]:
+    """The names the engine writes directly under OUTPUT_DIR (files and folders, temporary names included)."""
+    from arctic_vl.callbacks.trackers import TRACKERS_FILE
+    from arctic_vl.trainers.base import EVAL_FILE, STANDALONE_EVAL_FILE
+
+    files = ("metrics.jsonl", EVAL_FILE, STANDALONE_EVAL_FILE, "config.yaml", "run_info.json", "summary.json",
+             TRACKERS_FILE)
+    return (LOCK_FILE, *files, *(f".{name}.tmp" for name in files), "checkpoints", "final", ".tmp-final", "base_model")
+
+
+def check_run_dir(output_dir: Path) -> None:
+    """Before a run writes anything: a symbolic link at any path it writes under OUTPUT_DIR is a ConfigError (exit
+    2) naming it (see `arctic_vl.config.run_files`); each write checks again when it happens."""
+    for name in run_dir_entries():
+        refuse_link(output_dir / name)
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir():
+        for entry in sorted(checkpoints.iterdir()):
+            if entry.name.startswith(".tmp-step-"):
+                refuse_link(entry)
 
 
 def _quiet_transformers() -> None:

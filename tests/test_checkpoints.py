@@ -355,3 +355,58 @@ def test_deepspeed_resume_is_weights_only_and_refuses_a_planted_pickle(tmp_path)
         assert not r["marker"], f"ZeRO-{stage}: the planted pickle ran"
     assert results["marker_with_plain_load"], "the planted file is a real exploit for a plain torch.load"
     shutil.rmtree(tmp_path / "ck2")
+
+
+@pytest.mark.parametrize("stray", [{"step": 999, "epoch": 0, "batch_in_epoch": 0},
+                                   {"step": 999, "epoch": 0, "batch_in_epoch": 0, "checkpoint_format": 2}],
+                         ids=["no-format", "format-2"])
+def test_a_stray_step_dir_holding_only_a_trainer_state_is_skipped_by_name(run, warnings, stray):
+    """checkpoints/step-999/ with only trainer_state.json (before: taken as the latest, then refused with every
+    setting 'differing'): incomplete, named in a warning, and the latest complete checkpoint is used."""
+    ck = run["ck"]
+    stray_dir = ck.dir / "step-999"
+    stray_dir.mkdir()
+    (stray_dir / "trainer_state.json").write_text(json.dumps(stray))
+    assert ck.latest() == ck.dir / "step-3"
+    text = "\n".join(warnings)
+    assert f"{stray_dir}: checkpoint fails verification" in text, text
+    assert "falling back to step-3" in text
+    if "checkpoint_format" not in stray:
+        assert "incomplete: no manifest.json and no scheduler.pt, model.safetensors, optimizer.pt" in text, text
+
+
+def test_a_checkpoint_whose_state_names_another_step_is_skipped(run, warnings):
+    """A whole checkpoint copied to another step's name (step-3 as step-7): its step does not match its folder."""
+    ck = run["ck"]
+    shutil.copytree(ck.dir / "step-3", ck.dir / "step-7")
+    assert ck.latest() == ck.dir / "step-3"
+    assert "trainer_state.json: step is 3, but the folder is step-7" in "\n".join(warnings)
+
+
+def test_file_digest_hashes_small_files_whole_and_large_ones_in_spread_blocks(tmp_path):
+    """Below `whole_below` every byte counts; above it, the blocks spread from the first byte to the last (and the
+    size) do: the ends and the middle block are seen, a byte between blocks is not (what the README states)."""
+    from arctic_vl.checkpoint.fingerprint import file_digest
+
+    f = tmp_path / "data.bin"
+    base = bytes(range(256)) * 16  # 4096 bytes
+    f.write_bytes(base)
+    kw = {"whole_below": 1024, "block": 16, "blocks": 5}  # blocks at 0, 1020, 2040, 3060, 4080
+
+    def digest_with(offset: int) -> str:
+        data = bytearray(base)
+        data[offset] ^= 0xFF
+        f.write_bytes(bytes(data))
+        return file_digest(f, **kw)
+
+    f.write_bytes(base)
+    original = file_digest(f, **kw)
+    for seen in (0, 2040 + 7, 4095):
+        assert digest_with(seen) != original, seen
+    assert digest_with(500) == original  # between two sampled blocks of a large file
+    f.write_bytes(base[:-1])
+    assert file_digest(f, **kw) != original  # any size change
+    f.write_bytes(base)
+    whole = file_digest(f)  # the default: a 4 KiB file is hashed whole
+    digest_with(500)
+    assert file_digest(f) != whole

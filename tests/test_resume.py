@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# imported at collection: loguru's default sink keeps the sys.stderr of its import, which must not be the first
+# in-process CLI test's captured stream (closed once that test ends)
+from loguru import logger  # noqa: F401
+
 from tests.e2e_utils import TRAIN_CHILD, read_metrics, run_python, train_child, write_yaml
 
 
@@ -150,3 +154,131 @@ def test_resume_on_changed_data_refuses_naming_the_source(tiny_llava, synthetic_
     assert rc == 2, err[-2000:]
     assert f"training source {data} changed since the checkpoint" in err
     assert "records 48 -> 16" in err and "Traceback" not in err
+
+
+def _own_data(synthetic_data: Path, out: Path, n: int = 24, pad: int = 0) -> Path:
+    """`n` training records with absolute image paths in `out` (each with `pad` bytes of an unused field)."""
+    import json
+
+    records = json.loads((synthetic_data / "train.llava.json").read_text())[:n]
+    for r in records:
+        if r.get("image"):
+            r["image"] = str(synthetic_data / r["image"])
+        if pad:
+            r["note"] = "x" * pad
+    out.write_text(json.dumps(records))
+    return out
+
+
+def _resume_config(tmp_path: Path, model: dict, data: Path) -> Path:
+    return write_yaml(tmp_path / "run.yaml", {
+        "model": model,
+        "data": {"sources": [str(data)], "micro_batch_size": 4, "max_length": 256},
+        "trainer": {"output_dir": "out", "max_steps": 2, "progress_bar": False},
+        "checkpoint": {"every_n_steps": 1, "export_final": False},
+    })
+
+
+def test_resume_refuses_a_model_directory_replaced_under_the_run(tiny_llava, synthetic_data, tmp_path, cli):
+    """freeze: [vision] (frozen weights are not in checkpoints); model.name_or_path's files are replaced by another
+    model of the same shape after step 2 (before: resumed to step 4, exit 0, other losses): exit 2 naming the
+    directory and the files that changed."""
+    import json
+
+    from arctic_vl.models.tiny import make_tiny_model
+
+    model_dir = Path(shutil.copytree(tiny_llava, tmp_path / "base"))
+    config = _resume_config(tmp_path, {"name_or_path": str(model_dir), "freeze": ["vision"]},
+                            _own_data(synthetic_data, tmp_path / "train.json"))
+    assert cli("train", str(config))[0] == 0
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert sorted(saved["model_fingerprint"]["model.name_or_path"]["files"]) == sorted(
+        p.name for p in model_dir.iterdir())
+    other = make_tiny_model("llava_next", tmp_path / "other", seed=1)
+    shutil.copy(other / "model.safetensors", model_dir / "model.safetensors")
+    rc, _, err = cli("train", str(config), "--set", "trainer.max_steps=4")
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert (f"cannot resume from step-2: the model directory {model_dir} (model.name_or_path) changed since the "
+            "checkpoint: model.safetensors changed") in err, err[-2000:]
+    assert not (tmp_path / "out" / "checkpoints" / "step-3").exists()
+
+
+def test_resume_refuses_a_same_size_edit_in_the_middle_of_a_data_file(tiny_llava, synthetic_data, tmp_path, cli):
+    """A 240 KiB data file whose middle record's answer changes by one letter (the same size, far from both
+    ends: before, only each end's 64 KiB were hashed and the resume went on): exit 2 naming the source."""
+    import json
+
+    data = _own_data(synthetic_data, tmp_path / "train.json", pad=10_000)
+    assert data.stat().st_size > 200_000
+    config = _resume_config(tmp_path, {"name_or_path": str(tiny_llava)}, data)
+    assert cli("train", str(config))[0] == 0
+    records = json.loads(data.read_text())
+    middle = records[12]["conversations"][-1]
+    middle["value"] = middle["value"][:-1] + ("a" if middle["value"][-1] != "a" else "b")
+    before = data.stat().st_size
+    data.write_text(json.dumps(records))
+    assert data.stat().st_size == before
+    rc, _, err = cli("train", str(config), "--set", "trainer.max_steps=4")
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert f"training source {data} changed since the checkpoint (digest " in err, err[-2000:]
+
+
+def test_resume_refuses_a_replaced_image(tiny_llava, synthetic_data, tmp_path, cli):
+    """An image a training record names is replaced by another picture under the same name: exit 2 naming the
+    source and its images (before: not fingerprinted, the run resumed on other pixels)."""
+    import json
+
+    images = Path(shutil.copytree(synthetic_data / "images", tmp_path / "images"))
+    data = _own_data(synthetic_data, tmp_path / "train.json")
+    records = json.loads(data.read_text())
+    for r in records:
+        if r.get("image"):
+            r["image"] = str(images / Path(r["image"]).name)
+    data.write_text(json.dumps(records))
+    config = _resume_config(tmp_path, {"name_or_path": str(tiny_llava)}, data)
+    assert cli("train", str(config))[0] == 0
+    named = sorted({r["image"] for r in records if r.get("image")})
+    shutil.copy(named[1], named[0])  # another picture under the first one's name
+    rc, _, err = cli("train", str(config), "--set", "trainer.max_steps=4")
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert f"training source {data} changed since the checkpoint (images {{'count': {len(named)}" in err, err[-2000:]
+
+
+def test_resume_with_unchanged_inputs_still_goes_on(tiny_llava, synthetic_data, tmp_path):
+    """The same model directory, data and images: the fingerprints match and the run resumes to step 4."""
+    from arctic_vl.engine import Engine
+
+    config = _resume_config(tmp_path, {"name_or_path": str(tiny_llava), "freeze": ["vision"]},
+                            _own_data(synthetic_data, tmp_path / "train.json"))
+    Engine(config).train()
+    assert Engine(config, ["trainer.max_steps=4"]).train()["steps"] == 4
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3, 4]
+
+
+def test_model_fingerprints_cover_the_model_a_trainers_teacher_and_swiftkvs_teacher(tiny_llava, tmp_path):
+    """The model directory (`model.name_or_path`), a trainer's `teacher_dir` (dense_caption's GKD) and the SwiftKV
+    factory's teacher are fingerprinted; a same-size edit of the teacher's tokenizer.json is refused by name."""
+    from types import SimpleNamespace
+
+    from swiftkv_vl.factory import SwiftKVModelConfig, SwiftKVModelFactory
+
+    from arctic_vl.errors import ConfigError
+    from arctic_vl.models.hf import HFModelConfig, HFModelFactory
+    from arctic_vl.trainers.base import _check_model_fingerprints, model_fingerprints
+
+    teacher = Path(shutil.copytree(tiny_llava, tmp_path / "teacher"))
+    trainer = SimpleNamespace(model_factory=HFModelFactory(HFModelConfig(name_or_path=str(tiny_llava))),
+                              output_dir=tmp_path / "out", teacher_dir=teacher)
+    saved = model_fingerprints(trainer)
+    assert sorted(saved) == ["model.name_or_path", "trainer.teacher"]
+    assert saved["trainer.teacher"]["dir"] == str(teacher)
+    assert sorted(saved["trainer.teacher"]["files"]) == sorted(p.name for p in teacher.iterdir())
+    _check_model_fingerprints("step-2", saved, model_fingerprints(trainer))  # unchanged: no error
+    text = (teacher / "tokenizer.json").read_text()
+    i = text.index('"vocab"') + 1
+    (teacher / "tokenizer.json").write_text(text[:i] + text[i:].replace("vocab", "VOCAB", 1))
+    with pytest.raises(ConfigError, match=rf"the model directory {teacher} \(trainer.teacher\) changed since the "
+                                          r"checkpoint: tokenizer.json changed"):
+        _check_model_fingerprints("step-2", saved, model_fingerprints(trainer))
+    swiftkv = SwiftKVModelFactory(SwiftKVModelConfig(teacher=str(tiny_llava), num_key_value_layers=1))
+    assert swiftkv.source_dirs(tmp_path / "out") == {"model.teacher": tiny_llava}

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from arctic_vl.callbacks.base import Callback, StepInfo
 from arctic_vl.callbacks.builtin import flat_scalars
 from arctic_vl.config.paths import ConfigPath
+from arctic_vl.config.run_files import no_follow_opener, refuse_link, replace_file
 from arctic_vl.registry import CALLBACKS, ComponentConfig
 
 #: OUTPUT_DIR/trackers.json: tracker name -> what reopens its run (wandb run id, MLflow run id)
@@ -42,13 +43,16 @@ def saved_run(output_dir: Path, tracker: str) -> dict[str, Any]:
 
 
 def save_run(output_dir: Path, tracker: str, info: dict[str, Any]) -> None:
-    """Record what reopens `tracker`'s run in OUTPUT_DIR/trackers.json (written to a temporary file, then replaced)."""
+    """Record what reopens `tracker`'s run in OUTPUT_DIR/trackers.json (written to a temporary file, then replaced;
+    a symbolic link there is refused, never followed: `arctic_vl.config.run_files`)."""
     path = output_dir / TRACKERS_FILE
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    refuse_link(path)
+    data = {}
+    if path.is_file():
+        with open(path, encoding="utf-8", opener=no_follow_opener) as fh:  # (not someone's file, hard-linked here)
+            data = json.loads(fh.read())
     data[tracker] = info
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    replace_file(path, json.dumps(data, indent=1))
 
 
 def step_scalars(metrics: dict[str, Any]) -> dict[str, float]:

@@ -40,6 +40,7 @@ from arctic_vl.checkpoint.files import (
     write_error,
 )
 from arctic_vl.checkpoint.manifest import CHECKPOINT_FORMAT, MANIFEST, build_manifest, verify
+from arctic_vl.config.run_files import fresh_dir, make_dir, refuse_link, remove_tree
 from arctic_vl.errors import CheckpointError, ConfigError, DataError
 from arctic_vl.registry import CHECKPOINTERS, Component, ComponentConfig
 
@@ -140,7 +141,11 @@ class Checkpointer(Component):
             bad = [k for k in ("step", "epoch", "batch_in_epoch")
                    if not (isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0)]
             problems = [f"{STATE_FILE}: {k} is {state.get(k, 'missing')!r}, not a count" for k in bad]
+            if not bad and path.name != f"step-{state['step']}":
+                problems.append(f"{STATE_FILE}: step is {state['step']}, but the folder is {path.name}")
         found, has_manifest = verify(path, state)
+        if not has_manifest:
+            found = _missing_parts(path) + found
         if state is not None and not problems and not found and not has_manifest and _is_main_process():
             logger.warning(f"{path}: written before checkpoints carried a manifest: checked for truncation and "
                            "zip CRCs only")
@@ -183,9 +188,11 @@ class Checkpointer(Component):
         needed = self._estimate_bytes(dist.unwrap(model))
         try:
             if dist.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
+                # never through a link planted at checkpoints/, .tmp-step-N or step-N (ConfigError naming it)
+                make_dir(self.dir)
+                refuse_link(final)
                 try:
-                    tmp.mkdir(parents=True)
+                    fresh_dir(tmp)
                 except OSError as e:
                     raise write_error(tmp, e, needed) from None
             dist.barrier()
@@ -209,8 +216,7 @@ class Checkpointer(Component):
                 save_json(build_manifest(tmp), tmp / MANIFEST, needed)
                 fsync_file(tmp / MANIFEST, needed)
                 fsync_dir(tmp)
-                if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
-                    shutil.rmtree(final)
+                remove_tree(final)  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
                 os.replace(tmp, final)
                 fsync_dir(self.dir)
                 self.prune()
@@ -270,6 +276,20 @@ class Checkpointer(Component):
 
 
 CHECKPOINTERS.bind_base(Checkpointer)
+
+
+def _missing_parts(path: Path) -> list[str]:
+    """What a checkpoint without a manifest lacks of the files every checkpoint has: scheduler.pt, and the weights
+    (model.safetensors with optimizer.pt, or an engine's shard folder). A stray `step-N/` holding only a
+    trainer_state.json is then incomplete, by name, instead of a checkpoint whose settings all differ."""
+    missing = [name for name in ("scheduler.pt",) if not (path / name).is_file()]
+    engine_shards = any(p.is_dir() for p in path.iterdir())
+    if not engine_shards:
+        missing += [name for name in ("model.safetensors", "optimizer.pt") if not (path / name).is_file()]
+    if not missing:
+        return []
+    return [f"incomplete: no {MANIFEST} and no {', '.join(missing)} (a write cut short, or not a checkpoint this "
+            "engine wrote)"]
 
 
 #: `_StepModule` holds the model as `.model`: checkpoint names start with this

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from arctic_vl.config.run_files import no_follow_opener, replace_file
 from arctic_vl.errors import CheckpointError
 
 
@@ -98,33 +99,31 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, needed: int) -> N
 
 
 def save_json(data: Any, path: Path, needed: int) -> None:
-    """`data` as indented JSON, with named errors."""
-    write_with(path, lambda p: p.write_text(json.dumps(data, indent=1)), needed)
+    """`data` as indented JSON, with named errors (never through a symbolic link at `path`)."""
+
+    def write(p: Path) -> None:
+        with open(p, "w", encoding="utf-8", opener=no_follow_opener) as fh:
+            fh.write(json.dumps(data, indent=1))
+
+    write_with(path, write, needed)
 
 
 def write_run_file(path: Path, text: str) -> None:
     """Write one of the run's own files (config.yaml, run_info.json, summary.json, a rewritten metrics file)
     through a temporary file, so a failure leaves the previous version; a full disk or any other write error
-    is a CheckpointError (exit 1) naming the file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-
-    def write(p: Path) -> None:
-        tmp.write_text(text)
-        tmp.replace(p)
-
-    try:
-        write_with(path, write, len(text.encode()), "run file")
-    finally:
-        tmp.unlink(missing_ok=True)
+    is a CheckpointError (exit 1) naming the file. A symbolic link at `path` (or at the temporary name) is a
+    ConfigError (exit 2) naming it, its target untouched (`arctic_vl.config.run_files`)."""
+    write_with(path, lambda p: replace_file(p, text), len(text.encode()), "run file")
 
 
 def append_line(path: Path, line: str) -> None:
     """Append `line` and a newline to the run's JSONL file `path` (metrics.jsonl, eval.jsonl) in one write; a
     full disk or another write error is a CheckpointError (exit 1) naming the file. A partial line from a kill
-    is dropped on resume (the metrics file's torn-line rule)."""
+    is dropped on resume (the metrics file's torn-line rule). A symbolic link (or anything but a regular file of
+    its own) at `path` is a ConfigError (exit 2) naming it, never followed."""
 
     def write(p: Path) -> None:
-        with open(p, "a") as fh:
+        with open(p, "a", encoding="utf-8", opener=no_follow_opener) as fh:
             fh.write(line + "\n")
 
     write_with(path, write, len(line.encode()) + 1, "run file")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from arctic_vl.config.run_files import open_for_write, run_directory
 from arctic_vl.errors import ConfigError
 
 LOCK_FILE = ".lock"
@@ -76,10 +77,12 @@ class RunLock:
     def acquire(cls, output_dir: Path, where: str = "<config>") -> RunLock:
         """Take OUTPUT_DIR/.lock for this process. Held by a live run: ConfigError (exit 2) naming the holder's pid
         and host. Left by a dead run: taken over, with a warning naming it. `where`: the `file:line` of
-        trainer.output_dir, for the message."""
+        trainer.output_dir, for the message. A `.lock` that is a symbolic link, a directory or anything but a
+        regular file of its own: ConfigError naming it (see `arctic_vl.config.run_files`)."""
         path = Path(output_dir) / LOCK_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        run_directory(path.parent, where)
+        # never through a link (a `.lock` pointing at someone's file would be truncated), only a regular file
+        fd = open_for_write(path, read=True)
         try:
             _flock(fd)
         except OSError as e:

@@ -9,6 +9,7 @@ process group; but the files and folders a config names (`ExistingPath` / `Model
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
 import types
@@ -169,6 +170,14 @@ def check_output_dir(cfg: EngineConfig, located: LocatedConfig) -> None:
 def output_dir_problem(path: Path) -> str | None:
     """Why a run cannot write into `path` (None when it can); checks only, creates nothing."""
     try:
+        if path.is_symlink():
+            try:
+                os.stat(path)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return f"{path} is a loop of symbolic links; point it at a directory (or remove the link)"
+                return (f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; point it at a "
+                        "directory (or remove the link)")
         if path.exists() and not path.is_dir():
             return f"{path} is an existing file; name a directory (it is created if missing)"
         ancestor = path
@@ -381,13 +390,31 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def resolve_path(value: str, base_dir: Path, hub_ok: bool = False, where: str = "") -> str:
     """`value` made absolute against `base_dir` (with `~` expanded); an absolute path is kept as written. A NUL
     byte or a symbolic link loop is a ConfigError starting with `where` (see `resolve_user_path`)."""
-    resolved = resolve_user_path(value, base_dir, where)
     expanded = Path(os.path.expanduser(value))
+    joined = base_dir / expanded
+    if "\0" not in value and not expanded.is_absolute() and _broken_link_in(joined):
+        return str(joined)  # resolve() would follow a dangling link (or fail on a loop): keep it to be named
+    resolved = resolve_user_path(value, base_dir, where)
     if expanded.is_absolute():
         return str(expanded)
     if hub_ok and not resolved.exists() and _HUB_ID.match(value):
         return value
     return str(resolved)
+
+
+def _broken_link_in(path: Path) -> bool:
+    """Whether some component of `path` is a symbolic link that points nowhere, or into a loop."""
+    current = Path(path.anchor)
+    for part in path.parts[1:]:
+        current = current / part
+        if current.is_symlink():
+            try:
+                os.stat(current)
+            except OSError:
+                return True
+        elif not current.exists():
+            return False
+    return False
 
 
 def _path_marker(annotation: Any, metadata: list[Any]) -> PathField | None:

@@ -12,7 +12,6 @@ source contributes.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import math
 import os
 import random
@@ -23,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pydantic
 
+from arctic_vl.checkpoint.fingerprint import files_digest, images_digest
 from arctic_vl.config.jsontext import BOM, JsonTextError, parse_json
 from arctic_vl.config.loader import read_plain_yaml
 from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
@@ -56,8 +56,6 @@ YAML_SUFFIXES = (".yaml", ".yml")
 VIDEO_FIELDS = ("videos", "video")
 YAML_ENTRY_KEYS = ("json_path", "sampling_strategy")
 _DETECT_SCAN = 100  # records looked at to auto-detect a format (the first ones may be bad records)
-#: bytes hashed at each end of a file for a source's fingerprint (saved with checkpoints, checked on resume)
-FINGERPRINT_SPAN = 64 * 1024
 #: the most a source's weight may be, and the most records one source may contribute after weighting: a weight
 #: of 1e9 on a small file would otherwise build a list of billions of records (a MemoryError, not an error)
 MAX_WEIGHT = 10_000.0
@@ -607,21 +605,12 @@ def _files_under(paths: list[Path]) -> list[Path]:
     return out
 
 
-def content_fingerprint(paths: list[Path], span: int = FINGERPRINT_SPAN) -> dict[str, Any]:
-    """What identifies the content of some files cheaply, whatever their size: their total `bytes` and a `hash`
-    of each file's name, size and first and last `span` bytes (no mtime: a copied file keeps it)."""
-    h = hashlib.blake2b(digest_size=16)
-    total = 0
-    for f in _files_under(paths):
-        size = f.stat().st_size
-        total += size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(span))
-            if size > span:
-                fh.seek(max(span, size - span))
-                h.update(fh.read())
-    return {"bytes": total, "hash": h.hexdigest()}
+def content_fingerprint(paths: list[Path]) -> dict[str, Any]:
+    """What identifies the content of some files: their total `bytes` and a `digest` of each file's name and
+    content (`arctic_vl.checkpoint.fingerprint.file_digest`: whole up to 32 MiB, else 16 blocks spread over it;
+    no mtime: a copied file keeps it)."""
+    files = _files_under(paths)
+    return {"bytes": sum(f.stat().st_size for f in files), "digest": files_digest(files)}
 
 
 def read_source_records(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_record: OnBadRecord,
@@ -655,6 +644,8 @@ def read_source_records(spec: SourceSpec, *, base_dir: Path, seed: int, on_bad_r
     if not convs:
         raise DataError(f"{path}: no usable records ({report.total} bad records skipped in all sources so far)",
                         source=str(path), reason="empty_source")
+    if fingerprints is not None:  # the image files the kept records name: replaced images refuse a resume too
+        fingerprints[str(path)]["images"] = images_digest([r for c in convs for r in c.images if isinstance(r, str)])
     return convs
 
 

@@ -86,6 +86,12 @@ class ModelFactory(Component, ABC):
     def prepare(self, output_dir: Path, seed: int) -> None:
         """On the main process, before any rank builds (e.g. write an inline tiny model). Default: nothing."""
 
+    def source_dirs(self, output_dir: Path) -> dict[str, Path]:
+        """The local model directories the build reads, by the config key that names them (e.g.
+        `model.name_or_path`): each checkpoint records their fingerprint and a resume whose directory changed
+        is refused (frozen weights are not in checkpoints). Default: none."""
+        return {}
+
     @abstractmethod
     def build(self, device: torch.device | None = None, output_dir: Path | None = None,
               path: Path | None = None) -> ModelBundle:

@@ -120,6 +120,11 @@ class HFModelFactory(ModelFactory):
             raise ValueError("an inline tiny model needs the run's output directory")
         return output_dir / "base_model"
 
+    def source_dirs(self, output_dir: Path) -> dict[str, Path]:
+        """`model.name_or_path` (an inline tiny model: OUTPUT_DIR/base_model), fingerprinted with each checkpoint."""
+        key = "model.name_or_path" if self.config.name_or_path is not None else "model.family (OUTPUT_DIR/base_model)"
+        return {key: self.model_dir(output_dir)}
+
     def describe(self) -> str:
         """One line naming the model: its model type and directory, or the tiny family and shape."""
         if self.config.name_or_path is not None:
@@ -132,9 +137,12 @@ class HFModelFactory(ModelFactory):
         if self.config.family is None:
             return
         target = self.model_dir(output_dir)
-        if (target / "config.json").is_file():
+        if (target / "config.json").is_file() and not (target / "config.json").is_symlink():
             return
+        from arctic_vl.config.run_files import fresh_dir
         from arctic_vl.models.tiny import make_tiny_model
+
+        fresh_dir(target)  # an interrupted write's leftovers (or links planted in it) go; a link at it is refused
 
         make_tiny_model(self.config.family, target, seed=self.config.seed if self.config.seed is not None else seed,
                         **self.config.tiny.given())

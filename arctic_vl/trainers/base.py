@@ -37,6 +37,7 @@ from arctic_vl.callbacks.base import CallbackList, StepInfo
 from arctic_vl.checkpoint.checkpointer import EXPORT_INFO_FILE
 from arctic_vl.checkpoint.files import append_line, write_run_file
 from arctic_vl.config.paths import ConfigPath
+from arctic_vl.config.run_files import fresh_dir, remove_tree, replace_file
 from arctic_vl.config.types import Seed
 from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import ConfigError, DataError, RunFailed
@@ -547,6 +548,7 @@ class Trainer(Component):
 
     # -------------------------------------------------------------------------------------------- resume
     def _resume_or_start(self) -> Path | None:
+        self._model_fingerprint = model_fingerprints(self)  # saved with every checkpoint
         latest = self.checkpointer.latest()
         if latest is None:
             return None
@@ -567,6 +569,7 @@ class Trainer(Component):
                 "trainer.output_dir) from the exported weights."
             )
         _check_data_fingerprint(latest.name, saved.get("data_fingerprint"), self.data.fingerprint)
+        _check_model_fingerprints(latest.name, saved.get("model_fingerprint"), self._model_fingerprint)
         return latest
 
     # ---------------------------------------------------------------------------------------- checkpoints
@@ -574,7 +577,8 @@ class Trainer(Component):
         """Write the step-N checkpoint (weights, optimizer, scheduler, trainer state, bad records); returns its path."""
         self._gather_bad_records()
         state = {**asdict(self.state), "config": self.run_config, "world_size": self.dist.world_size,
-                 "data_fingerprint": self.data.fingerprint}
+                 "data_fingerprint": self.data.fingerprint,
+                 "model_fingerprint": getattr(self, "_model_fingerprint", None) or model_fingerprints(self)}
         path = self.checkpointer.save(step=self.state.step, model=self.model, optimizer=self.optimizer,
                                       scheduler=self.scheduler, trainer_state=state, dist=self.dist)
         self.callbacks.on_save(self, str(path))
@@ -587,19 +591,16 @@ class Trainer(Component):
         full = self.dist.full_state_dict(self.model)
         out = self.output_dir / "final"
         if self.is_main:
-            tmp = self.output_dir / ".tmp-final"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = fresh_dir(self.output_dir / ".tmp-final")  # a link at .tmp-final or final/: refused, not followed
             module = self.dist.unwrap(self.model).model
             if full is not None:
                 full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             self.model_factory.export(self.bundle, module, tmp, state_dict=full)
             # which weights these are: what a standalone evaluation of final/ records as its step
             source = self._last_ckpt.name if self._last_ckpt is not None else None
-            (tmp / EXPORT_INFO_FILE).write_text(json.dumps({"step": self.state.step, "epoch": self.state.epoch,
-                                                            "checkpoint": source}))
-            shutil.rmtree(out, ignore_errors=True)
+            replace_file(tmp / EXPORT_INFO_FILE, json.dumps({"step": self.state.step, "epoch": self.state.epoch,
+                                                             "checkpoint": source}))
+            remove_tree(out)
             tmp.rename(out)
         self.dist.barrier()
         return out
@@ -686,11 +687,41 @@ def _check_data_fingerprint(checkpoint: str, saved: dict[str, Any] | None, curre
             what = "was added" if old is None else "is gone"
             raise DataError(f"cannot resume from {checkpoint}: training source {source} {what} since the checkpoint; "
                             "resume with the same data, or start a new run (new trainer.output_dir)", source=source)
-        diffs = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                          if old.get(k) != new.get(k))
+        # only what both recorded: a checkpoint of an older version lacks the newer keys (images, digest)
+        diffs = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new)) if old[k] != new[k])
+        if not diffs:
+            continue
         raise DataError(f"cannot resume from {checkpoint}: training source {source} changed since the checkpoint "
                         f"({diffs}); resume with the same data, or start a new run (new trainer.output_dir)",
                         source=source)
+
+
+def model_fingerprints(trainer: Any) -> dict[str, Any]:
+    """Config key -> {dir, files: `model_fingerprint`} of every local model directory the run reads: the model
+    factory's `source_dirs` and a trainer's `teacher_dir` (e.g. dense_caption's GKD teacher)."""
+    from arctic_vl.models.model_dir import model_fingerprint
+
+    dirs = dict(trainer.model_factory.source_dirs(trainer.output_dir)) if hasattr(trainer.model_factory,
+                                                                                  "source_dirs") else {}
+    teacher = getattr(trainer, "teacher_dir", None)
+    if teacher is not None:
+        dirs.setdefault("trainer.teacher", Path(teacher))
+    return {key: {"dir": str(path), "files": model_fingerprint(path)} for key, path in dirs.items()
+            if Path(path).is_dir()}
+
+
+def _check_model_fingerprints(checkpoint: str, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a resume whose model (or teacher) directory changed since the checkpoint: frozen weights are not in
+    checkpoints, so the resumed run would train on another base model."""
+    from arctic_vl.models.model_dir import fingerprint_changes
+
+    for key in sorted(set(saved or {}) & set(current)):
+        changes = fingerprint_changes(saved[key].get("files", {}), current[key]["files"])
+        if changes:
+            raise ConfigError(
+                f"cannot resume from {checkpoint}: the model directory {current[key]['dir']} ({key}) changed since "
+                f"the checkpoint: {'; '.join(changes)}. Frozen weights are not in checkpoints, so the run would go on "
+                "from another base model: restore that directory, or start a new run (new trainer.output_dir)")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -161,6 +161,11 @@ class SwiftKVModelFactory(ModelFactory):
             raise ValueError("a teacher_tiny teacher needs the run's output directory")
         return Path(output_dir) / "teacher"
 
+    def source_dirs(self, output_dir: Path) -> dict[str, Path]:
+        """The teacher's directory (`model.teacher`, or OUTPUT_DIR/teacher), fingerprinted with each checkpoint."""
+        return {"model.teacher" if self.config.teacher is not None else "model.teacher_tiny (OUTPUT_DIR/teacher)":
+                self.teacher_dir(output_dir)}
+
     def describe(self) -> str:
         """The teacher (composite and text model type, layers, source) and the SwiftKV settings M and G."""
         composite, text_type, layers = self.config.layout
