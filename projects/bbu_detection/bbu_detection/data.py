@@ -85,7 +85,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         i = 0 if index == -1 else index
         t = self.targets[i]
         item[TARGETS] = t if index != -1 else Targets(t.boxes[:0], [], t.size, real=False)
-        item[SPANS] = torch.tensor(self.spans[i], dtype=torch.long)
+        # a padding sample (index -1) is one untrained token: no span (not sample 0's spans)
+        spans = self.spans[i] if index != -1 else [0] * len(item["input_ids"])
+        item[SPANS] = torch.tensor(spans, dtype=torch.long)
         return item
 
 
