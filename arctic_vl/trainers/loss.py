@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -97,14 +98,51 @@ def chunked_head_sums(
     if agreed * head_vocab(head) <= lean_threshold:
         r, t, *e = padded(0, n)
         return fn(r, head, t, *e)
+    # A frozen head (its weight needs no gradient) gets each chunk's gradient with respect to its rows computed
+    # right after the chunk's forward (`_eager_chunk`): one head call per chunk, none in backward. A trained head
+    # recomputes each chunk's logits in backward (checkpoint), so its weight gradient flows as usual.
+    eager = not head.weight.requires_grad and torch.is_grad_enabled() and rows.requires_grad
     totals: tuple[torch.Tensor, ...] | None = None
     for c in range(math.ceil(agreed / chunk_size)):
         start, stop = min(c * chunk_size, n), min((c + 1) * chunk_size, n)
         r, t, *e = padded(start, stop)
-        part = checkpoint(fn, r, head, t, *e, use_reentrant=False)
+        part = _eager_chunk(fn, r, head, t, *e) if eager else checkpoint(fn, r, head, t, *e, use_reentrant=False)
         totals = part if totals is None else tuple(a + b for a, b in zip(totals, part))
     assert totals is not None  # agreed > 0 here: the lean branch takes agreed == 0
     return totals
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """`values` (k,) as a function of `rows` whose Jacobian `jac` (k, *rows.shape) is already known."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, jac: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(jac)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (jac,) = ctx.saved_tensors
+        scale = grad_values.to(jac.dtype).reshape(-1, *([1] * (jac.dim() - 1)))
+        return (scale * jac).sum(0), None, None
+
+
+def _eager_chunk(fn: Callable[..., tuple[torch.Tensor, ...]], rows: torch.Tensor, head: torch.nn.Module,
+                 targets: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`fn` on one chunk with the gradient of each output with respect to `rows` taken at once (the chunk's
+    logits are freed before the next chunk); backward then only multiplies by the outputs' gradients."""
+    leaf = rows.detach().requires_grad_(True)
+    with torch.enable_grad():
+        outs = fn(leaf, head, targets, *extra)
+        jac = []
+        for i, out in enumerate(outs):
+            grad = None
+            if out.requires_grad:
+                (grad,) = torch.autograd.grad(out, leaf, retain_graph=i < len(outs) - 1, allow_unused=True)
+            jac.append(grad if grad is not None else torch.zeros_like(leaf))
+    values = torch.stack([out.detach().float() for out in outs])
+    result = _PrecomputedGrad.apply(rows, torch.stack(jac), values)
+    return tuple(result[i] for i in range(len(outs)))
 
 
 def lm_loss_sum(

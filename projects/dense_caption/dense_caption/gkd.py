@@ -29,6 +29,7 @@ so none waits on a peer.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from arctic_vl import (
     ModelPath,
     StepCounts,
     Trainer,
+    chunked_head_sums,
     epoch_seed,
     final_hidden,
     label_positions,
@@ -59,6 +61,21 @@ from .trainer import DenseEvalConfig, DenseTrainerMixin
 _ONPOLICY_SALT = 0x67B0
 #: where a micro-batch's completions come from -> its per-step count in metrics.jsonl
 SOURCE_METRICS = {"student": "student_generated", "teacher": "teacher_generated", "dataset": "dataset_completions"}
+
+
+def _gkd_chunk(rows: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, teacher_rows: torch.Tensor, *,
+               teacher_head: torch.nn.Module, beta: float, temperature: float,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(divergence sum, cross-entropy sum, correct tokens) of label rows; rows whose target is IGNORE_INDEX (the
+    core's lockstep padding) count nothing."""
+    s_logits = head(rows).float()
+    with torch.no_grad():
+        t_logits = teacher_head(teacher_rows).float()
+    real = targets != IGNORE_INDEX
+    kl = (generalized_jsd_per_token(s_logits, t_logits, beta, temperature) * real).sum()
+    ce = F.cross_entropy(s_logits, targets, reduction="sum")
+    correct = ((s_logits.argmax(-1) == targets) & real).sum().float()
+    return kl, ce, correct
 
 
 def generalized_jsd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
@@ -271,18 +288,16 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         hidden, head, _ = final_hidden(model, batch)
         with torch.no_grad():
             t_hidden, t_head, _ = final_hidden(self.teacher, batch, dummy_vision=False)
-            t_logits = t_head(t_hidden[:, :-1][mask]).float()
-        s_logits = head(hidden[:, :-1][mask]).float()
+        # Both output layers run at label positions only, in the core's lockstep chunks: the student's head the same
+        # number of times on every rank (ZeRO-3), logits recomputed in backward at large vocabularies, and a rank
+        # without labels still runs it on a padding row (its zero gradients in the same order as the others').
+        chunk = functools.partial(_gkd_chunk, teacher_head=t_head, beta=cfg.beta, temperature=cfg.loss_temperature)
+        kl_sum, ce_sum, correct = chunked_head_sums(chunk, hidden[:, :-1][mask], head, targets,
+                                                    t_hidden[:, :-1][mask], chunk_size=cfg.loss_chunk_size)
         n = int(targets.numel())
-        if n == 0:
-            zero = hidden.sum() * 0.0
-            return LossOutput(zero, 0, {"kl_loss": (0.0, 0.0), "sft_loss": (0.0, 0.0), "token_accuracy": (0.0, 0.0)})
-        kl_sum = generalized_jsd_per_token(s_logits, t_logits, cfg.beta, cfg.loss_temperature).sum()
-        ce_sum = F.cross_entropy(s_logits, targets, reduction="sum")
         loss_sum = kl_sum + cfg.sft_alpha * ce_sum if cfg.sft_alpha else kl_sum
-        correct = float((s_logits.argmax(-1) == targets).sum())
         metrics = {"kl_loss": (float(kl_sum.detach()), float(n)), "sft_loss": (float(ce_sum.detach()), float(n)),
-                   "token_accuracy": (correct, float(n))}
+                   "token_accuracy": (float(correct), float(n))}
         metrics.update(self.augmentation_metrics(batch))
         return LossOutput(loss_sum, n, metrics)
 

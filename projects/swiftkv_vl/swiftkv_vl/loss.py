@@ -11,31 +11,51 @@ non-padding tokens (DESIGN.md; averaging per micro-batch would weight short micr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from arctic_vl import IGNORE_INDEX, chunked_head_sums, label_positions
 
 __all__ = ["swiftkv_distill_loss_sums"]
 
-IGNORE_INDEX = -100
+
+class _WeightHead(torch.nn.Module):
+    """A bare output-layer weight as a module (callers that hold only the tensor: tests, plain models)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = weight  # a plain attribute: the caller's tensor, its graph kept
+
+    def forward(self, rows: Tensor) -> Tensor:
+        return rows @ self.weight.T
 
 
-def _kl_rows(
-    student_rows: Tensor, teacher_rows: Tensor, lm_head_weight: Tensor, row_weight: Tensor, temperature: float
-) -> Tensor:
-    """``w * T^2 * KL(softmax(teacher/T) || softmax(student/T))`` for each row, in fp32. Shape ``(rows,)``."""
-    student_logp = F.log_softmax((student_rows @ lm_head_weight.T).float() / temperature, dim=-1)
+def _kl_chunk(
+    student_rows: Tensor, head: torch.nn.Module, targets: Tensor, teacher_rows: Tensor, row_weight: Tensor,
+    row_image: Tensor, temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """(image, text) sums of ``w * T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the rows, in fp32.
+
+    One call of the output layer for student and teacher rows together (under ZeRO-3 each call gathers its
+    weights); rows whose target is IGNORE_INDEX (the core's lockstep padding) count nothing.
+    """
+    n = student_rows.shape[0]
+    logits = head(torch.cat([student_rows, teacher_rows.to(student_rows.dtype)])).float()
+    student_logp = F.log_softmax(logits[:n] / temperature, dim=-1)
     with torch.no_grad():  # the teacher is a target: no graph through it even if its hidden states carry one
-        teacher_logp = F.log_softmax((teacher_rows @ lm_head_weight.T).float() / temperature, dim=-1)
+        teacher_logp = F.log_softmax(logits[n:].detach() / temperature, dim=-1)
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    return kl * (temperature**2) * row_weight
+    kl = kl * (temperature**2) * row_weight * (targets != IGNORE_INDEX)
+    return (kl * row_image).sum(), (kl * (1 - row_image)).sum()
 
 
 def swiftkv_distill_loss_sums(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
-    lm_head_weight: Tensor,
+    lm_head: torch.nn.Module | Tensor,
     labels: Tensor,
     attention_mask: Tensor | None,
     sample_weight: Tensor | None,
@@ -50,9 +70,10 @@ def swiftkv_distill_loss_sums(
 
     Args:
         student_hidden, teacher_hidden: final hidden states ``(B, T, D)`` (after the final norm).
-        lm_head_weight: ``(V, D)``; logits are ``hidden @ lm_head_weight.T``, computed in chunks of ``chunk_size``
-            label positions only (never a full ``(B, T, V)`` tensor; under autograd each chunk is recomputed in
-            backward instead of keeping its ``(chunk, V)`` activations).
+        lm_head: the output layer (a module, called so that ZeRO-3 gathers its weights), or its ``(V, D)`` weight;
+            logits are computed at label positions only, through the core's `chunked_head_sums` (never a full
+            ``(B, T, V)`` tensor; large vocabularies in chunks recomputed in backward, the same number of output-layer
+            calls on every rank).
         labels: ``(B, T)`` with ``-100`` for positions without a label. Causal shift: position t predicts
             ``labels[:, t + 1]``.
         attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding (None: all real). Selects the MSE tokens.
@@ -92,27 +113,15 @@ def swiftkv_distill_loss_sums(
     )
 
     # --- KL on label positions: position t (t < T-1) is scored when labels[:, t+1] is a label.
-    label_mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
-    label_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    rows_b, rows_t = label_mask.nonzero(as_tuple=True)
+    mask, targets = label_positions(labels)
+    rows_b = mask.nonzero(as_tuple=True)[0]
     row_weight = weight[rows_b]
     row_image = image[rows_b]
-
-    kl_image = student_hidden.new_zeros((), dtype=torch.float32)
-    kl_text = student_hidden.new_zeros((), dtype=torch.float32)
-    needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or lm_head_weight.requires_grad)
-    for start in range(0, rows_b.numel(), chunk_size):
-        sl = slice(start, start + chunk_size)
-        s_rows = student_hidden[rows_b[sl], rows_t[sl]]
-        t_rows = teacher_hidden[rows_b[sl], rows_t[sl]]
-        if needs_grad:
-            kl = checkpoint(
-                _kl_rows, s_rows, t_rows, lm_head_weight, row_weight[sl], temperature, use_reentrant=False
-            )
-        else:
-            kl = _kl_rows(s_rows, t_rows, lm_head_weight, row_weight[sl], temperature)
-        kl_image = kl_image + kl[row_image[sl]].sum()
-        kl_text = kl_text + kl[~row_image[sl]].sum()
+    head = lm_head if isinstance(lm_head, torch.nn.Module) else _WeightHead(lm_head)
+    kl_image, kl_text = chunked_head_sums(
+        functools.partial(_kl_chunk, temperature=temperature), student_hidden[:, :-1][mask], head, targets,
+        teacher_hidden[:, :-1][mask], row_weight, row_image.float(), chunk_size=chunk_size,
+    )
 
     label_image = row_image.sum().float()
     label_total = torch.tensor(float(rows_b.numel()), device=device)

@@ -101,7 +101,7 @@ class SwiftKVTrainer(Trainer):
         image = self.has_image(batch)
         weight = torch.where(image, cfg.vision_loss_weight, cfg.text_loss_weight).float()
         sums = swiftkv_distill_loss_sums(
-            s_hidden, t_hidden, head.weight, batch["labels"], real_token_mask(batch), weight,
+            s_hidden, t_hidden, head, batch["labels"], real_token_mask(batch), weight,
             temperature=cfg.temperature, student_mid=s_mid, teacher_mid=t_mid, has_image=image,
             chunk_size=cfg.loss_chunk_size,
         )
