@@ -156,3 +156,35 @@ def test_output_file_checks_a_verbs_output_file(tmp_path):
 def test_inspect_data_refuses_a_negative_count(good_yaml, cli):
     rc, _, err = cli("inspect-data", str(good_yaml), "--n", "-1")
     assert rc == 2 and "--n must be >= 0" in err
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_console_script_ends_a_multi_process_run_without_interpreter_finalization(world_size, tmp_path):
+    """The console script's end (`entry`): in a process of a multi-process run the exit handlers run, the output
+    is flushed and the process ends with os._exit, so no gloo worker thread can meet a finalizing interpreter
+    (see `arctic_vl.cli.entry`); in one process it exits normally. The exit code is main's either way."""
+    import subprocess
+    import sys
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import atexit, sys, arctic_vl.cli as c\n"
+        "marker = sys.argv[1]\n"
+        "atexit.register(lambda: open(marker + '.atexit', 'w').close())\n"
+        "import os\n"
+        "class Finalized:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        write(1, b' finalized')\n"
+        "keep = Finalized()\n"
+        "sys.argv = ['arctic_vl', 'no-such-verb']\n"
+        "print('printed before the end', end='')\n"
+        "c.entry()\n")
+    marker = tmp_path / "m"
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    proc = subprocess.run([sys.executable, str(child), str(marker)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "unknown verb" in proc.stderr
+    assert proc.stdout.startswith("printed before the end")  # flushed
+    assert (tmp_path / "m.atexit").exists()  # exit handlers ran
+    # the interpreter's finalization (module globals torn down) runs only in one process
+    assert proc.stdout.endswith(" finalized") == (world_size == "1")
