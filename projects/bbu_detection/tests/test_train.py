@@ -234,6 +234,43 @@ def test_detection_freeze_epochs(bbu_data, tmp_path):
     assert m[6]["grad_norm/detection"] > 0
 
 
+#: the documents' schedule (issue 19 item 5): the vision tower frozen for epoch 0 (steps 1-6 of 6 an epoch),
+#: the LLM's LR / 10 for the last 25% of the 8 steps (steps 7 and 8)
+PHASES = [{"parts": ["vision"], "until_epoch": 1, "lr_factor": 0}, {"parts": ["llm"], "from": 0.75, "lr_factor": 0.1}]
+
+
+def test_phases_unfreeze_and_cut_the_lr_and_resume_exactly_across_the_boundary(bbu_data, tmp_path):
+    from arctic_vl import Engine
+
+    def phased(name: str) -> Path:
+        cfg = config(tmp_path / name, bbu_data, max_steps=8, weight_norms=True)
+        cfg["scheduler"]["phases"] = PHASES
+        cfg["data"]["eval_sources"] = []
+        cfg["checkpoint"].update(export_final=False)
+        (tmp_path / name).mkdir()
+        return write_yaml(tmp_path / name / "run.yaml", cfg)
+
+    reference = phased("reference")
+    Engine(reference).train()
+    want = read_metrics(tmp_path / "reference" / "out")
+    assert [m["lr/vision"] for m in want] == [0.0] * 6 + [2e-3] * 2
+    assert [m["lr/llm"] for m in want] == pytest.approx([2e-3] * 6 + [2e-4] * 2)
+    assert all(m["lr/detection"] == m["lr/adapter"] == m["lr/aligner"] == 2e-3 for m in want)
+    vision = [m["weight_norm/vision"] for m in want]
+    assert vision[:6] == [vision[0]] * 6 and vision[6] != vision[5], "vision frozen in epoch 0, trained after"
+    assert len({m["weight_norm/llm"] for m in want}) == 8
+
+    killed = phased("killed")  # checkpoints at steps 2 and 4: killed at 5, resumed from 4 across both boundaries
+    assert train_child(killed, "kill_step", "5") == -9
+    Engine(killed).train()
+    got = read_metrics(tmp_path / "killed" / "out")
+    assert [m["step"] for m in got] == list(range(1, 9))
+    for a, b in zip(got, want):
+        for key in ("loss", "grad_norm", "loss_bbox", "loss_caption", "student_lm_loss", "lr/vision", "lr/llm",
+                    "weight_norm/vision", "weight_norm/llm", "grad_norm/vision"):
+            assert a[key] == b[key], (a["step"], key)
+
+
 def json_config(final: Path) -> Any:
     from bbu_detection.head import read_head_config
 
