@@ -45,6 +45,7 @@ def swiftkv_distill_loss_sums(
     teacher_mid: Tensor | None = None,
     has_image: Tensor | None = None,
     chunk_size: int = 1024,
+    with_ce: bool = False,
 ) -> dict[str, Tensor]:
     """Sums and counts of the SwiftKV distillation loss for one micro-batch.
 
@@ -62,6 +63,8 @@ def swiftkv_distill_loss_sums(
         student_mid, teacher_mid: ``(B, T, D)`` hidden states at ``hidden_loss_layer``; None: no MSE term.
         has_image: ``(B,)`` bool, which samples hold an image, for the image/text split (None: all text-only).
         chunk_size: label positions per logits chunk.
+        with_ce: also ``student_ce_sum`` and ``teacher_ce_sum``, each model's cross entropy on the labels at
+            temperature 1 (a metric: no graph), summed over the label tokens.
 
     Returns:
         A dict of 0-d tensors: ``kl_sum`` (sum over label tokens of ``w_s * T^2 * KL``), ``mse_sum`` (sum over
@@ -100,6 +103,9 @@ def swiftkv_distill_loss_sums(
 
     kl_image = student_hidden.new_zeros((), dtype=torch.float32)
     kl_text = student_hidden.new_zeros((), dtype=torch.float32)
+    ce_student = student_hidden.new_zeros((), dtype=torch.float32)
+    ce_teacher = student_hidden.new_zeros((), dtype=torch.float32)
+    targets = labels[rows_b, rows_t + 1]
     needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or lm_head_weight.requires_grad)
     for start in range(0, rows_b.numel(), chunk_size):
         sl = slice(start, start + chunk_size)
@@ -113,6 +119,11 @@ def swiftkv_distill_loss_sums(
             kl = _kl_rows(s_rows, t_rows, lm_head_weight, row_weight[sl], temperature)
         kl_image = kl_image + kl[row_image[sl]].sum()
         kl_text = kl_text + kl[~row_image[sl]].sum()
+        if with_ce:
+            with torch.no_grad():
+                w = lm_head_weight.detach()
+                ce_student = ce_student + F.cross_entropy((s_rows.detach() @ w.T).float(), targets[sl], reduction="sum")
+                ce_teacher = ce_teacher + F.cross_entropy((t_rows.detach() @ w.T).float(), targets[sl], reduction="sum")
 
     label_image = row_image.sum().float()
     label_total = torch.tensor(float(rows_b.numel()), device=device)
@@ -140,7 +151,9 @@ def swiftkv_distill_loss_sums(
         hidden_image = tokens_per_sample[image].sum()
         hidden_total = tokens_per_sample.sum()
 
+    out = {"student_ce_sum": ce_student, "teacher_ce_sum": ce_teacher} if with_ce else {}
     return {
+        **out,
         "kl_sum": kl_image + kl_text,
         "kl_sum_image": kl_image,
         "kl_sum_text": kl_text,

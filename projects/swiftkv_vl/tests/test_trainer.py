@@ -95,6 +95,7 @@ def _hand_loss(config: Path) -> dict[str, float]:
     kl_sums, mse_sums = {"image": 0.0, "text": 0.0}, {"image": 0.0, "text": 0.0}
     n_label, n_hidden = {"image": 0, "text": 0}, {"image": 0, "text": 0}
     micro_token_counts, per_micro = [], []
+    ce = {"student": 0.0, "teacher": 0.0}
     for indices in ([0, 1], [2, 3]):  # shuffle: false, micro_batch_size 2: the first optimizer step
         batch = data.collate([data.train[i] for i in indices])
         inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
@@ -116,6 +117,9 @@ def _hand_loss(config: Path) -> dict[str, float]:
                                   F.log_softmax(out_t.logits[row, t] / TEMPERATURE, -1),
                                   log_target=True, reduction="sum")
                     kl_sums[kind] += w * TEMPERATURE**2 * float(kl)
+                    target = batch["labels"][row, t + 1]
+                    ce["student"] += float(F.cross_entropy(out_s.logits[row, t], target))  # unweighted, T = 1
+                    ce["teacher"] += float(F.cross_entropy(out_t.logits[row, t], target))
                     n_label[kind] += 1
         after = (sum(kl_sums.values()), sum(mse_sums.values()), sum(n_label.values()), sum(n_hidden.values()))
         kl_mb, mse_mb, lab_mb, hid_mb = (a - b for a, b in zip(after, before))
@@ -130,6 +134,8 @@ def _hand_loss(config: Path) -> dict[str, float]:
         "hidden_mse_image": mse_sums["image"] / n_hidden["image"],
         "hidden_mse_text": mse_sums["text"] / n_hidden["text"],
         "label_tokens": labels, "tokens": hidden,
+        "student_ce": ce["student"] / labels, "teacher_ce": ce["teacher"] / labels,
+        "ce_gap": (ce["student"] - ce["teacher"]) / labels,
         "mean_of_micro_batch_means": sum(per_micro) / len(per_micro),
         "mse_over_label_tokens": (sum(kl_sums.values()) + MULT * sum(mse_sums.values())) / labels,
     }
@@ -141,7 +147,10 @@ def test_logged_loss_equals_hand_computation(run):
     step1 = metrics[0]
     assert step1["label_tokens"] == expected["label_tokens"] and step1["tokens"] == expected["tokens"]
     assert expected["kl"] > 0.05 and expected["hidden_mse"] > 1e-3, expected  # both terms matter
-    for key in ("loss", "kl", "hidden_mse", "kl_image", "kl_text", "hidden_mse_image", "hidden_mse_text"):
+    # the student's and the teacher's own loss on the labels (issue 19 item 9), per label token of the step
+    assert expected["ce_gap"] > 0.01, expected
+    for key in ("loss", "kl", "hidden_mse", "kl_image", "kl_text", "hidden_mse_image", "hidden_mse_text",
+                "student_ce", "teacher_ce", "ce_gap"):
         assert step1[key] == pytest.approx(expected[key], rel=1e-4), key
     # the wrong normalisations give clearly different numbers, so the check above can tell them apart
     for wrong in ("mean_of_micro_batch_means", "mse_over_label_tokens"):
