@@ -54,6 +54,8 @@ def test_phases_multiply_each_groups_scheduled_lr_over_their_spans():
 
 
 def test_a_phase_is_validated_naming_its_field():
+    phase = LRPhase.model_validate({"parts": ["llm"], "from": 0.75, "lr_factor": 0.1})
+    assert phase.model_dump()["from"] == 0.75 and LRPhase.model_validate(phase.model_dump()) == phase  # as in YAML
     with pytest.raises(ValidationError, match="give one start, not from and from_step"):
         LRPhase.model_validate({"parts": ["llm"], "from": 0.5, "from_step": 3, "lr_factor": 0})
     with pytest.raises(ValidationError, match=r"from_epoch \(2\) must be before until_epoch \(1\)"):

@@ -39,7 +39,7 @@ class LRPhase(BaseModel):
     """One `scheduler.phases` entry: `parts` (part or param-group names) get `lr_factor` x their scheduled LR from
     one of `from` / `from_epoch` / `from_step` until one of `until` / `until_epoch` / `until_step`."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)  # `from` in YAML
 
     parts: list[str] = Field(..., min_length=1, description="parts (vision, aligner, llm, the model factory's own) "
                              "or optimizer.param_groups names")

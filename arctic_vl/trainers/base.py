@@ -57,6 +57,7 @@ RESUME_MAY_CHANGE = (
     "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
     "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
     "trainer.prefetch", "trainer.compile", "callbacks", "eval",
+    "trainer.group_grad_norms", "trainer.weight_norms", "trainer.detect_anomaly",  # monitors: no change to the math
 )
 
 
