@@ -136,6 +136,7 @@ def _assert_matches(run: list[dict], reference: list[dict]) -> None:
     assert norm_rel <= 1e-5, f"max relative grad-norm difference {norm_rel}"
     # per-group monitors (issue 19 item 7): present under every backend, ZeRO 1-3 included, equal to one process's
     for a, b in zip(run, reference):
+        assert [a[f"lr/{g}"] for g in GROUPS] == [b[f"lr/{g}"] for g in GROUPS] == [b["lr"]] * 3, a["step"]
         for key in [f"{kind}/{g}" for kind in ("grad_norm", "weight_norm") for g in GROUPS]:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["step"], key)
         assert a["grad_norm"] == pytest.approx(sum(a[f"grad_norm/{g}"] ** 2 for g in GROUPS) ** 0.5, rel=1e-5)
