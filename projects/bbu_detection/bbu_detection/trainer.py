@@ -103,7 +103,8 @@ class DetectionTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------ normalisers
     def step_counts(self, micro: list[dict[str, Any]]) -> dict[str, float]:
-        """Ground-truth objects, caption tokens, teacher and student label tokens of this process's micro-batches."""
+        """Ground-truth objects, caption tokens, teacher and student label tokens and samples (a rank's padding
+        samples not counted) of this process's micro-batches."""
         objects = captions = teacher = student = 0
         for b in micro:
             for t in b[TARGETS]:
@@ -115,7 +116,7 @@ class DetectionTrainer(Trainer):
             teacher += int((trained & (spans == TEACHER)).sum())
             student += int((trained & (spans == STUDENT)).sum())
         return {GT_OBJECTS: float(objects), CAPTION_TOKENS: float(captions), TEACHER_TOKENS: float(teacher),
-                STUDENT_TOKENS: float(student), SAMPLES: float(sum(len(b[TARGETS]) for b in micro))}
+                STUDENT_TOKENS: float(student), SAMPLES: float(sum(t.real for b in micro for t in b[TARGETS]))}
 
     def head_frozen(self) -> bool:
         """True while the optimizer step being computed is inside `detection_freeze_epochs`."""
