@@ -30,7 +30,7 @@ Groups:
                   GROUNDING_MISMATCH
     training:     Trainer, TrainerConfig, TrainState, LossOutput, SFTTrainer, normalize_answer, lockstep_generation,
                   Callback, StepInfo, Checkpointer, CheckpointConfig, Optimizer, AdamWConfig,
-                  ParamGroupConfig, Scheduler, SchedulerConfig, DistributedBackend, DistributedConfig
+                  ParamGroupConfig, Scheduler, SchedulerConfig, LRPhase, DistributedBackend, DistributedConfig
     errors:       UserError, ConfigError, DataError (exit 2), RunFailed, CheckpointError (exit 1)
 """
 
@@ -170,6 +170,7 @@ _LAZY: dict[str, str] = {
     "ParamGroupConfig": "arctic_vl.optim.optimizers",
     "Scheduler": "arctic_vl.optim.schedulers",
     "SchedulerConfig": "arctic_vl.optim.schedulers",
+    "LRPhase": "arctic_vl.optim.schedulers",
     "DistributedBackend": "arctic_vl.distributed.backends",
     "DistributedConfig": "arctic_vl.distributed.backends",
     # errors
@@ -241,6 +242,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "HFModelFactory",
     "ImageRef",
     "JsonTextError",
+    "LRPhase",
     "LocatedConfig",
     "LoraConfig",
     "LossOutput",
@@ -357,7 +359,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.models.lora import LoraConfig
     from arctic_vl.models.tiny import TinyModelConfig, make_tiny_model, tiny_config
     from arctic_vl.optim.optimizers import AdamWConfig, Optimizer, ParamGroupConfig
-    from arctic_vl.optim.schedulers import Scheduler, SchedulerConfig
+    from arctic_vl.optim.schedulers import LRPhase, Scheduler, SchedulerConfig
     from arctic_vl.plugins import load_plugins, register_cli_verb, register_config_check
     from arctic_vl.registry import (
         CALLBACKS,

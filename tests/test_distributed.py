@@ -39,6 +39,7 @@ N = 24
 #: dataset positions that hold text-only samples: three of each micro-batch of step 2 (8-11, 12-15) and two more
 TEXT_POSITIONS = {3, 9, 10, 11, 13, 14, 15, 21}
 MAX_STEPS = 5  # 3 steps an epoch: crosses an epoch
+GROUPS = ("vision", "aligner", "llm")  # each its own optimizer group: per-group norms are compared
 
 # Rank 0 kills itself (SIGKILL) at the end of a step; the launcher then stops the other rank.
 KILL_CHILD = KILL_AT_CALLBACK + r"""
@@ -68,8 +69,9 @@ def setup(tiny_llava: Path, synthetic_data: Path, tmp_path_factory: pytest.TempP
             "model": {"name_or_path": str(tiny_llava)},
             "data": data,
             "trainer": {"output_dir": str(root / name), "max_steps": MAX_STEPS, "gradient_accumulation_steps": 2,
-                        "progress_bar": False, "seed": SEED, **trainer},
-            "optimizer": {"lr": 3e-3},
+                        "progress_bar": False, "seed": SEED, "group_grad_norms": True, "weight_norms": True,
+                        **trainer},
+            "optimizer": {"lr": 3e-3, "param_groups": [{"name": p, "parts": [p]} for p in GROUPS]},
             "scheduler": {"type": "cosine", "warmup_steps": 1},
             "checkpoint": {"every_n_steps": 2, "keep_last": 2},
             "distributed": distributed,
@@ -102,7 +104,14 @@ def reference(setup: dict) -> list[dict]:
         assert max(tokens) <= max(halves), (b, tokens, halves)  # never worse than the plain split
     trainer.train()
     trainer.dist.teardown()
-    return read_metrics(setup["root"] / "single")
+    metrics = read_metrics(setup["root"] / "single")
+    # the last step's weight norms are the norms of the weights the run ended with, group by group
+    for g in GROUPS:  # the decay and no-decay halves of the group
+        params = [p for group in trainer.optimizer.param_groups if group["name"].split("/")[0] == g
+                  for p in group["params"]]
+        flat = torch.cat([p.detach().double().flatten() for p in params])
+        assert metrics[-1][f"weight_norm/{g}"] == pytest.approx(float(flat.norm()), rel=1e-12), g
+    return metrics
 
 
 def _launch(launcher: str, program: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -125,6 +134,12 @@ def _assert_matches(run: list[dict], reference: list[dict]) -> None:
     # the gradient norm catches a loss scaled by a constant (Adam would hide it from the losses)
     norm_rel = max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(run, reference))
     assert norm_rel <= 1e-5, f"max relative grad-norm difference {norm_rel}"
+    # per-group monitors (issue 19 item 7): present under every backend, ZeRO 1-3 included, equal to one process's
+    for a, b in zip(run, reference):
+        assert [a[f"lr/{g}"] for g in GROUPS] == [b[f"lr/{g}"] for g in GROUPS] == [b["lr"]] * 3, a["step"]
+        for key in [f"{kind}/{g}" for kind in ("grad_norm", "weight_norm") for g in GROUPS]:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["step"], key)
+        assert a["grad_norm"] == pytest.approx(sum(a[f"grad_norm/{g}"] ** 2 for g in GROUPS) ** 0.5, rel=1e-5)
 
 
 def test_reference_learns(reference):

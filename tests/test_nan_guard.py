@@ -123,3 +123,17 @@ def test_resume_is_exact_across_a_skipped_step(tmp_path, tiny_llava, synthetic_d
     assert [m.get("skipped", False) for m in b] == [m.get("skipped", False) for m in a]
     assert [m["lr"] for m in b] == [m["lr"] for m in a]
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b) if x["loss"] is not None) <= 1e-6
+
+
+def test_detect_anomaly_names_the_backward_op_that_made_the_nan(tmp_path, tiny_llava, synthetic_data, cli):
+    """`trainer.detect_anomaly` (issue 19 item 7): autograd anomaly mode stops the run at the first NaN gradient,
+    exit 1 naming the step and the op (without it the NaN guard skips that step, as above)."""
+    config = _config(tmp_path, tiny_llava, synthetic_data, nan_steps=[2], grad_only=True, max_steps=1)
+    code, _, err = cli(str(config))
+    assert code == 0, err[-3000:]
+    # switched on to debug a run that already has a checkpoint: a monitor, so the run resumes (no math changes)
+    code, _, err = cli("train", str(config), "--set", "trainer.detect_anomaly=true", "--set", "trainer.max_steps=3")
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert "cannot resume" not in err  # resumed from step-1 (a refused resume exits 2)
+    assert "step 2: trainer.detect_anomaly: Function '_NanGradBackward' returned nan values" in err, err[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1]

@@ -102,13 +102,12 @@ class DistributedBackend(Component):
     def group_grad_norms(self, model: Any, optimizer: Any) -> dict[str, float]:
         """The gradient norm of each optimizer parameter group, by group name (decay and no-decay halves of a
         configured group together), before clipping. Call between backward and `step`."""
-        squares: dict[str, float] = {}
-        for group in optimizer.param_groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            name = str(group.get("name", "default")).split("/", 1)[0]
-            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            squares[name] = squares.get(name, 0.0) + norm * norm
-        return {name: sq ** 0.5 for name, sq in squares.items()}
+        return norms_by_group((group.get("name", "default"), [p.grad for p in group["params"]])
+                               for group in optimizer.param_groups)
+
+    def group_weight_norms(self, model: Any, optimizer: Any) -> dict[str, float]:
+        """The weight norm of each optimizer parameter group, by group name (decay and no-decay halves together)."""
+        return norms_by_group((group.get("name", "default"), group["params"]) for group in optimizer.param_groups)
 
     def unwrap(self, model: Any) -> torch.nn.Module:
         """The loop's own module inside what `prepare` returned (one process: `model` itself)."""
@@ -151,6 +150,17 @@ class DistributedBackend(Component):
 
 
 DISTRIBUTED.bind_base(DistributedBackend)
+
+
+def norms_by_group(groups: Any) -> dict[str, float]:
+    """{group name: L2 norm} of (name, tensors) pairs, the halves of a group (`name/no_decay`) together; float64
+    sums of squares, so the result does not depend on how the tensors are split."""
+    squares: dict[str, float] = {}
+    for name, tensors in groups:
+        key = str(name).split("/", 1)[0]
+        sq = sum(float(t.detach().double().square().sum()) for t in tensors if t is not None)
+        squares[key] = squares.get(key, 0.0) + sq
+    return {name: sq ** 0.5 for name, sq in squares.items()}
 
 
 @DISTRIBUTED.register("single")

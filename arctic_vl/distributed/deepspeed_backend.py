@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from arctic_vl.distributed.backends import DDP, DistributedConfig
+from arctic_vl.distributed.backends import DDP, DistributedConfig, norms_by_group
 from arctic_vl.errors import CheckpointError, ConfigError
 from arctic_vl.plugins import register_config_check
 from arctic_vl.registry import DISTRIBUTED
@@ -390,6 +390,9 @@ class DeepSpeed(DDP):
         if self.engine_config is None:
             raise ConfigError("distributed.type deepspeed needs the engine config to derive the DeepSpeed config")
         self.ds_config = derive_ds_config(self.config, self.engine_config, self.world_size)
+        # the model's own parameters of each group, in the same order on every rank: ZeRO's optimizer holds flat
+        # partitions instead, and the monitors (`group_grad_norms`, `group_weight_norms`) read per parameter
+        self._groups = [(str(g.get("name", "default")), list(g["params"])) for g in optimizer.param_groups]
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=_TupleLoss(model), optimizer=optimizer,
                                                           config=self.ds_config)
         # The scheduler stays the engine's: it steps in `step` and the checkpointer saves it. Its optimizer's
@@ -431,8 +434,20 @@ class DeepSpeed(DDP):
         return norm, bool(engine.was_step_applied())
 
     def group_grad_norms(self, model: DeepSpeedModel, optimizer: Any) -> dict[str, float]:
-        """Not available under ZeRO (gradients are partitioned and reduced inside DeepSpeed's step): {}."""
-        return {}
+        """Each group's norm of the reduced (averaged over processes) gradient, before clipping. ZeRO 1-2 keep each
+        rank's part of a reduced gradient, ZeRO-3 too: DeepSpeed assembles the whole one (`get_full_hp_grad`,
+        `get_fp32_grad_for_param`, the bodies of `deepspeed.utils.safe_get_full_grad`), a collective, so every
+        rank walks the same parameters in the same order. Call between the step's last backward and `step`."""
+        return norms_by_group((name, [_full_grad(p) for p in params]) for name, params in self._groups)
+
+    def group_weight_norms(self, model: DeepSpeedModel, optimizer: Any) -> dict[str, float]:
+        """Each group's weight norm: ZeRO 0-2 hold every weight on every rank; ZeRO-3 gathers each partitioned
+        one (`safe_get_full_fp32_param`, a collective: same parameters in the same order on every rank)."""
+        if model.engine.zero_optimization_stage() != 3:
+            return norms_by_group(self._groups)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return norms_by_group((name, [safe_get_full_fp32_param(p) for p in params]) for name, params in self._groups)
 
     def unwrap(self, model: Any) -> torch.nn.Module:
         """The loop's model+loss module inside a DeepSpeedModel (or `model` as is)."""
@@ -475,6 +490,20 @@ class DeepSpeed(DDP):
             return None
         prefix = "inner."
         return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+def _full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The whole reduced gradient of `param` under ZeRO 1-3, on every rank (a collective).
+
+    `safe_get_full_grad` returns `param.grad` first when it is set, which some ranks may hold and others not
+    (a rank-local, unreduced gradient): that would break the lockstep, so the ZeRO paths are taken directly."""
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        return param._z3_optimizer.get_fp32_grad_for_param(param)
+    if hasattr(param, "_hp_mapping"):  # ZeRO 1 and 2
+        return param.get_full_hp_grad()
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad(param)
 
 
 def _check_config(cfg: Any, located: Any) -> None:

@@ -72,15 +72,16 @@ def group_parameters(
     """torch param groups from the config's groups; first matching group wins.
 
     With no groups configured, every trainable parameter goes to one default group. A group with lr 0
-    freezes its parameters (requires_grad False) so they cost no optimizer memory.
+    freezes its parameters (requires_grad False) so they cost no optimizer memory. Each torch group carries
+    its `name` and the `parts` its parameters belong to (what `scheduler.phases` select).
     """
     trainable = [(n, p) for n, p in named if p.requires_grad]
     out: dict[tuple[str, bool], dict[str, Any]] = {}
     unmatched: list[str] = []
     for name, param in trainable:
         group = None
+        part = part_of(name)
         if groups:
-            part = part_of(name)
             for g in groups:
                 if (g.parts and part in g.parts) or (g.regex and re.search(g.regex, name)):
                     group = g
@@ -96,8 +97,10 @@ def group_parameters(
         decay = not (no_decay_1d and param.ndim < 2)
         key = (group.name if group else "default", decay)
         entry = out.setdefault(key, {"params": [], "lr": g_lr, "weight_decay": g_wd if decay else 0.0,
-                                     "name": f"{key[0]}{'' if decay else '/no_decay'}"})
+                                     "name": f"{key[0]}{'' if decay else '/no_decay'}", "parts": []})
         entry["params"].append(param)
+        if part is not None and part not in entry["parts"]:  # what scheduler.phases match by part
+            entry["parts"].append(part)
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 5 else "")
         raise ConfigError(

@@ -58,6 +58,7 @@ RESUME_MAY_CHANGE = (
     "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
     "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
     "trainer.prefetch", "trainer.compile", "callbacks", "eval",
+    "trainer.group_grad_norms", "trainer.weight_norms", "trainer.detect_anomaly",  # monitors: no change to the math
 )
 
 
@@ -98,8 +99,12 @@ class TrainerConfig(ComponentConfig):
     log_every_n_steps: int = Field(1, ge=1, description="console log interval; metrics.jsonl gets every step")
     progress_bar: bool = True
     nan_guard: NanGuardConfig = Field(default_factory=NanGuardConfig)
-    group_grad_norms: bool = Field(False, description="log each optimizer parameter group's gradient norm "
-                                   "(`grad_norm/<group>` in metrics.jsonl; single-process and ddp)")
+    group_grad_norms: bool = Field(False, description="log each optimizer parameter group's gradient norm before "
+                                   "clipping (`grad_norm/<group>` in metrics.jsonl; every backend, ZeRO 1-3 too)")
+    weight_norms: bool = Field(False, description="log each optimizer parameter group's weight norm after the step "
+                               "(`weight_norm/<group>` in metrics.jsonl)")
+    detect_anomaly: bool = Field(False, description="autograd anomaly mode (debugging: slow): the backward op that "
+                                 "first makes a NaN is named, with the forward line that created it")
     prefetch: bool = Field(True, description="read and collate the next step's micro-batches in a background "
                            "thread while this step computes (the same batches in the same order)")
     compile: CompileConfig = Field(default_factory=CompileConfig, description="torch.compile the step")
@@ -246,6 +251,11 @@ class Trainer(Component):
         """Optimizer steps in an epoch: micro-batches per epoch over gradient_accumulation_steps, rounded up."""
         return math.ceil(self.micro_batches_per_epoch / self.config.gradient_accumulation_steps)
 
+    def epoch_start_step(self, epoch: int) -> int:
+        """The 0-based optimizer step that begins `epoch` (each epoch's last step may take fewer micro-batches)."""
+        gas = self.config.gradient_accumulation_steps
+        return sum(math.ceil(len(self.plan(e)) / gas) for e in range(epoch))
+
     def compute_total_steps(self) -> int:
         """`max_steps` if set, else the optimizer steps of `epochs` epochs (a fraction: part of one); at least 1."""
         if self.config.max_steps is not None:
@@ -285,6 +295,22 @@ class Trainer(Component):
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` with its tensors on this rank's device (non-blocking); other values as they are."""
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    @contextlib.contextmanager
+    def anomaly_mode(self) -> Iterator[None]:
+        """With `trainer.detect_anomaly`: autograd anomaly mode around a micro-batch's forward and backward; the
+        error it raises at the first NaN becomes a RunFailed naming the step and the op."""
+        if not self.config.detect_anomaly:
+            yield
+            return
+        try:
+            with torch.autograd.detect_anomaly(check_nan=True):
+                yield
+        except RuntimeError as e:
+            if "nan" not in str(e).lower():
+                raise
+            raise RunFailed(f"step {self.state.step + 1}: trainer.detect_anomaly: {str(e).splitlines()[0]} (the "
+                            "forward line that created this op is in the warning above)") from None
 
     def autocast(self) -> Any:
         """bf16 autocast on the device when `trainer.bf16`, else a no-op context."""
@@ -340,7 +366,7 @@ class Trainer(Component):
         groups = self.optimizer_factory.param_groups(self.bundle.model, self.bundle.part_of)
         optimizer = self.optimizer_factory.build(groups)
         self.total_steps = self.compute_total_steps()
-        scheduler = self.scheduler_factory.build(optimizer, self.total_steps)
+        scheduler = self.scheduler_factory.build(optimizer, self.total_steps, epoch_start=self.epoch_start_step)
         self.model, self.optimizer, self.scheduler = self.dist.prepare(self.step_module(), optimizer, scheduler)
         latest = self._resume_or_start()
         if latest is not None:
@@ -417,6 +443,9 @@ class Trainer(Component):
         reduced = self.dist.all_reduce_sum([loss_sum] + [v for k in side_names for v in side[k]])
         loss = reduced[0] / max(n_units, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
+        group_lrs: dict[str, float] = {}
+        for group in self.optimizer.param_groups:  # the decay and no-decay halves of a group share their LR
+            group_lrs.setdefault(f"lr/{str(group.get('name', 'default')).split('/', 1)[0]}", group["lr"])
         grad_norm, group_norms, skipped = self.optimizer_step(loss)
         self._last_loss = loss
         self.state.step += 1
@@ -433,7 +462,11 @@ class Trainer(Component):
         }
         if n_slots:
             metrics["packing_efficiency"] = n_tokens / n_slots
+        metrics.update(group_lrs)
         metrics.update({f"grad_norm/{k}": v for k, v in group_norms.items()})
+        if self.config.weight_norms:  # after the step: the weights the next step starts from
+            metrics.update({f"weight_norm/{k}": v
+                            for k, v in self.dist.group_weight_norms(self.model, self.optimizer).items()})
         if self.config.nan_guard.enabled:
             metrics["nan_skips"] = int(self.state.extra.get("nan_skips", 0))
             if skipped:
@@ -452,7 +485,7 @@ class Trainer(Component):
         self.model.train()
         loss_sum, side = 0.0, {}
         for i, batch in enumerate(micro):
-            with self.dist.no_sync(self.model, sync=i == len(micro) - 1), self.autocast():
+            with self.dist.no_sync(self.model, sync=i == len(micro) - 1), self.autocast(), self.anomaly_mode():
                 out: LossOutput = self.model(batch, counts)
                 self.dist.backward(self.model, out.loss_sum * scale)
             loss_sum += float(out.loss_sum.detach())

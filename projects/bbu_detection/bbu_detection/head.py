@@ -56,6 +56,10 @@ class DetectionSettings(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     max_caption_tokens: int = Field(16, ge=2, description="caption tokens per object incl. the end token; longer "
                                     "descriptions are cut (counted in the data stats)")
+    tie_caption_embeddings: bool = Field(
+        False, description="the caption decoder reads and predicts tokens through the language model's own input "
+        "embedding and output layer (projected D <-> d_model) instead of its own vocab x d_model embedding and "
+        "output layer (the origin documents' head has its own: the default)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> DetectionSettings:
@@ -197,15 +201,43 @@ class CaptionDecoder(nn.Module):
     def __init__(self, c: DetectionHeadConfig):
         super().__init__()
         d = c.d_model
-        self.embed = nn.Embedding(c.vocab_size, d)
+        self.tied = c.tie_caption_embeddings
+        #: with `tie_caption_embeddings`: [the LM's input embedding, its output layer], set by `tie_to`; a list, so
+        #: they stay the VLM's modules (not this head's parameters, not in its state dict)
+        self.lm_modules: list[nn.Module] = []
+        if self.tied:
+            self.embed_in = nn.Linear(c.hidden_size, d, bias=False)
+            self.embed_out = nn.Linear(d, c.hidden_size, bias=False)
+        else:
+            self.embed = nn.Embedding(c.vocab_size, d)
         self.bos = nn.Embedding(1, d)
         self.pos = nn.Embedding(c.max_caption_tokens, d)
         self.query = nn.Linear(d, d)
         layer = nn.TransformerDecoderLayer(d, c.heads, c.ffn_ratio * d, c.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, c.caption_layers, norm=nn.LayerNorm(d))
-        self.head = nn.Linear(d, c.vocab_size)
+        if not self.tied:
+            self.head = nn.Linear(d, c.vocab_size)
         nn.init.normal_(self.bos.weight, std=0.02)
+
+    def _lm(self) -> tuple[nn.Module, nn.Module]:
+        if len(self.lm_modules) != 2:
+            raise RuntimeError("tie_caption_embeddings: the head is not tied to a language model (tie_to)")
+        return self.lm_modules[0], self.lm_modules[1]
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids -> (N, L, d) caption decoder inputs (module calls only: ZeRO-3 gathers in them)."""
+        if not self.tied:
+            return self.embed(ids)
+        embed, _ = self._lm()
+        return self.embed_in(embed(ids).to(self.embed_in.weight.dtype))
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """(N, L, d) decoder states -> (N, L, vocab) logits."""
+        if not self.tied:
+            return self.head(out)
+        _, lm_head = self._lm()
+        return lm_head(self.embed_out(out).to(lm_head.weight.dtype))
 
     def forward(self, query_states: torch.Tensor, caption_inputs: torch.Tensor,
                 context: CaptionContext | None = None) -> torch.Tensor:
@@ -214,7 +246,7 @@ class CaptionDecoder(nn.Module):
         n, length = caption_inputs.shape
         device = caption_inputs.device
         d = query_states.shape[-1]
-        tokens = self.embed(caption_inputs[:, :-1].clamp(min=0))
+        tokens = self.embed_tokens(caption_inputs[:, :-1].clamp(min=0))
         bos = self.bos(torch.zeros((n, 1), dtype=torch.long, device=device)).to(tokens.dtype)
         tgt = torch.cat([bos, tokens], dim=1) + self.pos(torch.arange(length, device=device))[None]
         memory = self.query(query_states.to(tgt.dtype))[:, None, :]
@@ -226,7 +258,7 @@ class CaptionDecoder(nn.Module):
         causal = torch.triu(torch.full((length, length), float("-inf"), device=device), diagonal=1)
         out = self.decoder(tgt, memory, tgt_mask=causal.to(tgt.dtype), tgt_is_causal=True,
                            memory_key_padding_mask=padding)
-        return self.head(out).float()
+        return self.logits(out).float()
 
 
 class DetectionHead(nn.Module):
@@ -252,6 +284,17 @@ class DetectionHead(nn.Module):
         self.objectness_head = nn.Linear(d, 1)
         self.captioner = CaptionDecoder(c)
         self._reset()
+
+    def tie_to(self, vlm: nn.Module) -> DetectionHead:
+        """With `tie_caption_embeddings`: captions go through `vlm`'s input embedding and output layer (its own
+        modules, trained by the `llm` group); without: nothing to do. Returns self."""
+        if self.config.tie_caption_embeddings:
+            embed, out = vlm.get_input_embeddings(), vlm.get_output_embeddings()
+            if embed is None or out is None:
+                raise ValueError(f"tie_caption_embeddings: {type(vlm).__name__} has no input embedding or output "
+                                 "layer to tie the caption decoder to")
+            self.captioner.lm_modules[:] = [embed, out]
+        return self
 
     def _reset(self) -> None:
         with torch.no_grad():

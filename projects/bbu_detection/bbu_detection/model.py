@@ -19,10 +19,12 @@ and `final/detection_head/` the head (safetensors + config.json); `load_detectio
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -93,6 +95,23 @@ class DetectionBundle(ModelBundle):
         return None
 
 
+def head_parameter_report(head: DetectionHead) -> str:
+    """One line: the head's parameters, its caption decoder's, and how much of that is vocabulary (embedding and
+    output layer), or that captions use the language model's (tied)."""
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    cap = head.captioner
+    total, captions = count(head), count(cap)
+    if cap.tied:
+        vocab = "vocabulary tied to the language model's embedding and output layer (tie_caption_embeddings)"
+    else:
+        own = count(cap.embed) + count(cap.head)
+        vocab = (f"{own:,} of them its own vocabulary embedding and output layer (model.detection."
+                 "tie_caption_embeddings: true reads the language model's instead)")
+    return f"detection head: {total:,} parameters; caption decoder {captions:,}, {vocab}"
+
+
 def caption_end_id(tokenizer: Any) -> int:
     """The token that ends a caption: `<|im_end|>` when the tokenizer has it, else its eos token."""
     tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -121,7 +140,7 @@ def load_detection_model(path: str | Path, device: torch.device | str | None = N
     if not (path / HEAD_DIR / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no {HEAD_DIR}/config.json: not a bbu_detection export")
     vlm = load_model(path, dtype=dtype)
-    head = load_detection_head(path / HEAD_DIR, dtype=dtype)
+    head = load_detection_head(path / HEAD_DIR, dtype=dtype).tie_to(vlm)
     model = DetectionVLM(vlm, head).eval()
     if device is not None:
         model.to(device)
@@ -160,10 +179,13 @@ class DetectionModelFactory(HFModelFactory):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 head = DetectionHead(head_config_for(inner.model, inner.processor, self.config.detection))
+        head.tie_to(inner.model)
         head.to(dtype=next(inner.model.parameters()).dtype)
         if device is not None:
             head.to(device)
         model = DetectionVLM(inner.model, head)
+        if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+            logger.info(head_parameter_report(head))
         return DetectionBundle(model, inner.processor, inner.family, extras={"head_config": head.config},
                                part_names=self.parts)
 

@@ -6,25 +6,27 @@ The loss of an optimizer step (every term exact over the whole accumulated batch
   + student_lm_weight * CE(student span tokens) / student tokens
   + bbox_weight       * L1 of matched boxes     / ground-truth objects
   + giou_weight       * (1 - GIoU) of matches   / ground-truth objects
-  + objectness_weight * focal over all queries  / ground-truth objects
-  + caption_weight    * CE(caption tokens)      / caption tokens
+  + objectness_weight * focal over all queries  / ground-truth objects   (loss_normalization: batch: / samples)
+  + caption_weight    * CE(caption tokens)      / caption tokens         (loss_normalization: batch: / samples)
   (+ the three box terms of every earlier decoder layer with aux_loss)
 
 Each normaliser is this process's count from `step_counts` summed over the step's micro-batches and processes
 by the core loop before the first forward; the core divides the summed `loss_sum` by its `units` (the label
-tokens), so each term is returned scaled by units / its own normaliser. During the first
-`detection_freeze_epochs` epochs the head's parameter groups get LR 0 and the detection terms weight 0: the head
-neither learns nor teaches (its losses are still computed and logged, and every module still runs: ZeRO-3).
+tokens), so each term is returned scaled by units / its own normaliser. `loss_normalization: batch` divides the
+objectness and caption terms by the step's samples (all micro-batches, all processes) as the origin documents
+do. During the first `detection_freeze_epochs` epochs the head's parameter groups get LR 0 (a core LR phase,
+`scheduler.phases`) and the detection terms weight 0: the head neither learns nor teaches (its losses are still
+computed and logged, and every module still runs: ZeRO-3).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from arctic_vl import TRAINERS, ConfigError, LossOutput, StepCounts, Trainer, TrainerConfig
+from arctic_vl import TRAINERS, ConfigError, LossOutput, LRPhase, StepCounts, Trainer, TrainerConfig
 
 from .data import SPANS, TARGETS
 from .forward import pair_forward
@@ -33,9 +35,11 @@ from .matcher import MatcherWeights
 from .spans import STUDENT, TEACHER
 
 #: step_counts names
-GT_OBJECTS, CAPTION_TOKENS, TEACHER_TOKENS, STUDENT_TOKENS = (
-    "gt_objects", "caption_tokens", "teacher_tokens", "student_tokens"
+GT_OBJECTS, CAPTION_TOKENS, TEACHER_TOKENS, STUDENT_TOKENS, SAMPLES = (
+    "gt_objects", "caption_tokens", "teacher_tokens", "student_tokens", "samples"
 )
+#: the model parts of the head's parameter groups (what `detection_freeze_epochs` freezes)
+HEAD_GROUP_PARTS = ("detection", "adapter")
 
 
 class DetectionTrainerConfig(TrainerConfig):
@@ -61,7 +65,13 @@ class DetectionTrainerConfig(TrainerConfig):
     cost_giou: float = Field(2.0, ge=0, description="matching cost weight of 1 - GIoU")
     cost_objectness: float = Field(2.0, ge=0, description="matching cost weight of the focal objectness cost")
     detection_freeze_epochs: int = Field(0, ge=0, description="epochs at the start during which the head (its "
-                                         "detection and adapter groups) does not train")
+                                         "detection and adapter groups) does not train: shorthand for the phase "
+                                         "scheduler.phases: [{parts: [detection, adapter], until_epoch: N, "
+                                         "lr_factor: 0}], plus the detection terms' weight 0 over those steps")
+    loss_normalization: Literal["objects", "batch"] = Field(
+        "objects", description="what the objectness and caption terms are divided by: objects = ground-truth "
+        "objects and caption tokens (this project); batch = the step's samples on all processes (the origin "
+        "documents' choice, to reproduce their runs)")
     caption_match_iou: float = Field(0.5, gt=0, le=1, description="evaluation: IoU at which a prediction's caption "
                                      "is compared with the object's")
 
@@ -79,7 +89,12 @@ class DetectionTrainer(Trainer):
             raise ConfigError("trainer.type bbu_detection needs model.type bbu_detection")
         self.matcher = MatcherWeights(config.cost_bbox, config.cost_giou, config.cost_objectness,
                                       config.focal_alpha, config.focal_gamma)
-        self.scheduler_factory = _HeadFreeze(self.scheduler_factory, self)
+        if config.detection_freeze_epochs:  # a core LR phase (scheduler.phases): the head's groups at LR 0
+            if not hasattr(self.scheduler_factory, "with_phases"):
+                raise ConfigError("trainer.detection_freeze_epochs needs a scheduler with phases (the core's "
+                                  f"cosine, linear, constant); got {type(self.scheduler_factory).__name__}")
+            self.scheduler_factory = self.scheduler_factory.with_phases(
+                [LRPhase(parts=list(HEAD_GROUP_PARTS), until_epoch=config.detection_freeze_epochs, lr_factor=0.0)])
 
     @property
     def image_token_id(self) -> int:
@@ -88,7 +103,8 @@ class DetectionTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------ normalisers
     def step_counts(self, micro: list[dict[str, Any]]) -> dict[str, float]:
-        """Ground-truth objects, caption tokens, teacher and student label tokens of this process's micro-batches."""
+        """Ground-truth objects, caption tokens, teacher and student label tokens and samples (a rank's padding
+        samples not counted) of this process's micro-batches."""
         objects = captions = teacher = student = 0
         for b in micro:
             for t in b[TARGETS]:
@@ -100,7 +116,7 @@ class DetectionTrainer(Trainer):
             teacher += int((trained & (spans == TEACHER)).sum())
             student += int((trained & (spans == STUDENT)).sum())
         return {GT_OBJECTS: float(objects), CAPTION_TOKENS: float(captions), TEACHER_TOKENS: float(teacher),
-                STUDENT_TOKENS: float(student)}
+                STUDENT_TOKENS: float(student), SAMPLES: float(sum(t.real for b in micro for t in b[TARGETS]))}
 
     def head_frozen(self) -> bool:
         """True while the optimizer step being computed is inside `detection_freeze_epochs`."""
@@ -108,10 +124,7 @@ class DetectionTrainer(Trainer):
 
     def _frozen_steps(self) -> int:
         epochs = self.config.detection_freeze_epochs
-        if not epochs:
-            return 0
-        gas = self.config.gradient_accumulation_steps
-        return sum(-(-len(self.plan(e)) // gas) for e in range(epochs))
+        return self.epoch_start_step(epochs) if epochs else 0
 
     # --------------------------------------------------------------------------------------- the loss
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
@@ -131,10 +144,13 @@ class DetectionTrainer(Trainer):
             return max(float(counts.get(name, 0.0) or 0.0), 1.0)
 
         objects = per(GT_OBJECTS)
+        by_batch = cfg.loss_normalization == "batch"
+        focal_norm = per(SAMPLES) if by_batch else objects
+        caption_norm = per(SAMPLES) if by_batch else per(CAPTION_TOKENS)
         lm = cfg.teacher_lm_weight * t_sum / per(TEACHER_TOKENS) + cfg.student_lm_weight * s_sum / per(STUDENT_TOKENS)
-        detection = (cfg.bbox_weight * (det.l1 + det.l1_aux) + cfg.giou_weight * (det.giou + det.giou_aux)
-                     + cfg.objectness_weight * (det.focal + det.focal_aux)) / objects \
-            + cfg.caption_weight * det.caption / per(CAPTION_TOKENS)
+        detection = (cfg.bbox_weight * (det.l1 + det.l1_aux) + cfg.giou_weight * (det.giou + det.giou_aux)) / objects \
+            + cfg.objectness_weight * (det.focal + det.focal_aux) / focal_norm \
+            + cfg.caption_weight * det.caption / caption_norm
         on = 0.0 if model.training and self.head_frozen() else 1.0
         total = (lm + on * detection) * counts.units
         n_obj = float(det.objects)
@@ -157,45 +173,3 @@ class DetectionTrainer(Trainer):
         results = super().evaluate(model)
         results.update(evaluate_detection(self, model))
         return results
-
-
-class _HeadFreeze:
-    """Wraps the scheduler factory: the head's parameter groups get LR 0 for the first `detection_freeze_epochs`.
-
-    LambdaLR's step count is the number of optimizer steps done, so the factor of step s applies to step s + 1;
-    it is a pure function of s, so resume keeps the schedule exactly.
-    """
-
-    def __init__(self, inner: Any, trainer: DetectionTrainer):
-        self.inner = inner
-        self.trainer = trainer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-        scheduler = self.inner.build(optimizer, total_steps)
-        frozen = self.trainer._frozen_steps()
-        if not frozen:
-            return scheduler
-        head = {id(p) for p in self.trainer.bundle.model.detection_head.parameters()}
-        lambdas = []
-        for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
-            ids = {id(p) for p in group["params"]}
-            if ids & head and not ids <= head:
-                raise ConfigError(
-                    "trainer.detection_freeze_epochs: the detection head shares an optimizer parameter group "
-                    f"({group.get('name', '?')!r}) with VLM parameters; give the head its own groups "
-                    "(optimizer.param_groups with parts: [detection] and parts: [adapter])")
-            lambdas.append(_frozen_factor(lam, frozen) if ids <= head and ids else lam)
-        scheduler.lr_lambdas = lambdas
-        for group, lam, base in zip(optimizer.param_groups, lambdas, scheduler.base_lrs):
-            group["lr"] = base * lam(scheduler.last_epoch)
-        return scheduler
-
-
-def _frozen_factor(inner: Any, frozen: int) -> Any:
-    def factor(step: int) -> float:
-        return 0.0 if step < frozen else inner(step)
-
-    return factor

@@ -234,6 +234,102 @@ def test_detection_freeze_epochs(bbu_data, tmp_path):
     assert m[6]["grad_norm/detection"] > 0
 
 
+#: the documents' schedule (issue 19 item 5): the vision tower frozen for epoch 0 (steps 1-6 of 6 an epoch),
+#: the LLM's LR / 10 for the last 25% of the 8 steps (steps 7 and 8)
+PHASES = [{"parts": ["vision"], "until_epoch": 1, "lr_factor": 0}, {"parts": ["llm"], "from": 0.75, "lr_factor": 0.1}]
+
+
+def test_phases_unfreeze_and_cut_the_lr_and_resume_exactly_across_the_boundary(bbu_data, tmp_path):
+    from arctic_vl import Engine
+
+    def phased(name: str) -> Path:
+        cfg = config(tmp_path / name, bbu_data, max_steps=8, weight_norms=True)
+        cfg["scheduler"]["phases"] = PHASES
+        cfg["data"]["eval_sources"] = []
+        cfg["checkpoint"].update(export_final=False)
+        (tmp_path / name).mkdir()
+        return write_yaml(tmp_path / name / "run.yaml", cfg)
+
+    reference = phased("reference")
+    Engine(reference).train()
+    want = read_metrics(tmp_path / "reference" / "out")
+    assert [m["lr/vision"] for m in want] == [0.0] * 6 + [2e-3] * 2
+    assert [m["lr/llm"] for m in want] == pytest.approx([2e-3] * 6 + [2e-4] * 2)
+    assert all(m["lr/detection"] == m["lr/adapter"] == m["lr/aligner"] == 2e-3 for m in want)
+    vision = [m["weight_norm/vision"] for m in want]
+    assert vision[:6] == [vision[0]] * 6 and vision[6] != vision[5], "vision frozen in epoch 0, trained after"
+    assert len({m["weight_norm/llm"] for m in want}) == 8
+
+    killed = phased("killed")  # checkpoints at steps 2 and 4: killed at 5, resumed from 4 across both boundaries
+    assert train_child(killed, "kill_step", "5") == -9
+    Engine(killed).train()
+    got = read_metrics(tmp_path / "killed" / "out")
+    assert [m["step"] for m in got] == list(range(1, 9))
+    for a, b in zip(got, want):
+        for key in ("loss", "grad_norm", "loss_bbox", "loss_caption", "student_lm_loss", "lr/vision", "lr/llm",
+                    "weight_norm/vision", "weight_norm/llm", "grad_norm/vision"):
+            assert a[key] == b[key], (a["step"], key)
+
+
+def test_tied_caption_head_is_smaller_trains_saves_and_reloads(bbu_data, tmp_path):
+    """`model.detection.tie_caption_embeddings` (issue 19 item 8): the caption decoder reads and predicts through
+    the LM's embedding and output layer: vocab x d_model x 2 (+ the output bias) fewer parameters, 2 x D x d_model
+    more (the projections); it trains, and the export reloads with equal caption logits."""
+    from bbu_detection import load_detection_model
+    from bbu_detection.forward import pair_forward
+    from bbu_detection.head import DetectionHead
+    from loguru import logger
+
+    from arctic_vl import Engine
+
+    cfg = config(tmp_path, bbu_data, max_steps=2)
+    cfg["model"]["detection"]["tie_caption_embeddings"] = True
+    cfg["data"]["eval_sources"] = []
+    cfg["checkpoint"]["every_n_steps"] = None
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+    seen: dict[str, Any] = {}
+    real_finish = DetectionTrainer.finish
+
+    def finish(self: DetectionTrainer) -> dict[str, Any]:
+        seen["trainer"] = self
+        return real_finish(self)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(DetectionTrainer, "finish", finish)
+            Engine(write_yaml(tmp_path / "run.yaml", cfg)).train()
+    finally:
+        logger.remove(sink)
+    trainer = seen["trainer"]
+    tied = trainer.bundle.model.detection_head
+    c = tied.config
+    untied = DetectionHead(c.model_copy(update={"tie_caption_embeddings": False}))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    v, d, hidden = c.vocab_size, c.d_model, c.hidden_size
+    assert count(untied) - count(tied) == 2 * v * d + v - 2 * hidden * d
+    report = [x.strip() for x in lines if x.startswith("detection head: ")]
+    assert report == [f"detection head: {count(tied):,} parameters; caption decoder {count(tied.captioner):,}, "
+                      "vocabulary tied to the language model's embedding and output layer (tie_caption_embeddings)"]
+    # the caption loss reaches the LM's embedding (the tie is real), and it learns
+    m = read_metrics(tmp_path / "out")
+    assert all(x["loss_caption"] > 0 for x in m)
+    vlm = trainer.bundle.model.vlm
+    assert tied.captioner.lm_modules == [vlm.get_input_embeddings(), vlm.get_output_embeddings()]
+    assert not any(k.startswith(("captioner.embed.", "captioner.head.")) for k in tied.state_dict())
+    pair, _ = load_detection_model(tmp_path / "out" / "final")
+    batch = trainer.to_device(trainer.data.collate([trainer.data.train[i] for i in range(3)]))
+    live = trainer.bundle.model.eval()
+    with torch.no_grad():
+        outs = [pair_forward(m_, batch, trainer.image_token_id) for m_ in (live, pair)]
+        ids = torch.tensor([[c.caption_end_id, 3, 4]])
+        rows = torch.zeros(1, dtype=torch.long)
+        logits = [m_.detection_head.caption_logits(o.detection.states[-1][0, :1], ids,
+                                                   o.detection.caption_context(rows, rows))
+                  for m_, o in zip((live, pair), outs)]
+    assert logits[0].shape[-1] == v and torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
 def json_config(final: Path) -> Any:
     from bbu_detection.head import read_head_config
 

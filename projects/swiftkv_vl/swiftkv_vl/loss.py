@@ -35,9 +35,10 @@ class _WeightHead(torch.nn.Module):
 
 def _kl_chunk(
     student_rows: Tensor, head: torch.nn.Module, targets: Tensor, teacher_rows: Tensor, row_weight: Tensor,
-    row_image: Tensor, temperature: float,
-) -> tuple[Tensor, Tensor]:
-    """(image, text) sums of ``w * T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the rows, in fp32.
+    row_image: Tensor, temperature: float, with_ce: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(image, text) sums of ``w * T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the rows, in fp32,
+    and the student's and the teacher's cross-entropy sums on the targets (metrics, without a graph).
 
     One call of the output layer for student and teacher rows together (under ZeRO-3 each call gathers its
     weights); rows whose target is IGNORE_INDEX (the core's lockstep padding) count nothing.
@@ -49,7 +50,12 @@ def _kl_chunk(
         teacher_logp = F.log_softmax(logits[n:].detach() / temperature, dim=-1)
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
     kl = kl * (temperature**2) * row_weight * (targets != IGNORE_INDEX)
-    return (kl * row_image).sum(), (kl * (1 - row_image)).sum()
+    ce_student = ce_teacher = logits.new_zeros(())
+    if with_ce:
+        with torch.no_grad():  # each model's own cross entropy on the labels (temperature 1): metrics, no graph
+            ce_student = F.cross_entropy(logits[:n].detach(), targets, reduction="sum")
+            ce_teacher = F.cross_entropy(logits[n:].detach(), targets, reduction="sum")
+    return (kl * row_image).sum(), (kl * (1 - row_image)).sum(), ce_student, ce_teacher
 
 
 def swiftkv_distill_loss_sums(
@@ -65,6 +71,7 @@ def swiftkv_distill_loss_sums(
     teacher_mid: Tensor | None = None,
     has_image: Tensor | None = None,
     chunk_size: int = 1024,
+    with_ce: bool = False,
 ) -> dict[str, Tensor]:
     """Sums and counts of the SwiftKV distillation loss for one micro-batch.
 
@@ -83,6 +90,8 @@ def swiftkv_distill_loss_sums(
         student_mid, teacher_mid: ``(B, T, D)`` hidden states at ``hidden_loss_layer``; None: no MSE term.
         has_image: ``(B,)`` bool, which samples hold an image, for the image/text split (None: all text-only).
         chunk_size: label positions per logits chunk.
+        with_ce: also ``student_ce_sum`` and ``teacher_ce_sum``, each model's cross entropy on the labels at
+            temperature 1 (a metric: no graph), summed over the label tokens.
 
     Returns:
         A dict of 0-d tensors: ``kl_sum`` (sum over label tokens of ``w_s * T^2 * KL``), ``mse_sum`` (sum over
@@ -118,8 +127,8 @@ def swiftkv_distill_loss_sums(
     row_weight = weight[rows_b]
     row_image = image[rows_b]
     head = lm_head if isinstance(lm_head, torch.nn.Module) else _WeightHead(lm_head)
-    kl_image, kl_text = chunked_head_sums(
-        functools.partial(_kl_chunk, temperature=temperature), student_hidden[:, :-1][mask], head, targets,
+    kl_image, kl_text, ce_student, ce_teacher = chunked_head_sums(
+        functools.partial(_kl_chunk, temperature=temperature, with_ce=with_ce), student_hidden[:, :-1][mask], head, targets,
         teacher_hidden[:, :-1][mask], row_weight, row_image.float(), chunk_size=chunk_size,
     )
 
@@ -149,7 +158,9 @@ def swiftkv_distill_loss_sums(
         hidden_image = tokens_per_sample[image].sum()
         hidden_total = tokens_per_sample.sum()
 
+    out = {"student_ce_sum": ce_student, "teacher_ce_sum": ce_teacher} if with_ce else {}
     return {
+        **out,
         "kl_sum": kl_image + kl_text,
         "kl_sum_image": kl_image,
         "kl_sum_text": kl_text,

@@ -1,6 +1,6 @@
 """The arctic_vl plugin (entry point `swiftkv_vl` in group `arctic_vl.plugins`).
 
-Registers the `swiftkv_vl` model factory and trainer, the `swiftkv-eval` CLI verb, and a config check that
+Registers the `swiftkv_vl` model factory, data factory and trainer, the `swiftkv-eval` CLI verb, and a config check that
 ties the trainer's `hidden_loss_layer` to the model's layout. The core never imports this package: it finds
 this module through the entry point.
 """
@@ -11,10 +11,11 @@ from typing import Any
 
 from arctic_vl import ConfigError, register_cli_verb, register_config_check
 
+from .data import SwiftKVDataFactory
 from .factory import SwiftKVModelConfig, SwiftKVModelFactory
 from .trainer import SwiftKVTrainer, SwiftKVTrainerConfig
 
-__all__ = ["SwiftKVModelFactory", "SwiftKVTrainer", "check_config", "register"]
+__all__ = ["SwiftKVDataFactory", "SwiftKVModelFactory", "SwiftKVTrainer", "check_config", "register"]
 
 
 def check_config(cfg: Any, located: Any) -> None:

@@ -37,6 +37,9 @@ class SwiftKVTrainerConfig(TrainerConfig):
     )
     vision_loss_weight: float = Field(1.0, ge=0, description="w_s of samples with an image")
     text_loss_weight: float = Field(1.0, ge=0, description="w_s of text-only samples")
+    ce_metrics: bool = Field(True, description="log the student's and the teacher's cross entropy on the labels "
+                             "(temperature 1) each step: `student_ce`, `teacher_ce` and their gap `ce_gap`, per "
+                             "label token of the step (one more no-grad logits pass per chunk each)")
 
 
 def real_token_mask(batch: dict[str, Any]) -> torch.Tensor:
@@ -103,7 +106,7 @@ class SwiftKVTrainer(Trainer):
         sums = swiftkv_distill_loss_sums(
             s_hidden, t_hidden, head, batch["labels"], real_token_mask(batch), weight,
             temperature=cfg.temperature, student_mid=s_mid, teacher_mid=t_mid, has_image=image,
-            chunk_size=cfg.loss_chunk_size,
+            chunk_size=cfg.loss_chunk_size, with_ce=cfg.ce_metrics,
         )
         label_tokens = float(sums["label_tokens"])
         loss_sum = sums["kl_sum"]
@@ -117,4 +120,8 @@ class SwiftKVTrainer(Trainer):
             if want_mid:
                 metrics[f"hidden_mse{split}"] = (float(sums[f"mse_sum{split}"].detach()),
                                                  float(sums[f"hidden_tokens{split}"]))
+        if cfg.ce_metrics:  # student vs teacher on the task itself, beside the distillation terms
+            s_ce, t_ce = float(sums["student_ce_sum"]), float(sums["teacher_ce_sum"])
+            metrics.update(student_ce=(s_ce, label_tokens), teacher_ce=(t_ce, label_tokens),
+                           ce_gap=(s_ce - t_ce, label_tokens))
         return LossOutput(loss_sum, int(label_tokens), metrics)

@@ -95,6 +95,7 @@ def _hand_loss(config: Path) -> dict[str, float]:
     kl_sums, mse_sums = {"image": 0.0, "text": 0.0}, {"image": 0.0, "text": 0.0}
     n_label, n_hidden = {"image": 0, "text": 0}, {"image": 0, "text": 0}
     micro_token_counts, per_micro = [], []
+    ce = {"student": 0.0, "teacher": 0.0}
     for indices in ([0, 1], [2, 3]):  # shuffle: false, micro_batch_size 2: the first optimizer step
         batch = data.collate([data.train[i] for i in indices])
         inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
@@ -116,6 +117,9 @@ def _hand_loss(config: Path) -> dict[str, float]:
                                   F.log_softmax(out_t.logits[row, t] / TEMPERATURE, -1),
                                   log_target=True, reduction="sum")
                     kl_sums[kind] += w * TEMPERATURE**2 * float(kl)
+                    target = batch["labels"][row, t + 1]
+                    ce["student"] += float(F.cross_entropy(out_s.logits[row, t], target))  # unweighted, T = 1
+                    ce["teacher"] += float(F.cross_entropy(out_t.logits[row, t], target))
                     n_label[kind] += 1
         after = (sum(kl_sums.values()), sum(mse_sums.values()), sum(n_label.values()), sum(n_hidden.values()))
         kl_mb, mse_mb, lab_mb, hid_mb = (a - b for a, b in zip(after, before))
@@ -130,6 +134,8 @@ def _hand_loss(config: Path) -> dict[str, float]:
         "hidden_mse_image": mse_sums["image"] / n_hidden["image"],
         "hidden_mse_text": mse_sums["text"] / n_hidden["text"],
         "label_tokens": labels, "tokens": hidden,
+        "student_ce": ce["student"] / labels, "teacher_ce": ce["teacher"] / labels,
+        "ce_gap": (ce["student"] - ce["teacher"]) / labels,
         "mean_of_micro_batch_means": sum(per_micro) / len(per_micro),
         "mse_over_label_tokens": (sum(kl_sums.values()) + MULT * sum(mse_sums.values())) / labels,
     }
@@ -141,7 +147,10 @@ def test_logged_loss_equals_hand_computation(run):
     step1 = metrics[0]
     assert step1["label_tokens"] == expected["label_tokens"] and step1["tokens"] == expected["tokens"]
     assert expected["kl"] > 0.05 and expected["hidden_mse"] > 1e-3, expected  # both terms matter
-    for key in ("loss", "kl", "hidden_mse", "kl_image", "kl_text", "hidden_mse_image", "hidden_mse_text"):
+    # the student's and the teacher's own loss on the labels (issue 19 item 9), per label token of the step
+    assert expected["ce_gap"] > 0.01, expected
+    for key in ("loss", "kl", "hidden_mse", "kl_image", "kl_text", "hidden_mse_image", "hidden_mse_text",
+                "student_ce", "teacher_ce", "ce_gap"):
         assert step1[key] == pytest.approx(expected[key], rel=1e-4), key
     # the wrong normalisations give clearly different numbers, so the check above can tell them apart
     for wrong in ("mean_of_micro_batch_means", "mse_over_label_tokens"):
@@ -192,3 +201,50 @@ def test_two_processes_give_the_single_process_loss_and_gradient(run):
         assert (a["label_tokens"], a["tokens"]) == (b["label_tokens"], b["tokens"])
         for key in ("loss", "kl", "hidden_mse", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_max_images_per_sample_and_image_processing_batch_size(teacher, synthetic_data, tmp_path, capsys):
+    """The origin README's `data.max_images_per_sample` and `image_processing_batch_size` (issue 19 item 9): a
+    record over the limit is a bad record (exit 2 naming it, or counted and skipped); processing a sample's images
+    one at a time gives the very tensors of one call."""
+    from arctic_vl import DATA, MODELS, load_config
+    from arctic_vl.cli import main
+
+    records = json.loads((synthetic_data / "train.llava.json").read_text())
+    images = [str(synthetic_data / r["image"]) for r in records if "image" in r][:6]
+
+    def record(n: int) -> dict:
+        return {"image": images[:n], "conversations": [
+            {"from": "human", "value": "<image>\n" * n + "What shapes?"}, {"from": "gpt", "value": "some"}]}
+
+    (tmp_path / "multi.json").write_text(json.dumps([record(2), record(1), record(3)]))
+
+    def config(name: str, **data: object) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": {"type": "swiftkv_vl", "teacher": str(teacher), "num_key_value_layers": 2},
+            "data": {"type": "swiftkv_vl", "sources": ["multi.json"], "shuffle": False, "cache": False, **data},
+            "trainer": {"type": "swiftkv_vl", "output_dir": name, "max_steps": 1, "progress_bar": False},
+        }, sort_keys=False))
+        return path
+
+    capsys.readouterr()
+    assert main(["train", str(config("error", max_images_per_sample=2))]) == 2
+    err = capsys.readouterr().err
+    assert "multi.json: record 2" in err and "field images: 3 images; data.max_images_per_sample allows 2" in err, err
+    assert "too_many_images" in err and "Traceback" not in err
+
+    def dataset(path: Path) -> tuple:
+        cfg = load_config(path)
+        bundle = MODELS.get("swiftkv_vl")(cfg.model, cfg).build()
+        data = DATA.get(cfg.data.type)(cfg.data, cfg).build(bundle, seed=0)
+        return data, cfg
+
+    whole, _ = dataset(config("whole", max_images_per_sample=2, on_bad_record="skip"))
+    assert whole.report.by_reason() == {"too_many_images": 1} and len(whole.train) == 2
+    one, _ = dataset(config("one", max_images_per_sample=2, on_bad_record="skip", image_processing_batch_size=1))
+    a, b = whole.train[0], one.train[0]  # the two-image record
+    vision = [k for k, v in a.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "labels")]
+    assert "pixel_values" in vision and a["pixel_values"].shape[0] == 2
+    for key in vision:
+        assert torch.equal(a[key], b[key]), key
