@@ -127,9 +127,10 @@ def swiftkv_distill_loss_sums(
     row_weight = weight[rows_b]
     row_image = image[rows_b]
     head = lm_head if isinstance(lm_head, torch.nn.Module) else _WeightHead(lm_head)
+    chunk = functools.partial(_kl_chunk, temperature=temperature, with_ce=with_ce)
     kl_image, kl_text, ce_student, ce_teacher = chunked_head_sums(
-        functools.partial(_kl_chunk, temperature=temperature, with_ce=with_ce), student_hidden[:, :-1][mask], head, targets,
-        teacher_hidden[:, :-1][mask], row_weight, row_image.float(), chunk_size=chunk_size,
+        chunk, student_hidden[:, :-1][mask], head, targets, teacher_hidden[:, :-1][mask], row_weight,
+        row_image.float(), chunk_size=chunk_size,
     )
 
     label_image = row_image.sum().float()
