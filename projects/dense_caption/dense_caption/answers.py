@@ -18,7 +18,7 @@ from typing import Any
 from arctic_vl import JsonTextError, parse_json
 
 from .coords import AnswerCoords
-from .geometry import GEOMETRY_KEYS, Box, Geometry, Polygon, Polyline, from_coords
+from .geometry import GEOMETRY_KEYS, Box, Geometry, Polygon, Polyline, Quad, from_coords
 
 
 def _dedupe_points(values: list[int], closed: bool) -> list[int]:
@@ -43,6 +43,8 @@ def render_object(geom: Geometry, desc: str, coords: AnswerCoords) -> dict[str, 
         values = _dedupe_points(values, closed=True)
         if len(values) < 6:
             return None
+        if isinstance(geom, Quad) and len(values) != 8:  # rounding merged corners: no longer four of them
+            return {"poly": values, "desc": desc}
     elif isinstance(geom, Polyline):
         values = _dedupe_points(values, closed=False)
         if len(values) < 4:
@@ -110,8 +112,8 @@ def _parse_objects(value: Any) -> tuple[list[ParsedObject], int] | None:
                 isinstance(v, int | float) and not isinstance(v, bool) for v in nums):
             bad += 1
             continue
-        need = {"bbox_2d": 4, "poly": 6, "line": 4}[keys[0]]
-        if (keys[0] == "bbox_2d" and len(nums) != 4) or len(nums) < need:
+        need = {"bbox_2d": 4, "poly": 6, "quad": 8, "line": 4}[keys[0]]
+        if (keys[0] in ("bbox_2d", "quad") and len(nums) != need) or len(nums) < need:
             bad += 1
             continue
         try:

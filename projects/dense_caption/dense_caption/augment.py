@@ -4,6 +4,7 @@
       augmentation:
         enabled: true
         bypass_prob: 0.1              # this share of samples is left as is
+        degenerate: clamp             # an object a warp leaves nothing of: clamp (default) or drop; counted
         fill: [245, 245, 245]         # colour of the area a warp uncovers
         ops:
           - {name: hflip, params: {prob: 0.5}}
@@ -31,7 +32,7 @@ import difflib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import (
@@ -210,15 +211,20 @@ class State:
     fill: tuple[int, int, int] = (0, 0, 0)
     pending: np.ndarray = field(default_factory=G.identity)
     applied: Counter = field(default_factory=Counter)
+    degenerate: str = "clamp"
     dropped_degenerate: int = 0
+    clamped_degenerate: int = 0
     dropped_by_crop: int = 0
     crop_coverages: list[float] = field(default_factory=list)
 
     def warp(self, B: np.ndarray, size: tuple[int, int], *, by_crop: bool = False) -> list[float]:
         """Map image and geometry by B @ pending into a canvas of `size`; pending becomes the identity.
 
-        Objects left with nothing visible are dropped (counted as degenerate, or as dropped by the crop with
-        coverage 0 when `by_crop`). Returns the coverage (visible share after this map) of each kept item.
+        An object left with nothing visible (area, length) is degenerate: under `degenerate: clamp` it is kept
+        as `geometry.clamp_geometry` (vertices clamped into the canvas; coverage 0; counted as clamped) unless
+        that has no area either; otherwise it is dropped (counted as degenerate). In a crop (`by_crop`) it is
+        outside the window: dropped by the crop with coverage 0, whatever the mode. Returns the coverage
+        (visible share after this map) of each kept item.
         """
         M = np.asarray(B, float) @ self.pending
         w, h = int(size[0]), int(size[1])
@@ -231,8 +237,14 @@ class State:
                 if by_crop:
                     self.dropped_by_crop += 1
                     self.crop_coverages.append(0.0)
-                else:
+                    continue
+                clamped = G.clamp_geometry(item.geom, M, w, h) if self.degenerate == "clamp" else None
+                if clamped is None:
                     self.dropped_degenerate += 1
+                    continue
+                self.clamped_degenerate += 1
+                kept.append(Item(clamped, item.desc, item.index))
+                coverages.append(0.0)
                 continue
             for g in out.geometries:  # a polyline may come back in several runs
                 kept.append(Item(g, item.desc, item.index))
@@ -672,6 +684,10 @@ class AugmentationConfig(BaseModel):
     enabled: bool = False
     bypass_prob: float = Field(0.0, ge=0, le=1, description="share of samples left unaugmented")
     fill: tuple[int, int, int] = Field((0, 0, 0), description="RGB of the area a warp uncovers")
+    degenerate: Literal["clamp", "drop"] = Field(
+        "clamp", description="an object a warp leaves nothing of: clamp (its vertices clamped into the image, "
+                             "as the origin documents do; dropped only when that has no area either) or drop; "
+                             "counted either way")
     ops: list[OpSpec] = Field(default_factory=list, description="applied in order; colour ops after all others")
 
 
@@ -689,6 +705,7 @@ class Result:
     dropped_by_crop: int
     crop_coverages: list[float]
     bypassed: bool
+    clamped_degenerate: int = 0
 
 
 class Augmenter:
@@ -712,7 +729,7 @@ class Augmenter:
                  image: Any = None) -> Result:
         """Augment one record (`seed` is the epoch's seed, `index` the record's position in the data set)."""
         state = State(width, height, [Item(g, d, i) for i, (g, d) in enumerate(objects)], image,
-                      tuple(self.config.fill))
+                      tuple(self.config.fill), degenerate=self.config.degenerate)
         if not self.active:
             return self._result(state, bypassed=False)
         rngs = self.generators(seed, index)
@@ -739,7 +756,8 @@ class Augmenter:
     @staticmethod
     def _result(state: State, *, bypassed: bool) -> Result:
         return Result(state.image, state.width, state.height, state.items, dict(state.applied),
-                      state.dropped_degenerate, state.dropped_by_crop, state.crop_coverages, bypassed)
+                      state.dropped_degenerate, state.dropped_by_crop, state.crop_coverages, bypassed,
+                      state.clamped_degenerate)
 
 
 # ------------------------------------------------------------------------------------------ telemetry
@@ -761,6 +779,7 @@ class Telemetry:
         c["objects_out"] += len({it.index for it in result.items})
         c["dropped_by_crop"] += result.dropped_by_crop
         c["dropped_degenerate"] += result.dropped_degenerate
+        c["clamped_degenerate"] += result.clamped_degenerate
         for name, n in result.applied.items():
             c[f"op.{name}"] += n
         for cov in result.crop_coverages:
