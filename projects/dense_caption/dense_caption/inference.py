@@ -385,7 +385,8 @@ def make_stage_data(dense: Path, out_dir: Path, group_size: int, seed: int, pref
 
 # ------------------------------------------------------------------------------------------- inspect
 def inspect(config: str, overrides: list[str], n: int, epoch: int) -> str:
-    """The first `n` training items of `epoch` as text with the trained tokens in [[...]], and the data stats."""
+    """The first `n` training items of `epoch` as text with the trained tokens in [[...]] and each image's
+    placeholders as one `<|image_pad|>xN` where they stand, and the data stats."""
     from arctic_vl import Engine
 
     trainer = Engine(config, overrides)._build()
@@ -398,10 +399,15 @@ def inspect(config: str, overrides: list[str], n: int, epoch: int) -> str:
     for i in range(min(n, len(data.train))):
         item = data.train[i]
         ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
-        text, trained, images = [], False, 0
-        for t, label in zip(ids, labels):
-            if t == image_id:
+        text, trained, images, run = [], False, 0, 0
+        pad = tok.decode([image_id]) if image_id is not None else "<image>"
+        for k, (t, label) in enumerate(zip(ids, labels)):
+            if t == image_id:  # a run of image placeholders, shown as one `<|image_pad|>xN` where it stands
                 images += 1
+                run += 1
+                if k + 1 == len(ids) or ids[k + 1] != image_id:
+                    text.append(f"{pad}x{run}")
+                    run = 0
                 continue
             if (label != -100) != trained:
                 text.append("[[" if not trained else "]]")

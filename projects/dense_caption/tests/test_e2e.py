@@ -224,3 +224,5 @@ def test_inspect_shows_the_built_items(shapes: Path, cli_in_process, tmp_path: P
     code, out, err = cli_in_process("dense-caption", "inspect", str(config), "--n", "2")
     assert code == 0, err
     assert out.count("--- item") == 2 and "[[" in out and "]]" in out and "image tokens" in out
+    # the image's placeholders where they stand: 64 x 64 in 8px patches, 2 x 2 merged: 16 tokens
+    assert out.count("<|image_pad|>x16") == 2 and "16 image tokens" in out
