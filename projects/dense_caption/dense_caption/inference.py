@@ -213,9 +213,12 @@ def _dense_line(value: Any, base: Path) -> tuple[dict[str, Any], list[str], str]
     if not isinstance(summary, str) or not summary.strip():
         raise BadRecord(MALFORMED_RECORD, "summary", f"must be a non-empty string, got {summary!r:.80}")
     objects = rec.get("objects", [])
+    if isinstance(objects, dict):  # the keyed form {"object_1": {...}, ...}, as the training records accept it
+        objects = list(objects.values())
     if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
-        raise BadRecord(MALFORMED_RECORD, "objects", "must be a list of objects {desc, bbox_2d|poly|line}")
-    return rec, [str(i) for i in images], summary
+        raise BadRecord(MALFORMED_RECORD, "objects", "must be a list of objects {desc, bbox_2d|poly|quad|line}, "
+                                                     "or an object keyed object_1, object_2, ...")
+    return {**rec, "objects": objects}, [str(i) for i in images], summary
 
 
 # ------------------------------------------------------------------------------------------- stage A

@@ -104,3 +104,19 @@ def test_keyed_answer_format_renders_and_parses(tmp_path, shapes, tiny_qwen2) ->
     quad = parse_dense_answer('{"object_1":{"quad":[1,1,9,1,9,9,1,9],"desc":"q"},"object_2":{"quad":[1,1],'
                               '"desc":"short"}}', 1, "image_", "keyed")
     assert quad.ok and quad.images[0][0].key == "quad" and quad.invalid_objects == 1
+
+
+def test_make_stage_data_reads_keyed_records(tmp_path) -> None:
+    """make-stage-data takes the keyed form as training does: the circle in object_2 makes the group pass."""
+    from dense_caption.inference import make_stage_data
+
+    keyed = {"object_1": {"desc": "red square", "bbox_2d": [0, 0, 4, 4]},
+             "object_2": {"desc": "blue circle", "bbox_2d": [4, 4, 8, 8]}}
+    lines = [{"images": ["a.png"], "width": 8, "height": 8, "objects": keyed, "summary": "square, circle"},
+             {"images": ["b.png"], "width": 8, "height": 8, "objects": {"object_1": keyed["object_1"]},
+              "summary": "square"}]
+    src = tmp_path / "dense.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    result = make_stage_data(src, tmp_path / "out", group_size=1, seed=0)
+    verdicts = sorted(json.loads(x)["verdict"] for x in (tmp_path / "out" / "groups.jsonl").read_text().splitlines())
+    assert (result["groups"], verdicts) == (2, ["fail", "pass"])

@@ -75,3 +75,15 @@ def test_quad_stays_a_quad_with_four_corners_else_a_poly() -> None:
     # its corner (55, 12) cut off by the right edge of a 54-wide image: five corners, written as a poly
     (cut,) = transform_geometry(quad, translation(5, 0), 54, 100).geometries
     assert type(cut) is Polygon and cut.key == "poly" and len(cut.points) == 5
+
+
+def test_quads_are_scored_as_polygons() -> None:
+    """A predicted quad matches a ground-truth quad (and a poly) as polygons: one true positive under `poly`."""
+    from dense_caption.metrics import DenseScores
+
+    quad = Quad(((10, 10), (50, 12), (48, 40), (12, 38)))
+    scores = DenseScores()
+    scores.add_image([(quad, "plate"), (Polygon(quad.points), "plate 2")],
+                     [(quad, "plate"), (Polygon(quad.points), "plate 2")], 64, 64)
+    r = scores.results()["by_type"]["poly"]
+    assert (r["tp"], r["predicted"], r["ground_truth"]) == (2, 2, 2)
