@@ -155,7 +155,7 @@ def _parse_objects(value: Any, answer_format: str = "list") -> tuple[list[Parsed
 def parse_dense_answer(text: str, n_images: int, prefix: str, answer_format: str = "list") -> ParsedAnswer:
     """Parse a generated dense answer for `n_images` images in `answer_format` (list or keyed); never raises
     (failures are in `error`)."""
-    shape = "a JSON list of objects" if answer_format == "list" else f"a JSON object keyed {OBJECT_KEY_PREFIX}1..."
+    shape = "a list of objects" if answer_format == "list" else f"an object keyed {OBJECT_KEY_PREFIX}1..."
     try:
         value = parse_json(text.strip())
     except JsonTextError as e:  # also a generated 5000-digit number or nesting past the recursion limit
@@ -163,7 +163,8 @@ def parse_dense_answer(text: str, n_images: int, prefix: str, answer_format: str
     if n_images == 1:
         parsed = _parse_objects(value, answer_format)
         if parsed is None:
-            return ParsedAnswer(error=f"expected {shape}, got {type(value).__name__}")
+            return ParsedAnswer(error=f"expected a JSON {shape.removeprefix('a ').removeprefix('an ')}, "
+                                      f"got {type(value).__name__}")
         return ParsedAnswer([parsed[0]], invalid_objects=parsed[1])
     if not isinstance(value, dict):
         return ParsedAnswer(error=f"expected a JSON object keyed {image_key(prefix, 0)}..., got {type(value).__name__}")
