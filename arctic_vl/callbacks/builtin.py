@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 from loguru import logger
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from arctic_vl.callbacks.base import Callback, StepInfo
 from arctic_vl.config.paths import ConfigPath
@@ -162,18 +163,38 @@ def _peak_memory_mb() -> float:
 
 
 class SaveDelayConfig(ComponentConfig):
-    """Options of the `save_delay` callback: the first step that may save a periodic checkpoint."""
+    """Options of the `save_delay` callback: the first step that may save a periodic checkpoint, given as
+    `steps` or as `epochs` (exactly one)."""
 
     type: str = "save_delay"
-    steps: int = Field(..., ge=0, description="no checkpoints before this step (except on SIGTERM and at the end)")
+    steps: int | None = Field(None, ge=0, description="no checkpoints before this step (except on SIGTERM and at "
+                                                      "the end)")
+    epochs: float | None = Field(None, ge=0, description="no checkpoints before this many epochs: step "
+                                                         "ceil(epochs x the trainer's steps per epoch)")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SaveDelayConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps (a step number) or epochs (a number of epochs, e.g. 1.5)"
+                             + (f"; got steps: {self.steps} and epochs: {self.epochs}" if self.steps is not None
+                                else ""))
+        return self
 
 
 @CALLBACKS.register("save_delay")
 class SaveDelay(Callback):
-    """Skips periodic checkpoints during the first `steps` steps (early checkpoints are rarely worth the I/O)."""
+    """Skips periodic checkpoints during the first `steps` steps, or the first `epochs` epochs (converted with the
+    trainer's `steps_per_epoch`, rounded up); early checkpoints are rarely worth the I/O."""
 
     config_class = SaveDelayConfig
 
     def on_train_start(self, trainer: Any) -> None:
         """Set `trainer.save_not_before`, which the trainer's periodic saves respect."""
-        trainer.save_not_before = self.config.steps
+        trainer.save_not_before = self.first_step(trainer)
+
+    def first_step(self, trainer: Any) -> int:
+        """The first step that may save: `steps`, or ceil(`epochs` x trainer.steps_per_epoch())."""
+        if self.config.steps is not None:
+            return self.config.steps
+        # an epoch count times the step count of an epoch, rounded up: 1.5 epochs of 7 steps may save from step 11
+        return math.ceil(self.config.epochs * trainer.steps_per_epoch() - 1e-9)

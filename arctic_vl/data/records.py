@@ -34,7 +34,9 @@ IMAGE_TOKEN = "<image>"
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                "system": "system"}
-GEOMETRY_KEYS = ("bbox_2d", "poly", "line")
+GEOMETRY_KEYS = ("bbox_2d", "poly", "quad", "line")
+#: numbers a geometry needs: exactly (bbox_2d, quad) or at least (poly, line), and the point count for messages
+_GEOMETRY_ARITY = {"bbox_2d": (4, True), "poly": (6, False), "quad": (8, True), "line": (4, False)}
 #: ms-swift's grounding placeholders: each `REF_TOKEN` takes the next `objects.ref`, each `BBOX_TOKEN` the next
 #: `objects.bbox`, in the family's convention (`arctic_vl.data.encoding.render_grounding`)
 REF_TOKEN, BBOX_TOKEN = "<ref-object>", "<bbox>"
@@ -359,7 +361,7 @@ def check_dense_object(obj: Any, width: int, height: int, field_name: str) -> di
     keys = [k for k in GEOMETRY_KEYS if k in obj]
     if len(keys) != 1:
         raise BadRecord(MALFORMED_RECORD, field_name,
-                        f"needs exactly one of bbox_2d, poly, line (got {keys or 'none'})")
+                        f"needs exactly one of {', '.join(GEOMETRY_KEYS)} (got {keys or 'none'})")
     key = keys[0]
     desc = obj.get("desc")
     if not isinstance(desc, str) or not desc.strip():
@@ -368,19 +370,20 @@ def check_dense_object(obj: Any, width: int, height: int, field_name: str) -> di
     where = f"{field_name}.{key}"
     if not isinstance(coords, list) or not all(_is_number(c) for c in coords):
         raise BadRecord(MALFORMED_RECORD, where, "must be a list of finite numbers")
-    if key == "bbox_2d" and len(coords) != 4:
-        raise BadRecord(MALFORMED_RECORD, where, f"needs 4 numbers [x1, y1, x2, y2], got {len(coords)}")
-    min_points = {"bbox_2d": 2, "poly": 3, "line": 2}[key]
-    if len(coords) % 2 or len(coords) < 2 * min_points:
+    need, exact = _GEOMETRY_ARITY[key]
+    if exact and len(coords) != need:
+        shape = "[x1, y1, x2, y2]" if key == "bbox_2d" else "[x1, y1, ..., x4, y4] (four corners)"
+        raise BadRecord(MALFORMED_RECORD, where, f"needs {need} numbers {shape}, got {len(coords)}")
+    if len(coords) % 2 or len(coords) < need:
         raise BadRecord(MALFORMED_RECORD, where,
-                        f"needs an even count of at least {2 * min_points} numbers, got {len(coords)}")
+                        f"needs an even count of at least {need} numbers, got {len(coords)}")
     xs, ys = coords[0::2], coords[1::2]
     if min(xs) < 0 or max(xs) > width or min(ys) < 0 or max(ys) > height:
         raise BadRecord(GEOMETRY_OUT_OF_RANGE, where, f"{coords} is outside [0, {width}] x [0, {height}]")
     if key == "bbox_2d" and not (coords[0] < coords[2] and coords[1] < coords[3]):
         raise BadRecord(GEOMETRY_OUT_OF_RANGE, where, f"{coords} needs x1 < x2 and y1 < y2")
-    if key == "poly" and (problem := polygon_problem(coords)) is not None:
-        raise BadRecord(MALFORMED_RECORD, where, f"the polygon {problem}; a poly must be a simple polygon "
+    if key in ("poly", "quad") and (problem := polygon_problem(coords)) is not None:
+        raise BadRecord(MALFORMED_RECORD, where, f"the polygon {problem}; a {key} must be a simple polygon "
                                                  "(edges meeting only at shared corners) with an area")
     out = {"desc": desc, key: list(coords)}
     return out
@@ -420,8 +423,9 @@ def dense_messages(n_images: int, objects: list[dict[str, Any]], width: int, hei
 
 @RECORD_FORMATS.register("dense_caption")
 class DenseCaptionFormat(RecordFormat):
-    """A dense-caption record: `images`, `width`, `height`, `objects` (each with one geometry and a `desc`),
-    optional `summary`. The conversation asks for every object; the answer is `render_dense_answer`."""
+    """A dense-caption record: `images`, `width`, `height`, `objects` (a list, or an object keyed object_1, ...;
+    each with one geometry, bbox_2d / poly / quad / line, and a `desc`), optional `summary`. The conversation
+    asks for every object; the answer is `render_dense_answer`."""
 
     looks_like = "an 'objects' field"
     reasons = (GEOMETRY_OUT_OF_RANGE,)
@@ -439,12 +443,18 @@ class DenseCaptionFormat(RecordFormat):
         for key, v in (("width", width), ("height", height)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise BadRecord(MALFORMED_RECORD, key, f"must be a positive integer, got {v!r}")
-        if not isinstance(objects, list):
-            raise BadRecord(MALFORMED_RECORD, "objects", f"must be a list, got {type(objects).__name__}")
+        if isinstance(objects, dict):  # the keyed form {"object_1": {...}, "object_2": {...}}, in its order
+            fields = [f"objects.{k}" for k in objects]
+            objects = list(objects.values())
+        elif isinstance(objects, list):
+            fields = [f"objects[{i}]" for i in range(len(objects))]
+        else:
+            raise BadRecord(MALFORMED_RECORD, "objects", f"must be a list of objects, or an object keyed "
+                                                         f"object_1, object_2, ...; got {type(objects).__name__}")
         summary = record.get("summary")
         if summary is not None and not isinstance(summary, str):
             raise BadRecord(MALFORMED_RECORD, "summary", f"must be a string, got {type(summary).__name__}")
-        parsed = [check_dense_object(o, width, height, f"objects[{i}]") for i, o in enumerate(objects)]
+        parsed = [check_dense_object(o, width, height, f) for o, f in zip(objects, fields)]
         images = _image_list(raw_images, "images", resolve, allow_str=False)
         if not images:
             raise BadRecord(MALFORMED_RECORD, "images", "needs at least one image")

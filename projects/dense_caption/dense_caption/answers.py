@@ -2,6 +2,13 @@
 
 One image:      [{"bbox_2d": [x1, y1, x2, y2], "desc": "red circle"}, {"poly": [...], "desc": ...}, ...]
 Several images: {"image_1": [...], "image_2": [...]}   (key prefix configurable)
+
+With `data.answer_format: keyed` (the November documents' form) an image's objects are an object keyed
+object_1, object_2, ... in answer order instead of a list:
+
+One image:      {"object_1": {"bbox_2d": [x1, y1, x2, y2], "desc": "red circle"}, "object_2": {...}}
+Several images: {"image_1": {"object_1": {...}, ...}, "image_2": {...}}
+
 Summary mode:   the record's `summary` (one image) or {"image_1": "summary 1", "image_2": "summary 2"}
 
 Coordinates are integers in the image's answer convention (`coords.AnswerCoords`). JSON is compact
@@ -18,7 +25,7 @@ from typing import Any
 from arctic_vl import JsonTextError, parse_json
 
 from .coords import AnswerCoords
-from .geometry import GEOMETRY_KEYS, Box, Geometry, Polygon, Polyline, from_coords
+from .geometry import GEOMETRY_KEYS, Box, Geometry, Polygon, Polyline, Quad, from_coords
 
 
 def _dedupe_points(values: list[int], closed: bool) -> list[int]:
@@ -43,6 +50,8 @@ def render_object(geom: Geometry, desc: str, coords: AnswerCoords) -> dict[str, 
         values = _dedupe_points(values, closed=True)
         if len(values) < 6:
             return None
+        if isinstance(geom, Quad) and len(values) != 8:  # rounding merged corners: no longer four of them
+            return {"poly": values, "desc": desc}
     elif isinstance(geom, Polyline):
         values = _dedupe_points(values, closed=False)
         if len(values) < 4:
@@ -60,8 +69,21 @@ def image_key(prefix: str, i: int) -> str:
     return f"{prefix}{i + 1}"
 
 
-def render_answer(per_image: list[Any], prefix: str) -> str:
-    """One image: its value as JSON (a summary string as is); several: an object keyed per image."""
+#: the keys of an image's objects in the keyed answer format: object_1, object_2, ...
+OBJECT_KEY_PREFIX = "object_"
+ANSWER_FORMATS = ("list", "keyed")
+
+
+def keyed_objects(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`objects` as the keyed form {"object_1": objects[0], "object_2": objects[1], ...}."""
+    return {f"{OBJECT_KEY_PREFIX}{i + 1}": o for i, o in enumerate(objects)}
+
+
+def render_answer(per_image: list[Any], prefix: str, answer_format: str = "list") -> str:
+    """One image: its value as JSON (a summary string as is); several: an object keyed per image. An image's
+    object list is written as a list, or keyed object_1, ... with `answer_format: keyed`."""
+    if answer_format == "keyed":
+        per_image = [v if isinstance(v, str) else keyed_objects(v) for v in per_image]
     if len(per_image) == 1:
         value = per_image[0]
         return value if isinstance(value, str) else to_json(value)
@@ -96,7 +118,11 @@ def _where(e: Any) -> str:
     return e.msg + (f" at line {e.lineno}, column {e.colno}" if e.lineno is not None else "")
 
 
-def _parse_objects(value: Any) -> tuple[list[ParsedObject], int] | None:
+def _parse_objects(value: Any, answer_format: str = "list") -> tuple[list[ParsedObject], int] | None:
+    if answer_format == "keyed":
+        if not isinstance(value, dict):
+            return None
+        value = list(value.values())  # the keys only order the objects (JSON keeps the order written)
     if not isinstance(value, list):
         return None
     out, bad = [], 0
@@ -110,8 +136,8 @@ def _parse_objects(value: Any) -> tuple[list[ParsedObject], int] | None:
                 isinstance(v, int | float) and not isinstance(v, bool) for v in nums):
             bad += 1
             continue
-        need = {"bbox_2d": 4, "poly": 6, "line": 4}[keys[0]]
-        if (keys[0] == "bbox_2d" and len(nums) != 4) or len(nums) < need:
+        need = {"bbox_2d": 4, "poly": 6, "quad": 8, "line": 4}[keys[0]]
+        if (keys[0] in ("bbox_2d", "quad") and len(nums) != need) or len(nums) < need:
             bad += 1
             continue
         try:
@@ -126,25 +152,28 @@ def _parse_objects(value: Any) -> tuple[list[ParsedObject], int] | None:
     return out, bad
 
 
-def parse_dense_answer(text: str, n_images: int, prefix: str) -> ParsedAnswer:
-    """Parse a generated dense answer for `n_images` images; never raises (failures are in `error`)."""
+def parse_dense_answer(text: str, n_images: int, prefix: str, answer_format: str = "list") -> ParsedAnswer:
+    """Parse a generated dense answer for `n_images` images in `answer_format` (list or keyed); never raises
+    (failures are in `error`)."""
+    shape = "a list of objects" if answer_format == "list" else f"an object keyed {OBJECT_KEY_PREFIX}1..."
     try:
         value = parse_json(text.strip())
     except JsonTextError as e:  # also a generated 5000-digit number or nesting past the recursion limit
         return ParsedAnswer(error=f"not JSON ({_where(e)})")
     if n_images == 1:
-        parsed = _parse_objects(value)
+        parsed = _parse_objects(value, answer_format)
         if parsed is None:
-            return ParsedAnswer(error=f"expected a JSON list of objects, got {type(value).__name__}")
+            return ParsedAnswer(error=f"expected a JSON {shape.removeprefix('a ').removeprefix('an ')}, "
+                                      f"got {type(value).__name__}")
         return ParsedAnswer([parsed[0]], invalid_objects=parsed[1])
     if not isinstance(value, dict):
         return ParsedAnswer(error=f"expected a JSON object keyed {image_key(prefix, 0)}..., got {type(value).__name__}")
     images, bad = [], 0
     for i in range(n_images):
         key = image_key(prefix, i)
-        parsed = _parse_objects(value.get(key))
+        parsed = _parse_objects(value.get(key), answer_format)
         if parsed is None:
-            return ParsedAnswer(error=f"{key}: missing or not a list of objects")
+            return ParsedAnswer(error=f"{key}: missing or not {shape}")
         images.append(parsed[0])
         bad += parsed[1]
     return ParsedAnswer(images, invalid_objects=bad)

@@ -4,6 +4,7 @@
       augmentation:
         enabled: true
         bypass_prob: 0.1              # this share of samples is left as is
+        degenerate: clamp             # an object a warp leaves nothing of: clamp (default) or drop; counted
         fill: [245, 245, 245]         # colour of the area a warp uncovers
         ops:
           - {name: hflip, params: {prob: 0.5}}
@@ -16,7 +17,7 @@ Order of work: affine ops (hflip, vflip, rotate, scale) only multiply into one p
 barrier (pad_to_multiple, expand_to_fit_affine, resize_by_scale, random_crop) or the end of the list
 flushes it: the image is warped ONCE by (barrier's own map) x (pending matrix) and every geometry is mapped
 by the same matrix and clipped to the new canvas (`geometry.transform_geometry`). Colour ops (brightness,
-contrast, saturation, gamma) run after every geometric op, whatever their place in the list.
+contrast, saturation, gamma, color_jitter, clahe) run after every geometric op, whatever their place in the list.
 
 Randomness: each op draws from its own generator seeded by (epoch_seed(seed, epoch), record index, op
 position), so a sample's augmentation is a function of those alone: DataLoader workers, ranks and a resumed
@@ -31,7 +32,7 @@ import difflib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import (
@@ -145,6 +146,50 @@ class FactorParams(OpParams):
         return self
 
 
+class ColorJitterParams(OpParams):
+    """Parameters of `color_jitter`: `prob` and any of the ranges `brightness`, `contrast`, `saturation` (factors
+    > 0, 1 = unchanged) and `hue` (a shift in [-0.5, 0.5] of the hue circle); at least one range."""
+
+    brightness: tuple[float, float] | None = Field(None, description="brightness factor range [low, high] (> 0)")
+    contrast: tuple[float, float] | None = Field(None, description="contrast factor range [low, high] (> 0)")
+    saturation: tuple[float, float] | None = Field(None, description="saturation factor range [low, high] (> 0)")
+    hue: tuple[float, float] | None = Field(None, description="hue shift range [low, high] within [-0.5, 0.5] "
+                                            "(a share of the hue circle)")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ColorJitterParams:
+        given = {k: getattr(self, k) for k in JITTER_ORDER if getattr(self, k) is not None}
+        if not given:
+            raise ValueError(f"give at least one of {', '.join(JITTER_ORDER)} (a [low, high] range)")
+        for k, (lo, hi) in given.items():
+            if k == "hue":
+                if not -0.5 <= lo <= 0.5 or not -0.5 <= hi <= 0.5:
+                    raise ValueError(f"hue: both ends must be in [-0.5, 0.5], got {[lo, hi]}")
+            elif lo <= 0:
+                raise ValueError(f"{k}: factors must be > 0, got {[lo, hi]}")
+            _check_range(lo, hi, k)
+        return self
+
+
+#: the order `color_jitter` applies (and draws) its parts in, fixed so a sample's draw is reproducible
+JITTER_ORDER = ("brightness", "contrast", "saturation", "hue")
+
+
+class ClaheParams(OpParams):
+    """Parameters of `clahe`: `prob`, `clip_limit` (normalised as scikit-image's: a share of a tile's pixels, in
+    (0, 1]; 1 = no limit) and `tile_grid` [across, down] (tiles of W // across x H // down pixels)."""
+
+    clip_limit: float = Field(0.01, gt=0, le=1, description="the most pixels one histogram bin of a tile may hold, "
+                              "as a share of the tile's pixels (scikit-image's normalisation; 1 = no limit)")
+    tile_grid: tuple[int, int] = Field((8, 8), description="[tiles across, tiles down] (each >= 1)")
+
+    @model_validator(mode="after")
+    def _grid(self) -> ClaheParams:
+        if min(self.tile_grid) < 1:
+            raise ValueError(f"tile_grid: both counts must be >= 1, got {list(self.tile_grid)}")
+        return self
+
+
 # -------------------------------------------------------------------------------------------- the state
 @dataclass
 class Item:
@@ -166,15 +211,20 @@ class State:
     fill: tuple[int, int, int] = (0, 0, 0)
     pending: np.ndarray = field(default_factory=G.identity)
     applied: Counter = field(default_factory=Counter)
+    degenerate: str = "clamp"
     dropped_degenerate: int = 0
+    clamped_degenerate: int = 0
     dropped_by_crop: int = 0
     crop_coverages: list[float] = field(default_factory=list)
 
     def warp(self, B: np.ndarray, size: tuple[int, int], *, by_crop: bool = False) -> list[float]:
         """Map image and geometry by B @ pending into a canvas of `size`; pending becomes the identity.
 
-        Objects left with nothing visible are dropped (counted as degenerate, or as dropped by the crop with
-        coverage 0 when `by_crop`). Returns the coverage (visible share after this map) of each kept item.
+        An object left with nothing visible (area, length) is degenerate: under `degenerate: clamp` it is kept
+        as `geometry.clamp_geometry` (vertices clamped into the canvas; coverage 0; counted as clamped) unless
+        that has no area either; otherwise it is dropped (counted as degenerate). In a crop (`by_crop`) it is
+        outside the window: dropped by the crop with coverage 0, whatever the mode. Returns the coverage
+        (visible share after this map) of each kept item.
         """
         M = np.asarray(B, float) @ self.pending
         w, h = int(size[0]), int(size[1])
@@ -187,8 +237,14 @@ class State:
                 if by_crop:
                     self.dropped_by_crop += 1
                     self.crop_coverages.append(0.0)
-                else:
+                    continue
+                clamped = G.clamp_geometry(item.geom, M, w, h) if self.degenerate == "clamp" else None
+                if clamped is None:
                     self.dropped_degenerate += 1
+                    continue
+                self.clamped_degenerate += 1
+                kept.append(Item(clamped, item.desc, item.index))
+                coverages.append(0.0)
                 continue
             for g in out.geometries:  # a polyline may come back in several runs
                 kept.append(Item(g, item.desc, item.index))
@@ -408,6 +464,151 @@ class Gamma(ColourOp):
         return image.point(lut * len(image.getbands()))
 
 
+class ColorJitter(ColourOp):
+    """Brightness, contrast, saturation (PIL's enhancers, factors drawn in their ranges) and a hue shift, in that
+    order; only the parts given run, each with its own draw."""
+
+    name = "color_jitter"
+
+    def colour(self, image: Any, rng: np.random.Generator) -> Any:
+        """`image` with each given part applied in `JITTER_ORDER`, its factor (hue: shift) drawn from `rng`."""
+        from PIL import Image, ImageEnhance
+
+        enhancers = {"brightness": "Brightness", "contrast": "Contrast", "saturation": "Color"}
+        for part in JITTER_ORDER:
+            bounds = getattr(self.params, part)
+            if bounds is None:
+                continue
+            value = float(rng.uniform(*bounds))
+            if part != "hue":
+                image = getattr(ImageEnhance, enhancers[part])(image).enhance(value)
+                continue
+            mode = image.mode
+            h, s, v = image.convert("HSV").split()
+            shift = round(value * 256) % 256  # PIL's hue is 0-255 for the full circle
+            h = h.point([(i + shift) % 256 for i in range(256)])
+            image = Image.merge("HSV", (h, s, v)).convert(mode if mode in ("RGB", "L") else "RGB")
+        return image
+
+
+class Clahe(ColourOp):
+    """Contrast-limited adaptive histogram equalisation (`clahe_image`): on the grey level of an L image, on the
+    HSV value of an RGB one (hue and saturation kept), as scikit-image's `equalize_adapthist`."""
+
+    name = "clahe"
+
+    def colour(self, image: Any, rng: np.random.Generator) -> Any:
+        """`image` equalised (draws nothing from `rng`)."""
+        return clahe_image(image, self.params.clip_limit, tuple(self.params.tile_grid))
+
+
+# ------------------------------------------------------------------------------------------------ CLAHE
+#: CLAHE's working grey levels and histogram bins (scikit-image's NR_OF_GRAY and default nbins)
+CLAHE_LEVELS = 2**14
+CLAHE_BINS = 256
+
+
+def clahe_image(image: Any, clip_limit: float, tile_grid: tuple[int, int]) -> Any:
+    """A PIL image through CLAHE: an L image on its grey levels; otherwise (as RGB) on V = max(R, G, B), every
+    channel scaled by V'/V (exactly an HSV round trip with H and S kept; a black pixel becomes grey V')."""
+    from PIL import Image
+
+    if image.mode == "L":
+        out = clahe_channel(np.asarray(image), clip_limit, tile_grid)
+        return Image.fromarray(np.clip(np.round(out * 255), 0, 255).astype(np.uint8), "L")
+    rgb = np.asarray(image.convert("RGB")).astype(np.float64)
+    v = rgb.max(axis=2)
+    v_new = clahe_channel(v.astype(np.uint8), clip_limit, tile_grid) * 255
+    scale = np.divide(v_new, v, out=np.zeros_like(v), where=v > 0)
+    out = rgb * scale[..., None]
+    out[v == 0] = v_new[v == 0, None]
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), "RGB")
+
+
+def clahe_channel(channel: np.ndarray, clip_limit: float, tile_grid: tuple[int, int]) -> np.ndarray:
+    """CLAHE of one uint8 channel (H, W) -> floats in [0, 1]; the semantics of scikit-image's
+    `equalize_adapthist(channel, kernel_size=(H // down, W // across), clip_limit, nbins=256)`:
+
+    1. levels are stretched to the channel's own min..max over 0 .. 2^14 - 1 and binned (bin width 1 + 2^14 // 256);
+    2. the image is reflect-padded so tiles of kh x kw = (H // down, W // across) (at least 1) are centred on a
+       grid; each tile's histogram is clipped at max(1, int(clip_limit * kh * kw)) pixels per bin, the excess
+       spread over the bins (scikit-image's redistribution), and its cumulative sum is the tile's mapping;
+    3. each pixel's value is the bilinear blend of the mappings of the four tiles around it (edge tiles
+       repeated), truncated to an integer level, and the result is stretched to [0, 1] by its min..max.
+
+    A constant channel has no contrast to equalise: it comes back as is (v / 255).
+    """
+    ch = np.asarray(channel)
+    if ch.ndim != 2:
+        raise ValueError(f"clahe_channel: one channel (H, W), got shape {ch.shape}")
+    lo, hi = int(ch.min()), int(ch.max())
+    if lo == hi:
+        return ch.astype(np.float64) / 255.0
+    img = np.round((ch.astype(np.float64) - lo) / (hi - lo) * (CLAHE_LEVELS - 1)).astype(np.int64)
+    H, W = img.shape
+    across, down = tile_grid
+    kh, kw = max(H // down, 1), max(W // across, 1)
+    pad = [(kh // 2, (kh - H % kh) % kh + math.ceil(kh / 2)), (kw // 2, (kw - W % kw) % kw + math.ceil(kw / 2))]
+    img = np.pad(img, pad, mode="reflect") // (1 + CLAHE_LEVELS // CLAHE_BINS)
+    Hp, Wp = img.shape
+    nhy, nhx = Hp // kh - 1, Wp // kw - 1  # tiles with a histogram
+    tiles = img[kh // 2:kh // 2 + nhy * kh, kw // 2:kw // 2 + nhx * kw]
+    tiles = tiles.reshape(nhy, kh, nhx, kw).transpose(0, 2, 1, 3).reshape(nhy * nhx, kh * kw)
+    n = kh * kw
+    limit = max(1, int(clip_limit * n))
+    maps = np.empty((nhy * nhx, CLAHE_BINS), np.int64)
+    for t in range(nhy * nhx):
+        hist = _clip_histogram(np.bincount(tiles[t], minlength=CLAHE_BINS), limit)
+        cdf = np.cumsum(hist).astype(np.float64) * ((CLAHE_LEVELS - 1) / n)
+        maps[t] = np.minimum(cdf, CLAHE_LEVELS - 1).astype(np.int64)
+    maps = np.pad(maps.reshape(nhy, nhx, CLAHE_BINS), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    npy, npx = Hp // kh, Wp // kw
+    img = img[:npy * kh, :npx * kw]
+    ys, xs = np.arange(npy * kh), np.arange(npx * kw)
+    by, bx = (ys // kh)[:, None], (xs // kw)[None, :]
+    fy, fx = ((ys % kh) / kh)[:, None], ((xs % kw) / kw)[None, :]
+    result = np.zeros(img.shape, np.float32)
+    for ey in (0, 1):  # the four neighbouring tiles' mappings, blended bilinearly (float32 as scikit-image)
+        for ex in (0, 1):
+            weight = (fy if ey else 1 - fy) * (fx if ex else 1 - fx)
+            result += (maps[by + ey, bx + ex, img] * weight).astype(np.float32)
+    result = result.astype(np.int64)[pad[0][0]:pad[0][0] + H, pad[1][0]:pad[1][0] + W].astype(np.float64)
+    rlo, rhi = result.min(), result.max()
+    return (result - rlo) / (rhi - rlo) if rhi > rlo else np.zeros_like(result)
+
+
+def _clip_histogram(hist: np.ndarray, limit: int) -> np.ndarray:
+    """`hist` with no bin above `limit`, the excess spread evenly, then one by one (Zuiderveld's redistribution,
+    as scikit-image does it)."""
+    hist = hist.copy()
+    over = hist > limit
+    excess = int(hist[over].sum()) - int(over.sum()) * limit
+    hist[over] = limit
+    incr = excess // hist.size
+    upper = limit - incr
+    low = hist < upper
+    excess -= int(low.sum()) * incr
+    hist[low] += incr
+    mid = (hist >= upper) & (hist < limit)
+    excess += int(hist[mid].sum()) - int(mid.sum()) * limit
+    hist[mid] = limit
+    while excess > 0:
+        before = excess
+        for index in range(hist.size):
+            under = hist < limit
+            step = max(1, int(np.count_nonzero(under)) // excess)
+            under = under[index::step]
+            view = hist[index::step]
+            view[under] += 1
+            hist[index::step] = view
+            excess -= int(np.count_nonzero(under))
+            if excess <= 0:
+                break
+        if before == excess:
+            break
+    return hist
+
+
 #: name -> (op class, params model); the YAML `name` is looked up here, never imported
 OPS: dict[str, tuple[type[Op], type[BaseModel]]] = {
     "hflip": (HFlip, FlipParams),
@@ -422,6 +623,8 @@ OPS: dict[str, tuple[type[Op], type[BaseModel]]] = {
     "contrast": (Contrast, FactorParams),
     "saturation": (Saturation, FactorParams),
     "gamma": (Gamma, FactorParams),
+    "color_jitter": (ColorJitter, ColorJitterParams),
+    "clahe": (Clahe, ClaheParams),
 }
 
 
@@ -481,6 +684,10 @@ class AugmentationConfig(BaseModel):
     enabled: bool = False
     bypass_prob: float = Field(0.0, ge=0, le=1, description="share of samples left unaugmented")
     fill: tuple[int, int, int] = Field((0, 0, 0), description="RGB of the area a warp uncovers")
+    degenerate: Literal["clamp", "drop"] = Field(
+        "clamp", description="an object a warp leaves nothing of: clamp (its vertices clamped into the image, "
+                             "as the origin documents do; dropped only when that has no area either) or drop; "
+                             "counted either way")
     ops: list[OpSpec] = Field(default_factory=list, description="applied in order; colour ops after all others")
 
 
@@ -498,6 +705,7 @@ class Result:
     dropped_by_crop: int
     crop_coverages: list[float]
     bypassed: bool
+    clamped_degenerate: int = 0
 
 
 class Augmenter:
@@ -521,7 +729,7 @@ class Augmenter:
                  image: Any = None) -> Result:
         """Augment one record (`seed` is the epoch's seed, `index` the record's position in the data set)."""
         state = State(width, height, [Item(g, d, i) for i, (g, d) in enumerate(objects)], image,
-                      tuple(self.config.fill))
+                      tuple(self.config.fill), degenerate=self.config.degenerate)
         if not self.active:
             return self._result(state, bypassed=False)
         rngs = self.generators(seed, index)
@@ -548,7 +756,8 @@ class Augmenter:
     @staticmethod
     def _result(state: State, *, bypassed: bool) -> Result:
         return Result(state.image, state.width, state.height, state.items, dict(state.applied),
-                      state.dropped_degenerate, state.dropped_by_crop, state.crop_coverages, bypassed)
+                      state.dropped_degenerate, state.dropped_by_crop, state.crop_coverages, bypassed,
+                      state.clamped_degenerate)
 
 
 # ------------------------------------------------------------------------------------------ telemetry
@@ -570,6 +779,7 @@ class Telemetry:
         c["objects_out"] += len({it.index for it in result.items})
         c["dropped_by_crop"] += result.dropped_by_crop
         c["dropped_degenerate"] += result.dropped_degenerate
+        c["clamped_degenerate"] += result.clamped_degenerate
         for name, n in result.applied.items():
             c[f"op.{name}"] += n
         for cov in result.crop_coverages:

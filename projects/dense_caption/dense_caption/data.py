@@ -75,6 +75,9 @@ class DenseCaptionDataConfig(VLMDataConfig):
                                    "seeded); the answer is then keyed per image")
     image_key_prefix: str = Field("image_", min_length=1, description="keys of a multi-image answer: "
                                   "image_1, image_2, ...")
+    answer_format: Literal["list", "keyed"] = Field(
+        "list", description="an image's objects in the answer: list (a JSON list, the October documents) or keyed "
+                            "({\"object_1\": {...}, \"object_2\": {...}}, the November documents)")
     dense_prompt: str = Field(DENSE_PROMPT, min_length=1)
     summary_prompt: str = Field(SUMMARY_PROMPT, min_length=1)
     dense_system_prompt: str | None = Field(None, description="system turn of dense samples (default: system_prompt)")
@@ -107,11 +110,12 @@ class DenseRecord:
     source: str
     index: int
     meta: dict[str, Any] = field(default_factory=dict)
+    line: int | None = None
 
     @property
     def where(self) -> str:
-        """`file: record N`, for messages."""
-        return f"{self.source}: record {self.index}"
+        """`file: record N (line L)` (the line where the file has lines), for messages."""
+        return f"{self.source}: record {self.index}" + (f" (line {self.line})" if self.line is not None else "")
 
 
 @dataclass
@@ -227,7 +231,8 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
                 rendered.append(obj)
                 geoms.append(it.geom)
             values.append(_sort_reading(rendered, geoms) if cfg.object_order == "reading" else rendered)
-        return Target(records, mode, objects, coords, render_answer(values, cfg.image_key_prefix)), images, tele
+        answer = render_answer(values, cfg.image_key_prefix, cfg.answer_format)
+        return Target(records, mode, objects, coords, answer), images, tele
 
     def messages(self, target: Target) -> list[dict[str, str]]:
         """The chat of one item: optional system turn, images + prompt, the answer."""
@@ -245,7 +250,7 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
         if i < self.n_groups:
             return "; ".join(self.records[r].where for r in self.group(i))
         conv = self.plain[i - self.n_groups]
-        return f"{conv.source}: record {conv.index}"
+        return f"{conv.source}: {conv.where}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Item `index` (-1: a padding item); one whose image does not decode comes back tagged ITEM_BAD (the
@@ -279,7 +284,7 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
 
     def _plain_item(self, j: int) -> dict[str, Any]:
         conv = self.plain[j]
-        where = f"{conv.source}: record {conv.index}"
+        where = f"{conv.source}: {conv.where}"
         images = [_load(ref, conv.source, conv.index, where) for ref in conv.images]
         enc = self.encoder.encode_conversation(conv, [im.size for im in images])
         vision = self.encoder.encode_images(images) if images else {}
@@ -360,11 +365,11 @@ class DenseCaptionDataFactory(VLMDataFactory):
             objects = [(object_geometry(o), o["desc"]) for o in meta["objects"]]
             extra = {k: v for k, v in meta.items() if k not in ("objects", "width", "height", "summary")}
             dense.append(DenseRecord(conv.images[0], meta["width"], meta["height"], objects, meta.get("summary"),
-                                     conv.source, conv.index, extra))
+                                     conv.source, conv.index, extra, conv.line))
         return dense, plain
 
     def _bad(self, conv: Any, reason: str, message: str, report: Any) -> None:
-        text = f"{conv.source}: record {conv.index}: {message} [reason: {reason}]"
+        text = f"{conv.source}: {conv.where}: {message} [reason: {reason}]"
         if self.config.on_bad_record == "error":
             raise DataError(text + " (on_bad_record='skip' drops such records and counts them)",
                             source=conv.source, index=conv.index, reason=reason)
@@ -411,7 +416,7 @@ class DenseCaptionDataFactory(VLMDataFactory):
                 self._bad(conv, e.reason or "invalid_record", str(e), report)
                 continue
             if self.config.max_length is not None and len(enc.input_ids) > self.config.max_length:
-                report.add(conv.source, conv.index, TOO_LONG, f"{conv.source}: record {conv.index}: "
+                report.add(conv.source, conv.index, TOO_LONG, f"{conv.source}: {conv.where}: "
                            f"{len(enc.input_ids)} tokens > max_length {self.config.max_length}")
                 continue
             plain_kept.append(conv)

@@ -141,7 +141,7 @@ def _dense_scores(trainer: Any, model: torch.nn.Module, mine: list[int], line_to
         if not any(t in stop for t in ids):
             truncated += 1
         text = tok.decode([t for t in ids if t not in stop], skip_special_tokens=True)
-        parsed = parse_dense_answer(text, len(target.records), prefix)
+        parsed = parse_dense_answer(text, len(target.records), prefix, dataset.config.answer_format)
         scores.answers += 1
         scores.valid_answers += parsed.ok
         scores.invalid_objects += parsed.invalid_objects

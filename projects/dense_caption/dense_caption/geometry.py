@@ -9,7 +9,9 @@ and what an affine warp of the image moves). A 3x3 matrix M maps a point (x, y) 
 * a box stays a box when M keeps axes axis-aligned (flips, scales, multiples of 90 degrees); any other
   rotation or shear turns it into the 4-point polygon of its corners;
 * polygons are clipped with Sutherland-Hodgman against the image rectangle (exact for any simple polygon:
-  the window is convex); a result with no area is degenerate and dropped;
+  the window is convex); a result with no area is degenerate (see `clamp_geometry` for what the augmentation
+  does with it); a quad (`quad`, the October documents' four-point quadrilateral) is a polygon: it stays a
+  quad while it keeps 4 vertices and becomes a `poly` when clipping gives it more;
 * polylines are clipped segment by segment (Liang-Barsky); where a line leaves the image and comes back,
   it is split into separate polylines;
 * `coverage` is the visible share of the transformed geometry: clipped area / area (length for lines).
@@ -26,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-GEOMETRY_KEYS = ("bbox_2d", "poly", "line")
+GEOMETRY_KEYS = ("bbox_2d", "poly", "quad", "line")
 #: areas and lengths at or below these are "nothing left" (pixels^2 / pixels)
 AREA_EPS = 1e-9
 LENGTH_EPS = 1e-9
@@ -101,6 +103,13 @@ class Polyline:
         return polyline_length(self.array())
 
 
+@dataclass(frozen=True)
+class Quad(Polygon):
+    """A four-point quadrilateral [x1, y1, ..., x4, y4] (the October documents' `quad`): a polygon of 4 vertices."""
+
+    key: ClassVar[str] = "quad"
+
+
 Geometry = Box | Polygon | Polyline
 
 
@@ -113,6 +122,10 @@ def from_coords(key: str, coords: Sequence[float]) -> Geometry:
         return Box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
     if key == "poly":
         return Polygon(_points(coords))
+    if key == "quad":
+        if len(coords) != 8:
+            raise ValueError(f"quad needs 8 numbers [x1, y1, ..., x4, y4], got {len(coords)}")
+        return Quad(_points(coords))
     if key == "line":
         return Polyline(_points(coords))
     raise ValueError(f"unknown geometry key {key!r}; allowed: {', '.join(GEOMETRY_KEYS)}")
@@ -336,7 +349,10 @@ def transform_geometry(geom: Geometry, M: np.ndarray, width: float, height: floa
             return Clipped([Box(float(cx1), float(cy1), float(cx2), float(cy2))], min(1.0, seen / full))
         return _polygon_result(corners, width, height)
     if isinstance(geom, Polygon):
-        return _polygon_result(apply_affine(geom.array(), M), width, height)
+        out = _polygon_result(apply_affine(geom.array(), M), width, height)
+        if isinstance(geom, Quad) and out.geometries and len(out.geometries[0].points) == 4:
+            out.geometries = [Quad(out.geometries[0].points)]  # still four corners: still a quad
+        return out
     if isinstance(geom, Polyline):
         moved = apply_affine(geom.array(), M)
         full = polyline_length(moved)
@@ -363,3 +379,41 @@ def bounds(geom: Geometry) -> tuple[float, float, float, float]:
         return geom.x1, geom.y1, geom.x2, geom.y2
     arr = geom.array()
     return float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 0].max()), float(arr[:, 1].max())
+
+
+def clamp_geometry(geom: Geometry, M: np.ndarray, width: float, height: float) -> Geometry | None:
+    """The fallback for a geometry `transform_geometry` left nothing of (`degenerate: clamp`): `geom` mapped by
+    `M` with every vertex clamped into [0, width] x [0, height] (not clipped).
+
+    A box that keeps its axes stays a box of its clamped corners; any other box becomes the polygon of its
+    clamped corners; a polygon (quad) keeps its clamped vertices (consecutive repeats removed; a quad that keeps
+    4 distinct vertices stays a quad); a polyline keeps its clamped points (repeats removed). None when the
+    clamped result itself has no area (length for a polyline), at or below AREA_EPS (LENGTH_EPS): e.g. an object
+    wholly beyond one edge clamps onto that edge, a zero-area sliver, and is dropped even under clamp.
+    """
+    M = np.asarray(M, float)
+
+    def clamp(points: np.ndarray) -> np.ndarray:
+        out = np.asarray(points, float).copy()
+        out[:, 0] = np.clip(out[:, 0], 0.0, width)
+        out[:, 1] = np.clip(out[:, 1], 0.0, height)
+        return out
+
+    if isinstance(geom, Box) and keeps_axes(M):
+        corners = clamp(apply_affine(geom.corners(), M))
+        (x1, y1), (x2, y2) = corners.min(axis=0), corners.max(axis=0)
+        box = Box(float(x1), float(y1), float(x2), float(y2))
+        return box if box.area() > AREA_EPS else None
+    if isinstance(geom, Box | Polygon):
+        src = geom.corners() if isinstance(geom, Box) else geom.array()
+        pts = _dedupe(clamp(apply_affine(src, M)), closed=True)
+        if len(pts) < 3 or polygon_area(pts) <= AREA_EPS:
+            return None
+        cls = Quad if isinstance(geom, Quad) and len(pts) == 4 else Polygon
+        return cls(tuple(map(tuple, pts.tolist())))
+    if isinstance(geom, Polyline):
+        pts = _dedupe(clamp(apply_affine(geom.array(), M)), closed=False)
+        if len(pts) < 2 or polyline_length(pts) <= LENGTH_EPS:
+            return None
+        return Polyline(tuple(map(tuple, pts.tolist())))
+    raise TypeError(f"not a geometry: {type(geom).__name__}")

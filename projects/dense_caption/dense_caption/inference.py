@@ -16,9 +16,10 @@ Stage-A: a group is a directory (its images, sorted by name), an image file (a g
 `.jsonl` file `{"group": ID, "images": [paths relative to the file]}`. Each group is cut into chunks of
 `images_per_sample` images, and each chunk is answered in summary mode: plain text for one image, a JSON
 object keyed per image for several. Output: one line per image, groups and images in input order:
-`{"group", "image", "index", "summary"}`, with `"summary": null` and an `"error"` when the answer was empty
-or malformed (reported, never dropped). The report on stdout counts them. Other fields of a group line are
-carried into its output lines as `meta`.
+`{"group", "image_id", "image", "index", "summary"}` (`image_id`: the file name without its suffix, as the
+origin documents write it), with `"summary": null` and an `"error"` when the answer was empty or malformed
+(reported, never dropped). The report on stdout counts them. Other fields of a group line are carried into its
+output lines as `meta` (Stage-B reads `meta.verdict` as the expected verdict).
 
 Stage-B: per group (in the order of the summaries file), a text-only prompt with the group's summaries and the
 criterion; the answer must be two lines: `pass` or `fail`, then `reason: ...`. An invalid answer is retried
@@ -210,9 +211,12 @@ def _dense_line(value: Any, base: Path) -> tuple[dict[str, Any], list[str], str]
     if not isinstance(summary, str) or not summary.strip():
         raise BadRecord(MALFORMED_RECORD, "summary", f"must be a non-empty string, got {summary!r:.80}")
     objects = rec.get("objects", [])
+    if isinstance(objects, dict):  # the keyed form {"object_1": {...}, ...}, as the training records accept it
+        objects = list(objects.values())
     if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
-        raise BadRecord(MALFORMED_RECORD, "objects", "must be a list of objects {desc, bbox_2d|poly|line}")
-    return rec, [str(i) for i in images], summary
+        raise BadRecord(MALFORMED_RECORD, "objects", "must be a list of objects {desc, bbox_2d|poly|quad|line}, "
+                                                     "or an object keyed object_1, object_2, ...")
+    return {**rec, "objects": objects}, [str(i) for i in images], summary
 
 
 # ------------------------------------------------------------------------------------------- stage A
@@ -262,7 +266,8 @@ def stage_a(runner: Runner, groups: list[tuple[str, list[Path], dict[str, Any]]]
                 text = runner.answer(messages, images, max_new_tokens)
                 summaries, error = parse_summaries(text, len(chunk), data.image_key_prefix)
                 for j, p in enumerate(chunk):
-                    line: dict[str, Any] = {"group": gid, "image": str(p), "index": c + j}
+                    # image_id: the file's name without its suffix, as the origin documents' Stage-A lines
+                    line: dict[str, Any] = {"group": gid, "image_id": Path(p).stem, "image": str(p), "index": c + j}
                     if extra:
                         line["meta"] = extra  # the group line's other fields, carried to Stage-B
                     report["images"] += 1

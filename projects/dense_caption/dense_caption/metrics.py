@@ -5,8 +5,8 @@ matched to ground-truth objects one-to-one by the Hungarian algorithm (scipy) ma
 matched pair counts as a true positive when its similarity reaches the threshold:
 
 * boxes: IoU >= 0.5;
-* polygons: polygon IoU >= 0.5 (exact intersection by Sutherland-Hodgman clipping when either polygon is
-  convex, else rasterised on a 256 x 256 grid over the pair's bounding box);
+* polygons (quads among them): polygon IoU >= 0.5 (exact intersection by Sutherland-Hodgman clipping when
+  either polygon is convex, else rasterised on a 256 x 256 grid over the pair's bounding box);
 * lines: similarity 1 - d / tol >= 0.5, i.e. a symmetric mean distance d <= tol / 2, where d averages, over
   32 points spread evenly along each line, the distance to the other line, and tol = `line_tolerance`
   (default 0.1) x the image diagonal; so by default a line matches within 5% of the diagonal.
@@ -137,6 +137,11 @@ def line_distance(a: Polyline, b: Polyline) -> float:
     return float((_point_to_polyline(_resample(pa), pb).mean() + _point_to_polyline(_resample(pb), pa).mean()) / 2)
 
 
+def metric_kind(geom: Geometry) -> str:
+    """The type an object is scored as: its key, except that a quad is scored as a polygon (`poly`)."""
+    return "poly" if isinstance(geom, Polygon) else geom.key
+
+
 def similarity_fn(kind: str, width: float, height: float, line_tolerance: float) -> Callable[[Any, Any], float]:
     """The similarity used to match objects of one geometry type (IoU; the line score of the docstring)."""
     if kind == "bbox_2d":
@@ -177,8 +182,8 @@ class DenseScores:
         from arctic_vl import normalize_answer
 
         for kind in TYPES:
-            p = [(g, d) for g, d in preds if g.key == kind]
-            t = [(g, d) for g, d in gts if g.key == kind]
+            p = [(g, d) for g, d in preds if metric_kind(g) == kind]
+            t = [(g, d) for g, d in gts if metric_kind(g) == kind]
             self.predicted[kind] += len(p)
             self.truth[kind] += len(t)
             pairs = match([g for g, _ in p], [g for g, _ in t], similarity_fn(kind, width, height, line_tolerance))

@@ -22,7 +22,7 @@ from .data import AUGMENTATION_KEY
 from .evaluation import dense_evaluate
 
 COUNT_KEYS = ("samples", "bypassed", "objects_in", "objects_out", "dropped_by_crop", "dropped_degenerate",
-              "dropped_by_rounding", "over_max_length")
+              "clamped_degenerate", "dropped_by_rounding", "over_max_length")
 STATE_KEY = "augmentation"
 
 

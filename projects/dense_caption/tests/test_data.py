@@ -115,9 +115,9 @@ def test_missing_summary_and_image_size_mismatch_name_the_record(tmp_path, shape
     del records[3]["summary"]
     records[5]["width"] = 80
     src = _write(tmp_path, shapes, records)
-    with pytest.raises(DataError, match=r"dense.jsonl: record 3: summary_ratio 0.2 draws summary mode"):
+    with pytest.raises(DataError, match=r"dense.jsonl: record 3 \(line 4\): summary_ratio 0.2 draws summary mode"):
         _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "summary_ratio": 0.2})
-    with pytest.raises(DataError, match=r"record 5: width x height 80 x 64 but the image .* is 64x64"):
+    with pytest.raises(DataError, match=r"record 5 \(line 6\): width x height 80 x 64 but the image .* is 64x64"):
         _build(tmp_path, tiny_qwen25, {"sources": [str(src)]})
     data, _ = _build(tmp_path, tiny_qwen25, {"sources": [str(src)], "summary_ratio": 0.2, "on_bad_record": "skip"})
     assert data.report.by_reason() == {"image_size_mismatch": 1, "missing_summary": 1}
@@ -212,7 +212,7 @@ def test_pixels_that_do_not_decode_are_dropped_and_counted(tmp_path, shapes, tin
         if policy == "skip":
             assert data.report.by_reason() == {UNREADABLE_IMAGE: 1}
         else:
-            with pytest.raises(DataError, match=r"dense.jsonl: record 4: .*found when loading the sample"):
+            with pytest.raises(DataError, match=r"dense.jsonl: record 4 \(line 5\): .*found when loading the sample"):
                 data.raise_pending(0)
 
 
