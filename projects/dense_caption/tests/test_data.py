@@ -233,6 +233,6 @@ def test_passed_through_grounding_records_are_rendered_and_leftovers_refused(tmp
     item = data.train[data.train.n_groups]
     assert _decode_answer(bundle, item) == "<|box_start|>(125,250),(500,750)<|box_end|>"
     assert "<|object_ref_start|>circle<|object_ref_end|>" in bundle.processor.tokenizer.decode(item["input_ids"])
-    with pytest.raises(DataError, match=r"swift.jsonl: record 1: field messages\[0\]\.content: holds the "
+    with pytest.raises(DataError, match=r"swift.jsonl: record 1 \(line 2\): field messages\[0\]\.content: holds the "
                                         r"placeholder <ref-object>.*reason: unrendered_placeholder"):
         _build(tmp_path / "error", tiny_qwen2, {"sources": [str(dense), str(swift)]})

@@ -231,7 +231,7 @@ def test_core_inspect_data_shows_the_built_items(shapes: Path, cli_in_process, t
     assert out.count("\n--- ") == 2 and "augmentation {" in out
     records = [json.loads(x) for x in (shapes / "train.dense.jsonl").read_text().splitlines()]
     for block in out.split("\n--- ")[1:]:
-        index = int(re.search(r"record (\d+): \d+ tokens", block).group(1))
+        index = int(re.search(r"record (\d+)(?: \(line \d+\))?: \d+ tokens", block).group(1))
         objects = json.loads(re.search(r"\[\[(.*)<\|im_end\|>\]\]", block, re.S).group(1))
         rec = records[index]
         assert objects and all(next(iter(o)) != "desc" for o in objects)
