@@ -51,7 +51,7 @@ CASES = [
         "unknown family 'llava_nxt'", "llava_next", "qwen2_5_vl"),
     # ---------------------------------------------------------------- typo keys (nested too)
     bad("typo_trainer_key", M + D + "trainer:\n  max_steps: 1\n  max_stesp: 3\n", 8, "trainer.max_stesp",
-        "unknown key (did you mean 'max_steps'?)", "Allowed: bf16, compile, epochs,", "max_steps"),
+        "unknown key (did you mean 'max_steps'?)", "Allowed: bf16, compile, detect_anomaly, epochs,", "max_steps"),
     bad("typo_source_key", M + "data:\n  sources:\n    - path: train.json\n      formatt: llava\n", 6,
         "data.sources[0].formatt", "did you mean 'format'?", "Allowed: format, image_root, path, sample, weight"),
     bad("typo_model_key", "model:\n  family: llava_next\n  dtyp: float32\n" + D, 3, "model.dtyp",

@@ -393,7 +393,7 @@ def resolve_path(value: str, base_dir: Path, hub_ok: bool = False, where: str = 
     expanded = Path(os.path.expanduser(value))
     joined = base_dir / expanded
     if "\0" not in value and not expanded.is_absolute() and _broken_link_in(joined):
-        return str(joined)  # resolve() would follow a dangling link (or fail on a loop): keep it to be named
+        return str(joined)  # resolve() would follow a dangling link: keep it, to be named
     resolved = resolve_user_path(value, base_dir, where)
     if expanded.is_absolute():
         return str(expanded)
@@ -403,15 +403,16 @@ def resolve_path(value: str, base_dir: Path, hub_ok: bool = False, where: str = 
 
 
 def _broken_link_in(path: Path) -> bool:
-    """Whether some component of `path` is a symbolic link that points nowhere, or into a loop."""
+    """Whether some component of `path` is a symbolic link that points nowhere (a loop of links is not:
+    `resolve_user_path` names it)."""
     current = Path(path.anchor)
     for part in path.parts[1:]:
         current = current / part
         if current.is_symlink():
             try:
                 os.stat(current)
-            except OSError:
-                return True
+            except OSError as e:
+                return e.errno != errno.ELOOP
         elif not current.exists():
             return False
     return False
