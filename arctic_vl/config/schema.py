@@ -131,6 +131,9 @@ def build_config(located: LocatedConfig, writable_output: bool = True) -> Engine
                 sections[section] = cfg
     if "eval" in data:
         raw_eval = data["eval"]
+        raw_eval = dict(raw_eval) if isinstance(raw_eval, dict) else raw_eval
+        if isinstance(raw_eval, dict):
+            drop_nulls(EvalConfig, raw_eval)
         try:
             sections["eval"] = EvalConfig.model_validate(raw_eval if raw_eval is not None else {})
         except ValidationError as e:
@@ -229,6 +232,7 @@ def _validate_section(
         )
         return None
     config_class = registry.get(type_name).config_class
+    drop_nulls(config_class, raw)
     missing: list[tuple[KeyPath, str]] = []
     resolve_raw_paths(config_class, raw, path, located, missing)
     cfg, lines = None, []
@@ -241,6 +245,52 @@ def _validate_section(
                   if not any(value in line for line in lines))
     errors.extend(lines)
     return None if missing else cfg
+
+
+def _admits_none(annotation: Any) -> bool:
+    """Whether a field of this type may hold None (Optional, a union with None, Any)."""
+    if annotation is Any or annotation is None or annotation is type(None):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _admits_none(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return any(_admits_none(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _nested_models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field holds directly or as list items (through Optional/Union/Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Annotated, Union, types.UnionType, list):
+        args = typing.get_args(annotation)
+        return [m for a in (args[:1] if origin is Annotated else args) for m in _nested_models(a)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def drop_nulls(model: type[BaseModel], raw: dict[str, Any]) -> None:
+    """Remove (in place, nested models too) every `key: null` whose field cannot hold None, so its default applies.
+
+    That is how a child config unsets what it inherits through `extends` (`model: {tiny: null}` brings back the
+    default tiny shape): where a field may be None (`max_grad_norm: null`: no clipping), null is that value."""
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if key not in raw:
+            continue
+        value = raw[key]
+        if value is None and not _admits_none(info.annotation):
+            del raw[key]
+            continue
+        for sub in _nested_models(info.annotation):
+            if isinstance(value, dict):
+                raw[key] = value = dict(value)
+                drop_nulls(sub, value)
+            elif isinstance(value, list):
+                raw[key] = value = [dict(v) if isinstance(v, dict) else v for v in value]
+                for item in value:
+                    if isinstance(item, dict):
+                        drop_nulls(sub, item)
+            break
 
 
 def missing_path_error(located: LocatedConfig, path: KeyPath, value: str) -> str:
