@@ -28,7 +28,7 @@ verbs:
   validate CONFIG              check a config and print it resolved, with the model type
   evaluate CONFIG [--base]     evaluate the run's newest weights (final/, or the latest checkpoint when it is
                                newer) on data.eval_sources; --base: the untrained base model
-  inspect-data CONFIG          record counts and the first sample's tokens (trained parts marked)
+  inspect-data CONFIG [--n N]  record counts and the first N samples' tokens (trained parts marked; default 1)
   plugins                      list installed plugins and what they registered (and their verbs)
   schema                       print the JSON Schema of the config
   make-tiny-model FAMILY DIR   write a tiny random VLM of a family, with tokenizer and processor
@@ -115,9 +115,12 @@ def cmd_evaluate(argv: list[str]) -> int:
 def cmd_inspect_data(argv: list[str]) -> int:
     """`arctic_vl inspect-data CONFIG [--n N]`: record counts and the first N samples' tokens."""
     p = _config_parser(
-        "inspect-data", "Count records and show the first sample's tokens (reads image sizes, not pixels)."
+        "inspect-data", "Count records and show the first samples' tokens, trained parts marked (reads image "
+        "sizes, not pixels)."
     )
-    p.add_argument("--n", type=int, default=1, help="samples to show")
+    p.add_argument("--n", type=int, default=1, metavar="N",
+                   help="how many samples to show, from the first record of the first source (default 1; "
+                        "0 prints the counts only)")
     args = p.parse_args(argv)
     if args.n < 0:
         p.error("--n must be >= 0")

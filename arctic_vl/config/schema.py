@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator
 
 from arctic_vl.config.loader import KeyPath, LocatedConfig, apply_overrides, dotted, from_dict, load_file
 from arctic_vl.config.paths import PathField, resolve_user_path
@@ -41,11 +41,20 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    every_n_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end)")
+    every_n_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end); "
+                                      "null: only at the end")
     generate: bool = Field(False, description="also greedy-decode each eval sample and report exact-match accuracy")
     max_new_tokens: int = Field(16, ge=1)
     micro_batch_size: int | None = Field(None, ge=1, description="default: data.micro_batch_size")
     max_samples: int | None = Field(None, ge=1, description="evaluate on the first N eval samples only")
+
+    @field_validator("every_n_steps", mode="before")
+    @classmethod
+    def _every_positive(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"must be at least 1 (got {value}); for no periodic evaluation write null (or leave it "
+                             "out): evaluation then runs once, at the end")
+        return value
 
 
 class EngineConfig(BaseModel):
@@ -340,6 +349,8 @@ def format_validation_error(
                 msg += f" (got {e['input']!r})"
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
+            if kind in ("greater_than_equal", "greater_than") and loc and _field_admits_none(model, loc):
+                msg += "; or null to leave it unset"
             if kind in ("value_error", "assertion_error") and isinstance(e.get("input"), dict):
                 loc = (*loc, *_blamed_field(msg, e["input"]))
         entries.append((loc, msg, tagged and kind.endswith("_type")))
@@ -401,6 +412,26 @@ def _unwrap(annotation: Any) -> list[Any]:
             out.extend(_unwrap(arg))
         return out
     return [annotation]
+
+
+def _field_at(model: type[BaseModel], loc: KeyPath) -> Any:
+    """The pydantic FieldInfo at `loc` (through nested models and list items), or None."""
+    current: Any = model
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        info = current.model_fields[part]
+        models = _nested_models(info.annotation)
+        current = models[0] if models else None
+    return info
+
+
+def _field_admits_none(model: type[BaseModel], loc: KeyPath) -> bool:
+    info = _field_at(model, loc)
+    return info is not None and _admits_none(info.annotation)
 
 
 def _fields_at(model: type[BaseModel], loc: KeyPath) -> list[str]:
