@@ -56,7 +56,7 @@ RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
     "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
-    "trainer.prefetch", "trainer.compile", "callbacks", "eval",
+    "trainer.prefetch", "trainer.compile", "callbacks", "eval", "trainer.resume",
 )
 
 
@@ -96,6 +96,10 @@ class TrainerConfig(ComponentConfig):
     loss_chunk_size: int = Field(2048, ge=16, description="label positions per output-layer chunk (memory-lean loss)")
     log_every_n_steps: int = Field(1, ge=1, description="console log interval; metrics.jsonl gets every step")
     progress_bar: bool = True
+    resume: Literal["auto", "never", "must"] = Field(
+        "auto", description="a run directory that holds a run: auto continues it (and says so, with the settings "
+        "that changed), never refuses it (a new run wants a new output_dir), must refuses a start with nothing "
+        "to resume")
     nan_guard: NanGuardConfig = Field(default_factory=NanGuardConfig)
     group_grad_norms: bool = Field(False, description="log each optimizer parameter group's gradient norm "
                                    "(`grad_norm/<group>` in metrics.jsonl; single-process and ddp)")
@@ -351,8 +355,6 @@ class Trainer(Component):
             self.state = TrainState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("extra", {}))
             if self.data.report is not None:  # records found bad while loading batches before the checkpoint
                 self.data.report.add_late_entries(self.state.extra.get("bad_records", []))
-            if self.is_main and self.state.step < self.total_steps:
-                logger.info(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch})")
         self._last_ckpt = latest
         if self.is_main:
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.state.step)
@@ -551,9 +553,12 @@ class Trainer(Component):
     # -------------------------------------------------------------------------------------------- resume
     def _resume_or_start(self) -> Path | None:
         latest = self.checkpointer.latest()
+        _check_resume_policy(self.config.resume, self.output_dir, latest)
         if latest is None:
             return None
         saved = self.checkpointer.read_state(latest)
+        if self.is_main:  # what this start continues, and what it changes (before a refusal, which names its own)
+            logger.info(_resume_notice(latest, saved, self.run_config, self.total_steps))
         changed = _config_changes(saved.get("config", {}), self.run_config)
         if changed:
             raise ConfigError(
@@ -666,11 +671,49 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+def _check_resume_policy(policy: str, output_dir: Path, latest: Path | None) -> None:
+    """`trainer.resume`: never refuses a directory that holds a run (a checkpoint or final/), must one that holds
+    nothing to resume (exit 2, naming the directory)."""
+    if policy == "never":
+        held = [what for what, there in (("checkpoint " + latest.name if latest else "", latest is not None),
+                                         ("final/", (output_dir / "final").is_dir())) if there]
+        if held:
+            raise ConfigError(f"trainer.resume: never, but {output_dir} already holds a run ({', '.join(held)}); "
+                              "name a new trainer.output_dir for a new run, or set trainer.resume: auto to continue "
+                              "that one")
+    elif policy == "must" and latest is None:
+        raise ConfigError(f"trainer.resume: must, but {output_dir} holds no checkpoint to resume from; check "
+                          "trainer.output_dir, or set trainer.resume: auto to start a new run there")
+
+
+def _resume_notice(latest: Path, saved: dict[str, Any], new: dict[str, Any], total_steps: int) -> str:
+    """`resuming from CHECKPOINT (step N of M, epoch E); changed: key old -> new; ...`: the settings that may
+    change on resume and did (a rerun with another max_steps extends the run: say so before it does)."""
+    a, b = _flatten(saved.get("config", {})), _flatten(new)
+    changed = [f"{k} {_shown(a.get(k, '<unset>'))} -> {_shown(b.get(k, '<unset>'))}"
+               for k in sorted(set(a) | set(b))
+               if _may_change(k) and a.get(k, "<unset>") != b.get(k, "<unset>")]
+    what = f"changed: {'; '.join(changed)}" if changed else "no setting changed"
+    step = saved.get("step", 0)
+    verb = "resuming from" if step < total_steps else "found the finished run's"
+    return (f"{verb} {latest} (step {step} of {total_steps}, epoch {saved.get('epoch', 0)}); {what} "
+            "(trainer.resume: never refuses a directory that holds a run)")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _may_change(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+
+
 def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     a, b = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(a) | set(b)):
-        if any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE):
+        if _may_change(key):
             continue
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             changes.append((key, a.get(key, "<unset>"), b.get(key, "<unset>")))
