@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
+from arctic_vl.callbacks.console import console
 from arctic_vl.checkpoint.checkpointer import EXPORT_INFO_FILE
 from arctic_vl.checkpoint.files import append_line, write_run_file
 from arctic_vl.config.paths import ConfigPath
@@ -43,7 +44,7 @@ from arctic_vl.errors import ConfigError, DataError, RunFailed
 from arctic_vl.registry import TRAINERS, Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens
 from arctic_vl.trainers.prefetch import Prefetcher
-from arctic_vl.trainers.report import format_parameter_counts, format_results
+from arctic_vl.trainers.report import format_parameter_counts, format_results, format_step_line
 
 #: evaluations during training (one line per evaluation, `step` the step after which it ran)
 EVAL_FILE = "eval.jsonl"
@@ -190,6 +191,9 @@ class Trainer(Component):
         self._last_results: dict[str, Any] | None = None
         self._last_ckpt: Path | None = None
         self._last_loss = math.nan
+        #: the LossOutput.metrics names of the last step (the step line shows them next to the loss)
+        self._loss_components: list[str] = []
+        self._first_step = 1  # the first step of this start: its line shows the run is moving
         self.device = dist.device
         #: True while `evaluate_standalone` runs (`arctic_vl evaluate`): callbacks keep it apart from training
         self.standalone_evaluation = False
@@ -310,6 +314,7 @@ class Trainer(Component):
             return self.summary(latest, already_finished=True)
         with self.run_events():
             self.callbacks.on_train_start(self)
+            self._first_step = self.state.step + 1
             for micro, data_time in self.step_batches():
                 metrics = self.train_step(micro, data_time)
                 self.log_step(metrics)
@@ -347,6 +352,10 @@ class Trainer(Component):
         optimizer = self.optimizer_factory.build(groups)
         self.total_steps = self.compute_total_steps()
         scheduler = self.scheduler_factory.build(optimizer, self.total_steps)
+        if self.is_main:
+            warning = _schedule_warning(self.scheduler_factory, self.total_steps)
+            if warning:
+                logger.warning(warning)
         self.model, self.optimizer, self.scheduler = self.dist.prepare(self.step_module(), optimizer, scheduler)
         latest = self._resume_or_start()
         if latest is not None:
@@ -418,6 +427,7 @@ class Trainer(Component):
         counts = StepCounts(n_units, dict(zip(names, n_extra)))
         loss_sum, side = self.forward_backward(micro, counts)
         side_names = sorted(side)
+        self._loss_components = side_names
         reduced = self.dist.all_reduce_sum([loss_sum] + [v for k in side_names for v in side[k]])
         loss = reduced[0] / max(n_units, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -489,9 +499,9 @@ class Trainer(Component):
         for group in self.optimizer.param_groups:
             group["lr"] *= guard.lr_factor
         if self.is_main:
-            logger.warning(f"step {self.state.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                           f"step skipped (weights unchanged), LR x{guard.lr_factor} "
-                           f"({extra['nan_consecutive']} in a row, {extra['nan_skips']} in all)")
+            console("WARNING", f"step {self.state.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                    f"step skipped (weights unchanged), LR x{guard.lr_factor} "
+                    f"({extra['nan_consecutive']} in a row, {extra['nan_skips']} in all)")
         if extra["nan_consecutive"] >= guard.max_consecutive:
             raise RunFailed(
                 f"step {self.state.step + 1}: {extra['nan_consecutive']} consecutive steps had a non-finite loss or "
@@ -504,10 +514,13 @@ class Trainer(Component):
         """One metrics.jsonl line (main process), the console line, and the step callbacks."""
         if self.is_main:
             append_line(self.output_dir / "metrics.jsonl", json.dumps(metrics))
-            if self.state.step % self.config.log_every_n_steps == 0 and not self.config.progress_bar:
-                loss = metrics["loss"]
-                logger.info(f"step {self.state.step}/{self.total_steps} loss "
-                            f"{loss if loss is None else format(loss, '.4f')} lr {metrics['lr']:.2e}")
+            step = self.state.step
+            # without the bar the step lines are the run's only sign of life: every log_every_n_steps, the first
+            # step of this start and the last one (a run shorter than the interval still shows its steps)
+            if not self.config.progress_bar and (step % self.config.log_every_n_steps == 0 or step == self._first_step
+                                                 or step == self.total_steps):
+                logger.info(format_step_line(step, self.total_steps, metrics,
+                                             [k for k in self._loss_components if k in metrics]))
         self.callbacks.on_step_end(self, StepInfo(self.state.step, self.total_steps, metrics["epoch"], metrics))
         self.callbacks.on_log(self, metrics)
 
@@ -644,7 +657,7 @@ class Trainer(Component):
             name = STANDALONE_EVAL_FILE if self.standalone_evaluation else EVAL_FILE
             append_line(self.output_dir / name, json.dumps(line))
             what = "standalone evaluation" if self.standalone_evaluation else "evaluation"
-            logger.info(f"{what} at step {self.state.step}: {format_results(results)}")
+            console("INFO", f"{what} at step {self.state.step}:{format_results(results, more_in=name)}")
         self.callbacks.on_evaluate(self, results)
         self._last_results = results
         return results
@@ -669,6 +682,28 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: d}
+
+
+def _schedule_warning(scheduler_factory: Any, total: int) -> str | None:
+    """A warning when the LR schedule never reaches its peak within the run's `total` steps (a warmup as long as
+    the run, or longer): the run then trains at a fraction of `optimizer.lr` throughout."""
+    factor = getattr(scheduler_factory, "factor", None)
+    if not callable(factor):
+        return None
+    try:
+        peak = max(float(factor(s, total)) for s in range(min(total, 1_000_000)))
+    except (TypeError, ValueError):  # a scheduler whose factor is not (step, total) -> multiplier
+        return None
+    if peak >= 1.0 - 1e-9:
+        return None
+    config = getattr(scheduler_factory, "config", None)
+    warmup = getattr(config, "warmup_steps", None)
+    ratio = getattr(config, "warmup_ratio", 0.0)
+    cause = (f"scheduler.warmup_steps {warmup} is not below the run's {total} steps" if warmup is not None
+             else f"scheduler.warmup_ratio {ratio} of the run's {total} steps" if ratio else
+             f"it stays below its peak over the run's {total} steps")
+    return (f"the LR schedule never reaches its peak: {cause}, so the highest LR is {100 * peak:.0f}% of "
+            "optimizer.lr; lower the warmup or raise trainer.max_steps")
 
 
 def _check_resume_policy(policy: str, output_dir: Path, latest: Path | None) -> None:
