@@ -121,3 +121,81 @@ def test_evaluation_line_is_written_around_the_live_bar(tmp_path, tiny_llava, sy
     assert before.rstrip("\r").rsplit("\r", 1)[-1].strip() == "", "the bar's line was cleared"
     after = err.split("evaluation at step")[1]
     assert "train:" in after.split("eval_loss", 1)[1], "the bar is drawn again below the table"
+
+
+# ---------------------------------------------------------------------------------------- issue 19 (15): noise
+NOISE = ("Setting accelerator to CPU", "FutureWarning", "is deprecated", "unknown inputs or outputs type",
+         "LossOutput", "built successfully")
+
+
+def test_a_zero3_train_and_a_model_write_print_none_of_deepspeeds_noise(tmp_path, tiny_llava, synthetic_data):
+    """A one-process ZeRO-3 train (three steps, an evaluation) and `make-tiny-model`: neither output holds
+    DeepSpeed's CPU notice, torch's per-step FutureWarnings for DeepSpeed's collectives, ZeRO-3's warning about a
+    LossOutput it cannot look into, nor a shared-memory op build (one process has nothing to share)."""
+    from tests.e2e_utils import read_metrics, run_cli, write_yaml
+
+    config = write_yaml(tmp_path / "z3.yaml", {
+        "model": {"name_or_path": str(tiny_llava)},
+        "data": {"sources": [{"path": str(synthetic_data / "train.llava.json"), "sample": "first:16"}],
+                 "eval_sources": [str(synthetic_data / "heldout.llava.json")], "micro_batch_size": 4,
+                 "max_length": 256},
+        "trainer": {"output_dir": "out", "max_steps": 3, "progress_bar": False, "seed": 1},
+        "eval": {"max_samples": 4},
+        "distributed": {"type": "deepspeed", "zero_stage": 3},
+    })
+    proc = run_cli(str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
+    assert "step 3/3 loss" in proc.stderr and "evaluation at step 3:" in proc.stderr
+    for noise in NOISE:
+        assert noise not in proc.stderr and noise not in proc.stdout, noise
+    proc = run_cli("make-tiny-model", "qwen2_vl", str(tmp_path / "tiny"), "--layers", "1", "--hidden", "32",
+                   "--vision-layers", "1", "--vision-hidden", "32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Setting accelerator" not in proc.stderr + proc.stdout
+
+
+def test_the_deepspeed_logger_keeps_every_other_record():
+    """The filter drops the CPU notice only: another DeepSpeed warning still reaches its handlers."""
+    import logging
+
+    import arctic_vl  # noqa: F401  (installs the filter)
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("DeepSpeed")
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        log.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        log.warning("a real DeepSpeed warning")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["a real DeepSpeed warning"]
+
+
+def test_the_shared_memory_op_build_is_announced_only_when_it_will_happen(tmp_path):
+    """Several processes on CPU and no cached build: one line says DeepSpeed compiles its op (and where the build is
+    kept); with the build cached, nothing; one process: no build at all (the op is switched off)."""
+    import deepspeed.ops
+
+    from arctic_vl.distributed.deepspeed_backend import SHM_OP, shared_memory_op_notice
+
+    saved = deepspeed.ops.__compatible_ops__.get(SHM_OP)
+    try:
+        deepspeed.ops.__compatible_ops__[SHM_OP] = True
+        assert shared_memory_op_notice(2, tmp_path) == (
+            f"DeepSpeed is compiling its C++ shared-memory collectives op ({SHM_OP}) for CPU: the first start on this "
+            f"machine waits a minute or two, silently; later starts reuse the build (in {tmp_path})")
+        (tmp_path / SHM_OP).mkdir()
+        (tmp_path / SHM_OP / f"{SHM_OP}.so").write_bytes(b"")
+        assert shared_memory_op_notice(2, tmp_path) is None
+        (tmp_path / SHM_OP / f"{SHM_OP}.so").unlink()
+        assert shared_memory_op_notice(1, tmp_path) is None
+        assert deepspeed.ops.__compatible_ops__[SHM_OP] is False, "one process builds nothing"
+    finally:
+        deepspeed.ops.__compatible_ops__[SHM_OP] = saved

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from loguru import logger
@@ -143,6 +143,15 @@ class LossOutput:
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
+class StepOutput(NamedTuple):
+    """A LossOutput as the step module returns it: a named tuple, which the backends' output hooks look into
+    (DeepSpeed's ZeRO-3 hooks find the loss tensor in it and warn about a dataclass they cannot look into)."""
+
+    loss_sum: torch.Tensor
+    count: int
+    metrics: dict[str, tuple[float, float]]
+
+
 class _StepModule(torch.nn.Module):
     """Model + loss as one module, so DDP/DeepSpeed see the whole forward through their wrapper."""
 
@@ -151,8 +160,9 @@ class _StepModule(torch.nn.Module):
         self.model = model
         self._trainer = [trainer]  # a list: not a submodule
 
-    def forward(self, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
-        return self._trainer[0].loss(self.model, batch, counts)
+    def forward(self, batch: dict[str, Any], counts: StepCounts) -> StepOutput:
+        out = self._trainer[0].loss(self.model, batch, counts)
+        return StepOutput(out.loss_sum, out.count, out.metrics)
 
 
 class Trainer(Component):
@@ -467,7 +477,7 @@ class Trainer(Component):
         loss_sum, side = 0.0, {}
         for i, batch in enumerate(micro):
             with self.dist.no_sync(self.model, sync=i == len(micro) - 1), self.autocast():
-                out: LossOutput = self.model(batch, counts)
+                out: StepOutput = self.model(batch, counts)
                 self.dist.backward(self.model, out.loss_sum * scale)
             loss_sum += float(out.loss_sum.detach())
             for k, (s, c) in out.metrics.items():
