@@ -41,6 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# Before anything imports DeepSpeed (transformers does, on every model load): its CPU notice is noise. Imported
+# by name like every core module here (the plugin API re-exports; a project's import of arctic_vl reaches no core
+# module statically); the module imports only `logging` and `warnings`.
+importlib.import_module("arctic_vl.distributed.noise").quiet_accelerator_notice()
+
 #: public name -> the module that defines it
 _LAZY: dict[str, str] = {
     # running

@@ -28,7 +28,7 @@ verbs:
   validate CONFIG              check a config and print it resolved, with the model type
   evaluate CONFIG [--base]     evaluate the run's newest weights (final/, or the latest checkpoint when it is
                                newer) on data.eval_sources; --base: the untrained base model
-  inspect-data CONFIG          counts and the first training item's tokens (trained parts marked)
+  inspect-data CONFIG [--n N]  counts and the first N training items' tokens (trained parts marked; default 1)
   plugins                      list installed plugins and what they registered (and their verbs)
   schema                       print the JSON Schema of the config
   make-tiny-model FAMILY DIR   write a tiny random VLM of a family, with tokenizer and processor
@@ -118,7 +118,8 @@ def cmd_inspect_data(argv: list[str]) -> int:
         "inspect-data", "Build the run's data as training does (no weights, no process group): counts, skipped "
         "records, and the first items of an epoch in training order with their trained tokens marked."
     )
-    p.add_argument("--n", type=int, default=1, help="items to show")
+    p.add_argument("--n", type=int, default=1, metavar="N",
+                   help="how many training items to show, in training order (default 1; 0 prints the counts only)")
     p.add_argument("--epoch", type=int, default=0, help="the epoch whose items (order, augmentation) to show")
     args = p.parse_args(argv)
     if args.n < 0:

@@ -586,3 +586,35 @@ def test_a_model_config_json_past_the_parsers_limits_is_named(in_tmp, cli):
     rc, _, err = cli("validate", "bad.yaml")
     assert rc == 2 and "Traceback" not in err, err
     assert f"{in_tmp / 'm' / 'config.json'} is not a valid HF config (not valid JSON (nested deeper than" in err, err
+
+
+# ------------------------------------------------------------------------------------ issue 19 (16): small ones
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("eval.every_n_steps=0", "eval.every_n_steps: must be at least 1 (got 0); for no periodic evaluation write null "
+                             "(or leave it out): evaluation then runs once, at the end"),
+    # the class: every bounded field that may be null says so; one that may not does not
+    ("checkpoint.keep_last=0", "checkpoint.keep_last: Input should be greater than or equal to 1 (got 0); or null to "
+                               "leave it unset"),
+    ("trainer.max_steps=-3", "trainer.max_steps: Input should be greater than or equal to 1 (got -3); or null to "
+                             "leave it unset"),
+])
+def test_a_zero_where_null_is_allowed_suggests_null(good_yaml, cli, setting, says):
+    rc, _, err = cli("validate", str(good_yaml), "--set", setting)
+    assert rc == 2 and says in err
+
+
+def test_a_zero_where_null_is_not_allowed_does_not_suggest_it(good_yaml, cli):
+    rc, _, err = cli("validate", str(good_yaml), "--set", "eval.max_new_tokens=0")
+    assert rc == 2 and "greater than or equal to 1 (got 0)" in err and "null" not in err
+
+
+def test_inspect_data_help_describes_n(cli):
+    rc, out, _ = cli("inspect-data", "--help")
+    assert rc == 0
+    flat = " ".join(out.split())
+    assert "--n N how many samples to show, from the first record of the first source (default 1; 0 prints the " \
+           "counts only)" in flat
+    rc, out, _ = cli("--help")
+    assert "inspect-data CONFIG [--n N]" in out

@@ -240,3 +240,69 @@ def test_help_is_quick_and_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "0 False"
     assert "usage: arctic_vl" in proc.stdout and "validate CONFIG" in proc.stdout
+
+
+# ------------------------------------------------------------------ issue 19 (10): from a tiny recipe to a checkpoint
+
+
+@pytest.fixture(scope="module")
+def qwen3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small local Qwen3-VL checkpoint (the dense recipe's family)."""
+    from arctic_vl.models.tiny import make_tiny_model
+
+    return make_tiny_model("qwen3_vl", tmp_path_factory.mktemp("qwen3"), seed=0, layers=1, hidden=32, heads=2,
+                           kv_heads=1, intermediate=64, vision_layers=1, vision_hidden=32)
+
+
+def _recipe_child(tmp_path: Path, model: str, trainer: str = "") -> Path:
+    from tests.e2e_utils import REPO
+
+    touch(tmp_path, "train.jsonl", "eval.jsonl")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {REPO / 'projects/dense_caption/configs/small-cpu.yaml'}\nmodel: {model}\n"
+                     f"data: {{sources: [train.jsonl], eval_sources: [eval.jsonl]}}\n{trainer}")
+    return child
+
+
+def test_child_of_a_tiny_recipe_switches_to_a_checkpoint_with_nulls(tmp_path, qwen3_checkpoint):
+    """A null in the child unsets the inherited key (its default applies): the dense small-cpu recipe's tiny
+    qwen3_vl becomes a local checkpoint with `family: null, tiny: null`; a null where the field may hold None
+    stays that value (`max_grad_norm: null`: no clipping, not the default 1.0)."""
+    child = _recipe_child(tmp_path, f"{{family: null, tiny: null, name_or_path: {qwen3_checkpoint}}}",
+                          "trainer: {max_grad_norm: null}\n")
+    cfg = load_config(child)
+    assert cfg.model.name_or_path == str(qwen3_checkpoint)
+    assert cfg.model.family is None and cfg.model.tiny.given() == {}
+    assert cfg.model.freeze == ["vision"]  # the rest of the recipe's model section is inherited
+    assert cfg.trainer.max_grad_norm is None and cfg.trainer.max_steps == 2500
+    assert cfg.to_dict()["model"]["tiny"] == {}
+
+
+@pytest.mark.parametrize("model, message", [
+    ("{family: null, name_or_path: CKPT}", "model.tiny: tiny: only applies with family (an inline tiny model); "
+                                           "with name_or_path, unset an inherited tiny shape with `tiny: null`"),
+    ("{tiny: null, name_or_path: CKPT}", "model.name_or_path: give name_or_path or family, not both (a config that "
+                                         "extends a tiny recipe and names a checkpoint unsets the inherited keys: "
+                                         "`family: null, tiny: null`)"),
+])
+def test_child_that_keeps_a_tiny_key_is_told_how_to_unset_it(tmp_path, qwen3_checkpoint, model, message):
+    from arctic_vl.errors import ConfigError
+
+    child = _recipe_child(tmp_path, model.replace("CKPT", str(qwen3_checkpoint)))
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert message in str(e.value)
+
+
+def test_null_for_a_field_that_cannot_be_null_means_its_default(tmp_path, write):
+    """Nested models and list items too: `nan_guard: {lr_factor: null}` and a param group's `weight_decay: null`."""
+    touch(tmp_path, "train.json")
+    cfg = load_config(write("run.yaml", """\
+        model: {family: llava_next, tiny: null, freeze: null}
+        data: {sources: [train.json]}
+        trainer: {nan_guard: {lr_factor: null}, log_every_n_steps: null}
+        eval: {max_new_tokens: null, every_n_steps: null}
+        """))
+    assert cfg.model.tiny.given() == {} and cfg.model.freeze == []
+    assert cfg.trainer.nan_guard.lr_factor == 0.5 and cfg.trainer.log_every_n_steps == 1
+    assert cfg.eval.max_new_tokens == 16 and cfg.eval.every_n_steps is None

@@ -4,6 +4,7 @@ callbacks in every entry point, and what a run prints (parameter counts, results
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -106,8 +107,9 @@ def test_the_run_prints_parameter_counts_and_results(trained: dict, capsys):
     assert "total" in counts and "vision" in counts and "(0 trainable)" in counts
     done = [m for m in trained["messages"] if m.startswith("evaluation at step ")]
     assert [m.split(":")[0] for m in done] == ["evaluation at step 1", "evaluation at step 2"]
-    assert f"eval_loss {trained['summary']['eval']['eval_loss']:.4f}" in done[-1]
-    assert "exact_match_by_type (" in done[-1]
+    # a table (issue 19: 13): one aligned `name  value` row each, nested results as outer/inner
+    assert re.search(rf"^  eval_loss +{trained['summary']['eval']['eval_loss']:.4f}$", done[-1], re.M)
+    assert re.search(r"^  exact_match_by_type/colour +\d", done[-1], re.M)
     # no bar with trainer.progress_bar: false (what the run used)
     Engine(trained["config"]).evaluate()
     assert "eval:" not in capsys.readouterr().err

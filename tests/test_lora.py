@@ -241,3 +241,37 @@ def test_bad_lora_config_cli_exits_2(tiny_llava: Path, synthetic_data: Path, tmp
     rc, _, err = cli("train", str(config))
     assert rc == 2, err[-2000:]
     assert "matches the output layer" in err and "Traceback" not in err
+
+
+def test_lora_parameter_counts_count_each_parameter_once(tiny_llava: Path):
+    """Issue 19 (14): PEFT keeps an original and a trainable copy of every modules_to_save module; the report counts
+    the trained copy only: the totals are the base model's count plus the LoRA adapters, the aligner (trained fully)
+    counts as in the base model, all of it trainable."""
+    from arctic_vl.models.hf import HFModelConfig, HFModelFactory
+    from arctic_vl.models.loading import load_model
+    from arctic_vl.trainers.report import format_parameter_counts
+
+    base = HFModelFactory(HFModelConfig(name_or_path=str(tiny_llava))).build()
+    base_counts = base.parameter_counts()
+    plain = load_model(tiny_llava, dtype=torch.float32)
+    assert base_counts["total"]["params"] == sum(p.numel() for p in plain.parameters())
+    bundle = HFModelFactory(HFModelConfig(name_or_path=str(tiny_llava), freeze=["vision"], lora=LORA)).build()
+    named = dict(bundle.model.named_parameters())
+    assert any(".original_module." in n for n in named), "the aligner is a PEFT modules_to_save module"
+    adapters = sum(p.numel() for n, p in named.items() if ".lora_" in n)
+    counts = bundle.parameter_counts()
+    assert counts["total"]["params"] == base_counts["total"]["params"] + adapters
+    assert counts["aligner"] == {"params": base_counts["aligner"]["params"],
+                                 "trainable": base_counts["aligner"]["params"]}
+    assert counts["llm"] == {"params": base_counts["llm"]["params"] + adapters, "trainable": adapters}
+    assert counts["vision"] == {"params": base_counts["vision"]["params"], "trainable": 0}
+    assert counts["total"]["trainable"] == adapters + base_counts["aligner"]["params"]
+    line = format_parameter_counts(counts)
+    assert f"aligner {_human(base_counts['aligner']['params'])} ({_human(base_counts['aligner']['params'])} " \
+           "trainable)" in line
+
+
+def _human(n: int) -> str:
+    from arctic_vl.trainers.report import human_count
+
+    return human_count(n)

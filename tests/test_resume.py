@@ -107,6 +107,33 @@ def test_finished_run_says_so_and_changed_settings_refuse(run_config, reference)
     shutil.rmtree(config.parent / "out")
 
 
+def test_rerun_says_it_resumes_and_what_changed_and_resume_policy_refuses(run_config):
+    """Issue 19 (11): a rerun with another max_steps says that it resumes, from which step, and every setting that
+    changed (old -> new); `trainer.resume: never` refuses a directory that holds a run, `must` one that holds
+    nothing to resume (exit 2, naming the directory); `trainer.resume` itself may change on resume."""
+    config = run_config("policy", max_steps=2, every=1)
+    out = config.parent / "out"
+    cli = "import sys; from arctic_vl.cli import main; sys.exit(main())"
+    proc = run_python(cli, "train", str(config), "--set", "trainer.resume=must", cwd=config.parent)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"trainer.resume: must, but {out} holds no checkpoint to resume from" in proc.stderr
+    assert not (out / "checkpoints").exists()
+    train_child(config)
+    proc = run_python(cli, "train", str(config), "--set", "trainer.max_steps=3", "--set", "trainer.log_every_n_steps=3",
+                      "--set", "trainer.resume=must", cwd=config.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (f"resuming from {out / 'checkpoints' / 'step-2'} (step 2 of 3, epoch 0); changed: "
+            "trainer.log_every_n_steps 1 -> 3; trainer.max_steps 2 -> 3; trainer.resume auto -> must") in proc.stderr
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    proc = run_python(cli, "train", str(config), "--set", "trainer.max_steps=4", "--set", "trainer.resume=never",
+                      cwd=config.parent)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (f"trainer.resume: never, but {out} already holds a run (checkpoint step-3, final/); name a new "
+            "trainer.output_dir for a new run") in proc.stderr
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3], "nothing trained"
+    shutil.rmtree(out)
+
+
 def test_corrupt_latest_checkpoint_falls_back_and_stays_exact(run_config, reference):
     """Bytes flipped in the newest checkpoint's weights: the run says so, resumes from the one before, and writes
     the reference losses. The killed run's lock is taken over with a warning."""

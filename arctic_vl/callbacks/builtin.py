@@ -10,6 +10,7 @@ from loguru import logger
 from pydantic import Field, model_validator
 
 from arctic_vl.callbacks.base import Callback, StepInfo
+from arctic_vl.callbacks.console import LIVE_BARS, console, format_number
 from arctic_vl.config.paths import ConfigPath
 from arctic_vl.registry import CALLBACKS, ComponentConfig
 
@@ -40,19 +41,22 @@ class Progress(Callback):
         self.bar = None
         if trainer.is_main and trainer.config.progress_bar:
             self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="train", dynamic_ncols=True)
+            LIVE_BARS.append(self.bar)
 
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
         """Advance the bar one step, showing the step's loss, LR and tokens/s."""
         if self.bar is not None:
             m = info.metrics
             self.bar.set_postfix(
-                loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False
+                loss=format_number(m.get("loss")), lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False
             )
             self.bar.update(1)
 
     def on_run_end(self, trainer: Any, failed: bool) -> None:
         """Close the bar."""
         if self.bar is not None:
+            if self.bar in LIVE_BARS:
+                LIVE_BARS.remove(self.bar)
             self.bar.close()
             self.bar = None
 
@@ -145,10 +149,8 @@ class Throughput(Callback):
         if info.step % self.config.every_n_steps == 0 and trainer.is_main:
             dt = time.perf_counter() - self.t0
             mem = _peak_memory_mb()
-            logger.info(
-                f"step {info.step}: {self.samples / dt:.2f} samples/s, {self.tokens / dt:.0f} tokens/s, "
-                f"peak memory {mem:.0f} MB"
-            )
+            console("INFO", f"step {info.step}: {self.samples / dt:.2f} samples/s, {self.tokens / dt:.0f} tokens/s, "
+                    f"peak memory {mem:.0f} MB")
             self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
 
 

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator
 
 from arctic_vl.config.loader import KeyPath, LocatedConfig, apply_overrides, dotted, from_dict, load_file
 from arctic_vl.config.paths import PathField, resolve_user_path
@@ -42,11 +42,20 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    every_n_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end)")
+    every_n_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end); "
+                                      "null: only at the end")
     generate: bool = Field(False, description="also greedy-decode each eval sample and report exact-match accuracy")
     max_new_tokens: int = Field(16, ge=1)
     micro_batch_size: int | None = Field(None, ge=1, description="default: data.micro_batch_size")
     max_samples: int | None = Field(None, ge=1, description="evaluate on the first N eval samples only")
+
+    @field_validator("every_n_steps", mode="before")
+    @classmethod
+    def _every_positive(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"must be at least 1 (got {value}); for no periodic evaluation write null (or leave it "
+                             "out): evaluation then runs once, at the end")
+        return value
 
 
 class EngineConfig(BaseModel):
@@ -132,6 +141,9 @@ def build_config(located: LocatedConfig, writable_output: bool = True) -> Engine
                 sections[section] = cfg
     if "eval" in data:
         raw_eval = data["eval"]
+        raw_eval = dict(raw_eval) if isinstance(raw_eval, dict) else raw_eval
+        if isinstance(raw_eval, dict):
+            drop_nulls(EvalConfig, raw_eval)
         try:
             sections["eval"] = EvalConfig.model_validate(raw_eval if raw_eval is not None else {})
         except ValidationError as e:
@@ -238,6 +250,7 @@ def _validate_section(
         )
         return None
     config_class = registry.get(type_name).config_class
+    drop_nulls(config_class, raw)
     missing: list[tuple[KeyPath, str]] = []
     resolve_raw_paths(config_class, raw, path, located, missing)
     cfg, lines = None, []
@@ -250,6 +263,52 @@ def _validate_section(
                   if not any(value in line for line in lines))
     errors.extend(lines)
     return None if missing else cfg
+
+
+def _admits_none(annotation: Any) -> bool:
+    """Whether a field of this type may hold None (Optional, a union with None, Any)."""
+    if annotation is Any or annotation is None or annotation is type(None):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _admits_none(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return any(_admits_none(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _nested_models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field holds directly or as list items (through Optional/Union/Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Annotated, Union, types.UnionType, list):
+        args = typing.get_args(annotation)
+        return [m for a in (args[:1] if origin is Annotated else args) for m in _nested_models(a)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def drop_nulls(model: type[BaseModel], raw: dict[str, Any]) -> None:
+    """Remove (in place, nested models too) every `key: null` whose field cannot hold None, so its default applies.
+
+    That is how a child config unsets what it inherits through `extends` (`model: {tiny: null}` brings back the
+    default tiny shape): where a field may be None (`max_grad_norm: null`: no clipping), null is that value."""
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if key not in raw:
+            continue
+        value = raw[key]
+        if value is None and not _admits_none(info.annotation):
+            del raw[key]
+            continue
+        for sub in _nested_models(info.annotation):
+            if isinstance(value, dict):
+                raw[key] = value = dict(value)
+                drop_nulls(sub, value)
+            elif isinstance(value, list):
+                raw[key] = value = [dict(v) if isinstance(v, dict) else v for v in value]
+                for item in value:
+                    if isinstance(item, dict):
+                        drop_nulls(sub, item)
+            break
 
 
 def missing_path_error(located: LocatedConfig, path: KeyPath, value: str) -> str:
@@ -299,6 +358,8 @@ def format_validation_error(
                 msg += f" (got {e['input']!r})"
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
+            if kind in ("greater_than_equal", "greater_than") and loc and _field_admits_none(model, loc):
+                msg += "; or null to leave it unset"
             if kind in ("value_error", "assertion_error") and isinstance(e.get("input"), dict):
                 loc = (*loc, *_blamed_field(msg, e["input"]))
         entries.append((loc, msg, tagged and kind.endswith("_type")))
@@ -360,6 +421,26 @@ def _unwrap(annotation: Any) -> list[Any]:
             out.extend(_unwrap(arg))
         return out
     return [annotation]
+
+
+def _field_at(model: type[BaseModel], loc: KeyPath) -> Any:
+    """The pydantic FieldInfo at `loc` (through nested models and list items), or None."""
+    current: Any = model
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        info = current.model_fields[part]
+        models = _nested_models(info.annotation)
+        current = models[0] if models else None
+    return info
+
+
+def _field_admits_none(model: type[BaseModel], loc: KeyPath) -> bool:
+    info = _field_at(model, loc)
+    return info is not None and _admits_none(info.annotation)
 
 
 def _fields_at(model: type[BaseModel], loc: KeyPath) -> list[str]:

@@ -36,12 +36,14 @@ import os
 import pickle
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from arctic_vl.distributed.backends import DDP, DistributedConfig, norms_by_group
+from arctic_vl.distributed.noise import quiet_deprecated_collectives
 from arctic_vl.errors import CheckpointError, ConfigError
 from arctic_vl.plugins import register_config_check
 from arctic_vl.registry import DISTRIBUTED
@@ -310,6 +312,42 @@ def _saves_name_their_file() -> Iterator[None]:
         torch.save = real
 
 
+#: DeepSpeed's C++ op for shared-memory collectives between the processes of a CPU machine (JIT-compiled)
+SHM_OP = "deepspeed_shm_comm"
+
+
+def shared_memory_op_notice(world_size: int, extensions_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """Before DeepSpeed joins its process group: what it will build, said once, only when it will build.
+
+    On CPU DeepSpeed JIT-compiles its shared-memory collectives op (a C++ build: a minute or two, silent) at every
+    start whose op is not in the torch extensions cache yet. One process shares no memory with another: the op is
+    switched off there (no build at all). Returns the message for a build that will happen, else None.
+    `extensions_dir`: the cache to look in (default: torch's, `TORCH_EXTENSIONS_DIR`)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(SHM_OP, False):
+        return None
+    if world_size == 1:
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False
+        return None
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(SHM_OP, False):  # built into this DeepSpeed install
+        return None
+    if extensions_dir is None:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        cache = Path(_get_build_directory(SHM_OP, verbose=False))
+    else:
+        cache = Path(extensions_dir) / SHM_OP
+    if (cache / f"{SHM_OP}.so").is_file():
+        return None
+    return (f"DeepSpeed is compiling its C++ shared-memory collectives op ({SHM_OP}) for CPU: the first start "
+            f"on this machine waits a minute or two, silently; later starts reuse the build (in {cache.parent})")
+
+
 def free_port() -> int:
     """A TCP port free right now on this host (for one-process runs started without a launcher)."""
     with socket.socket() as s:
@@ -318,8 +356,9 @@ def free_port() -> int:
 
 
 class _TupleLoss(torch.nn.Module):
-    """Returns (loss tensor, LossOutput): DeepSpeed hooks its backward bookkeeping onto tensors it can find in
-    the forward output (tensors, tuples, lists, dicts), and a dataclass hides the loss from it."""
+    """Returns (loss tensor, the step's output): DeepSpeed hooks its backward bookkeeping onto tensors it can find
+    in the forward output (tensors, tuples, lists, dicts); the loop's step module returns a named tuple, but a
+    backend's caller may hand it any module whose output has a `loss_sum`."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
@@ -377,8 +416,14 @@ class DeepSpeed(DDP):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = self._pick_device()
+        quiet_deprecated_collectives()
         import deepspeed
 
+        notice = shared_memory_op_notice(self.world_size)
+        if notice and self.rank == 0:
+            from loguru import logger
+
+            logger.info(notice)
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    timeout=datetime.timedelta(minutes=self.config.timeout_minutes),
                                    rank=self.rank, world_size=self.world_size)

@@ -41,9 +41,14 @@ class ModelBundle:
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """Parameters of the model by part: {"total": {"params": N, "trainable": T}, "vision": {...}, ...,
         "other": {...}} with every name of `part_names` present and `other` for parameters of no part (a
-        tied weight counts once; LoRA adapters count in the part they adapt)."""
+        tied weight counts once; LoRA adapters count in the part they adapt; a PEFT modules_to_save module counts
+        once, as its trained copy)."""
+        from arctic_vl.models.lora import is_peft_copy
+
         counts = {name: {"params": 0, "trainable": 0} for name in ("total", *self.part_names, "other")}
         for name, param in self.model.named_parameters():
+            if is_peft_copy(name):
+                continue
             n = int(getattr(param, "ds_numel", param.numel()))  # a ZeRO-3 partitioned parameter keeps its size there
             part = self.part_of(name)
             for key in ("total", part if part in counts else "other"):

@@ -61,9 +61,11 @@ class HFModelConfig(ComponentConfig):
         if self.name_or_path is None and self.family is None:
             raise ValueError("give name_or_path (a local HF directory) or family (to build a tiny model)")
         if self.name_or_path is not None and self.family is not None:
-            raise ValueError("give name_or_path or family, not both")
+            raise ValueError("give name_or_path or family, not both (a config that extends a tiny recipe and "
+                             "names a checkpoint unsets the inherited keys: `family: null, tiny: null`)")
         if self.name_or_path is not None and self.tiny.given():
-            raise ValueError("tiny: only applies with family (an inline tiny model)")
+            raise ValueError("tiny: only applies with family (an inline tiny model); with name_or_path, unset an "
+                             "inherited tiny shape with `tiny: null`")
         if self.family is not None:
             from arctic_vl.models.families import FAMILIES
 

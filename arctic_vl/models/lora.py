@@ -179,6 +179,13 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, frozen: set[str],
     return peft_model
 
 
+def is_peft_copy(name: str) -> bool:
+    """True for PEFT's frozen `original_module` copy of a modules_to_save module: the trainable copy beside it
+    (`modules_to_save.default`) is the module that trains and is exported, so a parameter count counts that one
+    and skips this (a LoRA model's count is the base model's plus the LoRA adapters)."""
+    return ".original_module." in name
+
+
 def is_peft(model: torch.nn.Module) -> bool:
     """True for a PEFT model (it has `get_base_model` and `peft_config`)."""
     return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")

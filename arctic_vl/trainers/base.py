@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from loguru import logger
@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from arctic_vl.batch import NUM_SAMPLES, NUM_SLOTS, NUM_TOKENS, StepCounts
 from arctic_vl.callbacks.base import CallbackList, StepInfo
+from arctic_vl.callbacks.console import console
 from arctic_vl.checkpoint.checkpointer import EXPORT_INFO_FILE
 from arctic_vl.checkpoint.files import append_line, write_run_file
 from arctic_vl.config.paths import ConfigPath
@@ -44,7 +45,7 @@ from arctic_vl.errors import ConfigError, DataError, RunFailed
 from arctic_vl.registry import TRAINERS, Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens
 from arctic_vl.trainers.prefetch import Prefetcher
-from arctic_vl.trainers.report import format_parameter_counts, format_results
+from arctic_vl.trainers.report import format_parameter_counts, format_results, format_step_line
 
 #: evaluations during training (one line per evaluation, `step` the step after which it ran)
 EVAL_FILE = "eval.jsonl"
@@ -57,7 +58,7 @@ RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.log_every_n_steps",
     "trainer.output_dir", "checkpoint.every_n_steps", "checkpoint.keep_last", "checkpoint.save_on_sigterm",
     "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
-    "trainer.prefetch", "trainer.compile", "callbacks", "eval",
+    "trainer.prefetch", "trainer.compile", "callbacks", "eval", "trainer.resume",
     "trainer.group_grad_norms", "trainer.weight_norms", "trainer.detect_anomaly",  # monitors: no change to the math
 )
 
@@ -98,6 +99,10 @@ class TrainerConfig(ComponentConfig):
     loss_chunk_size: int = Field(2048, ge=16, description="label positions per output-layer chunk (memory-lean loss)")
     log_every_n_steps: int = Field(1, ge=1, description="console log interval; metrics.jsonl gets every step")
     progress_bar: bool = True
+    resume: Literal["auto", "never", "must"] = Field(
+        "auto", description="a run directory that holds a run: auto continues it (and says so, with the settings "
+        "that changed), never refuses it (a new run wants a new output_dir), must refuses a start with nothing "
+        "to resume")
     nan_guard: NanGuardConfig = Field(default_factory=NanGuardConfig)
     group_grad_norms: bool = Field(False, description="log each optimizer parameter group's gradient norm before "
                                    "clipping (`grad_norm/<group>` in metrics.jsonl; every backend, ZeRO 1-3 too)")
@@ -144,6 +149,15 @@ class LossOutput:
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
+class StepOutput(NamedTuple):
+    """A LossOutput as the step module returns it: a named tuple, which the backends' output hooks look into
+    (DeepSpeed's ZeRO-3 hooks find the loss tensor in it and warn about a dataclass they cannot look into)."""
+
+    loss_sum: torch.Tensor
+    count: int
+    metrics: dict[str, tuple[float, float]]
+
+
 class _StepModule(torch.nn.Module):
     """Model + loss as one module, so DDP/DeepSpeed see the whole forward through their wrapper."""
 
@@ -152,8 +166,9 @@ class _StepModule(torch.nn.Module):
         self.model = model
         self._trainer = [trainer]  # a list: not a submodule
 
-    def forward(self, batch: dict[str, Any], counts: StepCounts) -> LossOutput:
-        return self._trainer[0].loss(self.model, batch, counts)
+    def forward(self, batch: dict[str, Any], counts: StepCounts) -> StepOutput:
+        out = self._trainer[0].loss(self.model, batch, counts)
+        return StepOutput(out.loss_sum, out.count, out.metrics)
 
 
 class Trainer(Component):
@@ -192,6 +207,9 @@ class Trainer(Component):
         self._last_results: dict[str, Any] | None = None
         self._last_ckpt: Path | None = None
         self._last_loss = math.nan
+        #: the LossOutput.metrics names of the last step (the step line shows them next to the loss)
+        self._loss_components: list[str] = []
+        self._first_step = 1  # the first step of this start: its line shows the run is moving
         self.device = dist.device
         #: True while `evaluate_standalone` runs (`arctic_vl evaluate`): callbacks keep it apart from training
         self.standalone_evaluation = False
@@ -330,6 +348,7 @@ class Trainer(Component):
             return self.summary(latest, already_finished=True)
         with self.run_events():
             self.callbacks.on_train_start(self)
+            self._first_step = self.state.step + 1
             for micro, data_time in self.step_batches():
                 metrics = self.train_step(micro, data_time)
                 self.log_step(metrics)
@@ -367,6 +386,10 @@ class Trainer(Component):
         optimizer = self.optimizer_factory.build(groups)
         self.total_steps = self.compute_total_steps()
         scheduler = self.scheduler_factory.build(optimizer, self.total_steps, epoch_start=self.epoch_start_step)
+        if self.is_main:
+            warning = _schedule_warning(self.scheduler_factory, self.total_steps)
+            if warning:
+                logger.warning(warning)
         self.model, self.optimizer, self.scheduler = self.dist.prepare(self.step_module(), optimizer, scheduler)
         latest = self._resume_or_start()
         if latest is not None:
@@ -375,8 +398,6 @@ class Trainer(Component):
             self.state = TrainState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("extra", {}))
             if self.data.report is not None:  # records found bad while loading batches before the checkpoint
                 self.data.report.add_late_entries(self.state.extra.get("bad_records", []))
-            if self.is_main and self.state.step < self.total_steps:
-                logger.info(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch})")
         self._last_ckpt = latest
         if self.is_main:
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.state.step)
@@ -440,6 +461,7 @@ class Trainer(Component):
         counts = StepCounts(n_units, dict(zip(names, n_extra)))
         loss_sum, side = self.forward_backward(micro, counts)
         side_names = sorted(side)
+        self._loss_components = side_names
         reduced = self.dist.all_reduce_sum([loss_sum] + [v for k in side_names for v in side[k]])
         loss = reduced[0] / max(n_units, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -486,7 +508,7 @@ class Trainer(Component):
         loss_sum, side = 0.0, {}
         for i, batch in enumerate(micro):
             with self.dist.no_sync(self.model, sync=i == len(micro) - 1), self.autocast(), self.anomaly_mode():
-                out: LossOutput = self.model(batch, counts)
+                out: StepOutput = self.model(batch, counts)
                 self.dist.backward(self.model, out.loss_sum * scale)
             loss_sum += float(out.loss_sum.detach())
             for k, (s, c) in out.metrics.items():
@@ -518,9 +540,9 @@ class Trainer(Component):
         for group in self.optimizer.param_groups:
             group["lr"] *= guard.lr_factor
         if self.is_main:
-            logger.warning(f"step {self.state.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                           f"step skipped (weights unchanged), LR x{guard.lr_factor} "
-                           f"({extra['nan_consecutive']} in a row, {extra['nan_skips']} in all)")
+            console("WARNING", f"step {self.state.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                    f"step skipped (weights unchanged), LR x{guard.lr_factor} "
+                    f"({extra['nan_consecutive']} in a row, {extra['nan_skips']} in all)")
         if extra["nan_consecutive"] >= guard.max_consecutive:
             raise RunFailed(
                 f"step {self.state.step + 1}: {extra['nan_consecutive']} consecutive steps had a non-finite loss or "
@@ -533,10 +555,13 @@ class Trainer(Component):
         """One metrics.jsonl line (main process), the console line, and the step callbacks."""
         if self.is_main:
             append_line(self.output_dir / "metrics.jsonl", json.dumps(metrics))
-            if self.state.step % self.config.log_every_n_steps == 0 and not self.config.progress_bar:
-                loss = metrics["loss"]
-                logger.info(f"step {self.state.step}/{self.total_steps} loss "
-                            f"{loss if loss is None else format(loss, '.4f')} lr {metrics['lr']:.2e}")
+            step = self.state.step
+            # without the bar the step lines are the run's only sign of life: every log_every_n_steps, the first
+            # step of this start and the last one (a run shorter than the interval still shows its steps)
+            if not self.config.progress_bar and (step % self.config.log_every_n_steps == 0 or step == self._first_step
+                                                 or step == self.total_steps):
+                logger.info(format_step_line(step, self.total_steps, metrics,
+                                             [k for k in self._loss_components if k in metrics]))
         self.callbacks.on_step_end(self, StepInfo(self.state.step, self.total_steps, metrics["epoch"], metrics))
         self.callbacks.on_log(self, metrics)
 
@@ -583,9 +608,12 @@ class Trainer(Component):
     def _resume_or_start(self) -> Path | None:
         self._model_fingerprint = model_fingerprints(self)  # saved with every checkpoint
         latest = self.checkpointer.latest()
+        _check_resume_policy(self.config.resume, self.output_dir, latest)
         if latest is None:
             return None
         saved = self.checkpointer.read_state(latest)
+        if self.is_main:  # what this start continues, and what it changes (before a refusal, which names its own)
+            logger.info(_resume_notice(latest, saved, self.run_config, self.total_steps))
         changed = _config_changes(saved.get("config", {}), self.run_config)
         if changed:
             raise ConfigError(
@@ -670,7 +698,7 @@ class Trainer(Component):
             name = STANDALONE_EVAL_FILE if self.standalone_evaluation else EVAL_FILE
             append_line(self.output_dir / name, json.dumps(line))
             what = "standalone evaluation" if self.standalone_evaluation else "evaluation"
-            logger.info(f"{what} at step {self.state.step}: {format_results(results)}")
+            console("INFO", f"{what} at step {self.state.step}:{format_results(results, more_in=name)}")
         self.callbacks.on_evaluate(self, results)
         self._last_results = results
         return results
@@ -697,11 +725,71 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+def _schedule_warning(scheduler_factory: Any, total: int) -> str | None:
+    """A warning when the LR schedule never reaches its peak within the run's `total` steps (a warmup as long as
+    the run, or longer): the run then trains at a fraction of `optimizer.lr` throughout."""
+    factor = getattr(scheduler_factory, "factor", None)
+    if not callable(factor):
+        return None
+    try:
+        peak = max(float(factor(s, total)) for s in range(min(total, 1_000_000)))
+    except (TypeError, ValueError):  # a scheduler whose factor is not (step, total) -> multiplier
+        return None
+    if peak >= 1.0 - 1e-9:
+        return None
+    config = getattr(scheduler_factory, "config", None)
+    warmup = getattr(config, "warmup_steps", None)
+    ratio = getattr(config, "warmup_ratio", 0.0)
+    cause = (f"scheduler.warmup_steps {warmup} is not below the run's {total} steps" if warmup is not None
+             else f"scheduler.warmup_ratio {ratio} of the run's {total} steps" if ratio else
+             f"it stays below its peak over the run's {total} steps")
+    return (f"the LR schedule never reaches its peak: {cause}, so the highest LR is {100 * peak:.0f}% of "
+            "optimizer.lr; lower the warmup or raise trainer.max_steps")
+
+
+def _check_resume_policy(policy: str, output_dir: Path, latest: Path | None) -> None:
+    """`trainer.resume`: never refuses a directory that holds a run (a checkpoint or final/), must one that holds
+    nothing to resume (exit 2, naming the directory)."""
+    if policy == "never":
+        held = [what for what, there in (("checkpoint " + latest.name if latest else "", latest is not None),
+                                         ("final/", (output_dir / "final").is_dir())) if there]
+        if held:
+            raise ConfigError(f"trainer.resume: never, but {output_dir} already holds a run ({', '.join(held)}); "
+                              "name a new trainer.output_dir for a new run, or set trainer.resume: auto to continue "
+                              "that one")
+    elif policy == "must" and latest is None:
+        raise ConfigError(f"trainer.resume: must, but {output_dir} holds no checkpoint to resume from; check "
+                          "trainer.output_dir, or set trainer.resume: auto to start a new run there")
+
+
+def _resume_notice(latest: Path, saved: dict[str, Any], new: dict[str, Any], total_steps: int) -> str:
+    """`resuming from CHECKPOINT (step N of M, epoch E); changed: key old -> new; ...`: the settings that may
+    change on resume and did (a rerun with another max_steps extends the run: say so before it does)."""
+    a, b = _flatten(saved.get("config", {})), _flatten(new)
+    changed = [f"{k} {_shown(a.get(k, '<unset>'))} -> {_shown(b.get(k, '<unset>'))}"
+               for k in sorted(set(a) | set(b))
+               if _may_change(k) and a.get(k, "<unset>") != b.get(k, "<unset>")]
+    what = f"changed: {'; '.join(changed)}" if changed else "no setting changed"
+    step = saved.get("step", 0)
+    verb = "resuming from" if step < total_steps else "found the finished run's"
+    return (f"{verb} {latest} (step {step} of {total_steps}, epoch {saved.get('epoch', 0)}); {what} "
+            "(trainer.resume: never refuses a directory that holds a run)")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _may_change(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+
+
 def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     a, b = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(a) | set(b)):
-        if any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE):
+        if _may_change(key):
             continue
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             changes.append((key, a.get(key, "<unset>"), b.get(key, "<unset>")))
