@@ -614,7 +614,6 @@ def test_inspect_data_help_describes_n(cli):
     rc, out, _ = cli("inspect-data", "--help")
     assert rc == 0
     flat = " ".join(out.split())
-    assert "--n N how many samples to show, from the first record of the first source (default 1; 0 prints the " \
-           "counts only)" in flat
+    assert "--n N how many training items to show, in training order (default 1; 0 prints the counts only)" in flat
     rc, out, _ = cli("--help")
     assert "inspect-data CONFIG [--n N]" in out
