@@ -131,3 +131,28 @@ def test_metrics_carry_mfu(tiny_llava: Path, synthetic_data: Path, tmp_path: Pat
         assert x["flops_per_step"] > 0 and 0 < x["vision_flops_share"] < 1
         assert x["tflops"] == pytest.approx(x["flops_per_step"] / (x["step_time_s"] + x["data_time_s"]) / 1e12)
         assert x["mfu"] == pytest.approx(x["tflops"] / 0.5)
+
+
+def test_llava_next_vision_counts_the_tiles_each_image_runs():
+    from transformers import AutoModelForImageTextToText
+
+    from arctic_vl.models.families import get_family, part_of
+    from arctic_vl.models.tiny import tiny_config
+
+    spec, config = get_family("llava_next"), tiny_config("llava_next")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    v, size = config.vision_config, config.vision_config.image_size
+    # any-res: a 32x64 image is 2 tiles + the base view, a 64x64 one 4 + 1; the tensor pads both to 5 tiles
+    tiles = (2 + 1) + (4 + 1)
+    batch = {"input_ids": torch.full((1, 4), 5), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "labels": torch.full((1, 4), 7), "pixel_values": torch.zeros(2, 5, 3, size, size),
+             "image_sizes": torch.tensor([[32, 64], [64, 64]])}
+    got = FlopsModel.from_model(model, lambda n: part_of(spec, n), spec).batch_flops(batch)
+    e, patches = v.hidden_size, (size // v.patch_size) ** 2
+    seq = patches + 1  # CLIP's class token
+    tower = e * 3 * v.patch_size ** 2 + v.num_hidden_layers * (4 * e * e + 2 * e * v.intermediate_size)
+    projector = e * config.text_config.hidden_size + config.text_config.hidden_size ** 2
+    expected = (6 * tower * tiles * seq + 6 * projector * tiles * patches
+                + 3 * 4 * v.num_hidden_layers * e * tiles * seq ** 2)
+    assert got.vision == expected
