@@ -42,6 +42,7 @@ from arctic_vl.config.run_files import fresh_dir, remove_tree, replace_file
 from arctic_vl.config.types import Seed
 from arctic_vl.data.sampling import EpochBatchSampler
 from arctic_vl.errors import ConfigError, DataError, RunFailed
+from arctic_vl.models.flops import FlopsMeter
 from arctic_vl.registry import TRAINERS, Component, ComponentConfig
 from arctic_vl.trainers.loss import count_label_tokens
 from arctic_vl.trainers.prefetch import Prefetcher
@@ -60,6 +61,7 @@ RESUME_MAY_CHANGE = (
     "checkpoint.export_final", "data.num_workers", "data.cache", "data.cache_dir", "data.preprocess_workers",
     "trainer.prefetch", "trainer.compile", "callbacks", "eval", "trainer.resume",
     "trainer.group_grad_norms", "trainer.weight_norms", "trainer.detect_anomaly",  # monitors: no change to the math
+    "trainer.peak_tflops",
 )
 
 
@@ -113,6 +115,8 @@ class TrainerConfig(ComponentConfig):
     prefetch: bool = Field(True, description="read and collate the next step's micro-batches in a background "
                            "thread while this step computes (the same batches in the same order)")
     compile: CompileConfig = Field(default_factory=CompileConfig, description="torch.compile the step")
+    peak_tflops: float | None = Field(None, gt=0, description="the device's peak TFLOPS for `mfu` (None: the "
+                                      "table of known GPUs, else a matmul probe at start; docs/flops.md)")
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -390,6 +394,11 @@ class Trainer(Component):
             warning = _schedule_warning(self.scheduler_factory, self.total_steps)
             if warning:
                 logger.warning(warning)
+        dtype = torch.bfloat16 if self.config.bf16 else torch.float32  # the matmul probe's (CPU) dtype
+        self.flops = FlopsMeter(self.bundle.model, self.bundle.part_of, self.bundle.family, torch.device(self.device),
+                                dtype, self.config.peak_tflops)  # before ZeRO-3 partitions the weights
+        if self.is_main:
+            logger.info(f"peak {self.flops.peak_tflops:.3g} TFLOPS per device for mfu ({self.flops.peak_source})")
         self.model, self.optimizer, self.scheduler = self.dist.prepare(self.step_module(), optimizer, scheduler)
         latest = self._resume_or_start()
         if latest is not None:
@@ -454,8 +463,8 @@ class Trainer(Component):
                  float(self.data.pending_error is not None)]  # a bad sample under on_bad_record: error
         own = self.local_counts(micro)
         names = sorted(own.extra)
-        n_units, n_tokens, n_samples, n_slots, n_bad, *n_extra = self.dist.all_reduce_sum(
-            [own.units, *local, *(own.extra[k] for k in names)])
+        n_units, n_tokens, n_samples, n_slots, n_bad, llm_flops, vision_flops, *n_extra = self.dist.all_reduce_sum(
+            [own.units, *local, *self.flops.local(micro), *(own.extra[k] for k in names)])
         if n_bad:  # every process stops together (exit 2), none waits in a collective
             self.data.raise_pending(n_bad)
         counts = StepCounts(n_units, dict(zip(names, n_extra)))
@@ -482,6 +491,7 @@ class Trainer(Component):
             "tokens_per_s": n_tokens / max(elapsed, 1e-9), "samples_per_s": n_samples / max(elapsed, 1e-9),
             "step_time_s": elapsed - data_time, "data_time_s": data_time,
         }
+        metrics.update(self.flops.metrics(llm_flops, vision_flops, elapsed, self.dist.world_size))
         if n_slots:
             metrics["packing_efficiency"] = n_tokens / n_slots
         metrics.update(group_lrs)
