@@ -42,6 +42,8 @@ from pydantic import Field
 from arctic_vl import (
     DTYPES,
     IGNORE_INDEX,
+    INDICES,
+    NUM_TOKENS,
     TRAINERS,
     ConfigError,
     LossOutput,
@@ -97,7 +99,7 @@ def generalized_jsd_per_token(student_logits: torch.Tensor, teacher_logits: torc
 def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                          labels: torch.Tensor | None = None, beta: float = 0.5,
                          temperature: float = 1.0) -> torch.Tensor:
-    """Mean generalized JSD over positions whose label is not -100 (all positions without labels).
+    """Mean generalized JSD over positions whose label is not IGNORE_INDEX (all positions without labels).
 
     Logits are (batch, positions, vocab); `labels` (batch, positions) are aligned position by position with
     them (already shifted). Returns a 0-dim tensor (0 when no position is labelled).
@@ -247,8 +249,8 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         batch["input_ids"], batch["labels"], batch["attention_mask"] = input_ids, labels, mask
         if "mm_token_type_ids" in batch and image_id is not None:
             batch["mm_token_type_ids"] = (input_ids == image_id).long()
-        real_rows = [i != -1 for i in batch.get("_indices", [0] * B)]
-        batch["_num_tokens"] = int(sum(int(mask[r].sum()) for r in range(B) if real_rows[r]))
+        real_rows = [i != -1 for i in batch.get(INDICES, [0] * B)]
+        batch[NUM_TOKENS] = int(sum(int(mask[r].sum()) for r in range(B) if real_rows[r]))
 
     def _row_inputs(self, batch: dict[str, Any], r: int, prompt: torch.Tensor) -> dict[str, Any]:
         """Model inputs of row `r` alone, cut to its prompt (its images only)."""
