@@ -16,7 +16,7 @@ Groups:
                   resolve_user_path, parse_json, JsonTextError
     contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, INDICES, NUM_SAMPLES, NUM_TOKENS, NUM_SLOTS, DROPPED,
                   IGNORE_INDEX, PARTS, epoch_seed
-    batch toolkit: prompt_item, answer_start, render_tokens
+    batch toolkit: prompt_item, answer_start, slice_rows, render_tokens
     models:       ModelFactory, ModelBundle, HFModelFactory, HFModelConfig, LoraConfig, DTYPES, FamilySpec,
                   FAMILIES, get_family, family_of_dir, read_model_type, load_model, load_processor,
                   make_tiny_model, tiny_config, TinyModelConfig
@@ -96,6 +96,7 @@ _LAZY: dict[str, str] = {
     "prompt_item": "arctic_vl.batchkit",
     "answer_start": "arctic_vl.batchkit",
     "render_tokens": "arctic_vl.batchkit",
+    "slice_rows": "arctic_vl.batchkit",
     "IGNORE_INDEX": "arctic_vl.constants",
     "PARTS": "arctic_vl.constants",
     "epoch_seed": "arctic_vl.constants",
@@ -319,6 +320,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "register_model_type",
     "render_tokens",
     "resolve_user_path",
+    "slice_rows",
     "tiny_config",
     "to_norm1000",
     "unwrap_peft",
@@ -337,7 +339,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Batch,
         StepCounts,
     )
-    from arctic_vl.batchkit import answer_start, prompt_item, render_tokens
+    from arctic_vl.batchkit import answer_start, prompt_item, render_tokens, slice_rows
     from arctic_vl.callbacks.base import Callback, StepInfo
     from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer, RunWeights, newest_weights
     from arctic_vl.config.jsontext import JsonTextError, parse_json

@@ -55,6 +55,7 @@ from arctic_vl import (
     final_hidden,
     label_positions,
     load_model,
+    slice_rows,
 )
 
 from .evaluation import generate
@@ -254,31 +255,15 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
 
     def _row_inputs(self, batch: dict[str, Any], r: int, prompt: torch.Tensor) -> dict[str, Any]:
         """Model inputs of row `r` alone, cut to its prompt (its images only)."""
+        processor = self.bundle.processor
+        row = slice_rows(batch, [r], image_token_id=getattr(processor, "image_token_id", None),
+                         merge_size=int(getattr(getattr(processor, "image_processor", None), "merge_size", 2)))
         one: dict[str, Any] = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
-        if "mm_token_type_ids" in batch:
-            one["mm_token_type_ids"] = batch["mm_token_type_ids"][r:r + 1, :prompt.shape[1]]
-        grid = batch.get("image_grid_thw")
-        if grid is not None:  # Qwen: images in row order; image k has t*h*w patches and t*h*w / merge^2 tokens
-            image_id = self.bundle.processor.image_token_id
-            merge = int(getattr(self.bundle.processor.image_processor, "merge_size", 2))
-            patches = grid.prod(-1).tolist()
-            tokens = [p // merge**2 for p in patches]
-            first = 0  # the first image of row r: skip the image tokens of the rows before it
-            before = int((batch["input_ids"][:r] == image_id).sum())
-            while before > 0:
-                before -= tokens[first]
-                first += 1
-            last, mine = first, int((batch["input_ids"][r] == image_id).sum())
-            while mine > 0:
-                mine -= tokens[last]
-                last += 1
-            start = sum(patches[:first])
-            one["pixel_values"] = batch["pixel_values"][start:start + sum(patches[first:last])]
-            one["image_grid_thw"] = grid[first:last]
-        elif "pixel_values" in batch:  # LLaVA: one entry per image, samples in order (one image per sample)
-            for key in ("pixel_values", "image_sizes", "batch_num_images"):
-                if key in batch:
-                    one[key] = batch[key][r:r + 1]
+        if "mm_token_type_ids" in row:
+            one["mm_token_type_ids"] = row["mm_token_type_ids"][:, :prompt.shape[1]]
+        for key in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images"):
+            if key in row:
+                one[key] = row[key]
         return one
 
     # -------------------------------------------------------------------------------------- loss
