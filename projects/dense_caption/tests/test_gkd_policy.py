@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from arctic_vl import IGNORE_INDEX
+from arctic_vl import IGNORE_INDEX, model_inputs
 from tests.e2e_utils import read_metrics
 
 from .conftest import TINY
@@ -79,7 +79,7 @@ def test_completion_sources_and_their_counts(lmbda: float, seq_kd: bool, tiny_qw
 
 
 def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+    inputs = model_inputs(batch)
     return model(**inputs).logits[:, :-1].float()
 
 

@@ -25,12 +25,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl import IGNORE_INDEX, ConfigError, answer_start, model_inputs, prompt_item
-
-
-def _label_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) bool: positions t whose next token labels[:, t+1] is trained."""
-    return labels[:, 1:] != IGNORE_INDEX
+from arctic_vl import IGNORE_INDEX, ConfigError, answer_start, label_positions, model_inputs, prompt_item
 
 
 def _stop_ids(tok: Any) -> list[int]:
@@ -64,7 +59,7 @@ def compare(student: torch.nn.Module, teacher: torch.nn.Module, dataset: Any, co
     for s in range(0, n, micro_batch_size):
         batch = collate([dataset[i] for i in range(s, min(n, s + micro_batch_size))])
         inputs = model_inputs(batch)
-        mask = _label_positions(batch["labels"])
+        mask, _ = label_positions(batch["labels"])
         t_top = teacher(**inputs, use_cache=False).logits[:, :-1].argmax(-1)[mask]
         s_top = student(**inputs, use_cache=False).logits[:, :-1].argmax(-1)[mask]
         agree += int((t_top == s_top).sum())

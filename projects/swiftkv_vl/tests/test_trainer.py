@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
-from arctic_vl import IGNORE_INDEX
+from arctic_vl import IGNORE_INDEX, model_inputs
 from tests import e2e_utils
 from tests.e2e_utils import read_metrics, subprocess_env
 
@@ -99,7 +99,7 @@ def _hand_loss(config: Path) -> dict[str, float]:
     ce = {"student": 0.0, "teacher": 0.0}
     for indices in ([0, 1], [2, 3]):  # shuffle: false, micro_batch_size 2: the first optimizer step
         batch = data.collate([data.train[i] for i in indices])
-        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+        inputs = model_inputs(batch)
         with torch.no_grad():
             out_t = swiftkv_vl.set_swiftkv(model, False)(**inputs, output_hidden_states=True)
             out_s = swiftkv_vl.set_swiftkv(model, True)(**inputs, output_hidden_states=True)
