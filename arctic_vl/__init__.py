@@ -14,7 +14,9 @@ Groups:
     extending:    register_cli_verb, register_config_check, register_model_type
     config:       ConfigPath, ModelPath, ExistingPath, Seed, LocatedConfig, where, output_directory, output_file,
                   resolve_user_path, parse_json, JsonTextError
-    contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, IGNORE_INDEX, PARTS, epoch_seed
+    contracts:    Batch, StepCounts, BOOKKEEPING_KEYS, INDICES, NUM_SAMPLES, NUM_TOKENS, NUM_SLOTS, DROPPED,
+                  IGNORE_INDEX, PARTS, epoch_seed
+    batch toolkit: prompt_item, answer_start, slice_rows, render_tokens
     models:       ModelFactory, ModelBundle, HFModelFactory, HFModelConfig, LoraConfig, DTYPES, FamilySpec,
                   FAMILIES, get_family, family_of_dir, read_model_type, load_model, load_processor,
                   make_tiny_model, tiny_config, TinyModelConfig
@@ -91,6 +93,15 @@ _LAZY: dict[str, str] = {
     "Batch": "arctic_vl.batch",
     "StepCounts": "arctic_vl.batch",
     "BOOKKEEPING_KEYS": "arctic_vl.batch",
+    "INDICES": "arctic_vl.batch",
+    "NUM_SAMPLES": "arctic_vl.batch",
+    "NUM_TOKENS": "arctic_vl.batch",
+    "NUM_SLOTS": "arctic_vl.batch",
+    "DROPPED": "arctic_vl.batch",
+    "prompt_item": "arctic_vl.batchkit",
+    "answer_start": "arctic_vl.batchkit",
+    "render_tokens": "arctic_vl.batchkit",
+    "slice_rows": "arctic_vl.batchkit",
     "IGNORE_INDEX": "arctic_vl.constants",
     "PARTS": "arctic_vl.constants",
     "epoch_seed": "arctic_vl.constants",
@@ -194,6 +205,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "DATA",
     "DATA_SOURCES",
     "DISTRIBUTED",
+    "DROPPED",
     "DTYPES",
     "FAMILIES",
     "GROUNDING_MISMATCH",
@@ -201,6 +213,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "IMAGE_TOKEN",
     "IMAGE_TOKEN_MISMATCH",
     "IMAGE_TOO_LARGE",
+    "INDICES",
     "INVALID_JSON",
     "ITEM_BAD",
     "ITEM_INDEX",
@@ -210,6 +223,9 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "MISSING_FIELD",
     "MISSING_IMAGE",
     "MODELS",
+    "NUM_SAMPLES",
+    "NUM_SLOTS",
+    "NUM_TOKENS",
     "OPTIMIZERS",
     "PARTS",
     "RECORD_FORMATS",
@@ -277,6 +293,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "VLMDataConfig",
     "VLMDataFactory",
     "agreed_rows",
+    "answer_start",
     "chunked_head_sums",
     "count_label_tokens",
     "epoch_seed",
@@ -300,12 +317,15 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "output_directory",
     "output_file",
     "parse_json",
+    "prompt_item",
     "read_json_lines",
     "read_model_type",
     "register_cli_verb",
     "register_config_check",
     "register_model_type",
+    "render_tokens",
     "resolve_user_path",
+    "slice_rows",
     "tiny_config",
     "to_norm1000",
     "unwrap_peft",
@@ -314,7 +334,17 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from arctic_vl.batch import BOOKKEEPING_KEYS, Batch, StepCounts
+    from arctic_vl.batch import (
+        BOOKKEEPING_KEYS,
+        DROPPED,
+        INDICES,
+        NUM_SAMPLES,
+        NUM_SLOTS,
+        NUM_TOKENS,
+        Batch,
+        StepCounts,
+    )
+    from arctic_vl.batchkit import answer_start, prompt_item, render_tokens, slice_rows
     from arctic_vl.callbacks.base import Callback, StepInfo
     from arctic_vl.checkpoint.checkpointer import CheckpointConfig, Checkpointer, RunWeights, newest_weights
     from arctic_vl.config.jsontext import JsonTextError, parse_json

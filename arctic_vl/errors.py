@@ -35,10 +35,6 @@ class RunFailed(Exception):
     exit_code = 1
 
 
-class PluginError(Exception):
-    """A plugin that failed to load; reported, while the other plugins keep working."""
-
-
 class CheckpointError(RunFailed):
     """A checkpoint that cannot be written or read (full disk, corrupt or truncated files, a file that would
     need unpickling). The message names the file and why; the CLI prints it and exits 1."""

@@ -218,12 +218,6 @@ def load_plugins() -> list[PluginInfo]:
     return PLUGINS
 
 
-def reset_for_tests() -> None:
-    """Forget discovery so a test can install a plugin and discover again."""
-    PLUGINS.clear()
-    _state["loaded"] = False
-
-
 def describe() -> str:
     """The report of `arctic_vl plugins`: the core's components, then each plugin with what it registered."""
     load_plugins()

@@ -14,32 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from arctic_vl.batchkit import render_tokens
 from arctic_vl.constants import IGNORE_INDEX
 from arctic_vl.data.collate import ITEM_BAD, ITEM_INDEX, ITEM_ROW
 from arctic_vl.data.sampling import PADDING_INDEX
 from arctic_vl.engine import Engine
-
-
-def render_tokens(tokenizer: Any, input_ids: list[int], labels: list[int], image_token_ids: set[int]) -> str:
-    """Tokens as text; trained (labelled) runs wrapped in [[...]], each image's run shown as <image x N>."""
-    out, i = [], 0
-    while i < len(input_ids):
-        tid = input_ids[i]
-        if tid in image_token_ids:
-            j = i
-            while j < len(input_ids) and input_ids[j] == tid:
-                j += 1
-            out.append(f"<{tokenizer.convert_ids_to_tokens(tid)} x {j - i}>")
-            i = j
-            continue
-        trained = labels[i] != IGNORE_INDEX
-        j = i
-        while j < len(input_ids) and (labels[j] != IGNORE_INDEX) == trained and input_ids[j] not in image_token_ids:
-            j += 1
-        text = tokenizer.decode(input_ids[i:j], skip_special_tokens=False)
-        out.append(f"[[{text}]]" if trained else text)
-        i = j
-    return "".join(out)
 
 
 @dataclass

@@ -25,8 +25,7 @@ import pydantic
 from arctic_vl.checkpoint.fingerprint import files_digest, images_digest
 from arctic_vl.config.jsontext import BOM, JsonTextError, parse_json
 from arctic_vl.config.loader import read_plain_yaml
-from arctic_vl.config.paths import ExistingPath as ConfigPath  # data files must exist at validation
-from arctic_vl.config.paths import resolve_user_path
+from arctic_vl.config.paths import ExistingPath, resolve_user_path  # ExistingPath: data files exist at validation
 from arctic_vl.data.bad_records import (
     BAD_RECORD_REASONS,
     INVALID_JSON,
@@ -86,7 +85,7 @@ def _either(names: list[str]) -> str:
 class SourceSpec(pydantic.BaseModel, extra="forbid"):
     """One entry of a data config's `sources` list."""
 
-    path: ConfigPath  # resolved against the config file that names it
+    path: ExistingPath  # resolved against the config file that names it
     format: str = pydantic.Field(
         "auto", description="auto (detect per file), a registered record format (llava, messages, dense_caption, "
                             "a plugin's) or hf_disk (a save_to_disk directory)")
@@ -94,7 +93,7 @@ class SourceSpec(pydantic.BaseModel, extra="forbid"):
     weight: float = pydantic.Field(1.0, gt=0,
                                    description=f"repeat (>1) or subsample (<1) the source's records; at most "
                                                f"{MAX_WEIGHT:g}, and at most {MAX_WEIGHTED_RECORDS} records after it")
-    image_root: ConfigPath | None = None
+    image_root: ExistingPath | None = None
 
     @pydantic.field_validator("format")
     @classmethod

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from arctic_vl.batch import NUM_SAMPLES
+from arctic_vl.batchkit import prompt_item
 from arctic_vl.constants import IGNORE_INDEX
-from arctic_vl.models.forward import unwrap_peft, vision_keepalive
+from arctic_vl.models.forward import model_inputs, unwrap_peft, vision_keepalive
 
 
 def _last_label_span(labels: list[int]) -> tuple[int, int] | None:
@@ -153,14 +155,12 @@ def generate_answer(trainer: Any, model: torch.nn.Module, dataset: Any, index: i
         return "", ""
     start, end = span
     answer_ids = [t for t in enc.input_ids[start:end] if t not in stop]
-    item = dataset[index]
-    item["input_ids"] = item["input_ids"][:start]
-    item["labels"] = item["labels"][:start]
+    item = prompt_item(dataset[index], start=start)
     batch = trainer.to_device(trainer.data.accept(trainer.data.collate([item])))
     trainer.data.raise_pending(0)
-    if not batch["_num_samples"]:
+    if not batch[NUM_SAMPLES]:
         return None
-    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+    inputs = model_inputs(batch)
     lockstep = trainer.dist.shards_parameters
     with trainer.autocast(), lockstep_generation(model, inputs) if lockstep else nullcontext():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,

@@ -15,8 +15,8 @@ _LAZY: dict[str, str] = {
     "DetectionHeadConfig": "head",
     "load_detection_head": "head",
     "save_detection_head": "head",
-    "DetectionVLM": "model",
-    "load_detection_model": "model",
+    "DetectionVLM": "factory",
+    "load_detection_model": "factory",
     "predict": "predict",
     "make_detection_data": "synthetic",
     "hungarian_match": "matcher",
@@ -36,9 +36,9 @@ __all__ = [
 assert set(__all__) == set(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .factory import DetectionVLM, load_detection_model
     from .head import DetectionHead, DetectionHeadConfig, load_detection_head, save_detection_head
     from .matcher import hungarian_match
-    from .model import DetectionVLM, load_detection_model
     from .predict import predict
     from .synthetic import make_detection_data
 

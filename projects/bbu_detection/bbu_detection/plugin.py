@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from arctic_vl import register_cli_verb
 
-from . import data, model, trainer  # noqa: F401  (their imports register the components)
+from . import data, factory, trainer  # noqa: F401  (their imports register the components)
 
 __all__ = ["predict_cli", "register", "synthetic_cli"]
 

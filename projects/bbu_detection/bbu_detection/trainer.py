@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from arctic_vl import TRAINERS, ConfigError, LossOutput, LRPhase, StepCounts, Trainer, TrainerConfig
+from arctic_vl import IGNORE_INDEX, TRAINERS, ConfigError, LossOutput, LRPhase, StepCounts, Trainer, TrainerConfig
 
 from .data import SPANS, TARGETS
 from .forward import pair_forward
@@ -111,7 +111,7 @@ class DetectionTrainer(Trainer):
                 if t.real:
                     objects += t.count
                     captions += sum(len(c) for c in t.captions)
-            trained = (b["labels"][:, 1:] != -100)
+            trained = (b["labels"][:, 1:] != IGNORE_INDEX)
             spans = b[SPANS][:, 1:]
             teacher += int((trained & (spans == TEACHER)).sum())
             student += int((trained & (spans == STUDENT)).sum())

@@ -10,7 +10,7 @@ from bbu_detection.losses import caption_loss_sum, detection_loss_sums, span_lm_
 from bbu_detection.matcher import MatcherWeights
 from bbu_detection.spans import STUDENT, TEACHER
 
-from arctic_vl import lm_loss_sum
+from arctic_vl import IGNORE_INDEX, lm_loss_sum
 
 CONFIG = DetectionHeadConfig(num_queries=4, decoder_layers=1, caption_layers=1, d_model=16, heads=2,
                              hidden_size=8, vision_size=8, vocab_size=30, caption_end_id=2, max_caption_tokens=4)
@@ -60,7 +60,7 @@ def test_span_lm_loss_equals_the_core_lm_loss():
     torch.manual_seed(2)
     head = torch.nn.Linear(8, 40, bias=False)
     hidden = torch.randn(2, 9, 8)
-    labels = torch.full((2, 9), -100)
+    labels = torch.full((2, 9), IGNORE_INDEX)
     spans = torch.zeros(2, 9, dtype=torch.long)
     labels[0, 2:4], spans[0, 2:4] = torch.tensor([5, 6]), TEACHER
     labels[0, 6:8], spans[0, 6:8] = torch.tensor([7, 8]), STUDENT
@@ -69,13 +69,13 @@ def test_span_lm_loss_equals_the_core_lm_loss():
     total, n = lm_loss_sum(hidden, head, labels)
     assert (nt, ns, n) == (2, 5, 7)
     assert torch.allclose(t + s, total, atol=1e-5)
-    student_only = torch.where(spans == STUDENT, labels, torch.full_like(labels, -100))
+    student_only = torch.where(spans == STUDENT, labels, torch.full_like(labels, IGNORE_INDEX))
     assert torch.allclose(s, lm_loss_sum(hidden, head, student_only)[0], atol=1e-5)
     # the chunked, recomputed path (large vocabularies) gives the same sums
     t2, s2, _, _ = span_lm_loss_sums(hidden, head, labels, spans, chunk_size=16, lean_threshold=0)
     assert torch.allclose(t2, t, atol=1e-6) and torch.allclose(s2, s, atol=1e-6)
     # no label at all: the output layer still runs (same module calls on every rank), the sums are 0
     hidden.requires_grad_(True)
-    t3, s3, nt3, ns3 = span_lm_loss_sums(hidden, head, torch.full((2, 9), -100), spans)
+    t3, s3, nt3, ns3 = span_lm_loss_sums(hidden, head, torch.full((2, 9), IGNORE_INDEX), spans)
     (t3 + s3).backward()
     assert (nt3, ns3) == (0, 0) and float(t3.detach()) == 0.0 and head.weight.grad is not None

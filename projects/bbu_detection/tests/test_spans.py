@@ -12,6 +12,8 @@ import pytest
 import torch
 from bbu_detection.spans import NONE, STUDENT, TEACHER, label_runs, span_ids, span_labels
 
+from arctic_vl import IGNORE_INDEX
+
 QWEN2_VL_STYLE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -44,7 +46,7 @@ MESSAGES = [
 
 
 def test_label_runs_and_span_ids():
-    labels = [-100, 5, 6, -100, -100, 7, -100, 8, 9]
+    labels = [IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX, 8, 9]
     assert label_runs(labels) == [(1, 3), (5, 6), (7, 9)]
     assert span_ids(labels, 3) == [NONE, TEACHER, TEACHER, NONE, NONE, TEACHER, NONE, STUDENT, STUDENT]
     # max_length cut the last turn away: no student span, the rest stays teacher
@@ -53,7 +55,7 @@ def test_label_runs_and_span_ids():
         span_ids(labels, 2)
     t = torch.tensor([labels])
     s = torch.tensor([span_ids(labels, 3)])
-    assert span_labels(t, s, STUDENT).tolist() == [[-100] * 7 + [8, 9]]
+    assert span_labels(t, s, STUDENT).tolist() == [[IGNORE_INDEX] * 7 + [8, 9]]
 
 
 @pytest.mark.parametrize("family", sorted(TEMPLATES))
@@ -95,5 +97,5 @@ def test_spans_exact_for_family_templates(family, tmp_path):
     assert decoded(TEACHER) == ["red circle, blue square<|im_end|>", "green triangle<|im_end|>"]
     assert decoded(STUDENT) == ["yellow circle<|im_end|>"]
     # labelled tokens are exactly the spans, and their labels are the tokens themselves
-    assert [k != NONE for k in spans] == [label != -100 for label in enc.labels]
-    assert all(label == tid for label, tid in zip(enc.labels, enc.input_ids) if label != -100)
+    assert [k != NONE for k in spans] == [label != IGNORE_INDEX for label in enc.labels]
+    assert all(label == tid for label, tid in zip(enc.labels, enc.input_ids) if label != IGNORE_INDEX)

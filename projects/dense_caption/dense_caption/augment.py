@@ -785,10 +785,6 @@ class Telemetry:
         for cov in result.crop_coverages:
             c[f"coverage.{min(COVERAGE_BINS - 1, int(cov * COVERAGE_BINS))}"] += 1
 
-    def as_vector(self, keys: list[str]) -> list[float]:
-        """The counts of `keys`, in order (for summing over processes)."""
-        return [float(self.counts.get(k, 0)) for k in keys]
-
     @staticmethod
     def summary(counts: dict[str, float]) -> dict[str, Any]:
         """A readable summary: totals, per-op counts and the coverage histogram (bins of 0.1)."""

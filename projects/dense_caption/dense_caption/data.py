@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 
 from arctic_vl import (
     DATA,
+    IGNORE_INDEX,
     IMAGE_TOKEN,
     ITEM_BAD,
     ITEM_INDEX,
@@ -39,6 +40,7 @@ from arctic_vl import (
     epoch_seed,
     image_size,
     open_image,
+    prompt_item,
 )
 
 from .answers import image_key, render_answer, render_object
@@ -67,7 +69,7 @@ class DenseCaptionDataConfig(VLMDataConfig):
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig,
                                              description="geometry-aware augmentation of training samples")
     coords: Literal["auto", "norm1000", "pixels"] = Field(
-        "auto", description="answer coordinates: norm1000 (0-1000), pixels of the image the model sees, or auto "
+        "auto", description="answer coordinates: norm1000 (0 to 1000), pixels of the image the model sees, or auto "
                             "(pixels for qwen2_5_vl, norm1000 otherwise)")
     summary_ratio: float = Field(0.0, ge=0, le=1, description="share of training groups in summary mode "
                                  "(needs a summary on every record)")
@@ -264,7 +266,7 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
         except DataError as e:
             raise DataError(f"{self.where(i)}: {e}", source=e.source, index=e.index, reason=e.reason) from None
         if padding:
-            item["labels"] = torch.full_like(item["labels"], -100)
+            item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
             item[AUGMENTATION_KEY] = {}
         item[ITEM_INDEX] = index
         return item
@@ -300,10 +302,9 @@ class DenseCaptionDataset(torch.utils.data.Dataset):
         except UnreadablePixels as bad:
             return {ITEM_BAD: bad.tag(), ITEM_INDEX: i}, None
         enc = self.encoder.encode_text(self.messages(target), [im.size for im in images])
-        start = next(k for k, label in enumerate(enc.labels) if label != -100)
-        item = {"input_ids": torch.tensor(enc.input_ids[:start], dtype=torch.long),
-                "labels": torch.full((start,), -100, dtype=torch.long), **self.encoder.encode_images(images),
-                ITEM_INDEX: i}
+        item = prompt_item({"input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                            "labels": torch.tensor(enc.labels, dtype=torch.long), **self.encoder.encode_images(images),
+                            ITEM_INDEX: i})
         return item, target
 
 
@@ -327,7 +328,7 @@ def check_item(encoder: Any, enc: Any, vision: dict[str, torch.Tensor], answer: 
         raise DataError(f"health check: pixel_values for {vision['pixel_values'].shape[0]} images, {n_images} given",
                         reason="health_check")
     tok = encoder.tokenizer
-    trained = tok.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != -100])
+    trained = tok.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX])
     if not trained.startswith(answer) or trained[len(answer):].strip() not in tok.all_special_tokens:
         raise DataError(f"health check: the trained tokens {trained[:120]!r} are not exactly the answer "
                         f"{answer[:120]!r} plus its end-of-turn token", reason="health_check")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl import RunFailed, lockstep_generation
+from arctic_vl import RunFailed, lockstep_generation, model_inputs
 
 from .answers import parse_dense_answer, to_geometry
 from .metrics import DenseScores
@@ -42,7 +42,7 @@ def generate(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Any, max_
 
     `synced_gpus`: partitioned weights (ZeRO-3): every process must call this as often as the others, and the
     images are encoded inside the prompt's forward, as in training (`arctic_vl.lockstep_generation`)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+    inputs = model_inputs(batch)
     stop = stop_token_ids(tokenizer)
     kwargs: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:

@@ -42,6 +42,8 @@ from pydantic import Field
 from arctic_vl import (
     DTYPES,
     IGNORE_INDEX,
+    INDICES,
+    NUM_TOKENS,
     TRAINERS,
     ConfigError,
     LossOutput,
@@ -53,6 +55,7 @@ from arctic_vl import (
     final_hidden,
     label_positions,
     load_model,
+    slice_rows,
 )
 
 from .evaluation import generate
@@ -97,7 +100,7 @@ def generalized_jsd_per_token(student_logits: torch.Tensor, teacher_logits: torc
 def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                          labels: torch.Tensor | None = None, beta: float = 0.5,
                          temperature: float = 1.0) -> torch.Tensor:
-    """Mean generalized JSD over positions whose label is not -100 (all positions without labels).
+    """Mean generalized JSD over positions whose label is not IGNORE_INDEX (all positions without labels).
 
     Logits are (batch, positions, vocab); `labels` (batch, positions) are aligned position by position with
     them (already shifted). Returns a 0-dim tensor (0 when no position is labelled).
@@ -247,36 +250,20 @@ class GKDTrainer(DenseTrainerMixin, Trainer):
         batch["input_ids"], batch["labels"], batch["attention_mask"] = input_ids, labels, mask
         if "mm_token_type_ids" in batch and image_id is not None:
             batch["mm_token_type_ids"] = (input_ids == image_id).long()
-        real_rows = [i != -1 for i in batch.get("_indices", [0] * B)]
-        batch["_num_tokens"] = int(sum(int(mask[r].sum()) for r in range(B) if real_rows[r]))
+        real_rows = [i != -1 for i in batch.get(INDICES, [0] * B)]
+        batch[NUM_TOKENS] = int(sum(int(mask[r].sum()) for r in range(B) if real_rows[r]))
 
     def _row_inputs(self, batch: dict[str, Any], r: int, prompt: torch.Tensor) -> dict[str, Any]:
         """Model inputs of row `r` alone, cut to its prompt (its images only)."""
+        processor = self.bundle.processor
+        row = slice_rows(batch, [r], image_token_id=getattr(processor, "image_token_id", None),
+                         merge_size=int(getattr(getattr(processor, "image_processor", None), "merge_size", 2)))
         one: dict[str, Any] = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
-        if "mm_token_type_ids" in batch:
-            one["mm_token_type_ids"] = batch["mm_token_type_ids"][r:r + 1, :prompt.shape[1]]
-        grid = batch.get("image_grid_thw")
-        if grid is not None:  # Qwen: images in row order; image k has t*h*w patches and t*h*w / merge^2 tokens
-            image_id = self.bundle.processor.image_token_id
-            merge = int(getattr(self.bundle.processor.image_processor, "merge_size", 2))
-            patches = grid.prod(-1).tolist()
-            tokens = [p // merge**2 for p in patches]
-            first = 0  # the first image of row r: skip the image tokens of the rows before it
-            before = int((batch["input_ids"][:r] == image_id).sum())
-            while before > 0:
-                before -= tokens[first]
-                first += 1
-            last, mine = first, int((batch["input_ids"][r] == image_id).sum())
-            while mine > 0:
-                mine -= tokens[last]
-                last += 1
-            start = sum(patches[:first])
-            one["pixel_values"] = batch["pixel_values"][start:start + sum(patches[first:last])]
-            one["image_grid_thw"] = grid[first:last]
-        elif "pixel_values" in batch:  # LLaVA: one entry per image, samples in order (one image per sample)
-            for key in ("pixel_values", "image_sizes", "batch_num_images"):
-                if key in batch:
-                    one[key] = batch[key][r:r + 1]
+        if "mm_token_type_ids" in row:
+            one["mm_token_type_ids"] = row["mm_token_type_ids"][:, :prompt.shape[1]]
+        for key in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images"):
+            if key in row:
+                one[key] = row[key]
         return one
 
     # -------------------------------------------------------------------------------------- loss

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl import read_json_lines
+from arctic_vl import ITEM_INDEX, prompt_item, read_json_lines
 
 from .answers import image_key, parse_summaries
 
@@ -133,9 +133,8 @@ class Runner:
 
         # the encoder labels assistant turns: give it an empty one and cut the prompt before it
         enc = self.encoder.encode_text([*messages, {"role": "assistant", "content": "x"}], [im.size for im in images])
-        start = next(k for k, label in enumerate(enc.labels) if label != -100)
-        item = {"input_ids": torch.tensor(enc.input_ids[:start]), "labels": torch.full((start,), -100), "_index": 0,
-                **(self.encoder.encode_images(images) if images else {})}
+        item = prompt_item({"input_ids": torch.tensor(enc.input_ids), "labels": torch.tensor(enc.labels), ITEM_INDEX: 0,
+                            **(self.encoder.encode_images(images) if images else {})})
         ids = generate(self.model, self.collate([item]), self.tokenizer, max_new_tokens, do_sample=do_sample,
                        temperature=temperature)
         stop = set(stop_token_ids(self.tokenizer))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from arctic_vl import TRAINERS, LossOutput, SFTTrainer, StepCounts, TrainerConfig
+from arctic_vl import NUM_SAMPLES, TRAINERS, LossOutput, SFTTrainer, StepCounts, TrainerConfig
 
 from .augment import COVERAGE_BINS, Telemetry
 from .data import AUGMENTATION_KEY
@@ -73,7 +73,7 @@ class DenseTrainerMixin:
         if not self.data.train.augmenter.active:
             return {}
         counts = batch.get(AUGMENTATION_KEY) or {}
-        n = float(batch.get("_num_samples", 0))
+        n = float(batch.get(NUM_SAMPLES, 0))
         out = {f"aug_{k[3:]}": (float(counts.get(k, 0)), n) for k in self._telemetry_keys() if k.startswith("op.")}
         dropped = sum(counts.get(k, 0) for k in ("dropped_by_crop", "dropped_degenerate", "dropped_by_rounding"))
         out["aug_dropped_objects"] = (float(dropped), n)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arctic_vl import DataError, Engine
+from arctic_vl import IGNORE_INDEX, DataError, Engine
 
 
 def _records(shapes: Path, n: int = 12) -> list[dict]:
@@ -33,7 +33,7 @@ def _build(tmp: Path, model: Path, data: dict, **trainer):
 
 def _decode_answer(bundle, item) -> str:
     tok = bundle.processor.tokenizer
-    ids = [t for t, lab in zip(item["input_ids"].tolist(), item["labels"].tolist()) if lab != -100]
+    ids = [t for t, lab in zip(item["input_ids"].tolist(), item["labels"].tolist()) if lab != IGNORE_INDEX]
     return tok.decode(ids[:-1])  # without the end-of-turn token
 
 
@@ -131,7 +131,7 @@ def test_health_check_names_the_record(tmp_path, shapes, tiny_qwen25, monkeypatc
 
     def shifted(messages, sizes):
         enc = real(messages, sizes)
-        enc.labels = [-100, *enc.labels[:-1]]  # labels one token off the answer
+        enc.labels = [IGNORE_INDEX, *enc.labels[:-1]]  # labels one token off the answer
         return enc
 
     monkeypatch.setattr(data.train.encoder, "encode_text", shifted)
@@ -218,7 +218,7 @@ def test_pixels_that_do_not_decode_are_dropped_and_counted(tmp_path, shapes, tin
 
 def test_passed_through_grounding_records_are_rendered_and_leftovers_refused(tmp_path, shapes, tiny_qwen2) -> None:
     """A messages record beside the dense ones (passed through) trains on its ms-swift `objects` rendered in the
-    family's convention (Qwen2-VL: 0-1000 in its box tokens), never on `<bbox>`; one with no `objects` is a bad
+    family's convention (Qwen2-VL: 0 to 1000 in its box tokens), never on `<bbox>`; one with no `objects` is a bad
     record (skip: counted; error: DataError naming it)."""
     dense = _write(tmp_path, shapes, _records(shapes, 2))
     image = str(shapes / "images" / "train-000000.png")  # 64 x 64

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from arctic_vl import IGNORE_INDEX
 from tests.e2e_utils import read_metrics, train_child, write_yaml
 
 from .conftest import TINY
@@ -135,7 +136,7 @@ def check_on_policy_completion_is_the_generators(runs: dict[str, Path], shapes: 
         for i in micro[0]["_indices"]:
             item, _ = trainer.data.train.prompt_item(i)
             expected.append(generate(generator.eval(), trainer.data.collate([item]), tok, 5))
-        starts = [int((label != -100).nonzero()[0]) for label in micro[0]["labels"]]
+        starts = [int((label != IGNORE_INDEX).nonzero()[0]) for label in micro[0]["labels"]]
         prompts = [row[:start].clone() for row, start in zip(micro[0]["input_ids"], starts)]
         metrics = trainer.train_step(micro, data_time)
         steps.close()
@@ -143,7 +144,7 @@ def check_on_policy_completion_is_the_generators(runs: dict[str, Path], shapes: 
         engine.release_lock()
         batch = micro[0]
         assert metrics[f"{source}_generated"] == 1 and metrics["dataset_completions"] == 0
-        got = [batch["labels"][r][batch["labels"][r] != -100].tolist() for r in range(len(expected))]
+        got = [batch["labels"][r][batch["labels"][r] != IGNORE_INDEX].tolist() for r in range(len(expected))]
         assert got == expected
         assert metrics["label_tokens"] == sum(len(e) for e in expected)
         for r, (start, completion) in enumerate(zip(starts, expected)):  # the prompt, then the completion

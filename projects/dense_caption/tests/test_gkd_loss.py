@@ -6,6 +6,8 @@ import pytest
 import torch
 from dense_caption.gkd import generalized_jsd_loss
 
+from arctic_vl import IGNORE_INDEX
+
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position, from probabilities (the textbook sum, no log-softmax tricks)."""
@@ -18,8 +20,8 @@ def logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s = torch.randn(3, 7, 11, generator=g, dtype=torch.float64) * 2
     t = torch.randn(3, 7, 11, generator=g, dtype=torch.float64) * 2
     labels = torch.randint(0, 11, (3, 7), generator=g)
-    labels[0, :3] = -100
-    labels[2, 5:] = -100
+    labels[0, :3] = IGNORE_INDEX
+    labels[2, 5:] = IGNORE_INDEX
     return s, t, labels
 
 
@@ -32,7 +34,7 @@ def _reference(s, t, labels, beta, temperature):
     else:
         m = beta * pt + (1 - beta) * ps
         per = beta * _kl(pt, m) + (1 - beta) * _kl(ps, m)
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     return per[mask].sum() / mask.sum()
 
 
@@ -47,7 +49,7 @@ def test_matches_the_definitions(logits, beta: float, temperature: float) -> Non
 
 def test_ends_are_forward_and_reverse_kl(logits) -> None:
     s, t, labels = logits
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     ps, pt = torch.softmax(s, -1), torch.softmax(t, -1)
     torch.testing.assert_close(generalized_jsd_loss(s, t, labels, beta=0.0), _kl(pt, ps)[mask].mean(),
                                rtol=1e-12, atol=0)
@@ -58,11 +60,11 @@ def test_ends_are_forward_and_reverse_kl(logits) -> None:
 def test_ignored_positions_do_not_count_and_no_labels_means_all(logits) -> None:
     s, t, labels = logits
     changed = s.clone()
-    changed[labels == -100] += 100 * torch.randn_like(changed[labels == -100])
+    changed[labels == IGNORE_INDEX] += 100 * torch.randn_like(changed[labels == IGNORE_INDEX])
     assert generalized_jsd_loss(changed, t, labels) == generalized_jsd_loss(s, t, labels)
     every = torch.zeros_like(labels)
     torch.testing.assert_close(generalized_jsd_loss(s, t), generalized_jsd_loss(s, t, every), rtol=1e-12, atol=0)
-    assert float(generalized_jsd_loss(s, t, torch.full_like(labels, -100))) == 0.0
+    assert float(generalized_jsd_loss(s, t, torch.full_like(labels, IGNORE_INDEX))) == 0.0
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from arctic_vl import IGNORE_INDEX, model_inputs
 from tests.e2e_utils import read_metrics
 
 from .conftest import TINY
@@ -78,7 +79,7 @@ def test_completion_sources_and_their_counts(lmbda: float, seq_kd: bool, tiny_qw
 
 
 def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+    inputs = model_inputs(batch)
     return model(**inputs).logits[:, :-1].float()
 
 
@@ -111,7 +112,7 @@ def test_divergence_at_loss_temperature_and_eval_kl(tiny_qwen25: Path, teacher: 
         with torch.no_grad():
             s, t = _logits(model, batch), _logits(trainer.teacher, batch)
             labels = batch["labels"][:, 1:]
-            n = int((labels != -100).sum())
+            n = int((labels != IGNORE_INDEX).sum())
 
             def kl_of_loss() -> float:
                 out = trainer.loss(model, batch, trainer.local_counts([batch]))
@@ -132,7 +133,7 @@ def test_divergence_at_loss_temperature_and_eval_kl(tiny_qwen25: Path, teacher: 
             for i in range(len(trainer.data.eval)):
                 one = trainer.data.collate([trainer.data.eval[i]])
                 s, t = _logits(model, one), _logits(trainer.teacher, one)
-                mask = one["labels"][:, 1:] != -100
+                mask = one["labels"][:, 1:] != IGNORE_INDEX
                 targets = one["labels"][:, 1:][mask]
                 kl += float(generalized_jsd_per_token(s[mask], t[mask], 0.5, 1.0).sum())
                 ce += float(torch.nn.functional.cross_entropy(s[mask], targets, reduction="sum"))

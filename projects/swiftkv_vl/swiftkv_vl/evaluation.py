@@ -25,23 +25,7 @@ from typing import Any
 
 import torch
 
-from arctic_vl import ConfigError
-
-
-def _label_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) bool: positions t whose next token labels[:, t+1] is trained."""
-    return labels[:, 1:] != -100
-
-
-def _last_answer_start(labels: list[int]) -> int | None:
-    """Index of the first token of the last labelled span (the answer to the last question)."""
-    end = None
-    for i in range(len(labels) - 1, -1, -1):
-        if labels[i] != -100 and end is None:
-            end = i
-        elif labels[i] == -100 and end is not None:
-            return i + 1
-    return 0 if end is not None else None
+from arctic_vl import IGNORE_INDEX, ConfigError, answer_start, label_positions, model_inputs, prompt_item
 
 
 def _stop_ids(tok: Any) -> list[int]:
@@ -74,8 +58,8 @@ def compare(student: torch.nn.Module, teacher: torch.nn.Module, dataset: Any, co
     agree, label_tokens = 0, 0
     for s in range(0, n, micro_batch_size):
         batch = collate([dataset[i] for i in range(s, min(n, s + micro_batch_size))])
-        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
-        mask = _label_positions(batch["labels"])
+        inputs = model_inputs(batch)
+        mask, _ = label_positions(batch["labels"])
         t_top = teacher(**inputs, use_cache=False).logits[:, :-1].argmax(-1)[mask]
         s_top = student(**inputs, use_cache=False).logits[:, :-1].argmax(-1)[mask]
         agree += int((t_top == s_top).sum())
@@ -90,17 +74,15 @@ def compare(student: torch.nn.Module, teacher: torch.nn.Module, dataset: Any, co
     same = 0
     for i in range(n):
         enc = dataset.encoded[i]
-        start = _last_answer_start(enc.labels)
+        start = answer_start(enc.labels, last=True)
         if start is None:
             continue
         end = start
-        while end < len(enc.labels) and enc.labels[end] != -100:
+        while end < len(enc.labels) and enc.labels[end] != IGNORE_INDEX:
             end += 1
         reference = tok.decode([t for t in enc.input_ids[start:end] if t not in stop], skip_special_tokens=True)
-        item = dataset[i]
-        item["input_ids"], item["labels"] = item["input_ids"][:start], item["labels"][:start]
-        batch = collate([item])
-        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+        batch = collate([prompt_item(dataset[i], start=start)])
+        inputs = model_inputs(batch)
         qtype = str(dataset.conversations[i].meta.get("qtype", "all"))
         answers = {name: _greedy(model, inputs, start, stop, tok, max_new_tokens)
                    for name, model in (("teacher", teacher), ("student", student))}

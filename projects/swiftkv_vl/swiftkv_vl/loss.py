@@ -81,7 +81,7 @@ def swiftkv_distill_loss_sums(
             logits are computed at label positions only, through the core's `chunked_head_sums` (never a full
             ``(B, T, V)`` tensor; large vocabularies in chunks recomputed in backward, the same number of output-layer
             calls on every rank).
-        labels: ``(B, T)`` with ``-100`` for positions without a label. Causal shift: position t predicts
+        labels: ``(B, T)`` with ``IGNORE_INDEX`` for positions without a label. Causal shift: position t predicts
             ``labels[:, t + 1]``.
         attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding (None: all real). Selects the MSE tokens.
         sample_weight: ``(B,)`` weight ``w_s`` of each sample (``vision_loss_weight`` / ``text_loss_weight``);

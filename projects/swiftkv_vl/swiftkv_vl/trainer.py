@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from arctic_vl import TRAINERS, LossOutput, StepCounts, Trainer, TrainerConfig, final_hidden, unwrap_peft
+from arctic_vl import INDICES, TRAINERS, LossOutput, StepCounts, Trainer, TrainerConfig, final_hidden, unwrap_peft
 
 #: the step_counts name of the MSE normaliser
 HIDDEN_TOKENS = "hidden_tokens"
@@ -46,7 +46,7 @@ def real_token_mask(batch: dict[str, Any]) -> torch.Tensor:
     """(B, T) bool: non-padding tokens of real samples (a rank's padding sample, index -1, counts nothing)."""
     ids = batch["input_ids"]
     mask = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
-    indices = batch.get("_indices")
+    indices = batch.get(INDICES)
     if indices is not None and len(indices) == ids.shape[0]:  # one sample per row (packing is refused)
         real = torch.tensor([i != -1 for i in indices], dtype=torch.bool, device=ids.device)
         mask = mask & real[:, None]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from swiftkv_vl.loss import swiftkv_distill_loss_sums
 
+from arctic_vl import IGNORE_INDEX
+
 torch.set_num_threads(1)
 
 B, T, D, V = 3, 9, 16, 50
@@ -23,12 +25,12 @@ TEMP = 2.0
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, :4] = -100  # prompt
-    labels[2, :] = -100
+    labels[0, :4] = IGNORE_INDEX  # prompt
+    labels[2, :] = IGNORE_INDEX
     labels[2, 5:7] = torch.tensor([3, 4])
     attention_mask = torch.ones(B, T, dtype=torch.long)
     attention_mask[1, -3:] = 0  # right padding
-    labels[1, -3:] = -100
+    labels[1, -3:] = IGNORE_INDEX
     return {
         "student_hidden": torch.randn(B, T, D, generator=g),
         "teacher_hidden": torch.randn(B, T, D, generator=g),
@@ -62,7 +64,7 @@ def _reference(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         kind = "image" if b["has_image"][s] else "text"
         w = b["sample_weight"][s]
         for t in range(T):
-            if t + 1 < T and b["labels"][s, t + 1] != -100:
+            if t + 1 < T and b["labels"][s, t + 1] != IGNORE_INDEX:
                 out[f"kl_{kind}"] = out[f"kl_{kind}"] + w * kl_tok[s, t]
                 counts[f"lab_{kind}"] += 1
             if b["attention_mask"][s, t]:
@@ -131,17 +133,17 @@ def test_gradients_match_reference():
 def test_padding_and_unlabelled_tokens_do_not_change_it():
     b = _batch(2)
     base = _call(b)
-    # Garbage at positions that are neither scored by KL (next label is -100) nor by MSE (padding).
+    # Garbage at positions that are neither scored by KL (next label is IGNORE_INDEX) nor by MSE (padding).
     changed = {k: v.clone() for k, v in b.items()}
     for key in ("student_hidden", "teacher_hidden", "student_mid", "teacher_mid"):
         changed[key][1, -3:] = 1e3  # padding of sample 1 (and its last real token's successor)
-    changed["student_hidden"][0, :3] = -1e3  # sample 0, t=0..2 predict prompt tokens (labels -100)
+    changed["student_hidden"][0, :3] = -1e3  # sample 0, t=0..2 predict prompt tokens (labels IGNORE_INDEX)
     changed["teacher_hidden"][0, 8] = 1e3  # last position predicts nothing
     # Extra right padding for every sample: unlabelled, masked.
     pad = 4
     for key in ("student_hidden", "teacher_hidden", "student_mid", "teacher_mid"):
         changed[key] = torch.cat([changed[key], torch.randn(B, pad, D) * 1e3], dim=1)
-    changed["labels"] = torch.cat([changed["labels"], torch.full((B, pad), -100)], dim=1)
+    changed["labels"] = torch.cat([changed["labels"], torch.full((B, pad), IGNORE_INDEX)], dim=1)
     changed["attention_mask"] = torch.cat(
         [changed["attention_mask"], torch.zeros(B, pad, dtype=torch.long)], 1
     )

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
+from arctic_vl import IGNORE_INDEX, model_inputs
 from tests import e2e_utils
 from tests.e2e_utils import read_metrics, subprocess_env
 
@@ -98,7 +99,7 @@ def _hand_loss(config: Path) -> dict[str, float]:
     ce = {"student": 0.0, "teacher": 0.0}
     for indices in ([0, 1], [2, 3]):  # shuffle: false, micro_batch_size 2: the first optimizer step
         batch = data.collate([data.train[i] for i in indices])
-        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("_")}
+        inputs = model_inputs(batch)
         with torch.no_grad():
             out_t = swiftkv_vl.set_swiftkv(model, False)(**inputs, output_hidden_states=True)
             out_s = swiftkv_vl.set_swiftkv(model, True)(**inputs, output_hidden_states=True)
@@ -112,7 +113,7 @@ def _hand_loss(config: Path) -> dict[str, float]:
                     diff = out_s.hidden_states[-1][row, t] - out_t.hidden_states[-1][row, t]
                     mse_sums[kind] += w * float(diff.pow(2).mean())
                     n_hidden[kind] += 1
-                if t + 1 < batch["labels"].shape[1] and batch["labels"][row, t + 1] != -100:
+                if t + 1 < batch["labels"].shape[1] and batch["labels"][row, t + 1] != IGNORE_INDEX:
                     kl = F.kl_div(F.log_softmax(out_s.logits[row, t] / TEMPERATURE, -1),
                                   F.log_softmax(out_t.logits[row, t] / TEMPERATURE, -1),
                                   log_target=True, reduction="sum")
