@@ -5,9 +5,9 @@ recompute in backward) and reduces gradients in the order they become ready: a b
 own data (a chunk count from its label count, an empty micro-batch, a generation that stops early, a vision
 tower skipped on a text-only rank) leaves the ranks in different collectives, which hangs or aborts the run.
 
-Each row below trains one trainer (the core's `sft` and every project's) on 2 processes under ZeRO-3 with a
-150k vocabulary (so a long answer takes the chunked, recomputed LM loss) and deliberately unequal batches:
-one rank a 200-word answer while the other has a one-word one, a text-only sample, and a padding sample with
+Each row below trains one trainer (the core's `sft`, every project's, and alternating_attn's model under `sft`)
+on 2 processes under ZeRO-3 with a 150k vocabulary (so a long answer takes the chunked, recomputed LM loss) and
+deliberately unequal batches: one rank a 200-word answer while the other has a one-word one, a text-only sample, and a padding sample with
 no labels (7 samples on 2 ranks). A callback counts every module call per rank and step (a global forward
 pre-hook: it fires for recomputed chunks too); the counts must be equal on both ranks, step by step and in
 the final evaluation. The `sft` row is the reproduction of the reported hang: its per-step losses and
@@ -137,6 +137,11 @@ def _row(name: str, data: dict[str, Path]) -> dict[str, Any]:
     if name == "gkd":  # the student generates every micro-batch's completion: generation in lockstep
         return {"model": dense_model, "data": dense_data,
                 "trainer": {"type": "gkd", "lmbda": 1.0, "max_completion_length": 6}, "eval": {}}
+    if name == "alternating_attn":  # the core's sft trainer on the project's model (odd layers: modality masks)
+        return {"model": {"type": "alternating_attn", "family": "llava_onevision", "variant": "alternating",
+                          "tiny": {"layers": 2, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64,
+                                   "vision_layers": 1, "vision_hidden": 32, "vocab_size": VOCAB}},
+                "data": {"sources": [str(data["llava"])]}, "trainer": {}, "eval": {}}
     assert name == "swiftkv_vl"
     return {"model": {"type": "swiftkv_vl", "num_key_value_layers": 1,
                       "teacher_tiny": {"family": "llava_next", "layers": 2, "hidden": 32, "heads": 2, "kv_heads": 1,
@@ -173,7 +178,7 @@ def _launch(config: Path, tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=subprocess_env())
 
 
-@pytest.mark.parametrize("name", ["sft", "bbu_detection", "dense_caption", "gkd", "swiftkv_vl"])
+@pytest.mark.parametrize("name", ["sft", "bbu_detection", "dense_caption", "gkd", "swiftkv_vl", "alternating_attn"])
 def test_every_rank_calls_every_module_equally_under_zero3(name: str, data: dict[str, Path], tmp_path: Path) -> None:
     config = _config(tmp_path, name, data, {"type": "deepspeed", "zero_stage": 3}, micro=1)
     proc = _launch(config, tmp_path)
