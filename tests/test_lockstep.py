@@ -7,10 +7,10 @@ tower skipped on a text-only rank) leaves the ranks in different collectives, wh
 
 Each row below trains one trainer (the core's `sft`, every project's, and alternating_attn's model under `sft`)
 on 2 processes under ZeRO-3 with a 150k vocabulary (so a long answer takes the chunked, recomputed LM loss) and
-deliberately unequal batches: one rank a 200-word answer while the other has a one-word one, a text-only sample, and a padding sample with
-no labels (7 samples on 2 ranks). A callback counts every module call per rank and step (a global forward
-pre-hook: it fires for recomputed chunks too); the counts must be equal on both ranks, step by step and in
-the final evaluation. The `sft` row is the reproduction of the reported hang: its per-step losses and
+deliberately unequal batches: one rank a 200-word answer while the other has a one-word one, a text-only sample,
+and a padding sample with no labels (7 samples on 2 ranks). A callback counts every module call per rank and step
+(a global forward pre-hook: it fires for recomputed chunks too); the counts must be equal on both ranks, step by
+step and in the final evaluation. The `sft` row is the reproduction of the reported hang: its per-step losses and
 gradient norms must also equal one process's (1e-5).
 """
 
