@@ -24,7 +24,7 @@ Groups:
                   count_label_tokens, chunked_head_sums, agreed_rows, LEAN_THRESHOLD
     data:         DataFactory, DataBundle, VLMDataFactory, VLMDataConfig, Collator, ITEM_INDEX, ITEM_BAD,
                   Conversation, BadRecord, BadRecordReport, SourceSpec, ImageRef, image_size, open_image,
-                  make_synthetic_data, to_norm1000, read_json_lines
+                  make_synthetic_data, to_norm1000, read_json_lines, is_coordinate
     record formats and data sources (a plugin's own `format:` or file kind):
                   RecordFormat, DataSource, RecordFile, RawRecord, IMAGE_TOKEN, BAD_RECORD_REASONS,
                   INVALID_JSON, MISSING_FIELD, MALFORMED_RECORD, MALFORMED_TURNS, IMAGE_TOKEN_MISMATCH,
@@ -142,6 +142,7 @@ _LAZY: dict[str, str] = {
     "BadRecord": "arctic_vl.data.bad_records",
     "BadRecordReport": "arctic_vl.data.bad_records",
     "to_norm1000": "arctic_vl.data.records",
+    "is_coordinate": "arctic_vl.data.records",
     "Collator": "arctic_vl.data.collate",
     "ITEM_INDEX": "arctic_vl.data.collate",
     "ITEM_BAD": "arctic_vl.data.collate",
@@ -301,6 +302,7 @@ __all__ = [  # every public name; tests/test_api.py checks it equals the keys of
     "final_hidden",
     "get_family",
     "image_size",
+    "is_coordinate",
     "label_positions",
     "lm_loss_sum",
     "load_config",
@@ -380,7 +382,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from arctic_vl.data.collate import ITEM_BAD, ITEM_INDEX, Collator
     from arctic_vl.data.factory import VLMDataConfig, VLMDataFactory
     from arctic_vl.data.images import ImageRef, image_size, open_image
-    from arctic_vl.data.records import IMAGE_TOKEN, Conversation, RecordFormat, to_norm1000
+    from arctic_vl.data.records import IMAGE_TOKEN, Conversation, RecordFormat, is_coordinate, to_norm1000
     from arctic_vl.data.sources import DataSource, RawRecord, RecordFile, SourceSpec, read_json_lines
     from arctic_vl.data.synthetic import make_synthetic_data
     from arctic_vl.distributed.backends import DistributedBackend, DistributedConfig

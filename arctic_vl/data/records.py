@@ -230,7 +230,7 @@ def _check_boxes(boxes: list[Any], bbox_type: str) -> None:
     scale = BBOX_TYPES[bbox_type]
     for i, box in enumerate(boxes):
         where = f"objects.bbox[{i}]"
-        if not isinstance(box, list) or len(box) not in (2, 4) or not all(_is_number(v) for v in box):
+        if not isinstance(box, list) or len(box) not in (2, 4) or not all(is_coordinate(v) for v in box):
             raise BadRecord(MALFORMED_RECORD, where, f"must be [x1, y1, x2, y2] or a point [x, y] of finite numbers, "
                             f"got {box!r:.80}")
         if min(box) < 0 or (scale is not None and max(box) > scale):
@@ -298,7 +298,9 @@ class MessagesFormat(TurnsFormat):
     looks_like = "a 'messages' field"
 
 
-def _is_number(v: Any) -> bool:
+def is_coordinate(v: Any) -> bool:
+    """Whether `v` can be a coordinate: an int or float (not a bool) that is finite as a float (NaN, inf and an
+    integer too large for a float are not)."""
     if not isinstance(v, int | float) or isinstance(v, bool):
         return False
     try:
@@ -368,7 +370,7 @@ def check_dense_object(obj: Any, width: int, height: int, field_name: str) -> di
         raise BadRecord(MALFORMED_RECORD, f"{field_name}.desc", "must be a non-empty string")
     coords = obj[key]
     where = f"{field_name}.{key}"
-    if not isinstance(coords, list) or not all(_is_number(c) for c in coords):
+    if not isinstance(coords, list) or not all(is_coordinate(c) for c in coords):
         raise BadRecord(MALFORMED_RECORD, where, "must be a list of finite numbers")
     need, exact = _GEOMETRY_ARITY[key]
     if exact and len(coords) != need:

@@ -17,7 +17,6 @@ but the last is a teacher span, the last is the student span. An empty `objects`
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from arctic_vl import (
@@ -28,20 +27,12 @@ from arctic_vl import (
     DataError,
     RecordFormat,
     image_size,
+    is_coordinate,
 )
 
 #: this format's own reasons (BadRecordReport counts by these names); the others are the core's
 GEOMETRY_OUT_OF_RANGE = "geometry_out_of_range"
 TOO_MANY_OBJECTS = "too_many_objects"
-
-
-def _number(v: Any) -> bool:
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer too large for a float (e.g. 400 digits): no pixel coordinate
-        return False
 
 
 def check_detection_objects(objects: Any, width: int, height: int, *, max_objects: int | None = None,
@@ -69,7 +60,7 @@ def check_detection_objects(objects: Any, width: int, height: int, *, max_object
         box = obj.get("bbox_2d")
         if box is None:
             raise BadRecord(MISSING_FIELD, f"{where}.bbox_2d", "required: [x1, y1, x2, y2] in pixels")
-        if not isinstance(box, list) or len(box) != 4 or not all(_number(v) for v in box):
+        if not isinstance(box, list) or len(box) != 4 or not all(is_coordinate(v) for v in box):
             raise BadRecord(MALFORMED_RECORD, f"{where}.bbox_2d",
                             f"must be 4 finite numbers [x1, y1, x2, y2], got {box!r}")
         x1, y1, x2, y2 = box
