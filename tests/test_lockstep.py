@@ -152,7 +152,10 @@ def _row(name: str, data: dict[str, Path]) -> dict[str, Any]:
 
 def _config(root: Path, name: str, data: dict[str, Path], distributed: dict[str, Any], micro: int) -> Path:
     row = _row(name, data)
-    run = root / name / distributed["type"]
+    # not a folder named like the plugin package (`swiftkv_vl/`): next to the child script it is on sys.path
+    # first and shadows the installed package as a namespace package
+    folder = root / f"run-{name}"
+    run = folder / distributed["type"]
     config = {
         "model": row["model"],
         "data": {"micro_batch_size": micro, "max_length": 512, "shuffle": False, **row["data"]},
@@ -164,8 +167,8 @@ def _config(root: Path, name: str, data: dict[str, Path], distributed: dict[str,
     }
     if row["eval"]:
         config["eval"] = row["eval"]
-    (root / name).mkdir(parents=True, exist_ok=True)
-    return write_yaml(root / name / f"{distributed['type']}.yaml", config)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_yaml(folder / f"{distributed['type']}.yaml", config)
 
 
 def _launch(config: Path, tmp: Path) -> subprocess.CompletedProcess:

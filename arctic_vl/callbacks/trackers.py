@@ -149,6 +149,17 @@ class Wandb(Callback):
 
 
 # ---------------------------------------------------------------------------------------------- mlflow
+def mlflow_key(name: str) -> str:
+    """`name` as an MLflow metric key: the namespace (`train/`, `eval/`) kept, any further `/` written `.`.
+
+    MLflow's file store keeps each metric in a file at its key's path, so `train/lr` and a per-group
+    `train/lr/vision` cannot both exist (one would be a file and a directory): they are logged as `train/lr` and
+    `train/lr.vision`.
+    """
+    space, sep, rest = name.partition("/")
+    return f"{space}{sep}{rest.replace('/', '.')}" if sep else name
+
+
 class MlflowConfig(ComponentConfig):
     """Options of the `mlflow` callback: tracking URI, experiment, run name and tags (checks mlflow is installed)."""
 
@@ -211,7 +222,7 @@ class Mlflow(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        metrics = [Metric(mlflow_key(k), v, now, step) for k, v in values.items()]
         for s in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[s:s + 1000])
 
