@@ -87,9 +87,9 @@ def dummy_image_inputs(backbone: torch.nn.Module) -> dict[str, Any] | None:
         size = int(vcfg.image_size)
         # the family's helper, from the backbone's own module or a base class's (a plugin's subclass of a
         # transformers model, e.g. alternating_attn's OneVision, lives in another module)
-        count = next((getattr(sys.modules.get(cls.__module__), "image_size_to_num_patches", None)
-                      for cls in type(backbone).__mro__
-                      if getattr(sys.modules.get(cls.__module__), "image_size_to_num_patches", None) is not None), None)
+        helpers = (getattr(sys.modules.get(cls.__module__), "image_size_to_num_patches", None)
+                   for cls in type(backbone).__mro__)
+        count = next((h for h in helpers if h is not None), None)
         pinpoints = getattr(backbone.config, "image_grid_pinpoints", None)
         if count is None:  # LLaVA-1.5: no any-res tiles, one crop per image (images, C, H, W)
             return {"pixel_values": torch.zeros(1, channels, size, size, dtype=dtype, device=device)}
